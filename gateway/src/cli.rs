@@ -1,0 +1,196 @@
+//! The command line: `gateway serve` and `gateway check`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::router;
+use crate::runtime::Runtime;
+use crate::server::{self, ServeOptions};
+
+/// Serves machine-learning models, packaged as sandboxed WebAssembly
+/// components, over the Open Inference Protocol (KServe V2 REST).
+#[derive(Parser, Debug)]
+#[command(name = "gateway", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Load the policies and serve them over HTTP until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+    /// Check a policy folder as serving would, compiling every plugin; exit
+    /// non-zero listing every problem.
+    Check(PolicyArgs),
+}
+
+#[derive(Args, Debug)]
+struct PolicyArgs {
+    /// Folder of policy files (`*.toml`, one per model).
+    #[arg(long, default_value = "policies", env = "GATEWAY_POLICIES")]
+    policies: PathBuf,
+    /// Folder where bare plugin names are looked up as `<name>.wasm`; may be
+    /// repeated. The plugins built with the gateway are always searched last.
+    #[arg(long = "plugin-dir", value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
+    /// Sandboxes that may run at once across all models.
+    #[arg(long, default_value_t = 256)]
+    max_instances: u32,
+    /// Largest memory cap a policy may set, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    max_memory_mebibytes: usize,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "GATEWAY_LISTEN")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// Largest request body, in bytes; larger gets 413.
+    #[arg(long, default_value_t = 8 << 20)]
+    max_body_bytes: usize,
+    /// Connections served at once; more wait in the listen backlog.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Seconds in-flight requests get to finish at shutdown.
+    #[arg(long, default_value_t = 10)]
+    shutdown_grace_secs: u64,
+}
+
+impl PolicyArgs {
+    fn options(&self, listen: SocketAddr) -> ServeOptions {
+        let mut options =
+            ServeOptions::new(listen, self.policies.clone(), self.plugin_dirs.clone());
+        options.runtime.max_instances = self.max_instances;
+        options.runtime.max_memory_bytes = self.max_memory_mebibytes << 20;
+        options
+    }
+}
+
+/// Parses the arguments and runs the command; the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Check(args) => check(args).await,
+        }
+    })
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let mut options = args.policy.options(args.listen);
+    options.server.max_body_bytes = args.max_body_bytes;
+    options.server.max_connections = args.max_connections;
+    options.server.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace_secs);
+    let server = match server::start(options).await {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stop = server.shutdown_handle();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    server.wait().await;
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {},
+                    _ = terminate.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+async fn check(args: PolicyArgs) -> ExitCode {
+    let options = args.options(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let runtime = match Runtime::new(options.runtime.clone()) {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the WebAssembly runtime: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match router::load(&options.policies, &options.load_options(), &runtime).await {
+        Ok(snapshot) => {
+            let mut count = 0;
+            for model in snapshot.models() {
+                count += 1;
+                let versions: Vec<String> = model
+                    .versions
+                    .values()
+                    .map(|v| format!("{} ({})", v.name, v.plugin.name()))
+                    .collect();
+                println!(
+                    "ok: model `{}` ({}): champion {}, versions {}",
+                    model.name,
+                    model.policy_file.display(),
+                    model.champion.name,
+                    versions.join(", ")
+                );
+            }
+            println!(
+                "{count} model(s) in {} are valid",
+                options.policies.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for error in &errors {
+                eprintln!("error: {error}");
+            }
+            eprintln!(
+                "{} problem(s) in {}",
+                errors.len(),
+                options.policies.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}

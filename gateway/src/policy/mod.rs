@@ -1,0 +1,536 @@
+//! Routing policies: the TOML files operators edit, one per model.
+//!
+//! This module parses and checks them strictly (unknown keys, missing or
+//! unresolvable plugins, a champion that is not a version, two files claiming
+//! one model, limits out of range) and resolves plugin names to files. It
+//! reports every problem it finds, each naming the file, line and key. It
+//! does not compile plugins: the router does that when it builds a snapshot.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Limits of one model version; a version's own table overrides its model's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Deadline for a request, from routing to the plugin's answer.
+    pub timeout: Duration,
+    /// Cap on the plugin's linear memory, summed over its memories.
+    pub memory_bytes: usize,
+    /// Plugin calls of this version that may run at once.
+    pub max_concurrency: u32,
+    /// Requests that may wait for a free slot beyond those running.
+    pub max_queue: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout: Duration::from_millis(1000),
+            memory_bytes: 64 << 20,
+            max_concurrency: 64,
+            max_queue: 64,
+        }
+    }
+}
+
+/// A checked policy for one model.
+#[derive(Clone, Debug)]
+pub struct ModelPolicy {
+    pub file: PathBuf,
+    pub model: String,
+    pub description: Option<String>,
+    pub champion: String,
+    pub versions: Vec<VersionPolicy>,
+}
+
+/// One version of a model and the plugin that serves it.
+#[derive(Clone, Debug)]
+pub struct VersionPolicy {
+    pub name: String,
+    pub description: Option<String>,
+    /// The resolved `.wasm` file.
+    pub plugin: PathBuf,
+    /// Where `plugin` is set, for errors found later (compiling, `info()`).
+    pub plugin_location: Location,
+    pub limits: Limits,
+}
+
+/// A place in a policy file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    /// The dotted key, e.g. `versions.v1.plugin`.
+    pub key: String,
+}
+
+/// A problem in a policy file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyError {
+    pub file: PathBuf,
+    /// 1-based; `None` for problems with the file as a whole.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl PolicyError {
+    fn file(file: &Path, message: impl Into<String>) -> Self {
+        PolicyError {
+            file: file.to_path_buf(),
+            line: None,
+            column: None,
+            key: None,
+            message: message.into(),
+        }
+    }
+
+    /// An error at a known place in a file.
+    pub fn at(location: &Location, message: impl Into<String>) -> Self {
+        PolicyError {
+            file: location.file.clone(),
+            line: Some(location.line),
+            column: Some(location.column),
+            key: Some(location.key.clone()),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let (Some(line), Some(column)) = (self.line, self.column) {
+            write!(f, ":{line}:{column}")?;
+        }
+        match &self.key {
+            Some(key) => write!(f, ": `{key}`: {}", self.message),
+            None => write!(f, ": {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+/// What a policy folder is checked against.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Where bare plugin names (`plugin = "ttm-rules-v1"`) are looked up, in
+    /// order, as `<dir>/<name>.wasm`.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// The largest `memory_mebibytes` a policy may ask for.
+    pub max_memory_bytes: usize,
+}
+
+// ---- The file format. Every table refuses unknown keys. ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    model: Spanned<String>,
+    #[serde(default)]
+    description: Option<String>,
+    champion: Spanned<String>,
+    versions: Spanned<BTreeMap<Spanned<String>, VersionTable>>,
+    #[serde(default)]
+    limits: Option<LimitsTable>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionTable {
+    plugin: Spanned<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    limits: Option<LimitsTable>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsTable {
+    timeout_ms: Option<Spanned<i64>>,
+    memory_mebibytes: Option<Spanned<i64>>,
+    max_concurrency: Option<Spanned<i64>>,
+    max_queue: Option<Spanned<i64>>,
+}
+
+/// Reads every `*.toml` file in `dir`, checks each and all of them together,
+/// and returns the policies or every error found.
+pub fn load_dir(dir: &Path, options: &LoadOptions) -> Result<Vec<ModelPolicy>, Vec<PolicyError>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            return Err(vec![PolicyError::file(
+                dir,
+                format!("cannot read the policy folder: {e}"),
+            )]);
+        }
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+
+    let mut policies = Vec::new();
+    let mut errors = Vec::new();
+    for file in &files {
+        match std::fs::read_to_string(file) {
+            Ok(text) => match parse(file, &text, options) {
+                Ok(policy) => policies.push(policy),
+                Err(mut e) => errors.append(&mut e),
+            },
+            Err(e) => errors.push(PolicyError::file(file, format!("cannot be read: {e}"))),
+        }
+    }
+
+    // One model, one file.
+    for (i, policy) in policies.iter().enumerate() {
+        if let Some(first) = policies[..i].iter().find(|p| p.model == policy.model) {
+            errors.push(PolicyError {
+                key: Some("model".into()),
+                ..PolicyError::file(
+                    &policy.file,
+                    format!(
+                        "model `{}` is already defined by {}; each model has exactly one policy file",
+                        policy.model,
+                        first.file.display()
+                    ),
+                )
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(policies)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Parses and checks one policy file.
+pub fn parse(
+    file: &Path,
+    text: &str,
+    options: &LoadOptions,
+) -> Result<ModelPolicy, Vec<PolicyError>> {
+    let at = |span: std::ops::Range<usize>, key: &str| locate(file, text, span.start, key);
+    let raw: PolicyFile = toml::from_str(text).map_err(|e| {
+        let (line, column) = e.span().map(|s| line_column(text, s.start)).unzip();
+        vec![PolicyError {
+            file: file.to_path_buf(),
+            line,
+            column,
+            key: None,
+            message: e.message().trim().to_string(),
+        }]
+    })?;
+
+    let mut errors = Vec::new();
+    let model = raw.model.get_ref().clone();
+    if let Err(e) = check_name(&model) {
+        errors.push(PolicyError::at(&at(raw.model.span(), "model"), e));
+    }
+
+    let defaults = resolve_limits(
+        Limits::default(),
+        raw.limits.as_ref(),
+        "limits",
+        &at,
+        options,
+        &mut errors,
+    );
+    let policy_dir = file.parent().unwrap_or(Path::new("."));
+
+    if raw.versions.get_ref().is_empty() {
+        errors.push(PolicyError::at(
+            &at(raw.versions.span(), "versions"),
+            "a model needs at least one version",
+        ));
+    }
+    let mut versions = Vec::new();
+    for (name, table) in raw.versions.get_ref() {
+        let key = format!("versions.{}", name.get_ref());
+        if let Err(e) = check_name(name.get_ref()) {
+            errors.push(PolicyError::at(&at(name.span(), &key), e));
+        }
+        let limits = resolve_limits(
+            defaults,
+            table.limits.as_ref(),
+            &format!("{key}.limits"),
+            &at,
+            options,
+            &mut errors,
+        );
+        let plugin_location = at(table.plugin.span(), &format!("{key}.plugin"));
+        match resolve_plugin(table.plugin.get_ref(), policy_dir, &options.plugin_dirs) {
+            Ok(plugin) => versions.push(VersionPolicy {
+                name: name.get_ref().clone(),
+                description: table.description.clone(),
+                plugin,
+                plugin_location,
+                limits,
+            }),
+            Err(e) => errors.push(PolicyError::at(&plugin_location, e)),
+        }
+    }
+
+    let champion = raw.champion.get_ref().clone();
+    if !raw
+        .versions
+        .get_ref()
+        .keys()
+        .any(|v| v.get_ref() == &champion)
+    {
+        let known: Vec<&str> = raw
+            .versions
+            .get_ref()
+            .keys()
+            .map(|k| k.get_ref().as_str())
+            .collect();
+        errors.push(PolicyError::at(
+            &at(raw.champion.span(), "champion"),
+            format!(
+                "`{champion}` is not a version of this model (versions: {})",
+                known.join(", ")
+            ),
+        ));
+    }
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(ModelPolicy {
+        file: file.to_path_buf(),
+        model,
+        description: raw.description,
+        champion,
+        versions,
+    })
+}
+
+fn resolve_limits(
+    base: Limits,
+    table: Option<&LimitsTable>,
+    key: &str,
+    at: &impl Fn(std::ops::Range<usize>, &str) -> Location,
+    options: &LoadOptions,
+    errors: &mut Vec<PolicyError>,
+) -> Limits {
+    let Some(table) = table else { return base };
+    let mut limits = base;
+    let max_mib = (options.max_memory_bytes >> 20) as i64;
+    let mut field = |value: &Option<Spanned<i64>>, name: &str, min: i64, max: i64| -> Option<i64> {
+        let value = value.as_ref()?;
+        let v = *value.get_ref();
+        if (min..=max).contains(&v) {
+            Some(v)
+        } else {
+            errors.push(PolicyError::at(
+                &at(value.span(), &format!("{key}.{name}")),
+                format!("{v} is out of range; allowed: {min} to {max}"),
+            ));
+            None
+        }
+    };
+    if let Some(v) = field(&table.timeout_ms, "timeout_ms", 1, 600_000) {
+        limits.timeout = Duration::from_millis(v as u64);
+    }
+    if let Some(v) = field(&table.memory_mebibytes, "memory_mebibytes", 1, max_mib) {
+        limits.memory_bytes = (v as usize) << 20;
+    }
+    if let Some(v) = field(&table.max_concurrency, "max_concurrency", 1, 100_000) {
+        limits.max_concurrency = v as u32;
+    }
+    if let Some(v) = field(&table.max_queue, "max_queue", 0, 1_000_000) {
+        limits.max_queue = v as u32;
+    }
+    limits
+}
+
+/// Model and version names appear in URLs and metric labels.
+fn check_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a valid name: use 1 to 128 letters, digits, `_`, `.` or `-`, starting with a letter or digit"
+        ))
+    }
+}
+
+/// A path (`plugins/x.wasm`, relative to the policy file) or a bare name
+/// looked up in the plugin folders.
+fn resolve_plugin(
+    plugin: &str,
+    policy_dir: &Path,
+    plugin_dirs: &[PathBuf],
+) -> Result<PathBuf, String> {
+    if plugin.is_empty() {
+        return Err("the plugin name is empty".into());
+    }
+    if plugin.contains('/') || plugin.ends_with(".wasm") {
+        let path = policy_dir.join(plugin);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!("plugin file {} does not exist", path.display()))
+        };
+    }
+    let file = format!("{plugin}.wasm");
+    if let Some(path) = plugin_dirs
+        .iter()
+        .map(|d| d.join(&file))
+        .find(|p| p.is_file())
+    {
+        return Ok(path);
+    }
+    let searched: Vec<String> = plugin_dirs
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect();
+    Err(format!(
+        "plugin `{plugin}` not found: no {file} in {} (add a folder with --plugin-dir, or give a path ending in .wasm)",
+        if searched.is_empty() {
+            "any plugin folder".to_string()
+        } else {
+            searched.join(", ")
+        }
+    ))
+}
+
+fn locate(file: &Path, text: &str, offset: usize, key: &str) -> Location {
+    let (line, column) = line_column(text, offset);
+    Location {
+        file: file.to_path_buf(),
+        line,
+        column,
+        key: key.to_string(),
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(dir: &Path) -> LoadOptions {
+        LoadOptions {
+            plugin_dirs: vec![dir.to_path_buf()],
+            max_memory_bytes: 1 << 30,
+        }
+    }
+
+    fn fixture() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p1.wasm"), b"").unwrap();
+        std::fs::write(dir.path().join("p2.wasm"), b"").unwrap();
+        dir
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        let dir = fixture();
+        let file = dir.path().join("m.toml");
+        parse(&file, text, &options(dir.path()))
+            .map(|_| Vec::new())
+            .unwrap_or_else(|e| {
+                e.iter()
+                    .map(|e| {
+                        e.to_string()
+                            .replace(&dir.path().display().to_string(), "D")
+                    })
+                    .collect()
+            })
+    }
+
+    const GOOD: &str = "model = \"m\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"p1\"\n[versions.v2]\nplugin = \"p2\"\nlimits = { timeout_ms = 50 }\n[limits]\nmemory_mebibytes = 32\n";
+
+    #[test]
+    fn parses_a_good_policy_with_inherited_limits() {
+        let dir = fixture();
+        let policy = parse(&dir.path().join("m.toml"), GOOD, &options(dir.path())).unwrap();
+        assert_eq!(policy.model, "m");
+        assert_eq!(policy.champion, "v1");
+        let v2 = &policy.versions[1];
+        assert_eq!(v2.plugin, dir.path().join("p2.wasm"));
+        assert_eq!(v2.limits.timeout, Duration::from_millis(50));
+        assert_eq!(v2.limits.memory_bytes, 32 << 20);
+        assert_eq!(policy.versions[0].limits.timeout, Limits::default().timeout);
+        assert_eq!(v2.plugin_location.line, 6);
+    }
+
+    #[test]
+    fn reports_unknown_keys_with_their_line() {
+        let e = errors(&GOOD.replace("plugin = \"p1\"", "plugn = \"p1\""));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("D/m.toml:4:1: "), "{}", e[0]);
+        assert!(e[0].contains("unknown field `plugn`"), "{}", e[0]);
+    }
+
+    #[test]
+    fn reports_every_semantic_error_with_key_and_line() {
+        let text = "model = \"m m\"\nchampion = \"v9\"\n[versions.v1]\nplugin = \"nope\"\n[limits]\ntimeout_ms = 0\n";
+        let e = errors(text);
+        assert_eq!(e.len(), 4, "{e:?}");
+        assert!(
+            e[0].starts_with("D/m.toml:1:9: `model`: `m m` is not a valid name"),
+            "{}",
+            e[0]
+        );
+        assert!(
+            e[1].starts_with("D/m.toml:6:14: `limits.timeout_ms`: 0 is out of range"),
+            "{}",
+            e[1]
+        );
+        assert!(
+            e[2].starts_with(
+                "D/m.toml:4:10: `versions.v1.plugin`: plugin `nope` not found: no nope.wasm in D"
+            ),
+            "{}",
+            e[2]
+        );
+        assert_eq!(
+            e[3],
+            "D/m.toml:2:12: `champion`: `v9` is not a version of this model (versions: v1)"
+        );
+    }
+
+    #[test]
+    fn reports_bad_toml() {
+        let e = errors("model = \"m\"\nchampion = \n");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("D/m.toml:2:"), "{}", e[0]);
+    }
+
+    #[test]
+    fn line_and_column() {
+        assert_eq!(line_column("ab\ncd", 0), (1, 1));
+        assert_eq!(line_column("ab\ncd", 4), (2, 2));
+    }
+}

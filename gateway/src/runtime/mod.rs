@@ -1,0 +1,450 @@
+//! Runs plugins. Owns the one wasmtime `Engine` (pooling allocator, epoch
+//! interruption, async calls), compiles and pre-instantiates each plugin once
+//! when it is loaded, and runs every call in a fresh sandbox with a memory cap
+//! and a deadline (see `sandbox`).
+//!
+//! It turns everything that can go wrong inside a plugin into a typed
+//! [`PluginError`]; it does not know about HTTP status codes.
+
+pub mod bindings;
+mod sandbox;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{Component, Linker};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, OptLevel, PoolConcurrencyLimitError,
+    PoolingAllocationConfig, Trap,
+};
+
+use crate::tensor::{self, Tensor};
+use bindings::{ModelInfo, ModelPre};
+pub use sandbox::CallLimits;
+use sandbox::{Host, NotGranted};
+
+/// How often the engine's epoch advances: the granularity of deadlines and
+/// of a running plugin's yields to the executor.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// How long `info()` may take when a plugin is loaded.
+const INFO_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Process-wide sandbox settings; per-version limits come from policies.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Sandboxes that may exist at once, across all plugins. The pooling
+    /// allocator reserves address space for this many up front.
+    pub max_instances: u32,
+    /// The largest memory cap any policy may set, in bytes.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            max_instances: 256,
+            max_memory_bytes: 1 << 30,
+        }
+    }
+}
+
+/// Per-component ceilings of the pooling allocator. A component past them
+/// fails to load, with wasmtime's message naming the limit.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
+const MEMORIES_PER_COMPONENT: u32 = 2;
+const TABLES_PER_COMPONENT: u32 = 16;
+
+/// The engine, the linker holding the granted host interfaces, and the epoch
+/// ticker. Cheap to share behind an `Arc`; one per process.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<Host>,
+    config: RuntimeConfig,
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
+        let n = config.max_instances.max(1);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(n)
+            .total_core_instances(n * CORE_INSTANCES_PER_COMPONENT)
+            .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+            .total_memories(n * MEMORIES_PER_COMPONENT)
+            .max_memories_per_component(MEMORIES_PER_COMPONENT)
+            .total_tables(n * TABLES_PER_COMPONENT)
+            .max_tables_per_component(TABLES_PER_COMPONENT)
+            .total_stacks(n)
+            .max_memory_size(config.max_memory_bytes);
+
+        let mut wasm = Config::new();
+        wasm.epoch_interruption(true)
+            .wasm_component_model(true)
+            .cranelift_opt_level(OptLevel::Speed)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&wasm)?;
+
+        let mut linker = Linker::new(&engine);
+        sandbox::add_granted_wasi(&mut linker)?;
+
+        spawn_epoch_ticker(&engine)?;
+        Ok(Runtime {
+            engine,
+            linker,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Compiles the component at `path`, checks that it exports the plugin
+    /// world, pre-instantiates it and calls its `info()` once.
+    ///
+    /// Compilation runs on the blocking pool: it takes tens of milliseconds
+    /// per plugin and must not stall request handling during a reload.
+    pub async fn load_plugin(&self, path: &Path) -> Result<Arc<Plugin>, LoadError> {
+        let bytes = std::fs::read(path).map_err(|e| LoadError::Read(e.to_string()))?;
+        let engine = self.engine.clone();
+        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
+            .await
+            .map_err(|e| LoadError::Compile(e.to_string()))?
+            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+
+        let mut linker = self.linker.clone();
+        sandbox::stub_ungranted_imports(&mut linker, &self.engine, &component)
+            .map_err(|e| LoadError::Interface(format!("{e:#}")))?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .and_then(ModelPre::new)
+            .map_err(|e| LoadError::Interface(format!("{e:#}")))?;
+
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        let mut plugin = Plugin {
+            name,
+            path: path.to_path_buf(),
+            engine: self.engine.clone(),
+            pre,
+            info: ModelInfo {
+                name: String::new(),
+                version: String::new(),
+                description: String::new(),
+                inputs: Vec::new(),
+                outputs: Vec::new(),
+            },
+            startup_memory_bytes: 0,
+        };
+        let limits = CallLimits::starting_now(INFO_DEADLINE, self.config.max_memory_bytes);
+        let (info, startup_memory_bytes) =
+            plugin.call_info(limits).await.map_err(LoadError::Info)?;
+        check_info(&info).map_err(LoadError::BadInfo)?;
+        plugin.info = info;
+        plugin.startup_memory_bytes = startup_memory_bytes;
+        Ok(Arc::new(plugin))
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
+fn spawn_epoch_ticker(engine: &Engine) -> std::io::Result<()> {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("epoch-ticker".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// A compiled, pre-instantiated plugin and what it declared about itself.
+pub struct Plugin {
+    name: String,
+    path: PathBuf,
+    engine: Engine,
+    pre: ModelPre<Host>,
+    info: ModelInfo,
+    startup_memory_bytes: usize,
+}
+
+impl Plugin {
+    /// The plugin's name (its file name without `.wasm`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What `info()` returned at load time.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Linear memory the plugin had after instantiation: a version's memory
+    /// cap below this can never serve a request.
+    pub fn startup_memory_bytes(&self) -> usize {
+        self.startup_memory_bytes
+    }
+
+    /// Runs `infer` in a fresh sandbox and checks the layout of its outputs.
+    pub async fn infer(
+        &self,
+        inputs: &[Tensor],
+        limits: CallLimits,
+    ) -> Result<Vec<Tensor>, PluginError> {
+        let mut store = sandbox::new_store(&self.engine, limits);
+        let result = async {
+            let model = self.pre.instantiate_async(&mut store).await?;
+            model.call_infer(&mut store, inputs).await
+        }
+        .await;
+        log_output(&self.name, store.data());
+        match result {
+            Ok(Ok(outputs)) => {
+                check_outputs(&outputs)?;
+                Ok(outputs)
+            }
+            Ok(Err(bindings::Error::InvalidInput(message))) => Err(PluginError::Rejected(message)),
+            Ok(Err(bindings::Error::Internal(message))) => Err(PluginError::Failed(message)),
+            Err(error) => Err(classify(error, store.data(), limits)),
+        }
+    }
+
+    /// Calls `info()` in a fresh sandbox; also returns the linear memory the
+    /// plugin held by then. The cheapest complete call a plugin has: a
+    /// baseline for what `infer` adds.
+    pub async fn call_info(&self, limits: CallLimits) -> Result<(ModelInfo, usize), PluginError> {
+        let mut store = sandbox::new_store(&self.engine, limits);
+        let result = async {
+            let model = self.pre.instantiate_async(&mut store).await?;
+            model.call_info(&mut store).await
+        }
+        .await;
+        match result {
+            Ok(info) => Ok((info, store.data().limiter.used_bytes())),
+            Err(error) => Err(classify(error, store.data(), limits)),
+        }
+    }
+}
+
+/// What a plugin printed, at debug level (it may print on every call).
+fn log_output(plugin: &str, host: &Host) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    for (stream, capture) in [("stdout", &host.stdout), ("stderr", &host.stderr)] {
+        let text = capture.text();
+        if !text.is_empty() {
+            tracing::debug!(plugin, stream, output = %text, "plugin output");
+        }
+    }
+}
+
+/// Everything that can make a plugin call fail.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PluginError {
+    /// The plugin's `infer` returned `invalid-input`: the caller's fault.
+    Rejected(String),
+    /// The plugin's `infer` returned `internal`.
+    Failed(String),
+    /// The call ran past its deadline and was interrupted.
+    Deadline { limit: Duration },
+    /// The plugin asked for more linear memory than its cap.
+    MemoryLimit {
+        limit_bytes: usize,
+        requested_bytes: usize,
+    },
+    /// The plugin panicked; the message is what it printed.
+    Panic(String),
+    /// The guest's stack overflowed.
+    StackOverflow,
+    /// The plugin called a host function it is not granted.
+    NotGranted(String),
+    /// Another trap (unreachable, out-of-bounds access, ...).
+    Trap(String),
+    /// The plugin returned tensors that break the layout rules.
+    MalformedOutput(String),
+    /// No sandbox slot was free (the pooling allocator is full).
+    Exhausted(String),
+    /// Anything else wasmtime reported.
+    Internal(String),
+}
+
+impl fmt::Display for PluginError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PluginError::Rejected(m) => write!(f, "rejected the input: {m}"),
+            PluginError::Failed(m) => write!(f, "failed: {m}"),
+            PluginError::Deadline { limit } => {
+                write!(
+                    f,
+                    "did not finish within its deadline of {} ms",
+                    limit.as_millis()
+                )
+            }
+            PluginError::MemoryLimit {
+                limit_bytes,
+                requested_bytes,
+            } => write!(
+                f,
+                "exceeded its memory limit of {} (asked for {})",
+                mebibytes(*limit_bytes),
+                mebibytes(*requested_bytes)
+            ),
+            PluginError::Panic(m) => write!(f, "panicked: {m}"),
+            PluginError::StackOverflow => f.write_str("overflowed its stack"),
+            PluginError::NotGranted(import) => write!(
+                f,
+                "called `{import}`, which plugins are not granted (no clocks, random numbers, files or network)"
+            ),
+            PluginError::Trap(m) => write!(f, "trapped: {m}"),
+            PluginError::MalformedOutput(m) => write!(f, "returned a malformed output: {m}"),
+            PluginError::Exhausted(m) => write!(f, "could not get a sandbox: {m}"),
+            PluginError::Internal(m) => write!(f, "failed in the runtime: {m}"),
+        }
+    }
+}
+
+fn mebibytes(bytes: usize) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Turns a wasmtime error into the [`PluginError`] that explains it, using
+/// what the sandbox recorded: wasmtime reports an interrupted call and a
+/// refused `memory.grow` as generic traps.
+fn classify(error: wasmtime::Error, host: &Host, limits: CallLimits) -> PluginError {
+    if host.timed_out {
+        return PluginError::Deadline {
+            limit: limits.timeout,
+        };
+    }
+    if let Some(requested_bytes) = host.limiter.refused {
+        return PluginError::MemoryLimit {
+            limit_bytes: limits.memory_bytes,
+            requested_bytes,
+        };
+    }
+    if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
+        return PluginError::Exhausted(error.to_string());
+    }
+    let trap = error.downcast_ref::<Trap>().copied();
+    if trap == Some(Trap::StackOverflow) {
+        return PluginError::StackOverflow;
+    }
+    if let Some(NotGranted(import)) = error.downcast_ref::<NotGranted>() {
+        return PluginError::NotGranted(import.clone());
+    }
+    let message = format!("{error:#}");
+    let stderr = host.stderr.text();
+    if let Some(panic) = panic_message(&stderr) {
+        return PluginError::Panic(panic);
+    }
+    match trap {
+        Some(trap) if stderr.is_empty() => PluginError::Trap(trap.to_string()),
+        Some(trap) => PluginError::Trap(format!("{trap}; the plugin printed: {stderr}")),
+        None => PluginError::Internal(first_line(&message).to_string()),
+    }
+}
+
+/// The panic message from what Rust's panic handler printed, without the
+/// thread name and the backtrace hint.
+fn panic_message(stderr: &str) -> Option<String> {
+    let at = stderr.find("panicked at ")?;
+    let text: Vec<&str> = stderr[at..]
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+        .collect();
+    Some(text.join(" "))
+}
+
+fn first_line(message: &str) -> &str {
+    message.lines().next().unwrap_or(message)
+}
+
+/// Output layout rules: a consistent shape and data, unique names.
+fn check_outputs(outputs: &[Tensor]) -> Result<(), PluginError> {
+    for (i, output) in outputs.iter().enumerate() {
+        tensor::check_layout(output)
+            .map_err(|e| PluginError::MalformedOutput(format!("output `{}`: {e}", output.name)))?;
+        if outputs[..i].iter().any(|o| o.name == output.name) {
+            return Err(PluginError::MalformedOutput(format!(
+                "output `{}` appears twice",
+                output.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `info()` rules: unique names, dimensions of -1 or more.
+fn check_info(info: &ModelInfo) -> Result<(), String> {
+    for (kind, specs) in [("input", &info.inputs), ("output", &info.outputs)] {
+        for (i, spec) in specs.iter().enumerate() {
+            if spec.name.is_empty() {
+                return Err(format!("{kind} {i} has an empty name"));
+            }
+            if specs[..i].iter().any(|s| s.name == spec.name) {
+                return Err(format!("{kind} `{}` is declared twice", spec.name));
+            }
+            if spec.shape.iter().any(|&d| d < -1) {
+                return Err(format!("{kind} `{}` has shape {:?}", spec.name, spec.shape));
+            }
+        }
+    }
+    if info.inputs.is_empty() {
+        return Err("declares no inputs".into());
+    }
+    Ok(())
+}
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, Clone)]
+pub enum LoadError {
+    Read(String),
+    Compile(String),
+    Interface(String),
+    Info(PluginError),
+    BadInfo(String),
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::Read(e) => write!(f, "cannot be read: {e}"),
+            LoadError::Compile(e) => write!(f, "is not a valid WebAssembly component: {e}"),
+            LoadError::Interface(e) => {
+                write!(f, "does not implement the gateway:plugin/model world: {e}")
+            }
+            LoadError::Info(e) => write!(f, "failed in info(): it {e}"),
+            LoadError::BadInfo(e) => write!(f, "returned unusable metadata from info(): {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extracts_panic_message() {
+        let stderr = "thread '<unnamed>' panicked at src/lib.rs:16:9:\nboom\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace";
+        assert_eq!(
+            panic_message(stderr).as_deref(),
+            Some("panicked at src/lib.rs:16:9: boom")
+        );
+        assert_eq!(panic_message("plain output"), None);
+    }
+}

@@ -1,0 +1,396 @@
+//! The per-call sandbox: what a plugin's `Store` holds, the one function that
+//! configures every `Store`, and the WASI subset plugins are granted.
+//!
+//! Granted: `wasi:io` streams and `wasi:cli` stdout/stderr (captured, bounded,
+//! for error messages and logs), `wasi:cli/environment` (empty) and
+//! `wasi:cli/exit`. Not granted: clocks, random numbers, files, sockets and
+//! anything else. A plugin that imports those still loads (every std Rust
+//! guest does); calling one fails the call with [`NotGranted`].
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{
+    Component, HasData, Linker, LinkerInstance, ResourceTable, ResourceType,
+};
+use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream, WasiCli, WasiCliView};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+/// Bytes of stdout and of stderr kept per call; the rest is dropped.
+pub const CAPTURE_BYTES: usize = 4096;
+
+/// Limits a single call runs under.
+#[derive(Clone, Copy, Debug)]
+pub struct CallLimits {
+    /// When the call is interrupted.
+    pub deadline: Instant,
+    /// The time budget the deadline was derived from, for messages.
+    pub timeout: Duration,
+    /// Total bytes of linear memory across all the plugin's memories.
+    pub memory_bytes: usize,
+}
+
+impl CallLimits {
+    /// Limits for a call whose budget starts now.
+    pub fn starting_now(timeout: Duration, memory_bytes: usize) -> Self {
+        CallLimits {
+            deadline: Instant::now() + timeout,
+            timeout,
+            memory_bytes,
+        }
+    }
+}
+
+/// The data of one call's `Store`.
+pub struct Host {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(super) limiter: MemoryLimiter,
+    deadline: Instant,
+    pub(super) timed_out: bool,
+    pub(super) stdout: Capture,
+    pub(super) stderr: Capture,
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Creates the `Store` for one call: fresh state, memory limiter, deadline.
+/// Every store is made here, so no call can run without its limits.
+pub fn new_store(engine: &Engine, limits: CallLimits) -> Store<Host> {
+    let stdout = Capture::default();
+    let stderr = Capture::default();
+    let wasi = WasiCtxBuilder::new()
+        .stdout(stdout.clone())
+        .stderr(stderr.clone())
+        .build();
+    let host = Host {
+        wasi,
+        table: ResourceTable::new(),
+        limiter: MemoryLimiter::new(limits.memory_bytes),
+        deadline: limits.deadline,
+        timed_out: false,
+        stdout,
+        stderr,
+    };
+    let mut store = Store::new(engine, host);
+    store.limiter(|host| &mut host.limiter);
+    // The engine's epoch ticks every `EPOCH_TICK`; at each tick the call
+    // yields to the executor (so it never holds a worker thread for longer
+    // than a tick) and is interrupted once its deadline has passed.
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|mut ctx| {
+        let host = ctx.data_mut();
+        if Instant::now() >= host.deadline {
+            host.timed_out = true;
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+    store
+}
+
+/// The interfaces [`add_granted_wasi`] defines, without their version: any
+/// 0.2.x version a guest imports is served by wasmtime-wasi's 0.2 definitions.
+const GRANTED: [&str; 7] = [
+    "wasi:io/error",
+    "wasi:io/poll",
+    "wasi:io/streams",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/environment",
+    "wasi:cli/exit",
+];
+
+/// Adds the granted WASI interfaces to `linker`.
+pub fn add_granted_wasi(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
+    use wasmtime_wasi::p2::bindings::{cli, io};
+    io::error::add_to_linker::<Host, HasTable>(linker, |h| &mut h.table)?;
+    io::poll::add_to_linker::<Host, HasTable>(linker, |h| &mut h.table)?;
+    io::streams::add_to_linker::<Host, HasTable>(linker, |h| &mut h.table)?;
+    cli::stdout::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
+    cli::stderr::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
+    cli::environment::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
+    cli::exit::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
+    Ok(())
+}
+
+/// Defines every import of `component` outside [`GRANTED`] as a function
+/// that fails with [`NotGranted`], so a plugin can import more than it is
+/// granted and still run as long as it does not call it.
+///
+/// (wasmtime's `define_unknown_imports_as_traps` would also stub the granted
+/// interfaces when the guest imports another 0.2.x version than the linker
+/// defines, because it looks names up exactly.)
+pub fn stub_ungranted_imports(
+    linker: &mut Linker<Host>,
+    engine: &Engine,
+    component: &Component,
+) -> wasmtime::Result<()> {
+    let ty = component.component_type();
+    let is_granted = |name: &str| GRANTED.contains(&name.split('@').next().unwrap_or(name));
+    // Resources of granted interfaces that stubbed interfaces `use` (e.g.
+    // `wasi:cli/stdin` uses `input-stream`) are already defined: an alias
+    // must keep the granted type, not get a stub type of its own.
+    let mut granted_resources = Vec::new();
+    for (name, import) in ty.imports(engine) {
+        if let (true, ComponentItem::ComponentInstance(instance)) = (is_granted(name), &import.ty) {
+            for (_, export) in instance.exports(engine) {
+                if let ComponentItem::Resource(resource) = export.ty {
+                    granted_resources.push(resource);
+                }
+            }
+        }
+    }
+    for (name, import) in ty.imports(engine) {
+        if is_granted(name) {
+            continue;
+        }
+        match import.ty {
+            ComponentItem::ComponentInstance(instance) => {
+                let mut stubs = linker.instance(name)?;
+                for (item, export) in instance.exports(engine) {
+                    match export.ty {
+                        ComponentItem::Resource(r) if granted_resources.contains(&r) => {}
+                        ty => stub(&mut stubs, name, item, &ty)?,
+                    }
+                }
+            }
+            other => stub(&mut linker.root(), "", name, &other)?,
+        }
+    }
+    Ok(())
+}
+
+fn stub(
+    linker: &mut LinkerInstance<'_, Host>,
+    interface: &str,
+    item: &str,
+    ty: &ComponentItem,
+) -> wasmtime::Result<()> {
+    match ty {
+        ComponentItem::ComponentFunc(_) => {
+            let import = if interface.is_empty() {
+                item.to_string()
+            } else {
+                format!("{interface}#{item}")
+            };
+            linker.func_new(item, move |_, _, _, _| {
+                Err(wasmtime::Error::new(NotGranted(import.clone())))
+            })
+        }
+        ComponentItem::Resource(_) => {
+            linker.resource(item, ResourceType::host::<()>(), |_, _| Ok(()))
+        }
+        // Types need no definition; anything else a linker cannot stub, and
+        // instantiation reports it.
+        _ => Ok(()),
+    }
+}
+
+/// A plugin called an import it is not granted; the name of the import.
+#[derive(Debug)]
+pub struct NotGranted(pub String);
+
+impl std::fmt::Display for NotGranted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "import `{}` is not granted to plugins", self.0)
+    }
+}
+
+impl std::error::Error for NotGranted {}
+
+struct HasTable;
+
+impl HasData for HasTable {
+    type Data<'a> = &'a mut ResourceTable;
+}
+
+/// Caps the sum of all linear memories of a call (wasmtime's own
+/// `StoreLimits` caps each memory separately) and remembers a refusal, so a
+/// failed call can be reported as "out of memory" rather than as whatever
+/// trap the guest's allocator turned the refusal into.
+pub struct MemoryLimiter {
+    max_bytes: usize,
+    used_bytes: usize,
+    /// The total the plugin asked for when it was refused.
+    pub(super) refused: Option<usize>,
+}
+
+/// Tables and instances a plugin may create; generous for any real component,
+/// small enough to stop a component that multiplies them.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+const MAX_INSTANCES: usize = 64;
+const MAX_TABLES: usize = 64;
+const MAX_MEMORIES: usize = 16;
+
+impl MemoryLimiter {
+    fn new(max_bytes: usize) -> Self {
+        MemoryLimiter {
+            max_bytes,
+            used_bytes: 0,
+            refused: None,
+        }
+    }
+
+    /// Linear memory currently held by the call, in bytes.
+    pub fn used_bytes(&self) -> usize {
+        self.used_bytes
+    }
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let total = self.used_bytes - current.min(self.used_bytes) + desired;
+        if total > self.max_bytes {
+            self.refused = Some(total);
+            return Ok(false);
+        }
+        self.used_bytes = total;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+}
+
+/// A bounded in-memory stdout/stderr: keeps the first [`CAPTURE_BYTES`]
+/// bytes, drops the rest, never blocks and never fails the guest.
+#[derive(Clone, Default)]
+pub struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Capture {
+    /// What the guest wrote, lossily decoded, trimmed.
+    pub fn text(&self) -> String {
+        let buf = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&buf).trim().to_string()
+    }
+
+    fn append(&self, bytes: &[u8]) {
+        let mut buf = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let room = CAPTURE_BYTES.saturating_sub(buf.len());
+        buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+}
+
+impl IsTerminal for Capture {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for Capture {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for Capture {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for Capture {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.append(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+impl tokio::io::AsyncWrite for Capture {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.append(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_sums_memories_and_remembers_refusal() {
+        let mut limiter = MemoryLimiter::new(10 << 20);
+        assert!(limiter.memory_growing(0, 4 << 20, None).unwrap());
+        assert!(limiter.memory_growing(0, 4 << 20, None).unwrap());
+        // A third memory would take the total to 12 MiB.
+        assert!(!limiter.memory_growing(0, 4 << 20, None).unwrap());
+        assert_eq!(limiter.refused, Some(12 << 20));
+        // Growing the first from 4 to 6 MiB fits exactly.
+        assert!(limiter.memory_growing(4 << 20, 6 << 20, None).unwrap());
+    }
+
+    #[test]
+    fn capture_is_bounded() {
+        let capture = Capture::default();
+        capture.append(&vec![b'a'; CAPTURE_BYTES - 2]);
+        capture.append(b"bcdef");
+        let text = capture.text();
+        assert_eq!(text.len(), CAPTURE_BYTES);
+        assert!(text.ends_with("bc"));
+    }
+}

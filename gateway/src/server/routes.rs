@@ -1,0 +1,328 @@
+//! The endpoints: V2 health, metadata, readiness and inference, plus
+//! `/metrics`. One function per step of an inference request, in the order
+//! of the request path: route, read, decode, validate, admit, invoke, respond.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+
+use super::State;
+use super::error::{ApiError, BodyError, admission_error, json_response, plugin_error};
+use crate::protocol::{self, InferResponse, ModelMetadata, ServerMetadata, SpecJson};
+use crate::router::{Model, Version};
+use crate::runtime::CallLimits;
+use crate::telemetry;
+use crate::tensor::Tensor;
+use crate::validate;
+
+type HttpResponse = Response<Full<Bytes>>;
+
+/// The header naming the version that answered.
+pub const MODEL_VERSION_HEADER: &str = "x-model-version";
+
+/// Dispatches one request.
+pub async fn handle(state: &State, request: Request<Incoming>) -> HttpResponse {
+    let path = request.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let method = request.method().clone();
+    let endpoint = match segments.as_slice() {
+        ["v2"] => Endpoint::Get(server_metadata()),
+        ["v2", "health", "live"] => Endpoint::Get(Ok(json_ok(br#"{"live":true}"#.to_vec()))),
+        ["v2", "health", "ready"] => Endpoint::Get(Ok(server_ready(state))),
+        ["v2", "models", model] => Endpoint::Get(model_metadata(state, model, None)),
+        ["v2", "models", model, "ready"] => Endpoint::Get(model_ready(state, model, None)),
+        ["v2", "models", model, "versions", version] => {
+            Endpoint::Get(model_metadata(state, model, Some(version)))
+        }
+        ["v2", "models", model, "versions", version, "ready"] => {
+            Endpoint::Get(model_ready(state, model, Some(version)))
+        }
+        ["v2", "models", model, "infer"] => Endpoint::Infer(model, None),
+        ["v2", "models", model, "versions", version, "infer"] => {
+            Endpoint::Infer(model, Some(version))
+        }
+        ["metrics"] => Endpoint::Get(Ok(metrics())),
+        _ => Endpoint::NotFound,
+    };
+    let result = match (endpoint, method) {
+        (Endpoint::Get(result), Method::GET) => result,
+        (Endpoint::Infer(model, version), Method::POST) => {
+            return infer(state, model, version, request).await;
+        }
+        (Endpoint::NotFound, _) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no endpoint at {path}"),
+        )),
+        (Endpoint::Get(_), method) => Err(method_not_allowed(&method, &path, "GET")),
+        (Endpoint::Infer(..), method) => Err(method_not_allowed(&method, &path, "POST")),
+    };
+    result.unwrap_or_else(|e| {
+        telemetry::record_http_error(e.status.as_u16());
+        e.into_response()
+    })
+}
+
+enum Endpoint<'a> {
+    Get(Result<HttpResponse, ApiError>),
+    Infer(&'a str, Option<&'a str>),
+    NotFound,
+}
+
+fn method_not_allowed(method: &Method, path: &str, allowed: &'static str) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {path}; use {allowed}"),
+    )
+}
+
+fn json_ok(body: Vec<u8>) -> HttpResponse {
+    json_response(StatusCode::OK, body)
+}
+
+fn to_json(value: &impl serde::Serialize) -> Result<HttpResponse, ApiError> {
+    serde_json::to_vec(value).map(json_ok).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("could not encode the response: {e}"),
+        )
+    })
+}
+
+fn server_metadata() -> Result<HttpResponse, ApiError> {
+    to_json(&ServerMetadata {
+        name: "wasm-model-gateway",
+        version: env!("CARGO_PKG_VERSION"),
+        extensions: &[],
+    })
+}
+
+fn server_ready(state: &State) -> HttpResponse {
+    if state.shutting_down.load(Ordering::Acquire) {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            br#"{"ready":false}"#.to_vec(),
+        )
+    } else {
+        json_ok(br#"{"ready":true}"#.to_vec())
+    }
+}
+
+fn model_metadata(
+    state: &State,
+    model: &str,
+    version: Option<&str>,
+) -> Result<HttpResponse, ApiError> {
+    let snapshot = state.snapshot.load();
+    let model: &Model = snapshot.model(model)?;
+    let (versions, serving): (Vec<&str>, &Version) = match version {
+        Some(v) => {
+            let version = model.version(v)?;
+            (vec![version.name.as_str()], version)
+        }
+        None => (
+            model.versions.keys().map(String::as_str).collect(),
+            &model.champion,
+        ),
+    };
+    let info = serving.plugin.info();
+    to_json(&ModelMetadata {
+        name: &model.name,
+        versions,
+        platform: "wasm-component",
+        inputs: info.inputs.iter().map(SpecJson::from).collect(),
+        outputs: info.outputs.iter().map(SpecJson::from).collect(),
+    })
+}
+
+fn model_ready(
+    state: &State,
+    model: &str,
+    version: Option<&str>,
+) -> Result<HttpResponse, ApiError> {
+    let snapshot = state.snapshot.load();
+    let model = snapshot.model(model)?;
+    if let Some(v) = version {
+        model.version(v)?;
+    }
+    #[derive(serde::Serialize)]
+    struct Ready<'a> {
+        name: &'a str,
+        ready: bool,
+    }
+    to_json(&Ready {
+        name: &model.name,
+        ready: true,
+    })
+}
+
+fn metrics() -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(telemetry::render())));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// `POST .../infer`: the request path of DESIGN.md, step by step.
+async fn infer(
+    state: &State,
+    model: &str,
+    pinned: Option<&str>,
+    request: Request<Incoming>,
+) -> HttpResponse {
+    let start = Instant::now();
+    let snapshot = state.snapshot.load_full();
+    let (version, route) = match snapshot.route(model, pinned) {
+        Ok(found) => found,
+        Err(e) => {
+            let error = ApiError::from(e);
+            telemetry::record_request(
+                telemetry::UNKNOWN,
+                telemetry::UNKNOWN,
+                "none",
+                error.status.as_u16(),
+                start.elapsed(),
+            );
+            return error.into_response();
+        }
+    };
+    let result = infer_version(state, version, request, start).await;
+    let status = match &result {
+        Ok(_) => StatusCode::OK,
+        Err(e) => e.status,
+    };
+    if let Err(ApiError {
+        plugin_failure: Some(kind),
+        ..
+    }) = &result
+    {
+        telemetry::record_plugin_error(&version.model, &version.name, kind);
+    }
+    telemetry::record_request(
+        &version.model,
+        &version.name,
+        route.as_str(),
+        status.as_u16(),
+        start.elapsed(),
+    );
+    let mut response = result.unwrap_or_else(|e| {
+        if e.status.is_server_error() {
+            tracing::warn!(model = %version.model, version = %version.name, status = e.status.as_u16(), error = %e.message, "inference failed");
+        }
+        e.into_response()
+    });
+    if let Ok(name) = HeaderValue::from_str(&version.name) {
+        response.headers_mut().insert(MODEL_VERSION_HEADER, name);
+    }
+    response
+}
+
+async fn infer_version(
+    state: &State,
+    version: &Version,
+    request: Request<Incoming>,
+    start: Instant,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(
+        request,
+        state.config.max_body_bytes,
+        state.config.body_read_timeout,
+    )
+    .await?;
+    let request = protocol::decode_infer_request(&body, state.config.decode)?;
+    drop(body);
+    validate::check_request(&request, version.plugin.info())?;
+
+    let deadline = start + version.limits.timeout;
+    let _slot = version
+        .admit(deadline)
+        .await
+        .map_err(|e| admission_error(version, e))?;
+    let limits = CallLimits {
+        deadline,
+        timeout: version.limits.timeout,
+        memory_bytes: version.limits.memory_bytes,
+    };
+    let called = Instant::now();
+    let outputs = version.plugin.infer(&request.inputs, limits).await;
+    telemetry::record_plugin_call(&version.model, &version.name, called.elapsed());
+    let outputs = outputs.map_err(|e| plugin_error(version, e))?;
+
+    let selected = select_outputs(&outputs, request.outputs.as_deref(), version)?;
+    let body = serde_json::to_vec(&InferResponse {
+        model_name: &version.model,
+        model_version: &version.name,
+        id: request.id.as_deref(),
+        outputs: &selected,
+    })
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "model `{}` version `{}`: could not encode the outputs: {e}",
+                version.model, version.name
+            ),
+        )
+    })?;
+    Ok(json_ok(body))
+}
+
+/// The outputs the client asked for, in its order (all when it named none).
+fn select_outputs<'a>(
+    outputs: &'a [Tensor],
+    requested: Option<&[String]>,
+    version: &Version,
+) -> Result<Vec<&'a Tensor>, ApiError> {
+    let Some(requested) = requested else {
+        return Ok(outputs.iter().collect());
+    };
+    requested
+        .iter()
+        .map(|name| {
+            outputs.iter().find(|t| &t.name == name).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "model `{}` version `{}`: plugin `{}` did not return the requested output `{name}`",
+                        version.model,
+                        version.name,
+                        version.plugin.name()
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Reads the whole body, refusing more than `limit` bytes (at once when the
+/// client declares a larger `Content-Length`) and giving up after `timeout`.
+async fn read_body(
+    request: Request<Incoming>,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, BodyError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge { limit });
+    }
+    let body = Limited::new(request.into_body(), limit);
+    match tokio::time::timeout(timeout, body.collect()).await {
+        Err(_) => Err(BodyError::Timeout {
+            seconds: timeout.as_secs(),
+        }),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(BodyError::TooLarge { limit })
+        }
+        Ok(Err(e)) => Err(BodyError::Read(e.to_string())),
+    }
+}

@@ -1,0 +1,310 @@
+//! The gateway's tensor: the WIT `tensor` record itself, so a decoded request
+//! is handed to a plugin without conversion. This module owns the layout
+//! rules (element sizes, BYTES framing, shape arithmetic) and nothing else.
+
+use std::fmt;
+
+pub use crate::runtime::bindings::{Datatype, Tensor, TensorSpec};
+
+/// Every datatype, in V2 order.
+pub const ALL_DATATYPES: [Datatype; 12] = [
+    Datatype::Bool,
+    Datatype::Int8,
+    Datatype::Int16,
+    Datatype::Int32,
+    Datatype::Int64,
+    Datatype::Uint8,
+    Datatype::Uint16,
+    Datatype::Uint32,
+    Datatype::Uint64,
+    Datatype::Fp32,
+    Datatype::Fp64,
+    Datatype::Bytes,
+];
+
+impl Datatype {
+    /// The V2 protocol's name (`"FP32"`).
+    pub fn as_v2(self) -> &'static str {
+        match self {
+            Datatype::Bool => "BOOL",
+            Datatype::Int8 => "INT8",
+            Datatype::Int16 => "INT16",
+            Datatype::Int32 => "INT32",
+            Datatype::Int64 => "INT64",
+            Datatype::Uint8 => "UINT8",
+            Datatype::Uint16 => "UINT16",
+            Datatype::Uint32 => "UINT32",
+            Datatype::Uint64 => "UINT64",
+            Datatype::Fp32 => "FP32",
+            Datatype::Fp64 => "FP64",
+            Datatype::Bytes => "BYTES",
+        }
+    }
+
+    /// Parses a V2 datatype name; `None` for unknown or unsupported ones.
+    pub fn from_v2(name: &str) -> Option<Self> {
+        ALL_DATATYPES.into_iter().find(|d| d.as_v2() == name)
+    }
+
+    /// Bytes per element; `None` for BYTES, whose elements are length-prefixed.
+    pub fn element_size(self) -> Option<usize> {
+        Some(match self {
+            Datatype::Bool | Datatype::Int8 | Datatype::Uint8 => 1,
+            Datatype::Int16 | Datatype::Uint16 => 2,
+            Datatype::Int32 | Datatype::Uint32 | Datatype::Fp32 => 4,
+            Datatype::Int64 | Datatype::Uint64 | Datatype::Fp64 => 8,
+            Datatype::Bytes => return None,
+        })
+    }
+}
+
+impl fmt::Display for Datatype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_v2())
+    }
+}
+
+/// The names the V2 protocol allows, for error messages.
+pub fn supported_datatypes() -> String {
+    ALL_DATATYPES.map(Datatype::as_v2).join(", ")
+}
+
+/// Why a shape or a tensor's data is inconsistent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayoutError {
+    NegativeDimension {
+        shape: Vec<i64>,
+    },
+    TooManyElements {
+        shape: Vec<i64>,
+    },
+    DataLength {
+        shape: Vec<i64>,
+        datatype: Datatype,
+        expected: usize,
+        actual: usize,
+    },
+    BytesFraming {
+        element: usize,
+        detail: &'static str,
+    },
+    BytesCount {
+        shape: Vec<i64>,
+        expected: usize,
+        actual: usize,
+    },
+}
+
+impl fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LayoutError::NegativeDimension { shape } => {
+                write!(f, "shape {shape:?} has a negative dimension")
+            }
+            LayoutError::TooManyElements { shape } => {
+                write!(
+                    f,
+                    "shape {shape:?} has more elements than the gateway can hold"
+                )
+            }
+            LayoutError::DataLength {
+                shape,
+                datatype,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "shape {shape:?} of {datatype} needs {expected} bytes of data, got {actual}"
+            ),
+            LayoutError::BytesFraming { element, detail } => {
+                write!(f, "BYTES element {element}: {detail}")
+            }
+            LayoutError::BytesCount {
+                shape,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "shape {shape:?} needs {expected} BYTES elements, data holds {actual}"
+            ),
+        }
+    }
+}
+
+/// The number of elements of `shape`, refusing negative dimensions and
+/// products that overflow `usize`.
+pub fn element_count(shape: &[i64]) -> Result<usize, LayoutError> {
+    let mut count: usize = 1;
+    for &dim in shape {
+        let dim = usize::try_from(dim).map_err(|_| LayoutError::NegativeDimension {
+            shape: shape.to_vec(),
+        })?;
+        count = count
+            .checked_mul(dim)
+            .ok_or_else(|| LayoutError::TooManyElements {
+                shape: shape.to_vec(),
+            })?;
+    }
+    Ok(count)
+}
+
+/// Checks that a tensor's data matches its shape and datatype, and returns
+/// its element count. For BYTES, walks every length prefix.
+pub fn check_layout(tensor: &Tensor) -> Result<usize, LayoutError> {
+    let count = element_count(&tensor.shape)?;
+    match tensor.datatype.element_size() {
+        Some(size) => {
+            let expected = count
+                .checked_mul(size)
+                .ok_or_else(|| LayoutError::TooManyElements {
+                    shape: tensor.shape.clone(),
+                })?;
+            if tensor.data.len() != expected {
+                return Err(LayoutError::DataLength {
+                    shape: tensor.shape.clone(),
+                    datatype: tensor.datatype,
+                    expected,
+                    actual: tensor.data.len(),
+                });
+            }
+        }
+        None => {
+            let actual = bytes_elements(&tensor.data).try_fold(0, |n, e| e.map(|_| n + 1))?;
+            if actual != count {
+                return Err(LayoutError::BytesCount {
+                    shape: tensor.shape.clone(),
+                    expected: count,
+                    actual,
+                });
+            }
+        }
+    }
+    Ok(count)
+}
+
+/// Iterates over the elements of BYTES data (4-byte little-endian length, then
+/// the bytes), yielding an error and stopping at the first framing defect.
+pub fn bytes_elements(data: &[u8]) -> impl Iterator<Item = Result<&[u8], LayoutError>> {
+    let mut rest = data;
+    let mut index = 0;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let element = index;
+        index += 1;
+        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+            rest = &[];
+            return Some(Err(LayoutError::BytesFraming {
+                element,
+                detail: "truncated length prefix",
+            }));
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if tail.len() < len {
+            rest = &[];
+            return Some(Err(LayoutError::BytesFraming {
+                element,
+                detail: "length prefix runs past the end of the data",
+            }));
+        }
+        let (bytes, tail) = tail.split_at(len);
+        rest = tail;
+        Some(Ok(bytes))
+    })
+}
+
+/// Whether `shape` fits `declared`, where `-1` in `declared` matches any size.
+pub fn shape_matches(declared: &[i64], shape: &[i64]) -> bool {
+    declared.len() == shape.len() && declared.iter().zip(shape).all(|(&d, &s)| d == -1 || d == s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(datatype: Datatype, shape: &[i64], data: Vec<u8>) -> Tensor {
+        Tensor {
+            name: "t".into(),
+            datatype,
+            shape: shape.to_vec(),
+            data,
+        }
+    }
+
+    #[test]
+    fn datatype_names_round_trip() {
+        for d in ALL_DATATYPES {
+            assert_eq!(Datatype::from_v2(d.as_v2()), Some(d));
+        }
+        assert_eq!(Datatype::from_v2("FP16"), None);
+        assert_eq!(Datatype::from_v2("fp32"), None);
+    }
+
+    #[test]
+    fn element_count_refuses_negative_and_overflow() {
+        assert_eq!(element_count(&[]), Ok(1));
+        assert_eq!(element_count(&[2, 0, 7]), Ok(0));
+        assert_eq!(element_count(&[3, 4]), Ok(12));
+        assert!(matches!(
+            element_count(&[2, -1]),
+            Err(LayoutError::NegativeDimension { .. })
+        ));
+        assert!(matches!(
+            element_count(&[i64::MAX, i64::MAX]),
+            Err(LayoutError::TooManyElements { .. })
+        ));
+    }
+
+    #[test]
+    fn layout_of_fixed_size_types() {
+        assert_eq!(
+            check_layout(&tensor(Datatype::Fp32, &[2, 3], vec![0; 24])),
+            Ok(6)
+        );
+        let short = check_layout(&tensor(Datatype::Fp32, &[1, 5], vec![0; 12]));
+        assert_eq!(
+            short.unwrap_err().to_string(),
+            "shape [1, 5] of FP32 needs 20 bytes of data, got 12"
+        );
+    }
+
+    #[test]
+    fn layout_of_bytes() {
+        let mut data = Vec::new();
+        for s in ["ab", "", "xyz"] {
+            data.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            data.extend_from_slice(s.as_bytes());
+        }
+        assert_eq!(
+            check_layout(&tensor(Datatype::Bytes, &[3], data.clone())),
+            Ok(3)
+        );
+        assert!(matches!(
+            check_layout(&tensor(Datatype::Bytes, &[2], data.clone())),
+            Err(LayoutError::BytesCount {
+                expected: 2,
+                actual: 3,
+                ..
+            })
+        ));
+        let mut overlong = data.clone();
+        overlong[0] = 200;
+        assert!(matches!(
+            check_layout(&tensor(Datatype::Bytes, &[3], overlong)),
+            Err(LayoutError::BytesFraming { element: 0, .. })
+        ));
+        data.push(1);
+        assert!(matches!(
+            check_layout(&tensor(Datatype::Bytes, &[3], data)),
+            Err(LayoutError::BytesFraming { element: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn declared_shapes() {
+        assert!(shape_matches(&[-1, 6], &[4, 6]));
+        assert!(!shape_matches(&[-1, 6], &[4, 5]));
+        assert!(!shape_matches(&[-1, 6], &[6]));
+    }
+}

@@ -1,0 +1,206 @@
+//! The plugin author's side of the gateway's WIT interface (`wit/plugin.wit`).
+//!
+//! A plugin implements [`Guest`] (the `info` and `infer` exports) and registers
+//! it with [`export_model!`]:
+//!
+//! ```ignore
+//! use gateway_plugin_sdk::{Datatype, Error, Guest, ModelInfo, Tensor, TensorSpec};
+//!
+//! struct Doubler;
+//!
+//! impl Guest for Doubler {
+//!     fn info() -> ModelInfo {
+//!         ModelInfo::new("doubler", "1.0.0", "multiplies every value by two")
+//!             .input(TensorSpec::new("x", Datatype::Fp32, &[-1]))
+//!             .output(TensorSpec::new("y", Datatype::Fp32, &[-1]))
+//!     }
+//!     fn infer(inputs: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
+//!         let x = gateway_plugin_sdk::input(&inputs, "x")?;
+//!         let y: Vec<f32> = x.to_f32()?.iter().map(|v| v * 2.0).collect();
+//!         Ok(vec![Tensor::fp32("y", &x.shape, &y)])
+//!     }
+//! }
+//!
+//! gateway_plugin_sdk::export_model!(Doubler);
+//! ```
+//!
+//! Tensor data is row-major and little-endian, as the WIT file documents; the
+//! helpers here convert between that layout and Rust slices.
+
+// Lets the generated bindings and the exported macro name this crate the same
+// way from inside and from plugin crates.
+extern crate self as gateway_plugin_sdk;
+
+#[doc(hidden)]
+pub use wit_bindgen;
+
+/// The generated bindings; plugin authors use the re-exports below.
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "model",
+        pub_export_macro: true,
+        export_macro_name: "export_model",
+        default_bindings_module: "gateway_plugin_sdk::bindings",
+        runtime_path: "gateway_plugin_sdk::wit_bindgen::rt",
+    });
+}
+
+pub use bindings::gateway::plugin::types::{Datatype, TensorSpec};
+pub use bindings::{Error, Guest, ModelInfo, Tensor, export_model};
+
+impl Datatype {
+    /// Bytes per element, or `None` for BYTES (variable length).
+    pub fn element_size(self) -> Option<usize> {
+        Some(match self {
+            Datatype::Bool | Datatype::Int8 | Datatype::Uint8 => 1,
+            Datatype::Int16 | Datatype::Uint16 => 2,
+            Datatype::Int32 | Datatype::Uint32 | Datatype::Fp32 => 4,
+            Datatype::Int64 | Datatype::Uint64 | Datatype::Fp64 => 8,
+            Datatype::Bytes => return None,
+        })
+    }
+}
+
+impl TensorSpec {
+    pub fn new(name: &str, datatype: Datatype, shape: &[i64]) -> Self {
+        TensorSpec {
+            name: name.to_string(),
+            datatype,
+            shape: shape.to_vec(),
+        }
+    }
+}
+
+impl ModelInfo {
+    pub fn new(name: &str, version: &str, description: &str) -> Self {
+        ModelInfo {
+            name: name.to_string(),
+            version: version.to_string(),
+            description: description.to_string(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+        }
+    }
+
+    pub fn input(mut self, spec: TensorSpec) -> Self {
+        self.inputs.push(spec);
+        self
+    }
+
+    pub fn output(mut self, spec: TensorSpec) -> Self {
+        self.outputs.push(spec);
+        self
+    }
+}
+
+/// The input named `name`, or an `invalid-input` error naming what is missing.
+pub fn input<'a>(inputs: &'a [Tensor], name: &str) -> Result<&'a Tensor, Error> {
+    inputs
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| Error::InvalidInput(format!("missing input `{name}`")))
+}
+
+macro_rules! numeric_tensor {
+    ($ctor:ident, $reader:ident, $ty:ty, $dt:ident) => {
+        impl Tensor {
+            #[doc = concat!("A ", stringify!($dt), " tensor from row-major values.")]
+            pub fn $ctor(name: &str, shape: &[i64], values: &[$ty]) -> Tensor {
+                let mut data = Vec::with_capacity(values.len() * size_of::<$ty>());
+                for v in values {
+                    data.extend_from_slice(&v.to_le_bytes());
+                }
+                Tensor {
+                    name: name.to_string(),
+                    datatype: Datatype::$dt,
+                    shape: shape.to_vec(),
+                    data,
+                }
+            }
+
+            #[doc = concat!("The elements of a ", stringify!($dt), " tensor; an `invalid-input` error for any other datatype.")]
+            pub fn $reader(&self) -> Result<Vec<$ty>, Error> {
+                self.expect_datatype(Datatype::$dt)?;
+                Ok(self
+                    .data
+                    .chunks_exact(size_of::<$ty>())
+                    .map(|c| <$ty>::from_le_bytes(c.try_into().expect("chunk size")))
+                    .collect())
+            }
+        }
+    };
+}
+
+numeric_tensor!(fp32, to_f32, f32, Fp32);
+numeric_tensor!(fp64, to_f64, f64, Fp64);
+numeric_tensor!(int32, to_i32, i32, Int32);
+numeric_tensor!(int64, to_i64, i64, Int64);
+
+impl Tensor {
+    /// A BYTES tensor: each element is length-prefixed (u32, little-endian).
+    pub fn bytes<B: AsRef<[u8]>>(name: &str, shape: &[i64], elements: &[B]) -> Tensor {
+        let total: usize = elements.iter().map(|e| 4 + e.as_ref().len()).sum();
+        let mut data = Vec::with_capacity(total);
+        for e in elements {
+            let e = e.as_ref();
+            let len = u32::try_from(e.len()).expect("BYTES element over 4 GiB");
+            data.extend_from_slice(&len.to_le_bytes());
+            data.extend_from_slice(e);
+        }
+        Tensor {
+            name: name.to_string(),
+            datatype: Datatype::Bytes,
+            shape: shape.to_vec(),
+            data,
+        }
+    }
+
+    /// The elements of a BYTES tensor.
+    pub fn to_bytes(&self) -> Result<Vec<&[u8]>, Error> {
+        self.expect_datatype(Datatype::Bytes)?;
+        let mut out = Vec::new();
+        let mut rest = self.data.as_slice();
+        while !rest.is_empty() {
+            let (len, tail) = rest
+                .split_first_chunk::<4>()
+                .ok_or_else(|| self.invalid("truncated BYTES length prefix"))?;
+            let len = u32::from_le_bytes(*len) as usize;
+            if tail.len() < len {
+                return Err(self.invalid("BYTES element longer than the data"));
+            }
+            let (element, tail) = tail.split_at(len);
+            out.push(element);
+            rest = tail;
+        }
+        Ok(out)
+    }
+
+    /// Checks that the tensor is a matrix with `columns` columns and returns
+    /// its number of rows.
+    pub fn rows(&self, columns: usize) -> Result<usize, Error> {
+        match self.shape.as_slice() {
+            [rows, cols] if *rows >= 0 && *cols == columns as i64 => Ok(*rows as usize),
+            _ => Err(self.invalid(&format!(
+                "expected shape [N, {columns}], got {:?}",
+                self.shape
+            ))),
+        }
+    }
+
+    fn expect_datatype(&self, datatype: Datatype) -> Result<(), Error> {
+        if self.datatype == datatype {
+            Ok(())
+        } else {
+            Err(self.invalid(&format!(
+                "expected datatype {datatype:?}, got {:?}",
+                self.datatype
+            )))
+        }
+    }
+
+    fn invalid(&self, what: &str) -> Error {
+        Error::InvalidInput(format!("input `{}`: {what}", self.name))
+    }
+}

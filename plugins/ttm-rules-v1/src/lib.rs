@@ -1,0 +1,61 @@
+//! Time to merge, version 1: size rules.
+//!
+//! The bucket follows the size of the change (lines added plus deleted, and
+//! files touched); a long discussion (20 comments or more) pushes it one bucket
+//! later. The predicted bucket gets probability 0.7, every other one 0.075.
+//!
+//! | lines changed | files | bucket       |
+//! |---------------|-------|--------------|
+//! | <= 20         | <= 2  | within_hour  |
+//! | <= 200        |       | within_day   |
+//! | <= 1000       |       | within_week  |
+//! | <= 5000       |       | within_month |
+//! | more          |       | longer       |
+
+use gateway_plugin_sdk::{Error, Guest, ModelInfo, Tensor};
+use ttm_common::{PullRequest, model_info, outputs, read_pull_requests};
+
+struct SizeRules;
+
+fn bucket(pr: &PullRequest) -> usize {
+    let lines = pr.additions + pr.deletions;
+    let by_size = if lines <= 20.0 && pr.files_changed <= 2.0 {
+        0
+    } else if lines <= 200.0 {
+        1
+    } else if lines <= 1000.0 {
+        2
+    } else if lines <= 5000.0 {
+        3
+    } else {
+        4
+    };
+    if pr.comments >= 20.0 {
+        (by_size + 1).min(4)
+    } else {
+        by_size
+    }
+}
+
+impl Guest for SizeRules {
+    fn info() -> ModelInfo {
+        model_info(
+            "1.0.0",
+            "time-to-merge bucket from change size and discussion length",
+        )
+    }
+
+    fn infer(inputs: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
+        let probabilities: Vec<[f32; 5]> = read_pull_requests(&inputs)?
+            .iter()
+            .map(|pr| {
+                let mut p = [0.075; 5];
+                p[bucket(pr)] = 0.7;
+                p
+            })
+            .collect();
+        Ok(outputs(&probabilities))
+    }
+}
+
+gateway_plugin_sdk::export_model!(SizeRules);

@@ -1,0 +1,9 @@
+//! End-to-end tests: the real gateway on 127.0.0.1:0, real HTTP, real Wasm
+//! plugins built from `plugins/` by this build. One test binary for the
+//! whole project (a binary per file would multiply link time).
+
+mod api;
+mod bad_input;
+mod hostile;
+mod policy_check;
+mod support;

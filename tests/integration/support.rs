@@ -1,0 +1,289 @@
+//! What every end-to-end test uses: a real gateway on 127.0.0.1:0 serving
+//! policies written to a temporary folder, a plain HTTP/1.1 client, and a
+//! parser for the Prometheus text format.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gateway::runtime::RuntimeConfig;
+use gateway::server::{self, RunningServer, ServeOptions};
+use http::{HeaderMap, Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpStream;
+
+/// The repository's root folder.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("gateway/ has a parent")
+        .to_path_buf()
+}
+
+/// A policy file serving one built plugin as version `v1` of `model`.
+pub fn single_version_policy(model: &str, plugin: &str, limits: &str) -> String {
+    format!(
+        "model = \"{model}\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"{plugin}\"\n[limits]\n{limits}\n"
+    )
+}
+
+/// A running gateway and the folder its policies live in.
+pub struct TestGateway {
+    server: Option<RunningServer>,
+    pub addr: SocketAddr,
+    /// Holds the policy folder for as long as the gateway runs.
+    _policies: tempfile::TempDir,
+}
+
+impl TestGateway {
+    /// Serves the given `(file name, contents)` policies.
+    pub async fn start(policies: &[(&str, &str)]) -> TestGateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for (name, text) in policies {
+            std::fs::write(dir.path().join(name), text).expect("write policy");
+        }
+        Self::start_in(dir).await
+    }
+
+    /// Serves the example policies of `policies/` (copied, so tests may not
+    /// change them).
+    pub async fn example() -> TestGateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for entry in std::fs::read_dir(repo_root().join("policies")).expect("policies/") {
+            let path = entry.expect("entry").path();
+            std::fs::copy(&path, dir.path().join(path.file_name().expect("name")))
+                .expect("copy policy");
+        }
+        Self::start_in(dir).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir) -> TestGateway {
+        let mut options = ServeOptions::new(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir.path().to_path_buf(),
+            vec![],
+        );
+        // Small pools: many test gateways share one process's address space.
+        options.runtime = RuntimeConfig {
+            max_instances: 32,
+            ..RuntimeConfig::default()
+        };
+        options.server.max_body_bytes = 1 << 20;
+        options.server.body_read_timeout = Duration::from_secs(2);
+        let server = server::start(options)
+            .await
+            .unwrap_or_else(|e| panic!("gateway did not start: {e}"));
+        TestGateway {
+            addr: server.local_addr(),
+            server: Some(server),
+            _policies: dir,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.request(Method::GET, path, Bytes::new()).await
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<Bytes>) -> Reply {
+        self.request(Method::POST, path, body.into()).await
+    }
+
+    /// POSTs a JSON value to `/v2/models/{model}/infer`.
+    pub async fn infer(&self, model: &str, body: &Value) -> Reply {
+        self.post(&format!("/v2/models/{model}/infer"), body.to_string())
+            .await
+    }
+
+    pub async fn request(&self, method: Method, path: &str, body: Bytes) -> Reply {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string())
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .expect("request");
+        send(self.addr, request).await
+    }
+
+    /// The current `/metrics` page, parsed.
+    pub async fn metrics(&self) -> Metrics {
+        let reply = self.get("/metrics").await;
+        assert_eq!(reply.status, 200);
+        Metrics::parse(&reply.text())
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+    }
+}
+
+/// Sends one request on a new connection.
+pub async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> Reply {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    let started = Instant::now();
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    Reply {
+        status,
+        headers,
+        body,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// A response, fully read.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub elapsed: Duration,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    /// The `error` of an error body, checking the body has exactly that shape.
+    pub fn error(&self) -> String {
+        let json = self.json();
+        let object = json
+            .as_object()
+            .unwrap_or_else(|| panic!("not an object: {json}"));
+        assert_eq!(object.len(), 1, "error body has extra fields: {json}");
+        object["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("error is not a string: {json}"))
+            .to_string()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts the status and that the error message contains every part.
+    pub fn assert_error(&self, status: u16, parts: &[&str]) {
+        assert_eq!(self.status, status, "body: {}", self.text());
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        let error = self.error();
+        for part in parts {
+            assert!(error.contains(part), "error {error:?} lacks {part:?}");
+        }
+    }
+}
+
+/// A V2 request with one FP32 input.
+pub fn fp32_request(name: &str, shape: &[i64], data: &[f32]) -> Value {
+    serde_json::json!({"inputs": [{"name": name, "shape": shape, "datatype": "FP32", "data": data}]})
+}
+
+type Labels = BTreeMap<String, String>;
+
+/// Samples of a Prometheus text page: name -> [(labels, value)].
+pub struct Metrics {
+    samples: BTreeMap<String, Vec<(Labels, f64)>>,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let mut samples: BTreeMap<String, Vec<_>> = BTreeMap::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad sample line {line:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+            let (name, labels) = match series.split_once('{') {
+                None => (series.to_string(), BTreeMap::new()),
+                Some((name, rest)) => {
+                    let body = rest
+                        .strip_suffix('}')
+                        .unwrap_or_else(|| panic!("bad labels in {line:?}"));
+                    (name.to_string(), parse_labels(body))
+                }
+            };
+            samples.entry(name).or_default().push((labels, value));
+        }
+        Metrics { samples }
+    }
+
+    /// The value of the sample whose labels include all of `labels`; 0 if
+    /// there is none. Panics if several samples match.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let matching: Vec<f64> = self
+            .samples
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter(|(l, _)| {
+                labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, v)| *v)
+            .collect();
+        assert!(
+            matching.len() <= 1,
+            "{name}{labels:?} matches {} samples",
+            matching.len()
+        );
+        matching.first().copied().unwrap_or(0.0)
+    }
+}
+
+fn parse_labels(body: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        let (key, after) = rest
+            .split_once("=\"")
+            .unwrap_or_else(|| panic!("bad labels {body:?}"));
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, escaped)) = chars.next() {
+                        value.push(if escaped == 'n' { '\n' } else { escaped });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        labels.insert(key.trim_start_matches(',').to_string(), value);
+        rest = after[end..].trim_start_matches(',');
+    }
+    labels
+}
