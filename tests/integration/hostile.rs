@@ -244,7 +244,7 @@ async fn a_version_at_its_concurrency_limit_answers_503() {
     let gw = gateway_with(
         "busy",
         "spin-loop",
-        "timeout_ms = 500\nmax_concurrency = 1\nmax_queue = 0",
+        "timeout_ms = 1000\nmax_concurrency = 1\nmax_queue = 0",
     )
     .await;
     let addr = gw.addr;
@@ -257,7 +257,7 @@ async fn a_version_at_its_concurrency_limit_answers_503() {
             .unwrap();
         crate::support::send(addr, request).await
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let refused = gw.infer("busy", &x(0.0)).await;
     refused.assert_error(
         503,

@@ -39,6 +39,8 @@ pub struct Version {
     pub description: Option<String>,
     pub plugin: Arc<Plugin>,
     pub limits: Limits,
+    /// Rate-limits the warnings this version's failures log.
+    pub error_log: crate::telemetry::LogLimiter,
     admission: Admission,
 }
 
@@ -194,6 +196,7 @@ pub async fn build(
                 description: v.description,
                 plugin,
                 limits: v.limits,
+                error_log: Default::default(),
                 admission: Admission::new(v.limits.max_concurrency, v.limits.max_queue),
             };
             versions.insert(v.name, Arc::new(version));

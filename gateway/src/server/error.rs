@@ -20,6 +20,9 @@ pub struct ApiError {
     pub retry_after: Option<u32>,
     /// The `kind` label for plugin failures.
     pub plugin_failure: Option<&'static str>,
+    /// Close the connection after the response (the request body was not
+    /// read to its end).
+    pub close_connection: bool,
 }
 
 impl ApiError {
@@ -29,6 +32,7 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             plugin_failure: None,
+            close_connection: false,
         }
     }
 
@@ -42,6 +46,11 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.close_connection {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
@@ -92,7 +101,8 @@ pub enum BodyError {
 
 impl From<BodyError> for ApiError {
     fn from(e: BodyError) -> Self {
-        match e {
+        let close_connection = !matches!(e, BodyError::Read(_));
+        let error = match e {
             BodyError::TooLarge { limit } => ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body exceeds the limit of {limit} bytes"),
@@ -105,6 +115,10 @@ impl From<BodyError> for ApiError {
                 StatusCode::BAD_REQUEST,
                 format!("could not read the request body: {e}"),
             ),
+        };
+        ApiError {
+            close_connection,
+            ..error
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use super::State;
@@ -211,8 +211,17 @@ async fn infer(
         start.elapsed(),
     );
     let mut response = result.unwrap_or_else(|e| {
-        if e.status.is_server_error() {
-            tracing::warn!(model = %version.model, version = %version.name, status = e.status.as_u16(), error = %e.message, "inference failed");
+        if e.status.is_server_error()
+            && let Some(suppressed) = version.error_log.check()
+        {
+            tracing::warn!(
+                model = %version.model,
+                version = %version.name,
+                status = e.status.as_u16(),
+                error = %e.message,
+                suppressed,
+                "inference failed"
+            );
         }
         e.into_response()
     });
@@ -299,30 +308,68 @@ fn select_outputs<'a>(
         .collect()
 }
 
-/// Reads the whole body, refusing more than `limit` bytes (at once when the
-/// client declares a larger `Content-Length`) and giving up after `timeout`.
+/// How long an over-limit body is drained before the 413 is sent.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Reads the whole body, refusing more than `limit` bytes and giving up
+/// after `timeout`.
+///
+/// A body over the limit is still read, and discarded, for up to
+/// [`DRAIN_TIME`] and another `limit` bytes before the 413 goes out: closing
+/// a socket with unread data makes the kernel send a reset, which can
+/// destroy the 413 before the client reads it. A body declared larger than
+/// that is refused unread.
 async fn read_body(
     request: Request<Incoming>,
     limit: usize,
     timeout: std::time::Duration,
 ) -> Result<Bytes, BodyError> {
+    let drain_limit = limit.saturating_mul(2);
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if declared.is_some_and(|n| n > drain_limit as u64) {
         return Err(BodyError::TooLarge { limit });
     }
-    let body = Limited::new(request.into_body(), limit);
-    match tokio::time::timeout(timeout, body.collect()).await {
-        Err(_) => Err(BodyError::Timeout {
-            seconds: timeout.as_secs(),
-        }),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(BodyError::TooLarge { limit })
+    let mut deadline = tokio::time::Instant::now() + timeout;
+    let mut body = request.into_body();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut received = 0usize;
+    let mut draining = false;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) if draining => break,
+            Err(_) => {
+                return Err(BodyError::Timeout {
+                    seconds: timeout.as_secs(),
+                });
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(BodyError::Read(e.to_string())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        received = received.saturating_add(data.len());
+        if received > drain_limit {
+            break;
         }
-        Ok(Err(e)) => Err(BodyError::Read(e.to_string())),
+        if received <= limit {
+            chunks.push(data);
+        } else if !draining {
+            draining = true;
+            chunks = Vec::new();
+            deadline = deadline.min(tokio::time::Instant::now() + DRAIN_TIME);
+        }
     }
+    if received > limit {
+        return Err(BodyError::TooLarge { limit });
+    }
+    Ok(match chunks.len() {
+        1 => chunks.pop().unwrap_or_default(),
+        _ => chunks.concat().into(),
+    })
 }

@@ -7,7 +7,8 @@
 //! models cannot grow the number of series.
 
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -136,6 +137,47 @@ pub fn record_http_error(status: u16) {
     metrics::counter!("gateway_http_errors_total", "status" => status_label(status)).increment(1);
 }
 
+/// Lets one log line through per second and counts the others, so a plugin
+/// failing on every request cannot flood the logs.
+#[derive(Default)]
+pub struct LogLimiter {
+    /// Milliseconds since [`epoch`] before which lines are suppressed.
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+const LOG_INTERVAL_MS: u64 = 1000;
+
+impl LogLimiter {
+    /// `Some(n)` when a line may be logged now; `n` lines were suppressed
+    /// since the previous one.
+    pub fn check(&self) -> Option<u64> {
+        let now = epoch().elapsed().as_millis() as u64;
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now + LOG_INTERVAL_MS,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::AcqRel))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
 /// Status codes as static strings (no allocation per request).
 fn status_label(status: u16) -> &'static str {
     match status {
@@ -150,5 +192,21 @@ fn status_label(status: u16) -> &'static str {
         503 => "503",
         504 => "504",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_limiter_lets_one_line_through_per_interval() {
+        let limiter = LogLimiter::default();
+        assert_eq!(limiter.check(), Some(0));
+        assert_eq!(limiter.check(), None);
+        assert_eq!(limiter.check(), None);
+        // Pretend the interval has passed.
+        limiter.next_ms.store(0, Ordering::Relaxed);
+        assert_eq!(limiter.check(), Some(2));
     }
 }
