@@ -86,20 +86,7 @@ async fn an_endless_loop_is_stopped_at_its_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endless_loops_do_not_stall_other_models() {
     let gw = gateway_with("spin", "spin-loop", "timeout_ms = 1500").await;
-    let loops: Vec<_> = (0..2)
-        .map(|_| {
-            let addr = gw.addr;
-            tokio::spawn(async move {
-                let request = http::Request::post("/v2/models/spin/infer")
-                    .header("host", "x")
-                    .body(http_body_util::Full::new(bytes::Bytes::from(
-                        x(-1.0).to_string(),
-                    )))
-                    .unwrap();
-                crate::support::send(addr, request).await
-            })
-        })
-        .collect();
+    let loops: Vec<_> = (0..2).map(|_| gw.spawn_infer("spin", &x(-1.0))).collect();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let healthy = gw
         .infer(
@@ -247,16 +234,7 @@ async fn a_version_at_its_concurrency_limit_answers_503() {
         "timeout_ms = 1000\nmax_concurrency = 1\nmax_queue = 0",
     )
     .await;
-    let addr = gw.addr;
-    let running = tokio::spawn(async move {
-        let request = http::Request::post("/v2/models/busy/infer")
-            .header("host", "x")
-            .body(http_body_util::Full::new(bytes::Bytes::from(
-                x(-1.0).to_string(),
-            )))
-            .unwrap();
-        crate::support::send(addr, request).await
-    });
+    let running = gw.spawn_infer("busy", &x(-1.0));
     tokio::time::sleep(Duration::from_millis(200)).await;
     let refused = gw.infer("busy", &x(0.0)).await;
     refused.assert_error(

@@ -98,6 +98,16 @@ impl TestGateway {
             .await
     }
 
+    /// Sends an inference request from a task of its own; the handle yields
+    /// the reply.
+    pub fn spawn_infer(&self, model: &str, body: &Value) -> tokio::task::JoinHandle<Reply> {
+        let request = Request::post(format!("/v2/models/{model}/infer"))
+            .header("host", self.addr.to_string())
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("request");
+        tokio::spawn(send(self.addr, request))
+    }
+
     pub async fn request(&self, method: Method, path: &str, body: Bytes) -> Reply {
         let request = Request::builder()
             .method(method)
