@@ -23,9 +23,12 @@ fn main() {
         .expect("gateway/ has a parent")
         .to_path_buf();
     let plugins = root.join("plugins");
-    for dir in [&plugins, &root.join("wit")] {
-        rerun_if_changed(dir);
-    }
+    // Cargo scans a registered folder recursively. Relative paths: cargo
+    // resolves them against this package's root, so a target directory
+    // shared by clones at different paths (as CI's is) never compares
+    // against another clone's files.
+    println!("cargo:rerun-if-changed=../plugins");
+    println!("cargo:rerun-if-changed=../wit");
 
     check_target_installed();
 
@@ -108,25 +111,6 @@ fn check_target_installed() {
                 "the {TARGET} Rust target is not installed; the plugins need it.\n\
                  Install it with:  rustup target add {TARGET}"
             );
-        }
-    }
-}
-
-/// Registers every source file under `dir` (skipping build output), so an
-/// edit to a plugin or to the WIT rebuilds the plugins and nothing else does.
-fn rerun_if_changed(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            if path.file_name().is_some_and(|n| n == "target") {
-                continue;
-            }
-            rerun_if_changed(&path);
-        } else {
-            println!("cargo:rerun-if-changed={}", path.display());
         }
     }
 }

@@ -61,6 +61,16 @@ struct ServeArgs {
     /// Seconds in-flight requests get to finish at shutdown.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_secs: u64,
+    /// Bearer token that unlocks /admin/reload and /admin/policies; without
+    /// it the admin API is off.
+    #[arg(long, env = "GATEWAY_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Do not watch the policy folder (reload with SIGHUP or POST /admin/reload).
+    #[arg(long)]
+    no_watch: bool,
+    /// Milliseconds after the last policy file change before reloading.
+    #[arg(long, default_value_t = 500)]
+    reload_debounce_ms: u64,
 }
 
 impl PolicyArgs {
@@ -98,8 +108,11 @@ pub fn main() -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for people: not in files, pipes or log collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
 }
@@ -109,6 +122,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
     options.server.max_body_bytes = args.max_body_bytes;
     options.server.max_connections = args.max_connections;
     options.server.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace_secs);
+    options.server.admin_token = args.admin_token.filter(|t| !t.is_empty());
+    options.watch_debounce =
+        (!args.no_watch).then(|| std::time::Duration::from_millis(args.reload_debounce_ms));
     let server = match server::start(options).await {
         Ok(server) => server,
         Err(e) => {
@@ -121,6 +137,22 @@ async fn serve(args: ServeArgs) -> ExitCode {
         shutdown_signal().await;
         let _ = stop.send(true);
     });
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hangup) => {
+                let reloader = server.reloader();
+                tokio::spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        // Errors are logged and counted by `reload`.
+                        let _ = reloader.reload("signal").await;
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
+        }
+    }
     server.wait().await;
     ExitCode::SUCCESS
 }
@@ -157,8 +189,8 @@ async fn check(args: PolicyArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match router::load(&options.policies, &options.load_options(), &runtime).await {
-        Ok(snapshot) => {
+    match router::load(&options.policies, &options.load_options(), &runtime, None).await {
+        Ok((snapshot, _)) => {
             let mut count = 0;
             for model in snapshot.models() {
                 count += 1;
@@ -170,7 +202,7 @@ async fn check(args: PolicyArgs) -> ExitCode {
                 println!(
                     "ok: model `{}` ({}): champion {}, versions {}",
                     model.name,
-                    model.policy_file.display(),
+                    model.policy.file.display(),
                     model.champion.name,
                     versions.join(", ")
                 );

@@ -6,12 +6,14 @@
 //! `validate` checks the inputs, `runtime` runs the plugin, `telemetry`
 //! records what happened. `policy` reads the operators' TOML files.
 
+pub mod admin;
 pub mod cli;
 pub mod policy;
 pub mod protocol;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod shadow;
 pub mod telemetry;
 pub mod tensor;
 pub mod validate;

@@ -34,7 +34,7 @@ async fn model_metadata_and_readiness() {
     assert_eq!(model.status, 200);
     assert_eq!(
         model.json(),
-        json!({"name": TTM, "versions": ["v1", "v2"], "platform": "wasm-component", "inputs": features, "outputs": outputs})
+        json!({"name": TTM, "versions": ["v1", "v2", "v3"], "platform": "wasm-component", "inputs": features, "outputs": outputs})
     );
     let version = gw.get("/v2/models/time-to-merge/versions/v2").await;
     assert_eq!(version.status, 200);
@@ -59,7 +59,7 @@ async fn model_metadata_and_readiness() {
         .await
         .assert_error(
             404,
-            &["model `time-to-merge` has no version `v9` (versions: v1, v2)"],
+            &["model `time-to-merge` has no version `v9` (versions: v1, v2, v3)"],
         );
     gw.get("/v2/models/nope")
         .await

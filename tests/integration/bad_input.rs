@@ -154,7 +154,7 @@ async fn unknown_model_version_or_path_is_404() {
     .await
     .assert_error(
         404,
-        &["model `time-to-merge` has no version `v7` (versions: v1, v2)"],
+        &["model `time-to-merge` has no version `v7` (versions: v1, v2, v3)"],
     );
     gw.get("/v3/models")
         .await

@@ -7,4 +7,7 @@ mod bad_input;
 mod compat;
 mod hostile;
 mod policy_check;
+mod reload;
+mod shadow;
 mod support;
+mod traffic;

@@ -48,7 +48,9 @@ fn the_example_policies_pass() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("ok: model `time-to-merge`"), "{stdout}");
     assert!(
-        stdout.contains("champion v1, versions v1 (ttm-rules-v1), v2 (ttm-rules-v2)"),
+        stdout.contains(
+            "champion v1, versions v1 (ttm-rules-v1), v2 (ttm-rules-v2), v3 (ttm-rules-v3)"
+        ),
         "{stdout}"
     );
 }
@@ -62,9 +64,9 @@ fn an_unknown_key_is_named_with_its_line() {
         stderr.contains("error: D/m.toml:7:1: unknown field `timeout`"),
         "{stderr}"
     );
-    let stderr = refused(&format!("canary = 5\n{GOOD}"));
+    let stderr = refused(&format!("canary_percent = 5\n{GOOD}"));
     assert!(
-        stderr.contains("error: D/m.toml:1:1: unknown field `canary`"),
+        stderr.contains("error: D/m.toml:1:1: unknown field `canary_percent`"),
         "{stderr}"
     );
 }

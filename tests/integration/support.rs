@@ -31,6 +31,9 @@ pub fn single_version_policy(model: &str, plugin: &str, limits: &str) -> String 
     )
 }
 
+/// The admin token test gateways use.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
 /// A running gateway and the folder its policies live in.
 pub struct TestGateway {
     server: Option<RunningServer>,
@@ -61,7 +64,66 @@ impl TestGateway {
         Self::start_in(dir).await
     }
 
+    /// Restarts on the same policy folder: a new process image in all but
+    /// name (new engine, new routing state).
+    pub async fn restart(mut self) -> TestGateway {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+        Self::start_in(self._policies).await
+    }
+
+    /// The policy folder.
+    pub fn policy_dir(&self) -> &std::path::Path {
+        self._policies.path()
+    }
+
+    /// Replaces a policy file.
+    pub fn write_policy(&self, name: &str, text: &str) {
+        std::fs::write(self._policies.path().join(name), text).expect("write policy");
+    }
+
+    /// `POST /admin/reload` with the admin token.
+    pub async fn reload(&self) -> Reply {
+        let request = Request::post("/admin/reload")
+            .header("host", self.addr.to_string())
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        send(self.addr, request).await
+    }
+
+    /// `GET /admin/policies` with the admin token, as JSON.
+    pub async fn policies_view(&self) -> Value {
+        let request = Request::get("/admin/policies")
+            .header("host", self.addr.to_string())
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let reply = send(self.addr, request).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        reply.json()
+    }
+
+    /// A keep-alive connection to this gateway.
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr).await
+    }
+
     async fn start_in(dir: tempfile::TempDir) -> TestGateway {
+        Self::start_with(dir, false).await
+    }
+
+    /// Serves the given policies and reloads when their files change.
+    pub async fn start_watching(policies: &[(&str, &str)]) -> TestGateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for (name, text) in policies {
+            std::fs::write(dir.path().join(name), text).expect("write policy");
+        }
+        Self::start_with(dir, true).await
+    }
+
+    async fn start_with(dir: tempfile::TempDir, watch: bool) -> TestGateway {
         let mut options = ServeOptions::new(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             dir.path().to_path_buf(),
@@ -74,6 +136,9 @@ impl TestGateway {
         };
         options.server.max_body_bytes = 1 << 20;
         options.server.body_read_timeout = Duration::from_secs(2);
+        options.server.admin_token = Some(ADMIN_TOKEN.to_string());
+        // Tests reload explicitly unless they test the watcher.
+        options.watch_debounce = watch.then_some(Duration::from_millis(200));
         let server = server::start(options)
             .await
             .unwrap_or_else(|e| panic!("gateway did not start: {e}"));
@@ -129,6 +194,51 @@ impl TestGateway {
     pub async fn shutdown(mut self) {
         if let Some(server) = self.server.take() {
             server.shutdown().await;
+        }
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection, for many requests.
+pub struct Client {
+    addr: SocketAddr,
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(connection);
+        Client { addr, sender }
+    }
+
+    /// POSTs `body` to `path` with extra headers.
+    pub async fn post(&mut self, path: &str, body: &Value, headers: &[(&str, &str)]) -> Reply {
+        let mut request = Request::post(path).header("host", self.addr.to_string());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("request");
+        self.sender.ready().await.expect("connection ready");
+        let started = Instant::now();
+        let response = self.sender.send_request(request).await.expect("response");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        Reply {
+            status,
+            headers,
+            body,
+            elapsed: started.elapsed(),
         }
     }
 }
@@ -265,6 +375,21 @@ impl Metrics {
             matching.len()
         );
         matching.first().copied().unwrap_or(0.0)
+    }
+
+    /// The sum over all samples whose labels include `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter(|(l, _)| {
+                labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, v)| *v)
+            .sum()
     }
 }
 

@@ -46,7 +46,38 @@ pub struct ModelPolicy {
     pub description: Option<String>,
     pub champion: String,
     pub versions: Vec<VersionPolicy>,
+    pub canary: Option<Canary>,
+    pub shadow: Option<Shadow>,
 }
+
+/// A share of a model's traffic sent to one version instead of the champion.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Canary {
+    pub version: String,
+    /// 0 to 100; fractions allowed.
+    pub percent: f64,
+    /// The request header whose value keeps a caller on one version
+    /// (lower-case).
+    pub sticky_header: String,
+}
+
+/// Challenger versions that see a copy of a sample of the traffic.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shadow {
+    pub versions: Vec<String>,
+    /// Share of answered requests copied to the challengers, 0 to 100.
+    pub sample_percent: f64,
+    /// Shadow calls of this model in flight at once; more are dropped.
+    pub max_concurrency: u32,
+    /// Largest absolute difference at which numeric outputs still agree.
+    pub tolerance: f64,
+    /// The output compared; by default the first BYTES output (the label),
+    /// else every output.
+    pub compare_output: Option<String>,
+}
+
+/// The header that keeps a caller on one side of a canary split.
+pub const DEFAULT_STICKY_HEADER: &str = "x-routing-key";
 
 /// One version of a model and the plugin that serves it.
 #[derive(Clone, Debug)]
@@ -89,6 +120,14 @@ impl PolicyError {
             column: None,
             key: None,
             message: message.into(),
+        }
+    }
+
+    /// An error about a key whose place in the file is no longer known.
+    pub fn key(file: &Path, key: &str, message: impl Into<String>) -> Self {
+        PolicyError {
+            key: Some(key.to_string()),
+            ..PolicyError::file(file, message)
         }
     }
 
@@ -141,6 +180,33 @@ struct PolicyFile {
     versions: Spanned<BTreeMap<Spanned<String>, VersionTable>>,
     #[serde(default)]
     limits: Option<LimitsTable>,
+    #[serde(default)]
+    canary: Option<CanaryTable>,
+    #[serde(default)]
+    shadow: Option<ShadowTable>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CanaryTable {
+    version: Spanned<String>,
+    percent: Spanned<f64>,
+    #[serde(default)]
+    sticky_header: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShadowTable {
+    versions: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    sample_percent: Option<Spanned<f64>>,
+    #[serde(default)]
+    max_concurrency: Option<Spanned<i64>>,
+    #[serde(default)]
+    tolerance: Option<Spanned<f64>>,
+    #[serde(default)]
+    compare_output: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -304,6 +370,111 @@ pub fn parse(
         ));
     }
 
+    let is_version = |v: &str| raw.versions.get_ref().keys().any(|k| k.get_ref() == v);
+    let canary = raw.canary.as_ref().and_then(|c| {
+        let version = c.version.get_ref();
+        let before = errors.len();
+        if !is_version(version) {
+            errors.push(PolicyError::at(
+                &at(c.version.span(), "canary.version"),
+                format!("`{version}` is not a version of this model"),
+            ));
+        } else if *version == champion {
+            errors.push(PolicyError::at(
+                &at(c.version.span(), "canary.version"),
+                format!("`{version}` is the champion; a canary must be another version"),
+            ));
+        }
+        let percent = *c.percent.get_ref();
+        if !(0.0..=100.0).contains(&percent) {
+            errors.push(PolicyError::at(
+                &at(c.percent.span(), "canary.percent"),
+                format!("{percent} is out of range; allowed: 0 to 100"),
+            ));
+        }
+        let sticky_header = match &c.sticky_header {
+            None => DEFAULT_STICKY_HEADER.to_string(),
+            Some(h) => {
+                let name = h.get_ref().to_ascii_lowercase();
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    errors.push(PolicyError::at(
+                        &at(h.span(), "canary.sticky_header"),
+                        format!("`{}` is not a valid HTTP header name", h.get_ref()),
+                    ));
+                }
+                name
+            }
+        };
+        (errors.len() == before).then(|| Canary {
+            version: version.clone(),
+            percent,
+            sticky_header,
+        })
+    });
+    let shadow = raw.shadow.as_ref().and_then(|s| {
+        let before = errors.len();
+        let mut versions: Vec<String> = Vec::new();
+        if s.versions.get_ref().is_empty() {
+            errors.push(PolicyError::at(
+                &at(s.versions.span(), "shadow.versions"),
+                "name at least one challenger version",
+            ));
+        }
+        for v in s.versions.get_ref() {
+            let name = v.get_ref();
+            let problem = if !is_version(name) {
+                Some(format!("`{name}` is not a version of this model"))
+            } else if *name == champion {
+                Some(format!(
+                    "`{name}` is the champion; a challenger must be another version"
+                ))
+            } else if canary.as_ref().is_some_and(|c| &c.version == name) {
+                Some(format!(
+                    "`{name}` is the canary; a version is either canary or challenger"
+                ))
+            } else if versions.contains(name) {
+                Some(format!("`{name}` is listed twice"))
+            } else {
+                None
+            };
+            match problem {
+                Some(p) => errors.push(PolicyError::at(&at(v.span(), "shadow.versions"), p)),
+                None => versions.push(name.clone()),
+            }
+        }
+        let mut percent = |value: &Option<Spanned<f64>>, key: &str, default: f64, max: f64| {
+            let Some(value) = value else { return default };
+            let v = *value.get_ref();
+            if !(0.0..=max).contains(&v) {
+                errors.push(PolicyError::at(
+                    &at(value.span(), key),
+                    format!("{v} is out of range; allowed: 0 to {max}"),
+                ));
+            }
+            v
+        };
+        let sample_percent = percent(&s.sample_percent, "shadow.sample_percent", 100.0, 100.0);
+        let tolerance = percent(&s.tolerance, "shadow.tolerance", 1e-4, f64::MAX);
+        let max_concurrency = match &s.max_concurrency {
+            None => 16,
+            Some(m) if (1..=10_000).contains(m.get_ref()) => *m.get_ref() as u32,
+            Some(m) => {
+                errors.push(PolicyError::at(
+                    &at(m.span(), "shadow.max_concurrency"),
+                    format!("{} is out of range; allowed: 1 to 10000", m.get_ref()),
+                ));
+                1
+            }
+        };
+        (errors.len() == before).then(|| Shadow {
+            versions,
+            sample_percent,
+            max_concurrency,
+            tolerance,
+            compare_output: s.compare_output.as_ref().map(|o| o.get_ref().clone()),
+        })
+    });
+
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -313,6 +484,8 @@ pub fn parse(
         description: raw.description,
         champion,
         versions,
+        canary,
+        shadow,
     })
 }
 

@@ -2,34 +2,65 @@
 //! built in full from the policies before it serves (so a broken policy is
 //! never half-applied), immutable afterwards, and shared behind an `Arc`.
 //!
-//! It answers "which version serves this request?" and owns each version's
-//! admission (concurrency limit and bounded queue). It does not decode
-//! requests or run plugins.
+//! It answers "which version serves this request?" — pinned, canary (sticky
+//! and monotone in the percent) or champion — and owns each version's
+//! admission. It does not decode requests or run plugins.
 
-use std::collections::{BTreeMap, HashMap};
+mod admission;
+mod build;
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
+use http::{HeaderMap, HeaderName};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use crate::policy::{self, Limits, LoadOptions, ModelPolicy, PolicyError};
-use crate::runtime::{Plugin, Runtime};
+use admission::Admission;
+pub use admission::AdmissionError;
+pub use build::{BuildReport, build, load};
+
+use crate::policy::{Limits, ModelPolicy};
+use crate::runtime::Plugin;
+use crate::telemetry::{LabelSet, LogLimiter};
 
 /// All models, ready to serve.
 pub struct Snapshot {
     models: BTreeMap<String, Arc<Model>>,
+    /// Counts successful loads: 1 for the first, +1 per applied reload.
+    pub generation: u64,
 }
 
-/// A model: its versions and which one is champion.
+/// A model: its versions, its champion, and its traffic policy.
 pub struct Model {
     pub name: String,
-    pub description: Option<String>,
-    pub policy_file: PathBuf,
+    /// The checked policy this model was built from.
+    pub policy: ModelPolicy,
     pub champion: Arc<Version>,
     pub versions: BTreeMap<String, Arc<Version>>,
+    pub canary: Option<CanaryRoute>,
+    pub shadow: Option<ShadowRoute>,
+}
+
+/// A share of unpinned traffic that goes to another version.
+pub struct CanaryRoute {
+    pub version: Arc<Version>,
+    pub percent: f64,
+    pub sticky_header: HeaderName,
+}
+
+/// Challengers that get a copy of a sample of the answered traffic.
+pub struct ShadowRoute {
+    pub versions: Vec<Arc<Version>>,
+    pub sample_percent: f64,
+    pub tolerance: f64,
+    /// The output compared; see [`crate::policy::Shadow::compare_output`].
+    pub compare_output: Option<String>,
+    /// Shadow calls of this model in flight; when none is free, a shadow
+    /// call is dropped (and counted), never queued.
+    pub slots: Arc<Semaphore>,
 }
 
 /// One servable version of a model.
@@ -39,8 +70,13 @@ pub struct Version {
     pub description: Option<String>,
     pub plugin: Arc<Plugin>,
     pub limits: Limits,
+    /// The output whose values are class labels (the first BYTES output the
+    /// plugin declares), counted per label in metrics.
+    pub label_output: Option<String>,
+    /// Labels seen, bounded, so a plugin cannot grow the metric series.
+    pub labels: LabelSet,
     /// Rate-limits the warnings this version's failures log.
-    pub error_log: crate::telemetry::LogLimiter,
+    pub error_log: LogLimiter,
     admission: Admission,
 }
 
@@ -49,15 +85,21 @@ pub struct Version {
 pub enum Route {
     /// The model's default version.
     Champion,
+    /// The canary share of unpinned traffic.
+    Canary,
     /// `/versions/{version}` in the URL.
     Pinned,
+    /// A copy of an answered request, sent to a challenger.
+    Shadow,
 }
 
 impl Route {
     pub fn as_str(self) -> &'static str {
         match self {
             Route::Champion => "champion",
+            Route::Canary => "canary",
             Route::Pinned => "pinned",
+            Route::Shadow => "shadow",
         }
     }
 }
@@ -97,6 +139,7 @@ impl Snapshot {
     pub fn empty() -> Self {
         Snapshot {
             models: BTreeMap::new(),
+            generation: 0,
         }
     }
 
@@ -112,18 +155,20 @@ impl Snapshot {
             })
     }
 
-    /// The version that serves a request: the pinned one if the URL names it,
-    /// else the champion.
+    /// The version that serves a request: the pinned one if the URL names
+    /// it, else the canary or the champion (see [`Model::choose`]).
     pub fn route(
         &self,
         model: &str,
         pinned: Option<&str>,
-    ) -> Result<(&Arc<Version>, Route), RouteError> {
+        headers: &HeaderMap,
+    ) -> Result<(&Arc<Model>, &Arc<Version>, Route), RouteError> {
         let model = self.model(model)?;
-        match pinned {
-            None => Ok((&model.champion, Route::Champion)),
-            Some(version) => Ok((model.version(version)?, Route::Pinned)),
-        }
+        let (version, route) = match pinned {
+            Some(version) => (model.version(version)?, Route::Pinned),
+            None => model.choose(headers),
+        };
+        Ok((model, version, route))
     }
 }
 
@@ -137,162 +182,79 @@ impl Model {
                 known: self.versions.keys().cloned().collect(),
             })
     }
-}
 
-/// Reads, checks and loads a policy folder into a snapshot: every check that
-/// serving needs, including compiling each plugin and calling its `info()`.
-/// `gateway check` runs exactly this.
-pub async fn load(
-    dir: &std::path::Path,
-    options: &LoadOptions,
-    runtime: &Runtime,
-) -> Result<Snapshot, Vec<PolicyError>> {
-    let policies = policy::load_dir(dir, options)?;
-    build(policies, runtime).await
-}
-
-/// Loads the plugins the policies name (each file once) and assembles the
-/// snapshot; all errors are reported at the policy key that caused them.
-pub async fn build(
-    policies: Vec<ModelPolicy>,
-    runtime: &Runtime,
-) -> Result<Snapshot, Vec<PolicyError>> {
-    let mut plugins: HashMap<PathBuf, Result<Arc<Plugin>, String>> = HashMap::new();
-    let mut errors = Vec::new();
-    let mut models = BTreeMap::new();
-    for policy in policies {
-        let mut versions = BTreeMap::new();
-        for v in policy.versions {
-            let key = std::fs::canonicalize(&v.plugin).unwrap_or_else(|_| v.plugin.clone());
-            if !plugins.contains_key(&key) {
-                let loaded = runtime
-                    .load_plugin(&v.plugin)
-                    .await
-                    .map_err(|e| format!("plugin {} {e}", v.plugin.display()));
-                plugins.insert(key.clone(), loaded);
-            }
-            let plugin = match &plugins[&key] {
-                Ok(plugin) => plugin.clone(),
-                Err(e) => {
-                    errors.push(PolicyError::at(&v.plugin_location, e.clone()));
-                    continue;
-                }
-            };
-            if v.limits.memory_bytes < plugin.startup_memory_bytes() {
-                errors.push(PolicyError::at(
-                    &v.plugin_location,
-                    format!(
-                        "plugin {} needs {} KiB of memory to start, more than the version's memory_mebibytes allows ({} KiB)",
-                        plugin.name(),
-                        plugin.startup_memory_bytes() >> 10,
-                        v.limits.memory_bytes >> 10
-                    ),
-                ));
-                continue;
-            }
-            let version = Version {
-                model: policy.model.clone(),
-                name: v.name.clone(),
-                description: v.description,
-                plugin,
-                limits: v.limits,
-                error_log: Default::default(),
-                admission: Admission::new(v.limits.max_concurrency, v.limits.max_queue),
-            };
-            versions.insert(v.name, Arc::new(version));
-        }
-        // A version that failed to load has been reported; keep checking the rest.
-        let Some(champion) = versions.get(&policy.champion).cloned() else {
-            continue;
+    /// Canary or champion for an unpinned request. With the sticky header,
+    /// the choice is a pure function of model and key (the same on every
+    /// replica and after restarts); without it, a fresh random draw.
+    pub fn choose(&self, headers: &HeaderMap) -> (&Arc<Version>, Route) {
+        let Some(canary) = &self.canary else {
+            return (&self.champion, Route::Champion);
         };
-        let model = Model {
-            name: policy.model.clone(),
-            description: policy.description,
-            policy_file: policy.file,
-            champion,
-            versions,
+        let point = match headers.get(&canary.sticky_header) {
+            Some(key) => sticky_point(&self.name, key.as_bytes()),
+            None => random_point(),
         };
-        models.insert(policy.model, Arc::new(model));
-    }
-    if errors.is_empty() {
-        Ok(Snapshot { models })
-    } else {
-        Err(errors)
-    }
-}
-
-/// Why a request was not admitted to its version.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AdmissionError {
-    /// Every slot is busy and the queue is full.
-    QueueFull { running: u32, queued: u32 },
-    /// The request waited in the queue until its deadline.
-    QueueTimeout { running: u32 },
-}
-
-impl fmt::Display for AdmissionError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AdmissionError::QueueFull { running, queued } => write!(
-                f,
-                "is at its concurrency limit ({running} running, {queued} queued)"
-            ),
-            AdmissionError::QueueTimeout { running } => write!(
-                f,
-                "is at its concurrency limit ({running} running) and no slot freed before the deadline"
-            ),
+        if point < canary.percent {
+            (&canary.version, Route::Canary)
+        } else {
+            (&self.champion, Route::Champion)
         }
     }
 }
 
-/// At most `max_concurrency` calls run; at most `max_queue` more wait, each
-/// no longer than its deadline. Everything else is refused at once, so a
-/// flood against one version never builds an unbounded queue.
-struct Admission {
-    slots: Semaphore,
-    max_concurrency: u32,
-    waiting: AtomicU32,
-    max_queue: u32,
+/// A routing key's point in `[0, 100)`: FNV-1a over the model name and the
+/// key, then a 64-bit finalizer so similar keys spread evenly. A key goes to
+/// the canary when its point is below the percent, so raising the percent
+/// only ever moves keys from champion to canary. Stable across processes,
+/// machines and versions of this program: do not change it.
+pub fn sticky_point(model: &str, key: &[u8]) -> f64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = OFFSET;
+    for &byte in model.as_bytes().iter().chain(&[0xff]).chain(key) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(PRIME);
+    }
+    unit_interval(mix64(hash)) * 100.0
 }
 
-impl Admission {
-    fn new(max_concurrency: u32, max_queue: u32) -> Self {
-        Admission {
-            slots: Semaphore::new(max_concurrency as usize),
-            max_concurrency,
-            waiting: AtomicU32::new(0),
-            max_queue,
-        }
-    }
-
-    async fn admit(&self, deadline: Instant) -> Result<SemaphorePermit<'_>, AdmissionError> {
-        if let Ok(permit) = self.slots.try_acquire() {
-            return Ok(permit);
-        }
-        let queued = self.waiting.fetch_add(1, Ordering::AcqRel);
-        let _leave = LeaveQueue(&self.waiting);
-        if queued >= self.max_queue {
-            return Err(AdmissionError::QueueFull {
-                running: self.max_concurrency,
-                queued,
-            });
-        }
-        match tokio::time::timeout_at(deadline.into(), self.slots.acquire()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            // The semaphore is never closed; a timeout is the only way out.
-            _ => Err(AdmissionError::QueueTimeout {
-                running: self.max_concurrency,
-            }),
-        }
-    }
+/// A uniformly random point in `[0, 100)`, from a per-thread generator.
+pub fn random_point() -> f64 {
+    unit_interval(next_random()) * 100.0
 }
 
-struct LeaveQueue<'a>(&'a AtomicU32);
+/// Whether a request is sampled at `percent`.
+pub fn sampled(percent: f64) -> bool {
+    percent >= 100.0 || random_point() < percent
+}
 
-impl Drop for LeaveQueue<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+/// The top 53 bits as a float in `[0, 1)`.
+fn unit_interval(x: u64) -> f64 {
+    (x >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// The splitmix64 finalizer.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// splitmix64, seeded per thread from the process's random hasher keys.
+fn next_random() -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_usize(&h as *const _ as usize);
+            h.finish()
+        });
     }
+    STATE.with(|state| {
+        let next = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        state.set(next);
+        mix64(next)
+    })
 }
 
 impl Version {
@@ -300,59 +262,44 @@ impl Version {
     pub async fn admit(&self, deadline: Instant) -> Result<SemaphorePermit<'_>, AdmissionError> {
         self.admission.admit(deadline).await
     }
+
+    /// A slot only if one is free now.
+    pub fn try_admit(&self) -> Option<SemaphorePermit<'_>> {
+        self.admission.try_admit()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
-    #[tokio::test]
-    async fn admission_bounds_running_and_waiting() {
-        let admission = Admission::new(1, 1);
-        let far = Instant::now() + Duration::from_secs(10);
-        let first = admission.admit(far).await.unwrap();
-        // The second waits in the queue; the third finds the queue full.
-        let second = admission.admit(far);
-        tokio::pin!(second);
-        assert!(futures_poll_once(second.as_mut()).await.is_none());
-        let third = admission.admit(far).await;
+    #[test]
+    fn sticky_points_are_stable_and_spread() {
+        // Fixed values: a change here moves users between versions.
         assert_eq!(
-            third.unwrap_err(),
-            AdmissionError::QueueFull {
-                running: 1,
-                queued: 1
-            }
+            sticky_point("time-to-merge", b"user-1"),
+            sticky_point("time-to-merge", b"user-1")
         );
-        drop(first);
-        assert!(second.await.is_ok());
-        assert_eq!(admission.waiting.load(Ordering::Acquire), 0);
+        let golden = sticky_point("time-to-merge", b"user-1");
+        assert!((0.0..100.0).contains(&golden));
+        assert_ne!(
+            sticky_point("time-to-merge", b"user-1"),
+            sticky_point("other-model", b"user-1")
+        );
+        let below_10 = (0..100_000)
+            .filter(|i| sticky_point("m", format!("key-{i}").as_bytes()) < 10.0)
+            .count();
+        assert!(
+            (9_500..10_500).contains(&below_10),
+            "{below_10} of 100000 below 10"
+        );
     }
 
-    #[tokio::test]
-    async fn admission_waits_no_longer_than_the_deadline() {
-        let admission = Admission::new(1, 4);
-        let _held = admission
-            .admit(Instant::now() + Duration::from_secs(10))
-            .await
-            .unwrap();
-        let soon = Instant::now() + Duration::from_millis(20);
-        let waited = admission.admit(soon).await;
-        assert_eq!(
-            waited.unwrap_err(),
-            AdmissionError::QueueTimeout { running: 1 }
-        );
-        assert!(Instant::now() >= soon);
-        assert_eq!(admission.waiting.load(Ordering::Acquire), 0);
-    }
-
-    /// Polls a future once; `Some` if it completed.
-    async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
-        let mut f = f;
-        std::future::poll_fn(|cx| match std::pin::Pin::new(&mut f).poll(cx) {
-            std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
-            std::task::Poll::Pending => std::task::Poll::Ready(None),
-        })
-        .await
+    #[test]
+    fn random_points_are_uniform() {
+        let below_25 = (0..100_000).filter(|_| random_point() < 25.0).count();
+        assert!((24_000..26_000).contains(&below_25), "{below_25}");
+        assert!(sampled(100.0));
+        assert!(!(0..1000).any(|_| sampled(0.0)));
     }
 }

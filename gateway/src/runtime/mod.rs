@@ -101,13 +101,23 @@ impl Runtime {
         &self.config
     }
 
-    /// Compiles the component at `path`, checks that it exports the plugin
-    /// world, pre-instantiates it and calls its `info()` once.
+    /// Reads and loads the component at `path` (see [`Runtime::load_plugin_bytes`]).
+    pub async fn load_plugin(&self, path: &Path) -> Result<Arc<Plugin>, LoadError> {
+        let bytes = std::fs::read(path).map_err(|e| LoadError::Read(e.to_string()))?;
+        self.load_plugin_bytes(path, bytes).await
+    }
+
+    /// Compiles a component read from `path`, checks that it exports the
+    /// plugin world, pre-instantiates it and calls its `info()` once.
     ///
     /// Compilation runs on the blocking pool: it takes tens of milliseconds
     /// per plugin and must not stall request handling during a reload.
-    pub async fn load_plugin(&self, path: &Path) -> Result<Arc<Plugin>, LoadError> {
-        let bytes = std::fs::read(path).map_err(|e| LoadError::Read(e.to_string()))?;
+    pub async fn load_plugin_bytes(
+        &self,
+        path: &Path,
+        bytes: Vec<u8>,
+    ) -> Result<Arc<Plugin>, LoadError> {
+        let content_hash = content_hash(&bytes);
         let engine = self.engine.clone();
         let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
             .await
@@ -139,6 +149,7 @@ impl Runtime {
                 outputs: Vec::new(),
             },
             startup_memory_bytes: 0,
+            content_hash,
         };
         let limits = CallLimits::starting_now(INFO_DEADLINE, self.config.max_memory_bytes);
         let (info, startup_memory_bytes) =
@@ -146,8 +157,19 @@ impl Runtime {
         check_info(&info).map_err(LoadError::BadInfo)?;
         plugin.info = info;
         plugin.startup_memory_bytes = startup_memory_bytes;
+        crate::telemetry::record_plugin_compiled();
         Ok(Arc::new(plugin))
     }
+}
+
+/// A fingerprint of a component's bytes: a reload recompiles a plugin only
+/// when it changes.
+pub fn content_hash(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // Fixed keys: the same bytes give the same hash for the process's life.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
@@ -175,6 +197,7 @@ pub struct Plugin {
     pre: ModelPre<Host>,
     info: ModelInfo,
     startup_memory_bytes: usize,
+    content_hash: u64,
 }
 
 impl Plugin {
@@ -190,6 +213,11 @@ impl Plugin {
     /// What `info()` returned at load time.
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// See [`content_hash`].
+    pub fn content_hash(&self) -> u64 {
+        self.content_hash
     }
 
     /// Linear memory the plugin had after instantiation: a version's memory

@@ -23,6 +23,8 @@ pub struct ApiError {
     /// Close the connection after the response (the request body was not
     /// read to its end).
     pub close_connection: bool,
+    /// Ask for a bearer token (`WWW-Authenticate`, with 401).
+    pub challenge: bool,
 }
 
 impl ApiError {
@@ -33,6 +35,7 @@ impl ApiError {
             retry_after: None,
             plugin_failure: None,
             close_connection: false,
+            challenge: false,
         }
     }
 
@@ -46,6 +49,11 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.challenge {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if self.close_connection {
             response

@@ -2,6 +2,7 @@
 //! limits, dispatches to the V2 endpoints (`routes`), and drains in-flight
 //! requests on shutdown. Errors become responses only in `error`.
 
+mod admin_routes;
 mod error;
 mod routes;
 
@@ -12,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -21,9 +21,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
+use crate::admin::{self, Reloader};
 use crate::policy::{LoadOptions, PolicyError};
 use crate::protocol::DecodeLimits;
-use crate::router::{self, Snapshot};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::telemetry;
 
@@ -43,6 +43,8 @@ pub struct ServerConfig {
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
     pub decode: DecodeLimits,
+    /// Bearer token for `/admin/*`; `None` disables the admin API.
+    pub admin_token: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -55,6 +57,7 @@ impl Default for ServerConfig {
             max_header_bytes: 64 << 10,
             shutdown_grace: Duration::from_secs(10),
             decode: DecodeLimits::default(),
+            admin_token: None,
         }
     }
 }
@@ -67,6 +70,9 @@ pub struct ServeOptions {
     pub plugin_dirs: Vec<PathBuf>,
     pub server: ServerConfig,
     pub runtime: RuntimeConfig,
+    /// Reload this long after the last change to a policy file; `None`
+    /// disables watching (SIGHUP and `POST /admin/reload` still work).
+    pub watch_debounce: Option<Duration>,
 }
 
 impl ServeOptions {
@@ -79,6 +85,7 @@ impl ServeOptions {
             plugin_dirs,
             server: ServerConfig::default(),
             runtime: RuntimeConfig::default(),
+            watch_debounce: Some(Duration::from_millis(500)),
         }
     }
 
@@ -114,11 +121,10 @@ fn list(errors: &[PolicyError]) -> String {
 
 /// Shared by every request.
 pub(crate) struct State {
-    pub snapshot: ArcSwap<Snapshot>,
+    /// The snapshot being served, and reloads.
+    pub reloader: Arc<Reloader>,
     pub config: ServerConfig,
     pub shutting_down: AtomicBool,
-    /// Keeps the engine (and its epoch ticker) alive as long as the server.
-    pub _runtime: Arc<Runtime>,
 }
 
 /// A gateway that is accepting connections.
@@ -126,6 +132,9 @@ pub struct RunningServer {
     local_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
+    state: Arc<State>,
+    /// Reloads on policy file changes while it lives.
+    _watcher: Option<notify::RecommendedWatcher>,
 }
 
 impl RunningServer {
@@ -151,6 +160,11 @@ impl RunningServer {
     pub fn shutdown_handle(&self) -> watch::Sender<bool> {
         self.shutdown.clone()
     }
+
+    /// The reloader, e.g. to reload on SIGHUP.
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.state.reloader.clone()
+    }
 }
 
 /// Loads the policies (compiling every plugin), binds the listener and starts
@@ -159,9 +173,15 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
     let runtime = Arc::new(
         Runtime::new(options.runtime.clone()).map_err(|e| StartError::Runtime(format!("{e:#}")))?,
     );
-    let snapshot = router::load(&options.policies, &options.load_options(), &runtime)
-        .await
-        .map_err(StartError::Policies)?;
+    let reloader = Arc::new(
+        Reloader::start(&options.policies, options.load_options(), runtime)
+            .await
+            .map_err(StartError::Policies)?,
+    );
+    let snapshot = reloader.snapshot();
+    if snapshot.models().next().is_none() {
+        tracing::warn!(folder = %options.policies.display(), "no policy files: serving no models");
+    }
     for model in snapshot.models() {
         tracing::info!(
             model = %model.name,
@@ -183,19 +203,30 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
 
     telemetry::handle();
     telemetry::record_build_info();
+    let watcher = match options.watch_debounce {
+        None => None,
+        Some(debounce) => match admin::watch(reloader.clone(), debounce) {
+            Ok(watcher) => Some(watcher),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the policy folder; reload with SIGHUP or POST /admin/reload");
+                None
+            }
+        },
+    };
     let state = Arc::new(State {
-        snapshot: ArcSwap::from_pointee(snapshot),
+        reloader,
         config: options.server.clone(),
         shutting_down: AtomicBool::new(false),
-        _runtime: runtime,
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let task = tokio::spawn(accept_loop(listener, state, shutdown_rx));
+    let task = tokio::spawn(accept_loop(listener, state.clone(), shutdown_rx));
     tracing::info!(address = %local_addr, "serving the V2 inference protocol");
     Ok(RunningServer {
         local_addr,
         shutdown,
         task,
+        state,
+        _watcher: watcher,
     })
 }
 

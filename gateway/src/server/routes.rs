@@ -10,16 +10,19 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use super::State;
 use super::error::{ApiError, BodyError, admission_error, json_response, plugin_error};
+use super::{State, admin_routes};
 use crate::protocol::{self, InferResponse, ModelMetadata, ServerMetadata, SpecJson};
-use crate::router::{Model, Version};
+use std::sync::Arc;
+
+use crate::router::{Model, Route, Version};
 use crate::runtime::CallLimits;
+use crate::shadow;
 use crate::telemetry;
 use crate::tensor::Tensor;
 use crate::validate;
 
-type HttpResponse = Response<Full<Bytes>>;
+pub(super) type HttpResponse = Response<Full<Bytes>>;
 
 /// The header naming the version that answered.
 pub const MODEL_VERSION_HEADER: &str = "x-model-version";
@@ -28,37 +31,43 @@ pub const MODEL_VERSION_HEADER: &str = "x-model-version";
 pub async fn handle(state: &State, request: Request<Incoming>) -> HttpResponse {
     let path = request.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    let method = request.method().clone();
-    let endpoint = match segments.as_slice() {
-        ["v2"] => Endpoint::Get(server_metadata()),
-        ["v2", "health", "live"] => Endpoint::Get(Ok(json_ok(br#"{"live":true}"#.to_vec()))),
-        ["v2", "health", "ready"] => Endpoint::Get(Ok(server_ready(state))),
-        ["v2", "models", model] => Endpoint::Get(model_metadata(state, model, None)),
-        ["v2", "models", model, "ready"] => Endpoint::Get(model_ready(state, model, None)),
-        ["v2", "models", model, "versions", version] => {
-            Endpoint::Get(model_metadata(state, model, Some(version)))
+    let get = request.method() == Method::GET;
+    let post = request.method() == Method::POST;
+    let result = match segments.as_slice() {
+        ["v2", "models", model, "infer"] if post => {
+            return infer(state, model, None, request).await;
         }
-        ["v2", "models", model, "versions", version, "ready"] => {
-            Endpoint::Get(model_ready(state, model, Some(version)))
+        ["v2", "models", model, "versions", version, "infer"] if post => {
+            return infer(state, model, Some(version), request).await;
         }
-        ["v2", "models", model, "infer"] => Endpoint::Infer(model, None),
-        ["v2", "models", model, "versions", version, "infer"] => {
-            Endpoint::Infer(model, Some(version))
+        ["v2"] if get => server_metadata(),
+        ["v2", "health", "live"] if get => Ok(json_ok(br#"{"live":true}"#.to_vec())),
+        ["v2", "health", "ready"] if get => Ok(server_ready(state)),
+        ["v2", "models", model] if get => model_metadata(state, model, None),
+        ["v2", "models", model, "ready"] if get => model_ready(state, model, None),
+        ["v2", "models", model, "versions", version] if get => {
+            model_metadata(state, model, Some(version))
         }
-        ["metrics"] => Endpoint::Get(Ok(metrics())),
-        _ => Endpoint::NotFound,
-    };
-    let result = match (endpoint, method) {
-        (Endpoint::Get(result), Method::GET) => result,
-        (Endpoint::Infer(model, version), Method::POST) => {
-            return infer(state, model, version, request).await;
+        ["v2", "models", model, "versions", version, "ready"] if get => {
+            model_ready(state, model, Some(version))
         }
-        (Endpoint::NotFound, _) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no endpoint at {path}"),
-        )),
-        (Endpoint::Get(_), method) => Err(method_not_allowed(&method, &path, "GET")),
-        (Endpoint::Infer(..), method) => Err(method_not_allowed(&method, &path, "POST")),
+        ["metrics"] if get => Ok(metrics()),
+        ["admin", "reload"] if post => match admin_routes::authorize(state, request.headers()) {
+            Ok(()) => admin_routes::reload(state).await,
+            Err(e) => Err(e),
+        },
+        ["admin", "policies"] if get => admin_routes::authorize(state, request.headers())
+            .and_then(|()| admin_routes::policies(state)),
+        other => Err(match allowed_method(other) {
+            Some(allowed) => ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!(
+                    "{} is not allowed on {path}; use {allowed}",
+                    request.method()
+                ),
+            ),
+            None => ApiError::new(StatusCode::NOT_FOUND, format!("no endpoint at {path}")),
+        }),
     };
     result.unwrap_or_else(|e| {
         telemetry::record_http_error(e.status.as_u16());
@@ -66,24 +75,29 @@ pub async fn handle(state: &State, request: Request<Incoming>) -> HttpResponse {
     })
 }
 
-enum Endpoint<'a> {
-    Get(Result<HttpResponse, ApiError>),
-    Infer(&'a str, Option<&'a str>),
-    NotFound,
-}
-
-fn method_not_allowed(method: &Method, path: &str, allowed: &'static str) -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!("{method} is not allowed on {path}; use {allowed}"),
-    )
+/// The method a known path takes, for 405s; `None` for unknown paths.
+fn allowed_method(segments: &[&str]) -> Option<&'static str> {
+    match segments {
+        ["v2", "models", _, "infer"]
+        | ["v2", "models", _, "versions", _, "infer"]
+        | ["admin", "reload"] => Some("POST"),
+        ["v2"]
+        | ["v2", "health", "live" | "ready"]
+        | ["v2", "models", _]
+        | ["v2", "models", _, "ready"]
+        | ["v2", "models", _, "versions", _]
+        | ["v2", "models", _, "versions", _, "ready"]
+        | ["metrics"]
+        | ["admin", "policies"] => Some("GET"),
+        _ => None,
+    }
 }
 
 fn json_ok(body: Vec<u8>) -> HttpResponse {
     json_response(StatusCode::OK, body)
 }
 
-fn to_json(value: &impl serde::Serialize) -> Result<HttpResponse, ApiError> {
+pub(super) fn to_json(value: &impl serde::Serialize) -> Result<HttpResponse, ApiError> {
     serde_json::to_vec(value).map(json_ok).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -116,7 +130,7 @@ fn model_metadata(
     model: &str,
     version: Option<&str>,
 ) -> Result<HttpResponse, ApiError> {
-    let snapshot = state.snapshot.load();
+    let snapshot = state.reloader.snapshot();
     let model: &Model = snapshot.model(model)?;
     let (versions, serving): (Vec<&str>, &Version) = match version {
         Some(v) => {
@@ -143,7 +157,7 @@ fn model_ready(
     model: &str,
     version: Option<&str>,
 ) -> Result<HttpResponse, ApiError> {
-    let snapshot = state.snapshot.load();
+    let snapshot = state.reloader.snapshot();
     let model = snapshot.model(model)?;
     if let Some(v) = version {
         model.version(v)?;
@@ -176,8 +190,8 @@ async fn infer(
     request: Request<Incoming>,
 ) -> HttpResponse {
     let start = Instant::now();
-    let snapshot = state.snapshot.load_full();
-    let (version, route) = match snapshot.route(model, pinned) {
+    let snapshot = state.reloader.snapshot();
+    let (model, version, route) = match snapshot.route(model, pinned, request.headers()) {
         Ok(found) => found,
         Err(e) => {
             let error = ApiError::from(e);
@@ -196,6 +210,17 @@ async fn infer(
         Ok(_) => StatusCode::OK,
         Err(e) => e.status,
     };
+    let result = result.map(|answered| {
+        if route != Route::Pinned {
+            shadow::dispatch(
+                model,
+                version,
+                Arc::new(answered.inputs),
+                Arc::new(answered.outputs),
+            );
+        }
+        answered.response
+    });
     if let Err(ApiError {
         plugin_failure: Some(kind),
         ..
@@ -231,12 +256,19 @@ async fn infer(
     response
 }
 
+/// A successful answer, and what shadows need to be compared with it.
+struct Answered {
+    response: HttpResponse,
+    inputs: Vec<Tensor>,
+    outputs: Vec<Tensor>,
+}
+
 async fn infer_version(
     state: &State,
     version: &Version,
     request: Request<Incoming>,
     start: Instant,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<Answered, ApiError> {
     let body = read_body(
         request,
         state.config.max_body_bytes,
@@ -245,7 +277,12 @@ async fn infer_version(
     .await?;
     let request = protocol::decode_infer_request(&body, state.config.decode)?;
     drop(body);
-    validate::check_request(&request, version.plugin.info())?;
+    if let Err(e) = validate::check_request(&request, version.plugin.info()) {
+        for v in &e.violations {
+            telemetry::record_validation_failure(&version.model, &version.name, &v.input, v.rule);
+        }
+        return Err(e.into());
+    }
 
     let deadline = start + version.limits.timeout;
     let _slot = version
@@ -261,6 +298,13 @@ async fn infer_version(
     let outputs = version.plugin.infer(&request.inputs, limits).await;
     telemetry::record_plugin_call(&version.model, &version.name, called.elapsed());
     let outputs = outputs.map_err(|e| plugin_error(version, e))?;
+    if let Some(labels) = version
+        .label_output
+        .as_ref()
+        .and_then(|name| outputs.iter().find(|t| &t.name == name))
+    {
+        telemetry::record_predictions(&version.model, &version.name, &version.labels, labels);
+    }
 
     let selected = select_outputs(&outputs, request.outputs.as_deref(), version)?;
     let body = serde_json::to_vec(&InferResponse {
@@ -278,7 +322,12 @@ async fn infer_version(
             ),
         )
     })?;
-    Ok(json_ok(body))
+    drop(selected);
+    Ok(Answered {
+        response: json_ok(body),
+        inputs: request.inputs,
+        outputs,
+    })
 }
 
 /// The outputs the client asked for, in its order (all when it named none).

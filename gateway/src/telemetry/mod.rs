@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::tensor::Tensor;
+
 /// Label value for requests that never reached a known model.
 pub const UNKNOWN: &str = "_unknown";
 
@@ -78,6 +80,34 @@ fn describe() {
         "gateway_build_info",
         "Always 1; labels carry the gateway version"
     );
+    metrics::describe_counter!(
+        "gateway_shadow_comparisons_total",
+        "Shadow calls by model, challenger version and result (agree, disagree, error, dropped)"
+    );
+    metrics::describe_counter!(
+        "gateway_predictions_total",
+        "Predicted labels by model, version and label (at most 32 labels per version; more count as _other)"
+    );
+    metrics::describe_counter!(
+        "gateway_validation_failures_total",
+        "Request inputs refused before any plugin ran, by model, version, input and rule"
+    );
+    metrics::describe_counter!(
+        "gateway_policy_reloads_total",
+        "Policy reloads by outcome (success, error) and trigger (file, signal, admin)"
+    );
+    metrics::describe_gauge!(
+        "gateway_policy_generation",
+        "Generation of the policies being served: 1 at start, +1 per applied reload"
+    );
+    metrics::describe_gauge!(
+        "gateway_canary_percent",
+        "Percent of a model's unpinned traffic routed to its canary version"
+    );
+    metrics::describe_counter!(
+        "gateway_plugin_compilations_total",
+        "Plugin components compiled (at start, and by reloads for changed files only)"
+    );
 }
 
 /// Sets the build-info gauge.
@@ -109,6 +139,115 @@ pub fn record_request(
     )
     .increment(1);
     metrics::histogram!("gateway_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+}
+
+/// One shadow call's outcome: `agree`, `disagree`, `error` or `dropped`.
+pub fn record_shadow(model: &str, challenger: &str, result: &'static str) {
+    metrics::counter!(
+        "gateway_shadow_comparisons_total",
+        "model" => model.to_string(),
+        "version" => challenger.to_string(),
+        "result" => result
+    )
+    .increment(1);
+}
+
+/// The labels a version predicted: one count per element of its label
+/// output, aggregated per distinct label before touching the registry.
+pub fn record_predictions(model: &str, version: &str, seen: &LabelSet, labels: &Tensor) {
+    let mut counts: Vec<(&[u8], u64)> = Vec::new();
+    for element in crate::tensor::bytes_elements(&labels.data).map_while(Result::ok) {
+        match counts.iter_mut().find(|(l, _)| *l == element) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((element, 1)),
+        }
+    }
+    for (label, n) in counts {
+        let label = String::from_utf8_lossy(label);
+        let label = if seen.admit(&label) {
+            label.into_owned()
+        } else {
+            OTHER.to_string()
+        };
+        metrics::counter!(
+            "gateway_predictions_total",
+            "model" => model.to_string(),
+            "version" => version.to_string(),
+            "label" => label
+        )
+        .increment(n);
+    }
+}
+
+/// One broken rule of a request's inputs.
+pub fn record_validation_failure(model: &str, version: &str, input: &str, rule: &'static str) {
+    metrics::counter!(
+        "gateway_validation_failures_total",
+        "model" => model.to_string(),
+        "version" => version.to_string(),
+        "input" => input.to_string(),
+        "rule" => rule
+    )
+    .increment(1);
+}
+
+/// A reload attempt.
+pub fn record_reload(outcome: &'static str, trigger: &'static str) {
+    metrics::counter!("gateway_policy_reloads_total", "outcome" => outcome, "trigger" => trigger)
+        .increment(1);
+}
+
+/// The snapshot now serving.
+pub fn record_generation(generation: u64) {
+    metrics::gauge!("gateway_policy_generation").set(generation as f64);
+}
+
+/// A model's canary share (0 when it has none).
+pub fn record_canary_percent(model: &str, version: &str, percent: f64) {
+    metrics::gauge!(
+        "gateway_canary_percent",
+        "model" => model.to_string(),
+        "version" => version.to_string()
+    )
+    .set(percent);
+}
+
+/// A plugin compiled.
+pub fn record_plugin_compiled() {
+    metrics::counter!("gateway_plugin_compilations_total").increment(1);
+}
+
+/// The label value standing for labels past [`MAX_LABELS`].
+pub const OTHER: &str = "_other";
+
+/// Distinct label values one version may add to the metrics.
+pub const MAX_LABELS: usize = 32;
+
+/// The first [`MAX_LABELS`] distinct values seen; lock-free to read.
+#[derive(Default)]
+pub struct LabelSet {
+    seen: arc_swap::ArcSwap<Vec<Box<str>>>,
+}
+
+impl LabelSet {
+    /// Whether `value` may be used as a label (already seen, or room left).
+    pub fn admit(&self, value: &str) -> bool {
+        let seen = self.seen.load();
+        if seen.iter().any(|s| &**s == value) {
+            return true;
+        }
+        if seen.len() >= MAX_LABELS {
+            return false;
+        }
+        self.seen.rcu(|old| {
+            let mut next = Vec::clone(old);
+            if next.len() < MAX_LABELS && !next.iter().any(|s| &**s == value) {
+                next.push(value.into());
+            }
+            next
+        });
+        self.seen.load().iter().any(|s| &**s == value)
+    }
 }
 
 /// One plugin call's time, successful or not.
@@ -198,6 +337,16 @@ fn status_label(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_set_is_bounded() {
+        let set = LabelSet::default();
+        for i in 0..MAX_LABELS {
+            assert!(set.admit(&format!("l{i}")));
+        }
+        assert!(set.admit("l0"));
+        assert!(!set.admit("one-too-many"));
+    }
 
     #[test]
     fn log_limiter_lets_one_line_through_per_interval() {

@@ -1,0 +1,342 @@
+//! Live policy changes: owns the snapshot being served and replaces it.
+//!
+//! A reload reads, checks and loads the whole policy folder first (reusing
+//! unchanged plugins and versions), then swaps the snapshot atomically:
+//! requests in flight finish on the old one, new requests see the new one,
+//! and no request fails because of the reload. A folder with any problem is
+//! refused as a whole; the last good snapshot keeps serving. Reloads come
+//! from the file watcher ([`watch`]), SIGHUP and `POST /admin/reload`, and
+//! run one at a time.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::Watcher as _;
+use serde::Serialize;
+
+use crate::policy::{LoadOptions, PolicyError};
+use crate::router::{self, Model, Snapshot};
+use crate::runtime::Runtime;
+use crate::telemetry;
+
+/// The policies being served, and how to load them again.
+pub struct Reloader {
+    current: ArcSwap<Snapshot>,
+    dir: PathBuf,
+    options: LoadOptions,
+    runtime: Arc<Runtime>,
+    /// One reload at a time: two concurrent ones could swap in the older.
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// What a successful reload changed.
+#[derive(Debug, Serialize)]
+pub struct ReloadReport {
+    pub generation: u64,
+    /// Human-readable changes, one per line; empty when nothing changed.
+    pub changes: Vec<String>,
+    /// Plugin files compiled by this reload.
+    pub compiled: Vec<String>,
+    /// Plugin files reused unchanged.
+    pub reused: Vec<String>,
+}
+
+impl Reloader {
+    /// Loads the folder for the first time (generation 1).
+    pub async fn start(
+        dir: &Path,
+        options: LoadOptions,
+        runtime: Arc<Runtime>,
+    ) -> Result<Self, Vec<PolicyError>> {
+        let (snapshot, _) = router::load(dir, &options, &runtime, None).await?;
+        publish(None, &snapshot);
+        Ok(Reloader {
+            current: ArcSwap::from_pointee(snapshot),
+            dir: dir.to_path_buf(),
+            options,
+            runtime,
+            lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The snapshot to serve a request from; keep it for the whole request.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// The policy folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Loads the folder again and, if it is valid and differs, serves it.
+    /// `trigger` (`file`, `signal`, `admin`) labels the metric and the log.
+    pub async fn reload(&self, trigger: &'static str) -> Result<ReloadReport, Vec<PolicyError>> {
+        let _one_at_a_time = self.lock.lock().await;
+        let previous = self.current.load_full();
+        match router::load(&self.dir, &self.options, &self.runtime, Some(&previous)).await {
+            Err(errors) => {
+                telemetry::record_reload("error", trigger);
+                tracing::error!(
+                    trigger,
+                    problems = errors.len(),
+                    "policy reload refused; still serving generation {}:\n{}",
+                    previous.generation,
+                    errors
+                        .iter()
+                        .map(|e| format!("  {e}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+                Err(errors)
+            }
+            Ok((next, built)) => {
+                let changes = diff(&previous, &next);
+                let paths = |p: Vec<PathBuf>| p.iter().map(|p| p.display().to_string()).collect();
+                let generation = if changes.is_empty() {
+                    previous.generation
+                } else {
+                    publish(Some(&previous), &next);
+                    let generation = next.generation;
+                    self.current.store(Arc::new(next));
+                    generation
+                };
+                telemetry::record_reload("success", trigger);
+                tracing::info!(trigger, generation, changes = ?changes, "policies reloaded");
+                Ok(ReloadReport {
+                    generation,
+                    changes,
+                    compiled: paths(built.compiled),
+                    reused: paths(built.reused),
+                })
+            }
+        }
+    }
+
+    /// The effective routing of every model.
+    pub fn view(&self) -> PoliciesView {
+        let snapshot = self.snapshot();
+        PoliciesView {
+            generation: snapshot.generation,
+            models: snapshot.models().map(|m| ModelView::of(m)).collect(),
+        }
+    }
+}
+
+/// Sets the metrics that describe the snapshot being served; zeroes the
+/// canary gauges of the previous snapshot that no longer apply.
+fn publish(previous: Option<&Snapshot>, next: &Snapshot) {
+    telemetry::record_generation(next.generation);
+    let canaries = |s: &Snapshot| -> BTreeSet<(String, String)> {
+        s.models()
+            .filter_map(|m| {
+                m.canary
+                    .as_ref()
+                    .map(|c| (m.name.clone(), c.version.name.clone()))
+            })
+            .collect()
+    };
+    let now = canaries(next);
+    for (model, version) in previous.map(canaries).unwrap_or_default() {
+        if !now.contains(&(model.clone(), version.clone())) {
+            telemetry::record_canary_percent(&model, &version, 0.0);
+        }
+    }
+    for model in next.models() {
+        if let Some(c) = &model.canary {
+            telemetry::record_canary_percent(&model.name, &c.version.name, c.percent);
+        }
+    }
+}
+
+/// What differs between two snapshots, for operators.
+fn diff(old: &Snapshot, new: &Snapshot) -> Vec<String> {
+    let mut changes = Vec::new();
+    for m in new.models() {
+        let Ok(o) = old.model(&m.name) else {
+            changes.push(format!(
+                "model `{}` added (champion {})",
+                m.name, m.champion.name
+            ));
+            continue;
+        };
+        let before = describe(o);
+        let after = describe(m);
+        for (what, b) in &before {
+            match after.iter().find(|(w, _)| w == what) {
+                Some((_, a)) if a != b => {
+                    changes.push(format!("model `{}`: {what}: {b} -> {a}", m.name))
+                }
+                None => changes.push(format!("model `{}`: {what} removed (was {b})", m.name)),
+                _ => {}
+            }
+        }
+        for (what, a) in &after {
+            if !before.iter().any(|(w, _)| w == what) {
+                changes.push(format!("model `{}`: {what} added ({a})", m.name));
+            }
+        }
+    }
+    for o in old.models() {
+        if new.model(&o.name).is_err() {
+            changes.push(format!("model `{}` removed", o.name));
+        }
+    }
+    changes
+}
+
+/// A model's routing as (aspect, value) pairs that [`diff`] compares.
+fn describe(m: &Model) -> Vec<(String, String)> {
+    let mut aspects = vec![("champion".to_string(), m.champion.name.clone())];
+    if let Some(c) = &m.canary {
+        aspects.push((
+            "canary".into(),
+            format!(
+                "{} at {}% (sticky header {})",
+                c.version.name, c.percent, c.sticky_header
+            ),
+        ));
+    }
+    if let Some(s) = &m.policy.shadow {
+        aspects.push((
+            "shadow".into(),
+            format!(
+                "{} at {}% sampling, {} slots, tolerance {}, compared output {}",
+                s.versions.join(", "),
+                s.sample_percent,
+                s.max_concurrency,
+                s.tolerance,
+                s.compare_output.as_deref().unwrap_or("(default)")
+            ),
+        ));
+    }
+    for v in m.versions.values() {
+        aspects.push((
+            format!("version `{}`", v.name),
+            format!(
+                "plugin {} ({:016x}), timeout {} ms, memory {} MiB, concurrency {}+{}",
+                v.plugin.name(),
+                v.plugin.content_hash(),
+                v.limits.timeout.as_millis(),
+                v.limits.memory_bytes >> 20,
+                v.limits.max_concurrency,
+                v.limits.max_queue
+            ),
+        ));
+    }
+    aspects
+}
+
+/// `GET /admin/policies`.
+#[derive(Serialize)]
+pub struct PoliciesView {
+    pub generation: u64,
+    pub models: Vec<ModelView>,
+}
+
+#[derive(Serialize)]
+pub struct ModelView {
+    pub model: String,
+    pub file: String,
+    pub champion: String,
+    pub canary: Option<CanaryView>,
+    pub shadow: Option<ShadowView>,
+    pub versions: Vec<VersionView>,
+}
+
+#[derive(Serialize)]
+pub struct CanaryView {
+    pub version: String,
+    pub percent: f64,
+    pub sticky_header: String,
+}
+
+#[derive(Serialize)]
+pub struct ShadowView {
+    pub versions: Vec<String>,
+    pub sample_percent: f64,
+    pub max_concurrency: u32,
+    pub tolerance: f64,
+    pub compare_output: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct VersionView {
+    pub name: String,
+    pub plugin: String,
+    pub plugin_file: String,
+    pub timeout_ms: u128,
+    pub memory_mebibytes: usize,
+    pub max_concurrency: u32,
+    pub max_queue: u32,
+}
+
+impl ModelView {
+    fn of(m: &Model) -> Self {
+        ModelView {
+            model: m.name.clone(),
+            file: m.policy.file.display().to_string(),
+            champion: m.champion.name.clone(),
+            canary: m.canary.as_ref().map(|c| CanaryView {
+                version: c.version.name.clone(),
+                percent: c.percent,
+                sticky_header: c.sticky_header.to_string(),
+            }),
+            shadow: m.policy.shadow.as_ref().map(|s| ShadowView {
+                versions: s.versions.clone(),
+                sample_percent: s.sample_percent,
+                max_concurrency: s.max_concurrency,
+                tolerance: s.tolerance,
+                compare_output: s.compare_output.clone(),
+            }),
+            versions: m
+                .versions
+                .values()
+                .map(|v| VersionView {
+                    name: v.name.clone(),
+                    plugin: v.plugin.name().to_string(),
+                    plugin_file: v.plugin.path().display().to_string(),
+                    timeout_ms: v.limits.timeout.as_millis(),
+                    memory_mebibytes: v.limits.memory_bytes >> 20,
+                    max_concurrency: v.limits.max_concurrency,
+                    max_queue: v.limits.max_queue,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Watches the policy folder and reloads `debounce` after the last change
+/// to a `*.toml` file (editors write a file in several steps). Reloading
+/// stops when the returned watcher is dropped.
+pub fn watch(
+    reloader: Arc<Reloader>,
+    debounce: Duration,
+) -> notify::Result<notify::RecommendedWatcher> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let relevant = event.is_ok_and(|e| {
+            !e.kind.is_access()
+                && e.paths
+                    .iter()
+                    .any(|p| p.extension().is_some_and(|x| x == "toml"))
+        });
+        if relevant {
+            // Full means a reload is already pending: nothing is lost.
+            let _ = tx.try_send(());
+        }
+    })?;
+    watcher.watch(reloader.dir(), notify::RecursiveMode::NonRecursive)?;
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            tokio::time::sleep(debounce).await;
+            while rx.try_recv().is_ok() {}
+            // Errors are logged and counted by `reload`.
+            let _ = reloader.reload("file").await;
+        }
+    });
+    Ok(watcher)
+}

@@ -1,0 +1,297 @@
+//! Champion/challenger shadowing: after a request has been answered, each
+//! challenger of the model gets the same validated inputs on a task of its
+//! own, and its outputs are compared with the answer the client got.
+//!
+//! Shadow work never touches the response: it starts after the response is
+//! built, is never awaited, and is bounded per model (a semaphore) and per
+//! challenger (its own concurrency limit, without queueing). A shadow call
+//! that finds no free slot is dropped and counted.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::router::{self, Model, Route, Version};
+use crate::runtime::CallLimits;
+use crate::telemetry;
+use crate::tensor::{Datatype, Tensor};
+use crate::validate;
+
+/// Copies an answered request to the model's challengers, if it has any
+/// and the request is sampled. `answered` is the version the client got.
+pub fn dispatch(
+    model: &Arc<Model>,
+    answered: &Arc<Version>,
+    inputs: Arc<Vec<Tensor>>,
+    outputs: Arc<Vec<Tensor>>,
+) {
+    let Some(shadow) = &model.shadow else { return };
+    if !router::sampled(shadow.sample_percent) {
+        return;
+    }
+    for challenger in &shadow.versions {
+        if Arc::ptr_eq(challenger, answered) {
+            continue;
+        }
+        let Ok(permit) = shadow.slots.clone().try_acquire_owned() else {
+            telemetry::record_shadow(&model.name, &challenger.name, "dropped");
+            continue;
+        };
+        let job = Job {
+            model: model.clone(),
+            challenger: challenger.clone(),
+            inputs: inputs.clone(),
+            outputs: outputs.clone(),
+        };
+        tokio::spawn(async move {
+            job.run().await;
+            drop(permit);
+        });
+    }
+}
+
+struct Job {
+    model: Arc<Model>,
+    challenger: Arc<Version>,
+    inputs: Arc<Vec<Tensor>>,
+    outputs: Arc<Vec<Tensor>>,
+}
+
+impl Job {
+    async fn run(self) {
+        let model = &self.model.name;
+        let challenger = &self.challenger;
+        let start = Instant::now();
+        if let Err(e) = validate::check_inputs(&self.inputs, challenger.plugin.info()) {
+            telemetry::record_shadow(model, &challenger.name, "error");
+            telemetry::record_request(
+                model,
+                &challenger.name,
+                Route::Shadow.as_str(),
+                400,
+                start.elapsed(),
+            );
+            log(
+                challenger,
+                &format!("the challenger does not accept the inputs: {e}"),
+            );
+            return;
+        }
+        let Some(_slot) = challenger.try_admit() else {
+            telemetry::record_shadow(model, &challenger.name, "dropped");
+            return;
+        };
+        let limits =
+            CallLimits::starting_now(challenger.limits.timeout, challenger.limits.memory_bytes);
+        let result = challenger.plugin.infer(&self.inputs, limits).await;
+        let elapsed = start.elapsed();
+        telemetry::record_plugin_call(model, &challenger.name, elapsed);
+        let shadow = self.model.shadow.as_ref();
+        match result {
+            Ok(outputs) => {
+                telemetry::record_request(
+                    model,
+                    &challenger.name,
+                    Route::Shadow.as_str(),
+                    200,
+                    elapsed,
+                );
+                if let Some(labels) = challenger
+                    .label_output
+                    .as_ref()
+                    .and_then(|l| outputs.iter().find(|t| &t.name == l))
+                {
+                    telemetry::record_predictions(
+                        model,
+                        &challenger.name,
+                        &challenger.labels,
+                        labels,
+                    );
+                }
+                let (compare_output, tolerance) =
+                    shadow.map_or((None, 0.0), |s| (s.compare_output.as_deref(), s.tolerance));
+                let result = match compare(&self.outputs, &outputs, compare_output, tolerance) {
+                    Ok(true) => "agree",
+                    Ok(false) => "disagree",
+                    Err(e) => {
+                        log(challenger, &e);
+                        "error"
+                    }
+                };
+                telemetry::record_shadow(model, &challenger.name, result);
+            }
+            Err(e) => {
+                telemetry::record_request(
+                    model,
+                    &challenger.name,
+                    Route::Shadow.as_str(),
+                    500,
+                    elapsed,
+                );
+                telemetry::record_shadow(model, &challenger.name, "error");
+                log(
+                    challenger,
+                    &format!("plugin `{}` {e}", challenger.plugin.name()),
+                );
+            }
+        }
+    }
+}
+
+fn log(challenger: &Version, message: &str) {
+    if let Some(suppressed) = challenger.error_log.check() {
+        tracing::warn!(
+            model = %challenger.model,
+            version = %challenger.name,
+            suppressed,
+            "shadow call failed: {message}"
+        );
+    }
+}
+
+/// Whether the challenger's outputs agree with the answer: the output named
+/// `output`, else the first BYTES output of the answer (a label, compared
+/// exactly), else every output of the answer (numbers within `tolerance`).
+/// `Err` when the challenger did not produce what is compared.
+pub fn compare(
+    answer: &[Tensor],
+    challenger: &[Tensor],
+    output: Option<&str>,
+    tolerance: f64,
+) -> Result<bool, String> {
+    let names: Vec<&str> = match output {
+        Some(name) => vec![name],
+        None => match answer.iter().find(|t| t.datatype == Datatype::Bytes) {
+            Some(label) => vec![label.name.as_str()],
+            None => answer.iter().map(|t| t.name.as_str()).collect(),
+        },
+    };
+    for name in names {
+        let Some(a) = answer.iter().find(|t| t.name == name) else {
+            return Err(format!("the answer has no output `{name}` to compare"));
+        };
+        let Some(c) = challenger.iter().find(|t| t.name == name) else {
+            return Err(format!("the challenger returned no output `{name}`"));
+        };
+        if a.shape != c.shape {
+            return Ok(false);
+        }
+        let same = match (a.datatype, c.datatype) {
+            (Datatype::Bytes, Datatype::Bytes) => a.data == c.data,
+            (Datatype::Bytes, _) | (_, Datatype::Bytes) => false,
+            _ => {
+                let (x, y) = (numbers(a), numbers(c));
+                x.len() == y.len()
+                    && x.iter()
+                        .zip(&y)
+                        .all(|(p, q)| (p - q).abs() <= tolerance || (p.is_nan() && q.is_nan()))
+            }
+        };
+        if !same {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// A numeric tensor's elements as `f64` (layout checked by the runtime).
+fn numbers(t: &Tensor) -> Vec<f64> {
+    macro_rules! read {
+        ($ty:ty) => {
+            t.data
+                .chunks_exact(size_of::<$ty>())
+                .map(|c| {
+                    let mut b = [0u8; size_of::<$ty>()];
+                    b.copy_from_slice(c);
+                    <$ty>::from_le_bytes(b) as f64
+                })
+                .collect()
+        };
+    }
+    match t.datatype {
+        Datatype::Bool | Datatype::Uint8 => t.data.iter().map(|b| f64::from(*b)).collect(),
+        Datatype::Int8 => read!(i8),
+        Datatype::Int16 => read!(i16),
+        Datatype::Int32 => read!(i32),
+        Datatype::Int64 => read!(i64),
+        Datatype::Uint16 => read!(u16),
+        Datatype::Uint32 => read!(u32),
+        Datatype::Uint64 => read!(u64),
+        Datatype::Fp32 => read!(f32),
+        Datatype::Fp64 => read!(f64),
+        Datatype::Bytes => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fp32(name: &str, values: &[f32]) -> Tensor {
+        Tensor {
+            name: name.into(),
+            datatype: Datatype::Fp32,
+            shape: vec![values.len() as i64],
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    fn label(values: &[&str]) -> Tensor {
+        let mut data = Vec::new();
+        for v in values {
+            data.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            data.extend_from_slice(v.as_bytes());
+        }
+        Tensor {
+            name: "label".into(),
+            datatype: Datatype::Bytes,
+            shape: vec![values.len() as i64],
+            data,
+        }
+    }
+
+    #[test]
+    fn labels_are_compared_exactly_and_first() {
+        let answer = [label(&["a", "b"]), fp32("p", &[0.1, 0.9])];
+        assert_eq!(
+            compare(
+                &answer,
+                &[label(&["a", "b"]), fp32("p", &[0.5, 0.5])],
+                None,
+                0.0
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            compare(
+                &answer,
+                &[label(&["a", "c"]), fp32("p", &[0.1, 0.9])],
+                None,
+                0.0
+            ),
+            Ok(false)
+        );
+        assert!(compare(&answer, &[fp32("p", &[0.1, 0.9])], None, 0.0).is_err());
+    }
+
+    #[test]
+    fn numbers_are_compared_within_the_tolerance() {
+        let answer = [fp32("p", &[0.1, 0.9])];
+        assert_eq!(
+            compare(&answer, &[fp32("p", &[0.1001, 0.8999])], None, 1e-3),
+            Ok(true)
+        );
+        assert_eq!(
+            compare(&answer, &[fp32("p", &[0.2, 0.8])], None, 1e-3),
+            Ok(false)
+        );
+        assert_eq!(
+            compare(&answer, &[fp32("p", &[0.1, 0.9, 0.0])], None, 1e-3),
+            Ok(false)
+        );
+        let both = [label(&["a"]), fp32("p", &[0.1])];
+        assert_eq!(
+            compare(&both, &[label(&["b"]), fp32("p", &[0.1])], Some("p"), 0.0),
+            Ok(true)
+        );
+    }
+}

@@ -1,0 +1,362 @@
+//! Live reload: by `POST /admin/reload`, by the file watcher and by SIGHUP
+//! to the real binary. A reload under load loses no request, a broken
+//! folder is refused while the old routing keeps serving, unchanged plugins
+//! are not recompiled, and the admin API needs its token.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{ADMIN_TOKEN, TestGateway, fp32_request, send};
+
+fn policy(champion: &str, canary: Option<(&str, f64)>) -> String {
+    let mut text = format!(
+        "model = \"live\"\nchampion = \"{champion}\"\n\
+         [versions.v1]\nplugin = \"ttm-rules-v1\"\n\
+         [versions.v2]\nplugin = \"ttm-rules-v2\"\n\
+         [versions.v3]\nplugin = \"ttm-rules-v3\"\n"
+    );
+    if let Some((version, percent)) = canary {
+        text += &format!("[canary]\nversion = \"{version}\"\npercent = {percent}\n");
+    }
+    text
+}
+
+fn request() -> Value {
+    fp32_request("pr_features", &[1, 6], &[1.0, 10.0, 5.0, 1.0, 0.0, 1.0])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_load_loses_no_request() {
+    let gw = TestGateway::start(&[("live.toml", &policy("v1", None))]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for _ in 0..3 {
+        let mut client = gw.client().await;
+        let (stop, answered) = (stop.clone(), answered.clone());
+        load.push(tokio::spawn(async move {
+            let mut versions = std::collections::BTreeSet::new();
+            while !stop.load(Ordering::Relaxed) {
+                let reply = client.post("/v2/models/live/infer", &request(), &[]).await;
+                assert_eq!(
+                    reply.status,
+                    200,
+                    "a request failed during reloads: {}",
+                    reply.text()
+                );
+                versions.insert(
+                    reply
+                        .header("x-model-version")
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+                answered.fetch_add(1, Ordering::Relaxed);
+            }
+            versions
+        }));
+    }
+    let steps = [
+        policy("v1", Some(("v2", 50.0))),
+        policy("v2", None),
+        policy("v3", Some(("v1", 100.0))),
+        policy("v1", Some(("v3", 10.0))),
+        policy("v2", Some(("v1", 0.0))),
+    ];
+    for (i, text) in steps.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gw.write_policy("live.toml", text);
+        let reply = gw.reload().await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json()["generation"], json!(i + 2));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut versions = std::collections::BTreeSet::new();
+    for task in load {
+        versions.extend(task.await.expect("load task"));
+    }
+    assert!(
+        answered.load(Ordering::Relaxed) > 100,
+        "too little load to mean anything"
+    );
+    assert_eq!(
+        versions.into_iter().collect::<Vec<_>>(),
+        vec!["v1", "v2", "v3"]
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.value(
+            "gateway_policy_reloads_total",
+            &[("outcome", "success"), ("trigger", "admin")]
+        ),
+        5.0
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_folder_is_refused_and_the_old_routing_keeps_serving() {
+    let gw = TestGateway::start(&[("live.toml", &policy("v1", Some(("v2", 100.0))))]).await;
+    let before = gw.metrics().await;
+    for broken in [
+        policy("v1", Some(("v2", 100.0)))
+            .replace("plugin = \"ttm-rules-v3\"", "plugn = \"ttm-rules-v3\""),
+        policy("v1", Some(("v2", 150.0))),
+        policy("v9", None),
+        policy("v1", None).replace("ttm-rules-v3", "no-such-plugin"),
+        "model = \"live\"\nchampion = [".to_string(),
+    ] {
+        gw.write_policy("live.toml", &broken);
+        let reply = gw.reload().await;
+        assert_eq!(reply.status, 422, "{}", reply.text());
+        let body = reply.json();
+        let error = body["error"].as_str().unwrap();
+        assert!(
+            error.starts_with("reload refused, 1 problem(s); still serving generation 1: "),
+            "{error}"
+        );
+        let problem = body["problems"][0].as_str().unwrap();
+        assert!(
+            problem.contains("live.toml:"),
+            "the problem does not name the file and line: {problem}"
+        );
+        // Still the old routing: everything to the canary v2.
+        let answer = gw.infer("live", &request()).await;
+        assert_eq!(
+            (answer.status, answer.header("x-model-version")),
+            (200, Some("v2"))
+        );
+    }
+    assert_eq!(gw.policies_view().await["generation"], 1);
+    // Another file in the folder breaking the folder is refused too.
+    gw.write_policy("live.toml", &policy("v1", None));
+    gw.write_policy("other.toml", &policy("v1", None));
+    let reply = gw.reload().await;
+    assert_eq!(reply.status, 422);
+    assert!(
+        reply.json()["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("model `live` is already defined by")
+    );
+    let m = gw.metrics().await;
+    let errors = |m: &crate::support::Metrics| {
+        m.value(
+            "gateway_policy_reloads_total",
+            &[("outcome", "error"), ("trigger", "admin")],
+        )
+    };
+    assert_eq!(errors(&m) - errors(&before), 6.0);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_plugins_are_not_recompiled() {
+    let gw = TestGateway::start(&[("live.toml", &policy("v1", None))]).await;
+    gw.write_policy("live.toml", &policy("v1", Some(("v2", 5.0))));
+    let reply = gw.reload().await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let report = reply.json();
+    assert_eq!(report["generation"], 2);
+    assert_eq!(report["compiled"], json!([]));
+    assert_eq!(report["reused"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        report["changes"],
+        json!(["model `live`: canary added (v2 at 5% (sticky header x-routing-key))"])
+    );
+
+    // Nothing changed: nothing swapped.
+    let same = gw.reload().await.json();
+    assert_eq!(
+        (same["generation"].clone(), same["changes"].clone()),
+        (json!(2), json!([]))
+    );
+
+    // A plugin given by path whose file changes is recompiled.
+    let copy = gw.policy_dir().join("copy.wasm");
+    let built = std::path::Path::new(gateway::artifacts::BUILT_PLUGIN_DIR);
+    std::fs::copy(built.join("ttm-rules-v1.wasm"), &copy).unwrap();
+    gw.write_policy(
+        "live.toml",
+        &policy("v1", None).replace("\"ttm-rules-v3\"", "\"copy.wasm\""),
+    );
+    let reply = gw.reload().await.json();
+    assert_eq!(reply["compiled"].as_array().unwrap().len(), 1, "{reply}");
+    std::fs::copy(built.join("ttm-rules-v2.wasm"), &copy).unwrap();
+    let reply = gw.reload().await.json();
+    assert_eq!(reply["compiled"].as_array().unwrap().len(), 1, "{reply}");
+    assert!(
+        reply["changes"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("model `live`: version `v3`: plugin copy"),
+        "{reply}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_shows_routing_and_needs_its_token() {
+    let gw = TestGateway::start(&[("live.toml", &policy("v1", Some(("v2", 12.5))))]).await;
+    let view = gw.policies_view().await;
+    assert_eq!(view["generation"], 1);
+    let model = &view["models"][0];
+    assert_eq!(model["model"], "live");
+    assert_eq!(model["champion"], "v1");
+    assert_eq!(
+        model["canary"],
+        json!({"version": "v2", "percent": 12.5, "sticky_header": "x-routing-key"})
+    );
+    assert_eq!(model["shadow"], Value::Null);
+    assert_eq!(model["versions"][0]["name"], "v1");
+    assert_eq!(model["versions"][0]["plugin"], "ttm-rules-v1");
+    assert_eq!(model["versions"][0]["timeout_ms"], 1000);
+
+    for (method, path) in [
+        (http::Method::GET, "/admin/policies"),
+        (http::Method::POST, "/admin/reload"),
+    ] {
+        for auth in [None, Some("Bearer wrong"), Some(ADMIN_TOKEN)] {
+            let mut request = http::Request::builder()
+                .method(method.clone())
+                .uri(path)
+                .header("host", "x");
+            if let Some(auth) = auth {
+                request = request.header("authorization", auth);
+            }
+            let reply = send(
+                gw.addr,
+                request
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap(),
+            )
+            .await;
+            reply.assert_error(
+                401,
+                &["the admin API needs `Authorization: Bearer <admin token>`"],
+            );
+            assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+        }
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editing_a_policy_file_reloads_it() {
+    let gw = TestGateway::start_watching(&[("live.toml", &policy("v1", None))]).await;
+    assert_eq!(
+        gw.infer("live", &request()).await.header("x-model-version"),
+        Some("v1")
+    );
+    gw.write_policy("live.toml", &policy("v3", None));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.infer("live", &request()).await.header("x-model-version") != Some("v3") {
+        assert!(Instant::now() < deadline, "the edit was not picked up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A broken edit is refused; the last good policy keeps serving.
+    gw.write_policy(
+        "live.toml",
+        "model = \"live\"\nchampion = \"v3\"\n[versions.v3]\nplugin = 7\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.metrics().await.value(
+        "gateway_policy_reloads_total",
+        &[("outcome", "error"), ("trigger", "file")],
+    ) < 1.0
+    {
+        assert!(Instant::now() < deadline, "the broken edit was not noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        gw.infer("live", &request()).await.header("x-model-version"),
+        Some("v3")
+    );
+    gw.shutdown().await;
+}
+
+/// The real binary: SIGHUP reloads, `--admin-token` from the environment.
+#[test]
+fn sighup_reloads_the_real_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("live.toml"), policy("v1", None)).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-watch",
+            "--policies",
+        ])
+        .arg(dir.path())
+        .env("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gateway");
+    // Read the log on a thread of its own, so a gateway that never says
+    // where it listens fails the test instead of hanging it.
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the gateway did not log its address");
+        if let Some(at) = line.find("address=") {
+            break line[at + "address=".len()..].trim().to_string();
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr: std::net::SocketAddr = addr.parse().expect("address");
+    let version = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let request = http::Request::post("/v2/models/live/infer")
+                .header("host", "x")
+                .body(http_body_util::Full::new(bytes::Bytes::from(
+                    request().to_string(),
+                )))
+                .unwrap();
+            send(addr, request)
+                .await
+                .header("x-model-version")
+                .map(str::to_string)
+        })
+    };
+    assert_eq!(version(&rt).as_deref(), Some("v1"));
+    std::fs::write(dir.path().join("live.toml"), policy("v2", None)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        version(&rt).as_deref(),
+        Some("v1"),
+        "--no-watch still reloaded"
+    );
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while version(&rt).as_deref() != Some("v2") {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "the gateway exited with {exit} on SIGTERM");
+}
