@@ -1,8 +1,9 @@
 """Drives a running gateway with the V2 clients users already have.
 
-Usage: python3 v2_clients.py http://127.0.0.1:PORT
+Usage: python3 v2_clients.py http://127.0.0.1:PORT [MODEL]
 
-Expects the example policies (model `time-to-merge`, versions v1 and v2).
+Expects the example time-to-merge policy (versions v1 and v2), served as
+MODEL (default `time-to-merge`) by a gateway no one else is calling.
 Exits non-zero, naming the failed check, if any client disagrees with the
 gateway. Run by the integration test `compat::real_v2_clients`.
 """
@@ -14,7 +15,7 @@ import numpy as np
 
 BASE = sys.argv[1].rstrip("/")
 HOSTPORT = BASE.split("://", 1)[1]
-MODEL = "time-to-merge"
+MODEL = sys.argv[2] if len(sys.argv) > 2 else "time-to-merge"
 # files, additions, deletions, commits, comments, reviews: see api.rs
 ROWS = np.array([[1, 10, 5, 1, 0, 1], [9, 600, 300, 5, 25, 2]], dtype=np.float32)
 V1_LABELS = ["within_hour", "within_month"]
@@ -92,6 +93,25 @@ async def kserve_checks():
         await client.close()
 
 
+def metrics_checks():
+    """/metrics is valid Prometheus exposition and counts what the clients sent."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"{BASE}/metrics").read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    check("gateway_requests" in families and families["gateway_requests"].type == "counter", "metrics: requests counter parses")
+    check(families["gateway_request_duration_seconds"].type == "histogram", "metrics: latency is a histogram")
+    samples = [
+        s for s in families["gateway_requests"].samples
+        if s.name == "gateway_requests_total" and s.labels.get("model") == MODEL and s.labels.get("status") == "200"
+    ]
+    # tritonclient: 2 infers; kserve: 1 infer.
+    check(sum(s.value for s in samples) == 3, f"metrics: 3 successful requests counted, got {samples}")
+
+
 tritonclient_checks()
 asyncio.run(kserve_checks())
+metrics_checks()
 print("all V2 client checks passed")

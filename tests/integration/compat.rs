@@ -21,14 +21,27 @@ async fn real_v2_clients() {
          (or point GATEWAY_TEST_PYTHON at an interpreter that has them)\n{probe:?}"
     );
 
-    let gw = TestGateway::example().await;
+    // The example policy under a model name of its own: the metric counts
+    // the script checks are process-wide, shared with the other tests.
+    let example = std::fs::read_to_string(repo_root().join("policies/time-to-merge.toml")).unwrap();
+    let policy = example.replace("model = \"time-to-merge\"", "model = \"ttm-compat\"");
+    assert_ne!(
+        policy, example,
+        "the example policy no longer names its model as expected"
+    );
+    let gw = TestGateway::start(&[("ttm-compat.toml", &policy)]).await;
     let script = repo_root().join("tests/compat/v2_clients.py");
     let url = format!("http://{}", gw.addr);
-    let output =
-        tokio::task::spawn_blocking(move || Command::new(&python).arg(script).arg(url).output())
-            .await
-            .expect("join")
-            .expect("run python");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(&python)
+            .arg(script)
+            .arg(url)
+            .arg("ttm-compat")
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run python");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

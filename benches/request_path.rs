@@ -1,0 +1,240 @@
+//! What one request costs inside the gateway, step by step, and what the
+//! traffic policy adds to the whole path.
+//!
+//! - `sandbox`: one plugin call in a fresh sandbox (new `Store`,
+//!   instantiation from the pre-instantiated component, the call).
+//!   `info_fresh_sandbox` (a trivial call) is the baseline for `infer_*`.
+//! - `codec`: decoding a V2 JSON request, encoding a response.
+//! - `routing`: the routing decision alone (champion, sticky canary,
+//!   random canary), to be read against `http/plain`.
+//! - `http`: the full path over a keep-alive loopback connection to an
+//!   in-process gateway: `plain` (champion only) is the baseline for
+//!   `canary` (50 % split) and `shadow` (every request copied to a
+//!   challenger, whose work competes for the same two cores).
+//!
+//! Absolute times vary with the machine: read each figure as a ratio to its
+//! baseline from the same run. Run: `cargo bench --bench request_path`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use gateway::policy::LoadOptions;
+use gateway::protocol::{DecodeLimits, InferResponse, decode_infer_request};
+use gateway::router;
+use gateway::runtime::{CallLimits, Runtime, RuntimeConfig};
+use gateway::server::{self, ServeOptions};
+use http::{HeaderMap, HeaderValue, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+fn body(rows: usize) -> String {
+    let row = "[3, 40, 12, 2, 4, 1]";
+    let data = vec![row; rows].join(",");
+    format!(
+        r#"{{"id":"b","inputs":[{{"name":"pr_features","shape":[{rows},6],"datatype":"FP32","data":[{data}]}}]}}"#
+    )
+}
+
+fn limits() -> CallLimits {
+    CallLimits::starting_now(Duration::from_secs(10), 64 << 20)
+}
+
+const POLICIES: [(&str, &str); 3] = [
+    (
+        "plain.toml",
+        "model = \"plain\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n",
+    ),
+    (
+        "canary.toml",
+        "model = \"canary\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n\
+         [versions.v2]\nplugin = \"ttm-rules-v2\"\n[canary]\nversion = \"v2\"\npercent = 50\n",
+    ),
+    (
+        "shadow.toml",
+        "model = \"shadow\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n\
+         [versions.v3]\nplugin = \"ttm-rules-v3\"\n[shadow]\nversions = [\"v3\"]\nsample_percent = 100\n",
+    ),
+];
+
+fn policy_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (name, text) in POLICIES {
+        std::fs::write(dir.path().join(name), text).expect("write policy");
+    }
+    dir
+}
+
+fn sandbox_and_codec(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
+    let path = Path::new(gateway::artifacts::BUILT_PLUGIN_DIR).join("ttm-rules-v1.wasm");
+    let plugin = rt
+        .block_on(runtime.load_plugin(&path))
+        .expect("load ttm-rules-v1");
+
+    let mut sandbox = c.benchmark_group("sandbox");
+    sandbox.bench_function("info_fresh_sandbox", |b| {
+        b.to_async(&rt)
+            .iter(|| async { plugin.call_info(limits()).await.expect("info") })
+    });
+    for rows in [1usize, 256] {
+        let request =
+            decode_infer_request(body(rows).as_bytes(), DecodeLimits::default()).expect("decode");
+        sandbox.throughput(Throughput::Elements(rows as u64));
+        sandbox.bench_with_input(
+            BenchmarkId::new("infer_fresh_sandbox", format!("{rows}x6")),
+            &request,
+            |b, r| {
+                b.to_async(&rt)
+                    .iter(|| async { plugin.infer(&r.inputs, limits()).await.expect("infer") })
+            },
+        );
+    }
+    sandbox.finish();
+
+    let mut codec = c.benchmark_group("codec");
+    for rows in [1usize, 256] {
+        let text = body(rows);
+        codec.throughput(Throughput::Bytes(text.len() as u64));
+        codec.bench_with_input(
+            BenchmarkId::new("decode_json", format!("{rows}x6")),
+            &text,
+            |b, t| {
+                b.iter(|| {
+                    decode_infer_request(t.as_bytes(), DecodeLimits::default()).expect("decode")
+                })
+            },
+        );
+        let request =
+            decode_infer_request(text.as_bytes(), DecodeLimits::default()).expect("decode");
+        let outputs = rt
+            .block_on(plugin.infer(&request.inputs, limits()))
+            .expect("infer");
+        let refs: Vec<_> = outputs.iter().collect();
+        codec.bench_with_input(
+            BenchmarkId::new("encode_json", format!("{rows}x6")),
+            &refs,
+            |b, o| {
+                b.iter(|| {
+                    serde_json::to_vec(&InferResponse {
+                        model_name: "m",
+                        model_version: "v1",
+                        id: Some("b"),
+                        outputs: o,
+                    })
+                    .expect("encode")
+                })
+            },
+        );
+    }
+    codec.finish();
+}
+
+fn routing(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
+    let dir = policy_dir();
+    let options = LoadOptions {
+        plugin_dirs: vec![gateway::artifacts::BUILT_PLUGIN_DIR.into()],
+        max_memory_bytes: 1 << 30,
+    };
+    let (snapshot, _) = rt
+        .block_on(router::load(dir.path(), &options, &runtime, None))
+        .expect("policies");
+    let mut keyed = HeaderMap::new();
+    keyed.insert("x-routing-key", HeaderValue::from_static("user-4711"));
+    let unkeyed = HeaderMap::new();
+
+    let mut group = c.benchmark_group("routing");
+    group.bench_function("champion", |b| {
+        b.iter(|| snapshot.route("plain", None, &unkeyed).expect("route").2)
+    });
+    group.bench_function("canary_sticky_key", |b| {
+        b.iter(|| snapshot.route("canary", None, &keyed).expect("route").2)
+    });
+    group.bench_function("canary_random", |b| {
+        b.iter(|| snapshot.route("canary", None, &unkeyed).expect("route").2)
+    });
+    group.finish();
+}
+
+/// A keep-alive connection sending the same request again and again.
+struct Connection {
+    addr: SocketAddr,
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Connection {
+    async fn open(addr: SocketAddr) -> Self {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(connection);
+        Connection { addr, sender }
+    }
+
+    async fn infer(&mut self, model: &str, body: &Bytes) {
+        let request = Request::post(format!("/v2/models/{model}/infer"))
+            .header("host", self.addr.to_string())
+            .body(Full::new(body.clone()))
+            .expect("request");
+        self.sender.ready().await.expect("ready");
+        let response = self.sender.send_request(request).await.expect("response");
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.expect("body");
+    }
+}
+
+fn http(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio");
+    let dir = policy_dir();
+    let mut options = ServeOptions::new(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        dir.path().to_path_buf(),
+        vec![],
+    );
+    options.watch_debounce = None;
+    let server = rt.block_on(server::start(options)).expect("gateway");
+    let addr = server.local_addr();
+    let body = Bytes::from(body(1));
+
+    let mut group = c.benchmark_group("http");
+    for model in ["plain", "canary", "shadow"] {
+        group.bench_function(model, |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut connection = Connection::open(addr).await;
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        connection.infer(model, &body).await;
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+    }
+    group.finish();
+    rt.block_on(server.shutdown());
+}
+
+criterion_group! {
+    name = request_path;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = sandbox_and_codec, routing, http
+}
+criterion_main!(request_path);
