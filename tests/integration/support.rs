@@ -223,6 +223,11 @@ impl Client {
         let request = request
             .body(Full::new(Bytes::from(body.to_string())))
             .expect("request");
+        self.send(request).await
+    }
+
+    /// Sends a request on this connection and reads the whole response.
+    pub async fn send(&mut self, request: Request<Full<Bytes>>) -> Reply {
         self.sender.ready().await.expect("connection ready");
         let started = Instant::now();
         let response = self.sender.send_request(request).await.expect("response");
@@ -245,27 +250,7 @@ impl Client {
 
 /// Sends one request on a new connection.
 pub async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> Reply {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(connection);
-    let started = Instant::now();
-    let response = sender.send_request(request).await.expect("response");
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    Reply {
-        status,
-        headers,
-        body,
-        elapsed: started.elapsed(),
-    }
+    Client::connect(addr).await.send(request).await
 }
 
 /// A response, fully read.
