@@ -84,8 +84,8 @@ fn sandbox_and_codec(c: &mut Criterion) {
             .iter(|| async { plugin.call_info(limits()).await.expect("info") })
     });
     for rows in [1usize, 256] {
-        let request =
-            decode_infer_request(body(rows).as_bytes(), DecodeLimits::default()).expect("decode");
+        let request = decode_infer_request(body(rows).as_bytes(), None, DecodeLimits::default())
+            .expect("decode");
         sandbox.throughput(Throughput::Elements(rows as u64));
         sandbox.bench_with_input(
             BenchmarkId::new("infer_fresh_sandbox", format!("{rows}x6")),
@@ -107,27 +107,29 @@ fn sandbox_and_codec(c: &mut Criterion) {
             &text,
             |b, t| {
                 b.iter(|| {
-                    decode_infer_request(t.as_bytes(), DecodeLimits::default()).expect("decode")
+                    decode_infer_request(t.as_bytes(), None, DecodeLimits::default())
+                        .expect("decode")
                 })
             },
         );
         let request =
-            decode_infer_request(text.as_bytes(), DecodeLimits::default()).expect("decode");
+            decode_infer_request(text.as_bytes(), None, DecodeLimits::default()).expect("decode");
         let outputs = rt
             .block_on(plugin.infer(&request.inputs, limits()))
             .expect("infer");
-        let refs: Vec<_> = outputs.iter().collect();
+        let refs: Vec<_> = outputs.iter().map(|t| (t, false)).collect();
         codec.bench_with_input(
             BenchmarkId::new("encode_json", format!("{rows}x6")),
             &refs,
             |b, o| {
                 b.iter(|| {
-                    serde_json::to_vec(&InferResponse {
+                    InferResponse {
                         model_name: "m",
                         model_version: "v1",
                         id: Some("b"),
                         outputs: o,
-                    })
+                    }
+                    .encode()
                     .expect("encode")
                 })
             },

@@ -59,6 +59,18 @@ def tritonclient_checks():
     pinned = client.infer(MODEL, [features], model_version="v2", outputs=outputs)
     check(pinned.get_response()["model_version"] == "v2", "tritonclient infer pinned to v2")
 
+    # tritonclient's defaults: the binary tensor extension both ways.
+    binary = triton.InferInput("pr_features", list(ROWS.shape), "FP32")
+    binary.set_data_from_numpy(ROWS)
+    result = client.infer(MODEL, [binary])
+    labels = [l.decode() if isinstance(l, bytes) else l for l in result.as_numpy("label").tolist()]
+    check(labels == V1_LABELS, f"tritonclient binary infer: labels {labels}")
+    check(np.allclose(result.as_numpy("probabilities"), probabilities), "tritonclient binary infer: same probabilities as JSON")
+    mixed = client.infer(MODEL, [binary], outputs=[triton.InferRequestedOutput("probabilities", binary_data=True),
+                                                   triton.InferRequestedOutput("label", binary_data=False)])
+    check(mixed.get_response()["outputs"][1]["data"] == V1_LABELS, "tritonclient mixed binary/JSON outputs")
+    check(np.allclose(mixed.as_numpy("probabilities"), probabilities), "tritonclient binary output beside a JSON one")
+
     bad = triton.InferInput("pr_features", [1, 5], "FP32")
     bad.set_data_from_numpy(np.ones((1, 5), dtype=np.float32), binary_data=False)
     try:
@@ -89,6 +101,12 @@ async def kserve_checks():
         check(labels == V1_LABELS, f"kserve infer: labels {labels}")
         probabilities = by_name["probabilities"].as_numpy()
         check(probabilities.shape == (2, 5) and np.allclose(probabilities.sum(axis=1), 1.0), "kserve infer: probabilities")
+
+        binary = InferInput("pr_features", list(ROWS.shape), "FP32")
+        binary.set_data_from_numpy(ROWS, binary_data=True)
+        response = await client.infer(BASE, InferRequest(model_name=MODEL, infer_inputs=[binary]), model_name=MODEL)
+        by_name = {o.name: o for o in response.outputs}
+        check(np.allclose(by_name["probabilities"].as_numpy(), probabilities), "kserve binary input: same answer")
     finally:
         await client.close()
 
@@ -107,8 +125,8 @@ def metrics_checks():
         s for s in families["gateway_requests"].samples
         if s.name == "gateway_requests_total" and s.labels.get("model") == MODEL and s.labels.get("status") == "200"
     ]
-    # tritonclient: 2 infers; kserve: 1 infer.
-    check(sum(s.value for s in samples) == 3, f"metrics: 3 successful requests counted, got {samples}")
+    # tritonclient: 4 infers; kserve: 2.
+    check(sum(s.value for s in samples) == 6, f"metrics: 6 successful requests counted, got {samples}")
 
 
 tritonclient_checks()

@@ -18,7 +18,7 @@ async fn health_and_server_metadata() {
     assert_eq!(meta.status, 200);
     assert_eq!(meta.json()["name"], "wasm-model-gateway");
     assert_eq!(meta.json()["version"], env!("CARGO_PKG_VERSION"));
-    assert!(meta.json()["extensions"].is_array());
+    assert_eq!(meta.json()["extensions"], json!(["binary_tensor_data"]));
     gw.shutdown().await;
 }
 

@@ -4,6 +4,7 @@
 
 mod api;
 mod bad_input;
+mod binary;
 mod compat;
 mod hostile;
 mod policy_check;

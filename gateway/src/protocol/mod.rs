@@ -7,7 +7,7 @@ mod data;
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de;
 use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -39,7 +39,29 @@ pub struct InferRequest {
     pub id: Option<String>,
     pub inputs: Vec<Tensor>,
     /// The outputs the client asked for, in its order; `None` means all.
-    pub outputs: Option<Vec<String>>,
+    pub outputs: Option<Vec<RequestedOutput>>,
+    /// `binary_data_output`: outputs in binary unless they say otherwise.
+    pub binary_outputs: bool,
+}
+
+/// An output the client asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestedOutput {
+    pub name: String,
+    /// `binary_data`, when the client set it.
+    pub binary: Option<bool>,
+}
+
+impl InferRequest {
+    /// Whether output `name` goes back in binary (the binary tensor extension).
+    pub fn wants_binary(&self, name: &str) -> bool {
+        self.outputs
+            .iter()
+            .flatten()
+            .find(|o| o.name == name)
+            .and_then(|o| o.binary)
+            .unwrap_or(self.binary_outputs)
+    }
 }
 
 /// Why a request body is not a valid V2 inference request.
@@ -78,6 +100,8 @@ pub enum DecodeError {
         expected: usize,
         actual: usize,
     },
+    /// The binary tensor extension's framing is wrong.
+    Binary(String),
 }
 
 impl fmt::Display for DecodeError {
@@ -105,6 +129,7 @@ impl fmt::Display for DecodeError {
                 "input `{input}`: {count} elements exceed the limit of {limit} per tensor"
             ),
             DecodeError::Data { input, detail } => write!(f, "input `{input}`: {detail}"),
+            DecodeError::Binary(detail) => f.write_str(detail),
             DecodeError::ElementCount {
                 input,
                 shape,
@@ -124,8 +149,8 @@ impl std::error::Error for DecodeError {}
 struct WireRequest<'a> {
     #[serde(default)]
     id: Option<String>,
-    #[serde(default, rename = "parameters")]
-    _parameters: Option<Parameters>,
+    #[serde(default)]
+    parameters: Option<RequestParameters>,
     #[serde(borrow)]
     inputs: Vec<WireInput<'a>>,
     #[serde(default)]
@@ -138,8 +163,8 @@ struct WireInput<'a> {
     shape: Vec<i64>,
     #[serde(borrow)]
     datatype: Cow<'a, str>,
-    #[serde(default, rename = "parameters")]
-    _parameters: Option<Parameters>,
+    #[serde(default)]
+    parameters: Option<InputParameters>,
     #[serde(default, borrow)]
     data: Option<&'a RawValue>,
 }
@@ -147,38 +172,57 @@ struct WireInput<'a> {
 #[derive(Deserialize)]
 struct WireOutput {
     name: String,
-    #[serde(default, rename = "parameters")]
-    _parameters: Option<Parameters>,
+    #[serde(default)]
+    parameters: Option<OutputParameters>,
 }
 
-/// A `parameters` object: accepted and checked to be an object, otherwise
-/// ignored (the V2 protocol leaves their meaning to the server).
-struct Parameters;
+// `parameters` objects: the keys the gateway understands, the others
+// accepted and ignored (the V2 protocol leaves them to the server).
 
-impl<'de> Deserialize<'de> for Parameters {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ObjectVisitor;
-        impl<'de> Visitor<'de> for ObjectVisitor {
-            type Value = Parameters;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a parameters object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Parameters, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Parameters)
-            }
-        }
-        deserializer.deserialize_map(ObjectVisitor)
-    }
+#[derive(Deserialize, Default)]
+struct RequestParameters {
+    /// Binary tensor extension: every output in binary unless an output
+    /// says otherwise.
+    #[serde(default)]
+    binary_data_output: Option<bool>,
 }
 
-/// Decodes a V2 JSON inference request body.
+#[derive(Deserialize, Default)]
+struct InputParameters {
+    /// Binary tensor extension: the input's data is this many bytes of the
+    /// binary part of the body.
+    #[serde(default)]
+    binary_data_size: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct OutputParameters {
+    /// Binary tensor extension: return this output in binary.
+    #[serde(default)]
+    binary_data: Option<bool>,
+}
+
+/// Decodes a V2 inference request body. With `json_length` (the
+/// `Inference-Header-Content-Length` header of the binary tensor extension)
+/// the body is that many bytes of JSON followed by the binary data of the
+/// inputs that declare a `binary_data_size`, in order.
 pub fn decode_infer_request(
     body: &[u8],
+    json_length: Option<usize>,
     limits: DecodeLimits,
 ) -> Result<InferRequest, DecodeError> {
+    let (json, mut binary) = match json_length {
+        None => (body, None),
+        Some(n) if n > body.len() => {
+            return Err(DecodeError::Binary(format!(
+                "Inference-Header-Content-Length is {n} but the body has only {} bytes",
+                body.len()
+            )));
+        }
+        Some(n) => (&body[..n], Some(&body[n..])),
+    };
     let wire: WireRequest<'_> =
-        serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?;
+        serde_json::from_slice(json).map_err(|e| DecodeError::Json(e.to_string()))?;
     if wire.inputs.is_empty() {
         return Err(DecodeError::NoInputs);
     }
@@ -193,19 +237,38 @@ pub fn decode_infer_request(
         if inputs.iter().any(|t| t.name == input.name) {
             return Err(DecodeError::DuplicateInput(input.name));
         }
-        inputs.push(decode_input(input, limits)?);
+        inputs.push(decode_input(input, &mut binary, limits)?);
     }
-    let outputs = wire
-        .outputs
-        .map(|o| o.into_iter().map(|o| o.name).collect());
+    if let Some(rest) = binary.filter(|rest| !rest.is_empty()) {
+        return Err(DecodeError::Binary(format!(
+            "{} bytes of binary data follow the JSON but no input claims them (binary_data_size)",
+            rest.len()
+        )));
+    }
+    let outputs = wire.outputs.map(|o| {
+        o.into_iter()
+            .map(|o| RequestedOutput {
+                name: o.name,
+                binary: o.parameters.and_then(|p| p.binary_data),
+            })
+            .collect()
+    });
     Ok(InferRequest {
         id: wire.id,
         inputs,
         outputs,
+        binary_outputs: wire
+            .parameters
+            .and_then(|p| p.binary_data_output)
+            .unwrap_or(false),
     })
 }
 
-fn decode_input(input: WireInput<'_>, limits: DecodeLimits) -> Result<Tensor, DecodeError> {
+fn decode_input(
+    input: WireInput<'_>,
+    binary: &mut Option<&[u8]>,
+    limits: DecodeLimits,
+) -> Result<Tensor, DecodeError> {
     let name = input.name;
     let Some(datatype) = Datatype::from_v2(&input.datatype) else {
         return Err(DecodeError::UnknownDatatype {
@@ -223,6 +286,41 @@ fn decode_input(input: WireInput<'_>, limits: DecodeLimits) -> Result<Tensor, De
             count: expected,
             limit: limits.max_elements,
         });
+    }
+    if let Some(size) = input.parameters.and_then(|p| p.binary_data_size) {
+        if input.data.is_some() {
+            return Err(DecodeError::Binary(format!(
+                "input `{name}` has both `data` and a binary_data_size"
+            )));
+        }
+        let Some(rest) = binary.as_mut() else {
+            return Err(DecodeError::Binary(format!(
+                "input `{name}` has a binary_data_size but the request has no Inference-Header-Content-Length header"
+            )));
+        };
+        let size = usize::try_from(size).unwrap_or(usize::MAX);
+        if size > rest.len() {
+            return Err(DecodeError::Binary(format!(
+                "input `{name}`: binary_data_size {size} runs past the end of the body ({} bytes left)",
+                rest.len()
+            )));
+        }
+        let (data, tail) = rest.split_at(size);
+        *rest = tail;
+        let mut tensor = Tensor {
+            name,
+            datatype,
+            shape: input.shape,
+            data: data.to_vec(),
+        };
+        tensor::check_layout(&tensor).map_err(|e| {
+            DecodeError::Binary(format!("input `{}`: binary data: {e}", tensor.name))
+        })?;
+        if datatype == Datatype::Bool {
+            // Any non-zero byte is true; plugins see 0 or 1 only.
+            tensor.data.iter_mut().for_each(|b| *b = u8::from(*b != 0));
+        }
+        return Ok(tensor);
     }
     let Some(raw) = input.data else {
         return Err(DecodeError::MissingData { input: name });
@@ -268,7 +366,39 @@ pub struct InferResponse<'a> {
     pub model_name: &'a str,
     pub model_version: &'a str,
     pub id: Option<&'a str>,
-    pub outputs: &'a [&'a Tensor],
+    /// The outputs and, for each, whether it goes in binary.
+    pub outputs: &'a [(&'a Tensor, bool)],
+}
+
+impl InferResponse<'_> {
+    /// The response body, and the length of its JSON part when binary
+    /// outputs follow it (the `Inference-Header-Content-Length` header).
+    pub fn encode(&self) -> Result<(Vec<u8>, Option<usize>), serde_json::Error> {
+        let binary: usize = self
+            .outputs
+            .iter()
+            .filter(|(_, b)| *b)
+            .map(|(t, _)| t.data.len())
+            .sum();
+        let mut body = Vec::with_capacity(
+            128 + 16
+                * self
+                    .outputs
+                    .iter()
+                    .map(|(t, _)| t.data.len())
+                    .sum::<usize>(),
+        );
+        serde_json::to_writer(&mut body, self)?;
+        if !self.outputs.iter().any(|(_, b)| *b) {
+            return Ok((body, None));
+        }
+        let json_length = body.len();
+        body.reserve(binary);
+        for (tensor, _) in self.outputs.iter().filter(|(_, b)| *b) {
+            body.extend_from_slice(&tensor.data);
+        }
+        Ok((body, Some(json_length)))
+    }
 }
 
 impl Serialize for InferResponse<'_> {
@@ -284,28 +414,41 @@ impl Serialize for InferResponse<'_> {
     }
 }
 
-struct OutputList<'a>(&'a [&'a Tensor]);
+struct OutputList<'a>(&'a [(&'a Tensor, bool)]);
 
 impl Serialize for OutputList<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut seq = s.serialize_seq(Some(self.0.len()))?;
-        for t in self.0 {
-            seq.serialize_element(&OutputTensor(t))?;
+        for (t, binary) in self.0 {
+            seq.serialize_element(&OutputTensor(t, *binary))?;
         }
         seq.end()
     }
 }
 
-struct OutputTensor<'a>(&'a Tensor);
+struct OutputTensor<'a>(&'a Tensor, bool);
 
 impl Serialize for OutputTensor<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let t = self.0;
+        let OutputTensor(t, binary) = *self;
         let mut map = s.serialize_map(Some(4))?;
         map.serialize_entry("name", &t.name)?;
         map.serialize_entry("datatype", t.datatype.as_v2())?;
         map.serialize_entry("shape", &t.shape)?;
-        map.serialize_entry("data", &OutputData(t))?;
+        if binary {
+            #[derive(Serialize)]
+            struct Binary {
+                binary_data_size: usize,
+            }
+            map.serialize_entry(
+                "parameters",
+                &Binary {
+                    binary_data_size: t.data.len(),
+                },
+            )?;
+        } else {
+            map.serialize_entry("data", &OutputData(t))?;
+        }
         map.end()
     }
 }
@@ -412,7 +555,7 @@ mod tests {
     use super::*;
 
     fn decode(body: &str) -> Result<InferRequest, DecodeError> {
-        decode_infer_request(body.as_bytes(), DecodeLimits::default())
+        decode_infer_request(body.as_bytes(), None, DecodeLimits::default())
     }
 
     fn f32s(t: &Tensor) -> Vec<f32> {
@@ -604,7 +747,13 @@ mod tests {
             Err(DecodeError::Json(_))
         ));
         let params = decode(r#"{"parameters":{"a":{"b":[1]}},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","parameters":{"c":1},"data":[1]}],"outputs":[{"name":"y","parameters":{}}]}"#).unwrap();
-        assert_eq!(params.outputs, Some(vec!["y".to_string()]));
+        assert_eq!(
+            params.outputs,
+            Some(vec![RequestedOutput {
+                name: "y".into(),
+                binary: None
+            }])
+        );
     }
 
     #[test]
@@ -625,12 +774,147 @@ mod tests {
             model_name: "m",
             model_version: "v1",
             id: Some("7"),
-            outputs: &[&label, &p],
+            outputs: &[(&label, false), (&p, false)],
         })
         .unwrap();
         assert_eq!(
             body,
             r#"{"model_name":"m","model_version":"v1","id":"7","outputs":[{"name":"label","datatype":"BYTES","shape":[1],"data":["day"]},{"name":"p","datatype":"FP32","shape":[1,2],"data":[0.25,0.75]}]}"#
         );
+    }
+
+    fn binary_body(json: &str, binary: &[u8]) -> (Vec<u8>, usize) {
+        let mut body = json.as_bytes().to_vec();
+        body.extend_from_slice(binary);
+        (body, json.len())
+    }
+
+    fn decode_binary(json: &str, binary: &[u8]) -> Result<InferRequest, DecodeError> {
+        let (body, n) = binary_body(json, binary);
+        decode_infer_request(&body, Some(n), DecodeLimits::default())
+    }
+
+    #[test]
+    fn decodes_binary_inputs_in_order() {
+        let fp32: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let bytes = [&2u32.to_le_bytes()[..], b"hi"].concat();
+        let json = format!(
+            r#"{{"inputs":[{{"name":"a","shape":[2],"datatype":"FP32","parameters":{{"binary_data_size":{}}}}},{{"name":"j","shape":[1],"datatype":"INT8","data":[7]}},{{"name":"b","shape":[1],"datatype":"BYTES","parameters":{{"binary_data_size":{}}}}},{{"name":"c","shape":[2],"datatype":"BOOL","parameters":{{"binary_data_size":2}}}}],"parameters":{{"binary_data_output":true}},"outputs":[{{"name":"y","parameters":{{"binary_data":false}}}}]}}"#,
+            fp32.len(),
+            bytes.len()
+        );
+        let request =
+            decode_binary(&json, &[fp32.clone(), bytes.clone(), vec![0, 9]].concat()).unwrap();
+        assert_eq!(request.inputs[0].data, fp32);
+        assert_eq!(request.inputs[1].data, vec![7]);
+        assert_eq!(request.inputs[2].data, bytes);
+        assert_eq!(
+            request.inputs[3].data,
+            vec![0, 1],
+            "BOOL bytes are normalized"
+        );
+        assert!(request.binary_outputs);
+        assert!(!request.wants_binary("y"));
+        assert!(request.wants_binary("z"));
+    }
+
+    #[test]
+    fn refuses_broken_binary_framing() {
+        let one = r#"{"inputs":[{"name":"a","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
+        let cases: [(&str, &[u8], Option<usize>, &str); 6] = [
+            (
+                one,
+                &[0; 4],
+                None,
+                "binary_data_size 8 runs past the end of the body (4 bytes left)",
+            ),
+            (
+                one,
+                &[0; 12],
+                None,
+                "4 bytes of binary data follow the JSON but no input claims them",
+            ),
+            (
+                r#"{"inputs":[{"name":"a","shape":[3],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#,
+                &[0; 8],
+                None,
+                "input `a`: binary data: shape [3] of FP32 needs 12 bytes of data, got 8",
+            ),
+            (
+                r#"{"inputs":[{"name":"a","shape":[1],"datatype":"BYTES","parameters":{"binary_data_size":6}}]}"#,
+                &[9, 0, 0, 0, 1, 2],
+                None,
+                "input `a`: binary data: BYTES element 0: length prefix runs past the end of the data",
+            ),
+            (
+                r#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","data":[1],"parameters":{"binary_data_size":4}}]}"#,
+                &[0; 4],
+                None,
+                "input `a` has both `data` and a binary_data_size",
+            ),
+            (
+                one,
+                &[0; 8],
+                Some(10_000),
+                "Inference-Header-Content-Length is 10000 but the body has only",
+            ),
+        ];
+        for (json, binary, header, message) in cases {
+            let (body, n) = binary_body(json, binary);
+            let error =
+                decode_infer_request(&body, Some(header.unwrap_or(n)), DecodeLimits::default())
+                    .unwrap_err();
+            assert!(
+                error.to_string().contains(message),
+                "{error} lacks {message}"
+            );
+        }
+        let huge = r#"{"inputs":[{"name":"a","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":18446744073709551615}}]}"#;
+        assert!(
+            decode_binary(huge, &[0; 8])
+                .unwrap_err()
+                .to_string()
+                .contains("runs past the end")
+        );
+        let without_header =
+            decode_infer_request(one.as_bytes(), None, DecodeLimits::default()).unwrap_err();
+        assert!(
+            without_header
+                .to_string()
+                .contains("no Inference-Header-Content-Length header")
+        );
+    }
+
+    #[test]
+    fn encodes_binary_outputs_after_the_json() {
+        let p = Tensor {
+            name: "p".into(),
+            datatype: Datatype::Fp32,
+            shape: vec![2],
+            data: [0.25f32.to_le_bytes(), f32::NAN.to_le_bytes()].concat(),
+        };
+        let q = Tensor {
+            name: "q".into(),
+            datatype: Datatype::Int8,
+            shape: vec![1],
+            data: vec![5],
+        };
+        let (body, json_length) = InferResponse {
+            model_name: "m",
+            model_version: "v1",
+            id: None,
+            outputs: &[(&p, true), (&q, false)],
+        }
+        .encode()
+        .unwrap();
+        let json_length = json_length.expect("binary outputs give a JSON length");
+        assert_eq!(
+            std::str::from_utf8(&body[..json_length]).unwrap(),
+            r#"{"model_name":"m","model_version":"v1","outputs":[{"name":"p","datatype":"FP32","shape":[2],"parameters":{"binary_data_size":8}},{"name":"q","datatype":"INT8","shape":[1],"data":[5]}]}"#
+        );
+        assert_eq!(&body[json_length..], &p.data[..]);
     }
 }

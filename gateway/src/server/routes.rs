@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 
 use super::error::{ApiError, BodyError, admission_error, json_response, plugin_error};
 use super::{State, admin_routes};
-use crate::protocol::{self, InferResponse, ModelMetadata, ServerMetadata, SpecJson};
+use crate::protocol::{self, InferRequest, InferResponse, ModelMetadata, ServerMetadata, SpecJson};
 use std::sync::Arc;
 
 use crate::router::{Model, Route, Version};
@@ -110,7 +110,7 @@ fn server_metadata() -> Result<HttpResponse, ApiError> {
     to_json(&ServerMetadata {
         name: "wasm-model-gateway",
         version: env!("CARGO_PKG_VERSION"),
-        extensions: &[],
+        extensions: &["binary_tensor_data"],
     })
 }
 
@@ -269,13 +269,14 @@ async fn infer_version(
     request: Request<Incoming>,
     start: Instant,
 ) -> Result<Answered, ApiError> {
+    let json_length = json_length(request.headers())?;
     let body = read_body(
         request,
         state.config.max_body_bytes,
         state.config.body_read_timeout,
     )
     .await?;
-    let request = protocol::decode_infer_request(&body, state.config.decode)?;
+    let request = protocol::decode_infer_request(&body, json_length, state.config.decode)?;
     drop(body);
     if let Err(e) = validate::check_request(&request, version.plugin.info()) {
         for v in &e.violations {
@@ -306,13 +307,14 @@ async fn infer_version(
         telemetry::record_predictions(&version.model, &version.name, &version.labels, labels);
     }
 
-    let selected = select_outputs(&outputs, request.outputs.as_deref(), version)?;
-    let body = serde_json::to_vec(&InferResponse {
+    let selected = select_outputs(&outputs, &request, version)?;
+    let (body, json_length) = InferResponse {
         model_name: &version.model,
         model_version: &version.name,
         id: request.id.as_deref(),
         outputs: &selected,
-    })
+    }
+    .encode()
     .map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -323,38 +325,73 @@ async fn infer_version(
         )
     })?;
     drop(selected);
+    let mut response = json_ok(body);
+    if let Some(n) = json_length {
+        let headers = response.headers_mut();
+        headers.insert(INFERENCE_HEADER_CONTENT_LENGTH, HeaderValue::from(n));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+    }
     Ok(Answered {
-        response: json_ok(body),
+        response,
         inputs: request.inputs,
         outputs,
     })
 }
 
-/// The outputs the client asked for, in its order (all when it named none).
+/// The outputs the client asked for, in its order (all when it named none),
+/// each with whether it goes back in binary.
 fn select_outputs<'a>(
     outputs: &'a [Tensor],
-    requested: Option<&[String]>,
+    request: &InferRequest,
     version: &Version,
-) -> Result<Vec<&'a Tensor>, ApiError> {
-    let Some(requested) = requested else {
-        return Ok(outputs.iter().collect());
+) -> Result<Vec<(&'a Tensor, bool)>, ApiError> {
+    let Some(requested) = &request.outputs else {
+        return Ok(outputs
+            .iter()
+            .map(|t| (t, request.binary_outputs))
+            .collect());
     };
     requested
         .iter()
-        .map(|name| {
-            outputs.iter().find(|t| &t.name == name).ok_or_else(|| {
+        .map(|wanted| {
+            let tensor = outputs.iter().find(|t| t.name == wanted.name).ok_or_else(|| {
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!(
-                        "model `{}` version `{}`: plugin `{}` did not return the requested output `{name}`",
+                        "model `{}` version `{}`: plugin `{}` did not return the requested output `{}`",
                         version.model,
                         version.name,
-                        version.plugin.name()
+                        version.plugin.name(),
+                        wanted.name
                     ),
                 )
-            })
+            })?;
+            Ok((tensor, request.wants_binary(&wanted.name)))
         })
         .collect()
+}
+
+/// The binary tensor extension's header: the length of the JSON part.
+const INFERENCE_HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
+
+fn json_length(headers: &http::HeaderMap) -> Result<Option<usize>, ApiError> {
+    let Some(value) = headers.get(INFERENCE_HEADER_CONTENT_LENGTH) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("Inference-Header-Content-Length is not a byte count: {value:?}"),
+            )
+        })
 }
 
 /// How long an over-limit body is drained before the 413 is sent.

@@ -48,7 +48,7 @@ const UNKNOWN: &str = "_unknown";
 /// Checks the request's inputs and requested outputs against `info`.
 pub fn check_request(request: &InferRequest, info: &ModelInfo) -> Result<(), ValidationError> {
     let mut violations = input_violations(&request.inputs, info);
-    for name in request.outputs.iter().flatten() {
+    for name in request.outputs.iter().flatten().map(|o| &o.name) {
         if !info.outputs.iter().any(|s| &s.name == name) {
             violations.push(Violation {
                 input: UNKNOWN.into(),
@@ -156,11 +156,19 @@ mod tests {
         }
     }
 
-    fn request(inputs: Vec<Tensor>, outputs: Option<Vec<String>>) -> InferRequest {
+    fn request(inputs: Vec<Tensor>, outputs: Option<Vec<&str>>) -> InferRequest {
         InferRequest {
             id: None,
             inputs,
-            outputs,
+            outputs: outputs.map(|o| {
+                o.into_iter()
+                    .map(|name| crate::protocol::RequestedOutput {
+                        name: name.into(),
+                        binary: None,
+                    })
+                    .collect()
+            }),
+            binary_outputs: false,
         }
     }
 
@@ -177,7 +185,7 @@ mod tests {
     fn accepts_a_matching_request() {
         assert_eq!(
             check_request(
-                &request(vec![x(Datatype::Fp32, &[3, 2])], Some(vec!["y".into()])),
+                &request(vec![x(Datatype::Fp32, &[3, 2])], Some(vec!["y"])),
                 &info()
             ),
             Ok(())
@@ -191,7 +199,7 @@ mod tests {
             ..x(Datatype::Fp32, &[1])
         };
         let error = check_request(
-            &request(vec![x(Datatype::Fp64, &[3]), extra], Some(vec!["w".into()])),
+            &request(vec![x(Datatype::Fp64, &[3]), extra], Some(vec!["w"])),
             &info(),
         )
         .unwrap_err();
