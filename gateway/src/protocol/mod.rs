@@ -917,4 +917,80 @@ mod tests {
         );
         assert_eq!(&body[json_length..], &p.data[..]);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Any JSON value, nested a few levels.
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<u64>().prop_map(serde_json::Value::from),
+                any::<f64>()
+                    .prop_filter("JSON numbers are finite", |f| f.is_finite())
+                    .prop_map(serde_json::Value::from),
+                ".{0,8}".prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(4, 64, 8, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..8)
+                        .prop_map(serde_json::Value::from),
+                    proptest::collection::btree_map(".{0,4}", inner, 0..4)
+                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn datatype() -> impl Strategy<Value = String> {
+            prop_oneof![
+                proptest::sample::select(crate::tensor::ALL_DATATYPES.map(|d| d.as_v2()).to_vec())
+                    .prop_map(String::from),
+                ".{0,6}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Arbitrary bytes, with or without a binary header length.
+            #[test]
+            fn arbitrary_bytes_never_panic(
+                body in proptest::collection::vec(any::<u8>(), 0..256),
+                header in proptest::option::of(0usize..300),
+            ) {
+                let _ = decode_infer_request(&body, header, DecodeLimits::default());
+            }
+
+            /// Well-formed envelopes around arbitrary shapes, datatypes, data
+            /// and binary sizes: never a panic, and whatever is accepted has
+            /// a layout that matches its shape.
+            #[test]
+            fn arbitrary_requests_never_panic_and_accepted_ones_are_consistent(
+                shape in proptest::collection::vec(-2i64..6, 0..4),
+                datatype in datatype(),
+                data in json_value(),
+                binary_size in proptest::option::of(0u64..80),
+                tail in proptest::collection::vec(any::<u8>(), 0..80),
+                outputs in json_value(),
+            ) {
+                let mut input = serde_json::json!({"name": "x", "shape": shape, "datatype": datatype});
+                match binary_size {
+                    Some(size) => input["parameters"] = serde_json::json!({"binary_data_size": size}),
+                    None => input["data"] = data,
+                }
+                let json = serde_json::json!({"inputs": [input], "outputs": outputs}).to_string();
+                let mut body = json.as_bytes().to_vec();
+                body.extend_from_slice(&tail);
+                let header = binary_size.map(|_| json.len());
+                if let Ok(request) = decode_infer_request(&body, header, DecodeLimits::default()) {
+                    for tensor in &request.inputs {
+                        prop_assert!(crate::tensor::check_layout(tensor).is_ok());
+                    }
+                }
+            }
+        }
+    }
 }
