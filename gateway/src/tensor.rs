@@ -219,6 +219,36 @@ pub fn shape_matches(declared: &[i64], shape: &[i64]) -> bool {
     declared.len() == shape.len() && declared.iter().zip(shape).all(|(&d, &s)| d == -1 || d == s)
 }
 
+/// A numeric tensor's elements as `f64` (BOOL as 0 or 1; empty for BYTES).
+/// The layout must have been checked.
+pub fn numbers(t: &Tensor) -> Vec<f64> {
+    macro_rules! read {
+        ($ty:ty) => {
+            t.data
+                .chunks_exact(size_of::<$ty>())
+                .map(|c| {
+                    let mut b = [0u8; size_of::<$ty>()];
+                    b.copy_from_slice(c);
+                    <$ty>::from_le_bytes(b) as f64
+                })
+                .collect()
+        };
+    }
+    match t.datatype {
+        Datatype::Bool | Datatype::Uint8 => t.data.iter().map(|b| f64::from(*b)).collect(),
+        Datatype::Int8 => read!(i8),
+        Datatype::Int16 => read!(i16),
+        Datatype::Int32 => read!(i32),
+        Datatype::Int64 => read!(i64),
+        Datatype::Uint16 => read!(u16),
+        Datatype::Uint32 => read!(u32),
+        Datatype::Uint64 => read!(u64),
+        Datatype::Fp32 => read!(f32),
+        Datatype::Fp64 => read!(f64),
+        Datatype::Bytes => Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -132,11 +132,16 @@ async fn wrong_names_are_400_listing_every_problem() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_the_plugin_refuses_are_400() {
-    let gw = TestGateway::example().await;
+    // No input schema in the policy: the plugin's own check answers.
+    let gw = TestGateway::start(&[(
+        "unchecked.toml",
+        &crate::support::single_version_policy("unchecked", "ttm-rules-v1", ""),
+    )])
+    .await;
     let negative = fp32_request("pr_features", &[1, 6], &[1.0, -3.0, 5.0, 1.0, 0.0, 1.0]);
-    gw.infer("time-to-merge", &negative).await.assert_error(
+    gw.infer("unchecked", &negative).await.assert_error(
         400,
-        &["model `time-to-merge` version `v1`: plugin `ttm-rules-v1` rejected the input: pr_features[0] feature `additions` is -3"],
+        &["model `unchecked` version `v1`: plugin `ttm-rules-v1` rejected the input: pr_features[0] feature `additions` is -3"],
     );
     gw.shutdown().await;
 }

@@ -12,3 +12,4 @@ mod reload;
 mod shadow;
 mod support;
 mod traffic;
+mod validation;

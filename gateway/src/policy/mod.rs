@@ -14,6 +14,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod schema;
+pub use schema::{Allowed, FeatureRule, InputRule, Mode, Schema};
+
 /// Limits of one model version; a version's own table overrides its model's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -48,6 +51,8 @@ pub struct ModelPolicy {
     pub versions: Vec<VersionPolicy>,
     pub canary: Option<Canary>,
     pub shadow: Option<Shadow>,
+    /// Declared inputs and value rules (`[validation]`, `[[inputs]]`).
+    pub schema: Option<Schema>,
 }
 
 /// A share of a model's traffic sent to one version instead of the champion.
@@ -184,6 +189,10 @@ struct PolicyFile {
     canary: Option<CanaryTable>,
     #[serde(default)]
     shadow: Option<ShadowTable>,
+    #[serde(default)]
+    validation: Option<schema::ValidationTable>,
+    #[serde(default)]
+    inputs: Vec<schema::InputTable>,
 }
 
 #[derive(Deserialize)]
@@ -475,6 +484,8 @@ pub fn parse(
         })
     });
 
+    let schema = schema::parse(raw.validation.as_ref(), &raw.inputs, &at, &mut errors);
+
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -486,6 +497,7 @@ pub fn parse(
         versions,
         canary,
         shadow,
+        schema,
     })
 }
 

@@ -181,14 +181,76 @@ fn assemble(
             })
         }
     };
+    let schema = match &policy.schema {
+        None => None,
+        Some(schema) => Some(resolve_schema(&policy, schema, &versions)?),
+    };
     Ok(Model {
         name: policy.model.clone(),
         champion,
         versions,
         canary,
         shadow,
+        schema,
         policy,
     })
+}
+
+/// Checks the declared inputs against every version's plugin (each must
+/// accept what the schema lets through) and fills in datatypes and shapes
+/// the policy takes from the plugins. This is where `gateway check` reports
+/// a policy and a plugin that disagree.
+fn resolve_schema(
+    policy: &ModelPolicy,
+    schema: &crate::policy::Schema,
+    versions: &BTreeMap<String, Arc<Version>>,
+) -> Result<crate::policy::Schema, PolicyError> {
+    let mut resolved = schema.clone();
+    for rule in &mut resolved.inputs {
+        let key = format!("inputs.{}", rule.name);
+        for v in versions.values() {
+            let problem = |what: String| {
+                PolicyError::key(
+                    &policy.file,
+                    &key,
+                    format!("version `{}` (plugin {}) {what}", v.name, v.plugin.name()),
+                )
+            };
+            let Some(spec) = v.plugin.info().inputs.iter().find(|s| s.name == rule.name) else {
+                return Err(problem(format!("has no input `{}`", rule.name)));
+            };
+            let datatype = *rule.datatype.get_or_insert(spec.datatype);
+            if datatype != spec.datatype {
+                return Err(problem(format!(
+                    "expects {} where the policy declares {datatype}",
+                    spec.datatype
+                )));
+            }
+            let shape = rule.shape.get_or_insert_with(|| spec.shape.clone());
+            let compatible = shape.len() == spec.shape.len()
+                && shape
+                    .iter()
+                    .zip(&spec.shape)
+                    .all(|(&mine, &theirs)| theirs == -1 || mine == theirs);
+            if !compatible {
+                return Err(problem(format!(
+                    "expects shape {:?}, which the policy's {shape:?} does not guarantee",
+                    spec.shape
+                )));
+            }
+            if let Some(&last) = shape.last()
+                && last >= 0
+                && !rule.features.is_empty()
+                && rule.features.len() != last as usize
+            {
+                return Err(problem(format!(
+                    "has {last} features on its last axis, the policy names {}",
+                    rule.features.len()
+                )));
+            }
+        }
+    }
+    Ok(resolved)
 }
 
 /// Plugins by file, loaded at most once per build, and taken from the

@@ -42,6 +42,9 @@ pub struct Model {
     pub versions: BTreeMap<String, Arc<Version>>,
     pub canary: Option<CanaryRoute>,
     pub shadow: Option<ShadowRoute>,
+    /// The declared inputs, with datatypes and shapes filled in from the
+    /// plugins when the policy says `from_plugin`.
+    pub schema: Option<crate::policy::Schema>,
 }
 
 /// A share of unpinned traffic that goes to another version.

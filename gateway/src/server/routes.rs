@@ -205,7 +205,7 @@ async fn infer(
             return error.into_response();
         }
     };
-    let result = infer_version(state, version, request, start).await;
+    let result = infer_version(state, model, version, request, start).await;
     let status = match &result {
         Ok(_) => StatusCode::OK,
         Err(e) => e.status,
@@ -265,6 +265,7 @@ struct Answered {
 
 async fn infer_version(
     state: &State,
+    model: &Model,
     version: &Version,
     request: Request<Incoming>,
     start: Instant,
@@ -278,12 +279,7 @@ async fn infer_version(
     .await?;
     let request = protocol::decode_infer_request(&body, json_length, state.config.decode)?;
     drop(body);
-    if let Err(e) = validate::check_request(&request, version.plugin.info()) {
-        for v in &e.violations {
-            telemetry::record_validation_failure(&version.model, &version.name, &v.input, v.rule);
-        }
-        return Err(e.into());
-    }
+    validate_request(model, version, &request)?;
 
     let deadline = start + version.limits.timeout;
     let _slot = version
@@ -339,6 +335,48 @@ async fn infer_version(
         inputs: request.inputs,
         outputs,
     })
+}
+
+/// Checks the request against the plugin's declared inputs, then against the
+/// policy's schema; counts every violation. Refuses structural violations
+/// always and value violations unless the schema is in `flag` mode.
+fn validate_request(
+    model: &Model,
+    version: &Version,
+    request: &InferRequest,
+) -> Result<(), ApiError> {
+    let violations = match validate::check_request(request, version.plugin.info()) {
+        Err(e) => e.violations,
+        Ok(()) => match &model.schema {
+            Some(schema) => validate::schema_violations(schema, &request.inputs),
+            None => return Ok(()),
+        },
+    };
+    if violations.is_empty() {
+        return Ok(());
+    }
+    for v in &violations {
+        telemetry::record_validation_failure(
+            &version.model,
+            &version.name,
+            &v.input,
+            &v.feature,
+            v.rule,
+        );
+    }
+    let flagged = model
+        .schema
+        .as_ref()
+        .is_some_and(|s| s.mode == crate::policy::Mode::Flag)
+        && violations.iter().all(validate::Violation::is_value_rule);
+    let error = validate::ValidationError { violations };
+    if flagged {
+        if let Some(suppressed) = version.error_log.check() {
+            tracing::warn!(model = %version.model, version = %version.name, suppressed, "served a request that breaks the input rules (flag mode): {error}");
+        }
+        return Ok(());
+    }
+    Err(error.into())
 }
 
 /// The outputs the client asked for, in its order (all when it named none),

@@ -13,7 +13,7 @@ use std::time::Instant;
 use crate::router::{self, Model, Route, Version};
 use crate::runtime::CallLimits;
 use crate::telemetry;
-use crate::tensor::{Datatype, Tensor};
+use crate::tensor::{self, Datatype, Tensor};
 use crate::validate;
 
 /// Copies an answered request to the model's challengers, if it has any
@@ -179,7 +179,7 @@ pub fn compare(
             (Datatype::Bytes, Datatype::Bytes) => a.data == c.data,
             (Datatype::Bytes, _) | (_, Datatype::Bytes) => false,
             _ => {
-                let (x, y) = (numbers(a), numbers(c));
+                let (x, y) = (tensor::numbers(a), tensor::numbers(c));
                 x.len() == y.len()
                     && x.iter()
                         .zip(&y)
@@ -191,35 +191,6 @@ pub fn compare(
         }
     }
     Ok(true)
-}
-
-/// A numeric tensor's elements as `f64` (layout checked by the runtime).
-fn numbers(t: &Tensor) -> Vec<f64> {
-    macro_rules! read {
-        ($ty:ty) => {
-            t.data
-                .chunks_exact(size_of::<$ty>())
-                .map(|c| {
-                    let mut b = [0u8; size_of::<$ty>()];
-                    b.copy_from_slice(c);
-                    <$ty>::from_le_bytes(b) as f64
-                })
-                .collect()
-        };
-    }
-    match t.datatype {
-        Datatype::Bool | Datatype::Uint8 => t.data.iter().map(|b| f64::from(*b)).collect(),
-        Datatype::Int8 => read!(i8),
-        Datatype::Int16 => read!(i16),
-        Datatype::Int32 => read!(i32),
-        Datatype::Int64 => read!(i64),
-        Datatype::Uint16 => read!(u16),
-        Datatype::Uint32 => read!(u32),
-        Datatype::Uint64 => read!(u64),
-        Datatype::Fp32 => read!(f32),
-        Datatype::Fp64 => read!(f64),
-        Datatype::Bytes => Vec::new(),
-    }
 }
 
 #[cfg(test)]

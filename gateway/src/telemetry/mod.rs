@@ -90,7 +90,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         "gateway_validation_failures_total",
-        "Request inputs refused before any plugin ran, by model, version, input and rule"
+        "Broken input rules (refused, or served in flag mode), by model, version, input, feature and rule"
     );
     metrics::describe_counter!(
         "gateway_policy_reloads_total",
@@ -180,12 +180,19 @@ pub fn record_predictions(model: &str, version: &str, seen: &LabelSet, labels: &
 }
 
 /// One broken rule of a request's inputs.
-pub fn record_validation_failure(model: &str, version: &str, input: &str, rule: &'static str) {
+pub fn record_validation_failure(
+    model: &str,
+    version: &str,
+    input: &str,
+    feature: &str,
+    rule: &'static str,
+) {
     metrics::counter!(
         "gateway_validation_failures_total",
         "model" => model.to_string(),
         "version" => version.to_string(),
         "input" => input.to_string(),
+        "feature" => feature.to_string(),
         "rule" => rule
     )
     .increment(1);

@@ -7,9 +7,10 @@
 
 use std::fmt;
 
+use crate::policy::{Allowed, FeatureRule, InputRule, Schema};
 use crate::protocol::InferRequest;
 use crate::runtime::bindings::ModelInfo;
-use crate::tensor::{self, Tensor, TensorSpec};
+use crate::tensor::{self, Datatype, Tensor, TensorSpec};
 
 /// One broken rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,7 +18,12 @@ pub struct Violation {
     /// The declared input concerned, or `_unknown` for a name the model does
     /// not declare (the metric label must not come from request text).
     pub input: String,
-    /// `unknown_input`, `missing_input`, `datatype`, `shape` or `unknown_output`.
+    /// The feature (position on the last axis) a value rule concerns, by
+    /// its declared name; empty for rules about the whole input.
+    pub feature: String,
+    /// Structural: `unknown_input`, `missing_input`, `datatype`, `shape`,
+    /// `unknown_output`. Values: `min`, `max`, `allowed`, `nan`, `infinity`,
+    /// `bytes_length`.
     pub rule: &'static str,
     pub message: String,
 }
@@ -28,13 +34,34 @@ pub struct ValidationError {
     pub violations: Vec<Violation>,
 }
 
+impl Violation {
+    /// Whether the policy's `flag` mode may let it through (a value rule);
+    /// structural violations always reject, since no plugin could use the
+    /// request.
+    pub fn is_value_rule(&self) -> bool {
+        matches!(
+            self.rule,
+            "min" | "max" | "allowed" | "nan" | "infinity" | "bytes_length"
+        )
+    }
+}
+
+/// Violations listed in one error message; all are counted.
+const MAX_LISTED: usize = 100;
+
 impl fmt::Display for ValidationError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, v) in self.violations.iter().enumerate() {
+        if self.violations.len() > 1 {
+            write!(f, "{} violations: ", self.violations.len())?;
+        }
+        for (i, v) in self.violations.iter().take(MAX_LISTED).enumerate() {
             if i > 0 {
                 f.write_str("; ")?;
             }
             f.write_str(&v.message)?;
+        }
+        if self.violations.len() > MAX_LISTED {
+            write!(f, "; and {} more", self.violations.len() - MAX_LISTED)?;
         }
         Ok(())
     }
@@ -52,6 +79,7 @@ pub fn check_request(request: &InferRequest, info: &ModelInfo) -> Result<(), Val
         if !info.outputs.iter().any(|s| &s.name == name) {
             violations.push(Violation {
                 input: UNKNOWN.into(),
+                feature: String::new(),
                 rule: "unknown_output",
                 message: format!(
                     "unknown output `{name}` requested (the model's outputs: {})",
@@ -82,6 +110,7 @@ fn input_violations(inputs: &[Tensor], info: &ModelInfo) -> Vec<Violation> {
         match info.inputs.iter().find(|s| s.name == input.name) {
             None => violations.push(Violation {
                 input: UNKNOWN.into(),
+                feature: String::new(),
                 rule: "unknown_input",
                 message: format!(
                     "unknown input `{}` (the model's inputs: {})",
@@ -93,6 +122,7 @@ fn input_violations(inputs: &[Tensor], info: &ModelInfo) -> Vec<Violation> {
                 if spec.datatype != input.datatype {
                     violations.push(Violation {
                         input: spec.name.clone(),
+                        feature: String::new(),
                         rule: "datatype",
                         message: format!(
                             "input `{}` has datatype {}, the model expects {}",
@@ -103,6 +133,7 @@ fn input_violations(inputs: &[Tensor], info: &ModelInfo) -> Vec<Violation> {
                 if !tensor::shape_matches(&spec.shape, &input.shape) {
                     violations.push(Violation {
                         input: spec.name.clone(),
+                        feature: String::new(),
                         rule: "shape",
                         message: format!(
                             "input `{}` has shape {:?}, the model expects {:?} (-1: any size)",
@@ -117,12 +148,158 @@ fn input_violations(inputs: &[Tensor], info: &ModelInfo) -> Vec<Violation> {
         if !inputs.iter().any(|t| t.name == spec.name) {
             violations.push(Violation {
                 input: spec.name.clone(),
+                feature: String::new(),
                 rule: "missing_input",
                 message: format!("missing input {}", describe(spec)),
             });
         }
     }
     violations
+}
+
+/// The policy schema's rules for `inputs` (which passed the plugin's
+/// structural check): its datatypes and shapes where narrower than the
+/// plugin's, then every value rule, element by element.
+pub fn schema_violations(schema: &Schema, inputs: &[Tensor]) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    for rule in &schema.inputs {
+        let Some(tensor) = inputs.iter().find(|t| t.name == rule.name) else {
+            continue;
+        };
+        let structural = |rule_name: &'static str, message: String| Violation {
+            input: rule.name.clone(),
+            feature: String::new(),
+            rule: rule_name,
+            message,
+        };
+        if rule.datatype.is_some_and(|d| d != tensor.datatype) {
+            violations.push(structural(
+                "datatype",
+                format!(
+                    "input `{}` has datatype {}, the policy declares {:?}",
+                    rule.name, tensor.datatype, rule.datatype
+                ),
+            ));
+            continue;
+        }
+        if let Some(shape) = &rule.shape
+            && !tensor::shape_matches(shape, &tensor.shape)
+        {
+            violations.push(structural(
+                "shape",
+                format!(
+                    "input `{}` has shape {:?}, the policy declares {shape:?} (-1: any size)",
+                    rule.name, tensor.shape
+                ),
+            ));
+            continue;
+        }
+        let columns = rule.features.len().max(1);
+        if !rule.features.is_empty() && tensor.shape.last().is_some_and(|&d| d as usize != columns)
+        {
+            violations.push(structural(
+                "shape",
+                format!(
+                    "input `{}` has {:?} values per row, the policy names {columns} features",
+                    rule.name,
+                    tensor.shape.last()
+                ),
+            ));
+            continue;
+        }
+        value_violations(rule, tensor, columns, &mut violations);
+    }
+    violations
+}
+
+fn value_violations(rule: &InputRule, tensor: &Tensor, columns: usize, out: &mut Vec<Violation>) {
+    let mut push = |index: usize, rule_name: &'static str, what: String| {
+        let (row, column) = (index / columns, index % columns);
+        let feature = rule
+            .features
+            .get(column)
+            .map(|f| f.name.clone())
+            .unwrap_or_default();
+        let place = if feature.is_empty() {
+            format!("`{}`[row {row}]", rule.name)
+        } else {
+            format!("`{}`[row {row}] feature `{feature}`", rule.name)
+        };
+        out.push(Violation {
+            input: rule.name.clone(),
+            feature,
+            rule: rule_name,
+            message: format!("{place} {what}"),
+        });
+    };
+    if tensor.datatype == Datatype::Bytes {
+        for (i, element) in tensor::bytes_elements(&tensor.data)
+            .map_while(Result::ok)
+            .enumerate()
+        {
+            if let Some(max) = rule.max_bytes_length
+                && element.len() > max
+            {
+                push(
+                    i,
+                    "bytes_length",
+                    format!("is {} bytes long, over the maximum of {max}", element.len()),
+                );
+            }
+            if let Some(Allowed::Strings(allowed)) = rule
+                .features
+                .get(i % columns)
+                .and_then(|f| f.allowed.as_ref())
+                && !allowed.iter().any(|a| a.as_bytes() == element)
+            {
+                push(
+                    i,
+                    "allowed",
+                    format!(
+                        "= {:?} is not one of {allowed:?}",
+                        String::from_utf8_lossy(element)
+                    ),
+                );
+            }
+        }
+        return;
+    }
+    let default = FeatureRule {
+        name: String::new(),
+        min: None,
+        max: None,
+        allowed: None,
+        allow_nan: rule.allow_nan,
+        allow_infinity: rule.allow_infinity,
+    };
+    for (i, value) in tensor::numbers(tensor).into_iter().enumerate() {
+        let f = rule.features.get(i % columns).unwrap_or(&default);
+        if value.is_nan() {
+            if !f.allow_nan {
+                push(i, "nan", "is NaN, which is not allowed".into());
+            }
+            continue;
+        }
+        if value.is_infinite() && !f.allow_infinity {
+            push(i, "infinity", format!("is {value}, which is not allowed"));
+            continue;
+        }
+        if let Some(min) = f.min
+            && value < min
+        {
+            push(i, "min", format!("= {value} is below the minimum {min}"));
+        }
+        if let Some(max) = f.max
+            && value > max
+        {
+            push(i, "max", format!("= {value} is above the maximum {max}"));
+        }
+        if let Some(Allowed::Numbers(allowed)) = &f.allowed
+            && !allowed.contains(&value)
+        {
+            push(i, "allowed", format!("= {value} is not one of {allowed:?}"));
+        }
+    }
 }
 
 fn describe(spec: &TensorSpec) -> String {
@@ -136,7 +313,6 @@ fn describe_all(specs: &[TensorSpec]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::Datatype;
 
     fn info() -> ModelInfo {
         ModelInfo {
