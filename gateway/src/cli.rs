@@ -58,6 +58,15 @@ struct ServeArgs {
     /// Connections served at once; more wait in the listen backlog.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// Inputs per inference request; more gets 413.
+    #[arg(long, default_value_t = 64)]
+    max_inputs: usize,
+    /// Elements per input tensor; more gets 413.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_tensor_elements: usize,
+    /// Bytes per BYTES element; more gets 400.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_bytes_element: usize,
     /// Seconds in-flight requests get to finish at shutdown.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_secs: u64,
@@ -121,6 +130,11 @@ async fn serve(args: ServeArgs) -> ExitCode {
     let mut options = args.policy.options(args.listen);
     options.server.max_body_bytes = args.max_body_bytes;
     options.server.max_connections = args.max_connections;
+    options.server.decode = crate::protocol::DecodeLimits {
+        max_inputs: args.max_inputs,
+        max_elements: args.max_tensor_elements,
+        max_bytes_element: args.max_bytes_element,
+    };
     options.server.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace_secs);
     options.server.admin_token = args.admin_token.filter(|t| !t.is_empty());
     options.watch_debounce =

@@ -43,7 +43,10 @@ fn split(reply: &Reply) -> (Value, &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_datatype_round_trips_in_binary() {
-    let gw = TestGateway::start(&[("echo.toml", &single_version_policy("echo", "echo", ""))]).await;
+    // NaN and infinities may come back: the policy allows them in outputs.
+    let policy =
+        single_version_policy("echo", "echo", "") + "[validation]\nallow_nan_outputs = true\n";
+    let gw = TestGateway::start(&[("echo.toml", &policy)]).await;
     let tensors: Vec<(&str, &str, Vec<i64>, Vec<u8>)> = vec![
         ("bool", "BOOL", vec![2], vec![1, 0]),
         ("int8", "INT8", vec![2], vec![0x80, 0x7f]),

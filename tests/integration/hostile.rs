@@ -180,6 +180,12 @@ async fn malformed_outputs_are_a_500_naming_the_defect() {
             "output `y`: BYTES element 0: length prefix runs past the end of the data",
         ),
         (3, "output `y` appears twice"),
+        (4, "output `y` has shape [1, 5], declared [-1]"),
+        (
+            5,
+            "output `y` element 1 is NaN (allow it with `allow_nan_outputs` in [validation])",
+        ),
+        (6, "declared output `y` is missing"),
     ];
     for (m, message) in cases {
         gw.infer("broken", &mode(m)).await.assert_error(

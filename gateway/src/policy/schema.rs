@@ -25,6 +25,8 @@ pub struct Schema {
     /// the value rules.
     pub from_plugin: bool,
     pub inputs: Vec<InputRule>,
+    /// Plugins may return NaN and infinities in float outputs.
+    pub allow_nan_outputs: bool,
 }
 
 /// One declared input.
@@ -67,6 +69,8 @@ pub(super) struct ValidationTable {
     mode: Option<Spanned<String>>,
     #[serde(default)]
     from_plugin: Option<bool>,
+    #[serde(default)]
+    allow_nan_outputs: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -216,10 +220,14 @@ pub(super) fn parse(
             allow_infinity: input.allow_infinity.unwrap_or(false),
         });
     }
+    let allow_nan_outputs = validation
+        .and_then(|v| v.allow_nan_outputs)
+        .unwrap_or(false);
     (errors.len() == before).then_some(Schema {
         mode,
         from_plugin,
         inputs: rules,
+        allow_nan_outputs,
     })
 }
 

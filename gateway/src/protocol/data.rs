@@ -15,6 +15,8 @@ pub struct ElementSink {
     pub count: usize,
     /// Elements allowed; one more is an error (bounds allocation by the shape).
     pub limit: usize,
+    /// Bytes allowed per BYTES element.
+    pub max_bytes_element: usize,
 }
 
 impl ElementSink {
@@ -28,6 +30,7 @@ impl ElementSink {
             data: Vec::with_capacity(bytes),
             count: 0,
             limit,
+            max_bytes_element: usize::MAX,
         }
     }
 
@@ -166,6 +169,13 @@ impl<'de> Visitor<'de> for Elements<'_> {
             return Err(E::custom(format_args!(
                 "element {index} is a string, but the datatype is {}",
                 sink.datatype
+            )));
+        }
+        if v.len() > sink.max_bytes_element {
+            return Err(E::custom(format_args!(
+                "element {index} is {} bytes, over the limit of {} bytes per BYTES element",
+                v.len(),
+                sink.max_bytes_element
             )));
         }
         let len = u32::try_from(v.len())

@@ -22,6 +22,8 @@ pub struct DecodeLimits {
     pub max_inputs: usize,
     /// Elements per input tensor.
     pub max_elements: usize,
+    /// Bytes per BYTES element.
+    pub max_bytes_element: usize,
 }
 
 impl Default for DecodeLimits {
@@ -29,6 +31,7 @@ impl Default for DecodeLimits {
         DecodeLimits {
             max_inputs: 64,
             max_elements: 16 << 20,
+            max_bytes_element: 1 << 20,
         }
     }
 }
@@ -316,6 +319,22 @@ fn decode_input(
         tensor::check_layout(&tensor).map_err(|e| {
             DecodeError::Binary(format!("input `{}`: binary data: {e}", tensor.name))
         })?;
+        if let Some((i, long)) = tensor::bytes_elements(if datatype == Datatype::Bytes {
+            &tensor.data
+        } else {
+            &[]
+        })
+        .map_while(Result::ok)
+        .enumerate()
+        .find(|(_, e)| e.len() > limits.max_bytes_element)
+        {
+            return Err(DecodeError::Binary(format!(
+                "input `{}`: element {i} is {} bytes, over the limit of {} bytes per BYTES element",
+                tensor.name,
+                long.len(),
+                limits.max_bytes_element
+            )));
+        }
         if datatype == Datatype::Bool {
             // Any non-zero byte is true; plugins see 0 or 1 only.
             tensor.data.iter_mut().for_each(|b| *b = u8::from(*b != 0));
@@ -328,6 +347,7 @@ fn decode_input(
     // Every JSON element takes at least two bytes (digit and separator), so the
     // raw text bounds the allocation whatever the shape claims.
     let mut sink = ElementSink::new(datatype, expected, raw.get().len() / 2 + 1);
+    sink.max_bytes_element = limits.max_bytes_element;
     let mut de = serde_json::Deserializer::from_str(raw.get());
     de::DeserializeSeed::deserialize(Elements(&mut sink), &mut de).map_err(|e| {
         DecodeError::Data {
@@ -704,6 +724,38 @@ mod tests {
         assert_eq!(
             negative.unwrap_err().to_string(),
             "input `x`: shape [-1, 2] has a negative dimension"
+        );
+    }
+
+    #[test]
+    fn bounds_bytes_elements() {
+        let limits = DecodeLimits {
+            max_bytes_element: 3,
+            ..DecodeLimits::default()
+        };
+        let json =
+            r#"{"inputs":[{"name":"s","shape":[2],"datatype":"BYTES","data":["abc","abcd"]}]}"#;
+        let error = decode_infer_request(json.as_bytes(), None, limits).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "input `s`: element 1 is 4 bytes, over the limit of 3 bytes per BYTES element"
+        );
+        let binary = [
+            &3u32.to_le_bytes()[..],
+            b"abc",
+            &4u32.to_le_bytes(),
+            b"abcd",
+        ]
+        .concat();
+        let head = format!(
+            r#"{{"inputs":[{{"name":"s","shape":[2],"datatype":"BYTES","parameters":{{"binary_data_size":{}}}}}]}}"#,
+            binary.len()
+        );
+        let body = [head.as_bytes(), &binary].concat();
+        let error = decode_infer_request(&body, Some(head.len()), limits).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "input `s`: element 1 is 4 bytes, over the limit of 3 bytes per BYTES element"
         );
     }
 

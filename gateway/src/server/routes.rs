@@ -295,6 +295,9 @@ async fn infer_version(
     let outputs = version.plugin.infer(&request.inputs, limits).await;
     telemetry::record_plugin_call(&version.model, &version.name, called.elapsed());
     let outputs = outputs.map_err(|e| plugin_error(version, e))?;
+    let allow_nan = model.schema.as_ref().is_some_and(|s| s.allow_nan_outputs);
+    validate::check_outputs(&outputs, version.plugin.info(), allow_nan)
+        .map_err(|e| plugin_error(version, crate::runtime::PluginError::MalformedOutput(e)))?;
     if let Some(labels) = version
         .label_output
         .as_ref()

@@ -109,7 +109,23 @@ impl Job {
                 }
                 let (compare_output, tolerance) =
                     shadow.map_or((None, 0.0), |s| (s.compare_output.as_deref(), s.tolerance));
-                let result = match compare(&self.outputs, &outputs, compare_output, tolerance) {
+                let allow_nan = self
+                    .model
+                    .schema
+                    .as_ref()
+                    .is_some_and(|s| s.allow_nan_outputs);
+                let checked =
+                    validate::check_outputs(&outputs, challenger.plugin.info(), allow_nan).map_err(
+                        |e| {
+                            format!(
+                                "plugin `{}` returned a malformed output: {e}",
+                                challenger.plugin.name()
+                            )
+                        },
+                    );
+                let result = match checked
+                    .and_then(|()| compare(&self.outputs, &outputs, compare_output, tolerance))
+                {
                     Ok(true) => "agree",
                     Ok(false) => "disagree",
                     Err(e) => {

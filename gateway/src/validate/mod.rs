@@ -157,6 +157,42 @@ fn input_violations(inputs: &[Tensor], info: &ModelInfo) -> Vec<Violation> {
     violations
 }
 
+/// Checks a plugin's outputs against what its `info()` declares: every
+/// declared output present, with its datatype and a matching shape; no NaN
+/// or infinity in float outputs unless `allow_nan`.
+pub fn check_outputs(outputs: &[Tensor], info: &ModelInfo, allow_nan: bool) -> Result<(), String> {
+    for spec in &info.outputs {
+        let Some(output) = outputs.iter().find(|t| t.name == spec.name) else {
+            return Err(format!("declared output `{}` is missing", spec.name));
+        };
+        if output.datatype != spec.datatype {
+            return Err(format!(
+                "output `{}` is {}, declared {}",
+                spec.name, output.datatype, spec.datatype
+            ));
+        }
+        if !tensor::shape_matches(&spec.shape, &output.shape) {
+            return Err(format!(
+                "output `{}` has shape {:?}, declared {:?}",
+                spec.name, output.shape, spec.shape
+            ));
+        }
+        if !allow_nan
+            && matches!(output.datatype, Datatype::Fp32 | Datatype::Fp64)
+            && let Some((i, v)) = tensor::numbers(output)
+                .into_iter()
+                .enumerate()
+                .find(|(_, v)| !v.is_finite())
+        {
+            return Err(format!(
+                "output `{}` element {i} is {v} (allow it with `allow_nan_outputs` in [validation])",
+                spec.name
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The policy schema's rules for `inputs` (which passed the plugin's
 /// structural check): its datatypes and shapes where narrower than the
 /// plugin's, then every value rule, element by element.

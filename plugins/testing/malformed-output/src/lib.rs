@@ -4,7 +4,10 @@
 //! 0. FP32 data shorter than the shape needs;
 //! 1. a negative dimension in the shape;
 //! 2. a BYTES element whose length prefix runs past the data;
-//! 3. two outputs with the same name.
+//! 3. two outputs with the same name;
+//! 4. a well-formed `y` of shape [1, 5], where `info()` declares [-1];
+//! 5. a NaN in `y`;
+//! 6. no `y` at all (an undeclared `z` instead).
 //!
 //! The gateway must answer 500 naming the plugin and the defect.
 use gateway_plugin_sdk::{Datatype, Error, Guest, ModelInfo, Tensor, TensorSpec};
@@ -35,7 +38,10 @@ impl Guest for Malformed {
                 bytes.data[0] = 200;
                 vec![bytes]
             }
-            _ => vec![y.clone(), y],
+            3 => vec![y.clone(), y],
+            4 => vec![y],
+            5 => vec![Tensor::fp32("y", &[2], &[0.5, f32::NAN])],
+            _ => vec![Tensor::fp32("z", &[1], &[1.0])],
         })
     }
 }
