@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod monitor;
 pub mod policy;
 pub mod protocol;
 pub mod router;

@@ -7,6 +7,7 @@ mod bad_input;
 mod binary;
 mod compat;
 mod hostile;
+mod monitoring;
 mod policy_check;
 mod reload;
 mod shadow;

@@ -244,9 +244,14 @@ fn check_names_a_schema_that_disagrees_with_a_plugin() {
             "`validation.mode`: `strict` is not a mode; use `reject` or `flag`",
         ),
         (
-            "{ name = \"review_count\", min = 0, max = 500 },",
-            "",
-            "5 features for a last dimension of 6",
+            "[[inputs.features]]\nname = \"review_count\"",
+            "[monitoring.unused]\nname = \"review_count\"",
+            "unknown field `unused`",
+        ),
+        (
+            "proportions = [0.15, 0.45, 0.30, 0.10]",
+            "proportions = [0.15, 0.45, 0.30]",
+            "5 edges make 4 bins, but there are 3 proportions",
         ),
     ];
     let example =

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod schema;
-pub use schema::{Allowed, FeatureRule, InputRule, Mode, Schema};
+pub use schema::{Allowed, FeatureRule, InputRule, Mode, Monitoring, Reference, Schema};
 
 /// Limits of one model version; a version's own table overrides its model's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +53,8 @@ pub struct ModelPolicy {
     pub shadow: Option<Shadow>,
     /// Declared inputs and value rules (`[validation]`, `[[inputs]]`).
     pub schema: Option<Schema>,
+    /// How data monitoring summarizes the declared features.
+    pub monitoring: Monitoring,
 }
 
 /// A share of a model's traffic sent to one version instead of the champion.
@@ -193,6 +195,8 @@ struct PolicyFile {
     validation: Option<schema::ValidationTable>,
     #[serde(default)]
     inputs: Vec<schema::InputTable>,
+    #[serde(default)]
+    monitoring: Option<schema::MonitoringTable>,
 }
 
 #[derive(Deserialize)]
@@ -485,6 +489,7 @@ pub fn parse(
     });
 
     let schema = schema::parse(raw.validation.as_ref(), &raw.inputs, &at, &mut errors);
+    let monitoring = schema::parse_monitoring(raw.monitoring.as_ref(), &at, &mut errors);
 
     if !errors.is_empty() {
         return Err(errors);
@@ -498,6 +503,7 @@ pub fn parse(
         canary,
         shadow,
         schema,
+        monitoring,
     })
 }
 

@@ -53,6 +53,106 @@ pub struct FeatureRule {
     pub allowed: Option<Allowed>,
     pub allow_nan: bool,
     pub allow_infinity: bool,
+    /// The training data's distribution, for drift and outliers.
+    pub reference: Option<Reference>,
+}
+
+/// A feature's distribution in the training data: bin edges (increasing)
+/// and the share of values in each bin, optionally mean and standard
+/// deviation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reference {
+    pub edges: Vec<f64>,
+    pub proportions: Vec<f64>,
+    pub mean: Option<f64>,
+    pub std: Option<f64>,
+}
+
+/// How data monitoring summarizes what a model sees (`[monitoring]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Monitoring {
+    /// Values per feature in the sliding window the drift score covers.
+    pub window: usize,
+    /// PSI above which a feature counts as drifting.
+    pub drift_threshold: f64,
+    /// Reference standard deviations beyond which a value is an outlier.
+    pub outlier_sigma: f64,
+}
+
+impl Default for Monitoring {
+    fn default() -> Self {
+        Monitoring {
+            window: 1000,
+            drift_threshold: 0.2,
+            outlier_sigma: 4.0,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct MonitoringTable {
+    #[serde(default)]
+    window: Option<Spanned<i64>>,
+    #[serde(default)]
+    drift_threshold: Option<Spanned<f64>>,
+    #[serde(default)]
+    outlier_sigma: Option<Spanned<f64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReferenceTable {
+    edges: Vec<f64>,
+    proportions: Vec<f64>,
+    #[serde(default)]
+    mean: Option<f64>,
+    #[serde(default)]
+    std: Option<f64>,
+}
+
+/// Checks `[monitoring]`.
+pub(super) fn parse_monitoring(
+    table: Option<&MonitoringTable>,
+    at: &impl Fn(std::ops::Range<usize>, &str) -> Location,
+    errors: &mut Vec<PolicyError>,
+) -> Monitoring {
+    let mut m = Monitoring::default();
+    let Some(t) = table else { return m };
+    if let Some(w) = &t.window {
+        if (16..=1_000_000).contains(w.get_ref()) {
+            m.window = *w.get_ref() as usize;
+        } else {
+            errors.push(PolicyError::at(
+                &at(w.span(), "monitoring.window"),
+                "allowed: 16 to 1000000 values",
+            ));
+        }
+    }
+    for (value, key, slot) in [
+        (
+            &t.drift_threshold,
+            "monitoring.drift_threshold",
+            &mut m.drift_threshold,
+        ),
+        (
+            &t.outlier_sigma,
+            "monitoring.outlier_sigma",
+            &mut m.outlier_sigma,
+        ),
+    ] {
+        if let Some(v) = value {
+            if v.get_ref().is_finite() && *v.get_ref() > 0.0 {
+                *slot = *v.get_ref();
+            } else {
+                errors.push(PolicyError::at(
+                    &at(v.span(), key),
+                    "must be a number above 0",
+                ));
+            }
+        }
+    }
+    m
 }
 
 /// The values a feature may take.
@@ -105,6 +205,8 @@ struct FeatureTable {
     allow_nan: Option<bool>,
     #[serde(default)]
     allow_infinity: Option<bool>,
+    #[serde(default)]
+    reference: Option<Spanned<ReferenceTable>>,
 }
 
 /// Checks the `[validation]` table and the `[[inputs]]` array.
@@ -293,7 +395,53 @@ fn feature(
             }
         }
     });
+    let reference = f.reference.as_ref().and_then(|r| {
+        let t = r.get_ref();
+        let problem = if t.edges.len() < 2 {
+            Some("needs at least two edges".to_string())
+        } else if t
+            .edges
+            .windows(2)
+            .any(|w| w[0].partial_cmp(&w[1]) != Some(std::cmp::Ordering::Less))
+        {
+            Some("edges must increase".to_string())
+        } else if t.proportions.len() + 1 != t.edges.len() {
+            Some(format!(
+                "{} edges make {} bins, but there are {} proportions",
+                t.edges.len(),
+                t.edges.len() - 1,
+                t.proportions.len()
+            ))
+        } else if t.proportions.iter().any(|p| !(0.0..=1.0).contains(p))
+            || (t.proportions.iter().sum::<f64>() - 1.0).abs() > 0.01
+        {
+            Some("proportions must be between 0 and 1 and add up to 1".to_string())
+        } else if t
+            .std
+            .is_some_and(|s| s.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater))
+        {
+            Some("std must be above 0".to_string())
+        } else {
+            None
+        };
+        match problem {
+            Some(p) => {
+                errors.push(PolicyError::at(
+                    &at(r.span(), &format!("{key}.reference")),
+                    p,
+                ));
+                None
+            }
+            None => Some(Reference {
+                edges: t.edges.clone(),
+                proportions: t.proportions.clone(),
+                mean: t.mean,
+                std: t.std,
+            }),
+        }
+    });
     FeatureRule {
+        reference,
         name: f.name.get_ref().clone(),
         min,
         max,

@@ -86,7 +86,7 @@ pub async fn build(
         if errors.len() > before {
             continue;
         }
-        match assemble(policy, versions) {
+        match assemble(policy, versions, old) {
             Ok(model) => {
                 models.insert(model.name.clone(), Arc::new(model));
             }
@@ -125,6 +125,7 @@ fn new_version(model: &str, v: &VersionPolicy, plugin: Arc<Plugin>) -> Version {
 fn assemble(
     policy: ModelPolicy,
     versions: BTreeMap<String, Arc<Version>>,
+    old: Option<&Arc<Model>>,
 ) -> Result<Model, PolicyError> {
     let version = |name: &str| {
         versions.get(name).cloned().ok_or_else(|| {
@@ -185,6 +186,28 @@ fn assemble(
         None => None,
         Some(schema) => Some(resolve_schema(&policy, schema, &versions)?),
     };
+    // A version whose plugin, limits, schema and monitoring settings did not
+    // change keeps what its monitor has seen.
+    let mut monitors = BTreeMap::new();
+    if let Some(schema) = &schema {
+        for (name, version) in &versions {
+            let kept = old
+                .filter(|o| {
+                    o.schema.as_ref() == Some(schema) && o.policy.monitoring == policy.monitoring
+                })
+                .filter(|o| {
+                    o.versions
+                        .get(name)
+                        .is_some_and(|v| Arc::ptr_eq(v, version))
+                })
+                .and_then(|o| o.monitors.get(name).cloned());
+            let monitor = kept
+                .or_else(|| crate::monitor::Monitor::new(schema, &policy.monitoring).map(Arc::new));
+            if let Some(monitor) = monitor {
+                monitors.insert(name.clone(), monitor);
+            }
+        }
+    }
     Ok(Model {
         name: policy.model.clone(),
         champion,
@@ -192,6 +215,7 @@ fn assemble(
         canary,
         shadow,
         schema,
+        monitors,
         policy,
     })
 }

@@ -45,6 +45,8 @@ pub struct Model {
     /// The declared inputs, with datatypes and shapes filled in from the
     /// plugins when the policy says `from_plugin`.
     pub schema: Option<crate::policy::Schema>,
+    /// Data monitoring of the declared features, per version name.
+    pub monitors: BTreeMap<String, Arc<crate::monitor::Monitor>>,
 }
 
 /// A share of unpinned traffic that goes to another version.

@@ -67,3 +67,45 @@ pub(super) async fn reload(state: &State) -> Result<HttpResponse, ApiError> {
 pub(super) fn policies(state: &State) -> Result<HttpResponse, ApiError> {
     to_json(&state.reloader.view())
 }
+
+/// `GET /admin/monitoring`: per model, version and feature, what the
+/// version has seen and how far it drifted from the reference.
+pub(super) fn monitoring(state: &State) -> Result<HttpResponse, ApiError> {
+    #[derive(Serialize)]
+    struct VersionMonitoring<'a> {
+        model: &'a str,
+        version: &'a str,
+        window: usize,
+        drift_threshold: f64,
+        drifting: Vec<String>,
+        features: Vec<crate::monitor::FeatureSummary>,
+    }
+    #[derive(Serialize)]
+    struct View<'a> {
+        generation: u64,
+        versions: Vec<VersionMonitoring<'a>>,
+    }
+    let snapshot = state.reloader.snapshot();
+    let mut versions = Vec::new();
+    for model in snapshot.models() {
+        for (version, monitor) in &model.monitors {
+            let features = monitor.summaries();
+            versions.push(VersionMonitoring {
+                model: &model.name,
+                version,
+                window: monitor.config().window,
+                drift_threshold: monitor.config().drift_threshold,
+                drifting: features
+                    .iter()
+                    .filter(|f| f.drifting)
+                    .map(|f| format!("{}.{}", f.input, f.feature))
+                    .collect(),
+                features,
+            });
+        }
+    }
+    to_json(&View {
+        generation: snapshot.generation,
+        versions,
+    })
+}

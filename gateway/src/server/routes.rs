@@ -51,13 +51,15 @@ pub async fn handle(state: &State, request: Request<Incoming>) -> HttpResponse {
         ["v2", "models", model, "versions", version, "ready"] if get => {
             model_ready(state, model, Some(version))
         }
-        ["metrics"] if get => Ok(metrics()),
+        ["metrics"] if get => Ok(metrics(state)),
         ["admin", "reload"] if post => match admin_routes::authorize(state, request.headers()) {
             Ok(()) => admin_routes::reload(state).await,
             Err(e) => Err(e),
         },
         ["admin", "policies"] if get => admin_routes::authorize(state, request.headers())
             .and_then(|()| admin_routes::policies(state)),
+        ["admin", "monitoring"] if get => admin_routes::authorize(state, request.headers())
+            .and_then(|()| admin_routes::monitoring(state)),
         other => Err(match allowed_method(other) {
             Some(allowed) => ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -88,7 +90,8 @@ fn allowed_method(segments: &[&str]) -> Option<&'static str> {
         | ["v2", "models", _, "versions", _]
         | ["v2", "models", _, "versions", _, "ready"]
         | ["metrics"]
-        | ["admin", "policies"] => Some("GET"),
+        | ["admin", "policies"]
+        | ["admin", "monitoring"] => Some("GET"),
         _ => None,
     }
 }
@@ -173,8 +176,23 @@ fn model_ready(
     })
 }
 
-fn metrics() -> HttpResponse {
-    let mut response = Response::new(Full::new(Bytes::from(telemetry::render())));
+fn metrics(state: &State) -> HttpResponse {
+    let mut text = telemetry::render();
+    let snapshot = state.reloader.snapshot();
+    let versions: Vec<crate::monitor::VersionSummaries<'_>> = snapshot
+        .models()
+        .flat_map(|m| {
+            m.monitors
+                .iter()
+                .map(move |(version, monitor)| crate::monitor::VersionSummaries {
+                    model: &m.name,
+                    version,
+                    features: monitor.summaries(),
+                })
+        })
+        .collect();
+    crate::monitor::render(&mut text, &versions);
+    let mut response = Response::new(Full::new(Bytes::from(text)));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -280,6 +298,9 @@ async fn infer_version(
     let request = protocol::decode_infer_request(&body, json_length, state.config.decode)?;
     drop(body);
     validate_request(model, version, &request)?;
+    if let Some(monitor) = model.monitors.get(&version.name) {
+        monitor.observe(&request.inputs);
+    }
 
     let deadline = start + version.limits.timeout;
     let _slot = version

@@ -307,6 +307,7 @@ fn value_violations(rule: &InputRule, tensor: &Tensor, columns: usize, out: &mut
         allowed: None,
         allow_nan: rule.allow_nan,
         allow_infinity: rule.allow_infinity,
+        reference: None,
     };
     for (i, value) in tensor::numbers(tensor).into_iter().enumerate() {
         let f = rule.features.get(i % columns).unwrap_or(&default);
