@@ -9,6 +9,7 @@
 //!   random canary), to be read against `http/plain`.
 //! - `http`: the full path over a keep-alive loopback connection to an
 //!   in-process gateway: `plain` (champion only) is the baseline for
+//!   `validated` (the example policy's input rules and data monitoring),
 //!   `canary` (50 % split) and `shadow` (every request copied to a
 //!   challenger, whose work competes for the same two cores).
 //!
@@ -42,7 +43,7 @@ fn limits() -> CallLimits {
     CallLimits::starting_now(Duration::from_secs(10), 64 << 20)
 }
 
-const POLICIES: [(&str, &str); 3] = [
+const POLICIES: [(&str, &str); 4] = [
     (
         "plain.toml",
         "model = \"plain\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n",
@@ -51,6 +52,11 @@ const POLICIES: [(&str, &str); 3] = [
         "canary.toml",
         "model = \"canary\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n\
          [versions.v2]\nplugin = \"ttm-rules-v2\"\n[canary]\nversion = \"v2\"\npercent = 50\n",
+    ),
+    (
+        "validated.toml",
+        // Filled in from the example policy: its input rules and monitoring.
+        "",
     ),
     (
         "shadow.toml",
@@ -62,9 +68,25 @@ const POLICIES: [(&str, &str); 3] = [
 fn policy_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     for (name, text) in POLICIES {
+        let text = if text.is_empty() {
+            validated_policy()
+        } else {
+            text.to_string()
+        };
         std::fs::write(dir.path().join(name), text).expect("write policy");
     }
     dir
+}
+
+/// The example time-to-merge policy (input rules, references, monitoring)
+/// as model `validated`, serving v1 only.
+fn validated_policy() -> String {
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../policies/time-to-merge.toml"
+    ))
+    .expect("example policy");
+    example.replace("model = \"time-to-merge\"", "model = \"validated\"")
 }
 
 fn sandbox_and_codec(c: &mut Criterion) {
@@ -163,6 +185,18 @@ fn routing(c: &mut Criterion) {
     group.bench_function("canary_sticky_key", |b| {
         b.iter(|| snapshot.route("canary", None, &keyed).expect("route").2)
     });
+    let model = snapshot.model("validated").expect("validated model");
+    let schema = model.schema.as_ref().expect("schema");
+    let monitor = model.monitors.get("v1").expect("monitor");
+    let request =
+        decode_infer_request(body(1).as_bytes(), None, DecodeLimits::default()).expect("decode");
+    group.bench_function("validate_and_monitor_1x6", |b| {
+        b.iter(|| {
+            let violations = gateway::validate::schema_violations(schema, &request.inputs);
+            monitor.observe(&request.inputs);
+            violations
+        })
+    });
     group.bench_function("canary_random", |b| {
         b.iter(|| snapshot.route("canary", None, &unkeyed).expect("route").2)
     });
@@ -216,7 +250,7 @@ fn http(c: &mut Criterion) {
     let body = Bytes::from(body(1));
 
     let mut group = c.benchmark_group("http");
-    for model in ["plain", "canary", "shadow"] {
+    for model in ["plain", "validated", "canary", "shadow"] {
         group.bench_function(model, |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
