@@ -270,3 +270,62 @@ fn check_names_a_schema_that_disagrees_with_a_plugin() {
         assert!(stderr.contains(message), "{stderr}\nlacks: {message}");
     }
 }
+
+/// BYTES rules through the echo plugin (which needs one input of each
+/// datatype): element length and allowed strings, at and past the limit;
+/// `from_plugin` takes the datatype and shape from the plugin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_rules_and_declarations_from_the_plugin() {
+    let policy = "model = \"texts\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"echo\"\n\
+                  [validation]\nfrom_plugin = true\n\
+                  [[inputs]]\nname = \"bytes\"\nmax_bytes_length = 3\n\
+                  [[inputs]]\nname = \"uint8\"\nfeatures = [{ name = \"level\", allowed = [1, 2] }]\n";
+    let gw = TestGateway::start(&[("texts.toml", policy)]).await;
+    let request = |texts: Value, level: u8| {
+        let mut inputs = vec![
+            json!({"name": "bytes", "datatype": "BYTES", "shape": [texts.as_array().unwrap().len()], "data": texts}),
+            json!({"name": "uint8", "datatype": "UINT8", "shape": [1], "data": [level]}),
+        ];
+        for (name, datatype) in [
+            ("bool", "BOOL"),
+            ("int8", "INT8"),
+            ("int16", "INT16"),
+            ("int32", "INT32"),
+            ("int64", "INT64"),
+            ("uint16", "UINT16"),
+            ("uint32", "UINT32"),
+            ("uint64", "UINT64"),
+            ("fp64", "FP64"),
+        ] {
+            let value = if datatype == "BOOL" {
+                json!(true)
+            } else {
+                json!(1)
+            };
+            inputs.push(json!({"name": name, "datatype": datatype, "shape": [1], "data": [value]}));
+        }
+        inputs.push(json!({"name": "fp32", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}));
+        json!({"inputs": inputs})
+    };
+    assert_eq!(
+        gw.infer("texts", &request(json!(["", "abc"]), 2))
+            .await
+            .status,
+        200
+    );
+    gw.infer("texts", &request(json!(["abc", "abcd"]), 1))
+        .await
+        .assert_error(
+            400,
+            &["`bytes`[row 1] is 4 bytes long, over the maximum of 3"],
+        );
+    gw.infer("texts", &request(json!(["a"]), 3))
+        .await
+        .assert_error(
+            400,
+            &["`uint8`[row 0] feature `level` = 3 is not one of [1.0, 2.0]"],
+        );
+    let view = gw.policies_view().await;
+    assert_eq!(view["models"][0]["model"], "texts");
+    gw.shutdown().await;
+}
