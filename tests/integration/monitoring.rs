@@ -65,6 +65,15 @@ fn from_reference(edges: &[f64], proportions: &[f64], n: usize, salt: usize) -> 
         .collect()
 }
 
+/// `n` rows drawn from the reference, one column per feature.
+fn reference_columns(n: usize) -> Vec<Vec<f32>> {
+    references()
+        .iter()
+        .enumerate()
+        .map(|(i, (edges, p))| from_reference(edges, p, n, i))
+        .collect()
+}
+
 async fn send_rows(client: &mut Client, model: &str, columns: &[Vec<f32>]) {
     let rows = columns[0].len();
     for start in (0..rows).step_by(50) {
@@ -114,11 +123,7 @@ fn feature<'a>(view: &'a Value, model: &str, name: &str) -> &'a Value {
 async fn statistics_equal_those_computed_offline() {
     let gw = TestGateway::start(&[("stats.toml", &policy("stats"))]).await;
     let mut client = gw.client().await;
-    let columns: Vec<Vec<f32>> = references()
-        .iter()
-        .enumerate()
-        .map(|(i, (edges, p))| from_reference(edges, p, 137, i))
-        .collect();
+    let columns = reference_columns(137);
     send_rows(&mut client, "stats", &columns).await;
     let view = monitoring(&gw).await;
     let names = [
@@ -190,11 +195,7 @@ async fn statistics_equal_those_computed_offline() {
 async fn drift_stays_low_for_reference_data_and_rises_for_shifted_data() {
     let gw = TestGateway::start(&[("drift.toml", &policy("drift"))]).await;
     let mut client = gw.client().await;
-    let reference: Vec<Vec<f32>> = references()
-        .iter()
-        .enumerate()
-        .map(|(i, (edges, p))| from_reference(edges, p, 400, i))
-        .collect();
+    let reference = reference_columns(400);
     send_rows(&mut client, "drift", &reference).await;
     let view = monitoring(&gw).await;
     for name in [

@@ -339,21 +339,28 @@ impl Metrics {
         Metrics { samples }
     }
 
-    /// The value of the sample whose labels include all of `labels`; 0 if
-    /// there is none. Panics if several samples match.
-    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let matching: Vec<f64> = self
-            .samples
+    /// The values of the samples whose labels include all of `labels`.
+    fn matching<'a>(
+        &'a self,
+        name: &str,
+        labels: &'a [(&str, &str)],
+    ) -> impl Iterator<Item = f64> + 'a {
+        self.samples
             .get(name)
             .into_iter()
             .flatten()
-            .filter(|(l, _)| {
+            .filter(move |(l, _)| {
                 labels
                     .iter()
                     .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
             })
             .map(|(_, v)| *v)
-            .collect();
+    }
+
+    /// The value of the sample whose labels include all of `labels`; 0 if
+    /// there is none. Panics if several samples match.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let matching: Vec<f64> = self.matching(name, labels).collect();
         assert!(
             matching.len() <= 1,
             "{name}{labels:?} matches {} samples",
@@ -364,17 +371,7 @@ impl Metrics {
 
     /// The sum over all samples whose labels include `labels`.
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.samples
-            .get(name)
-            .into_iter()
-            .flatten()
-            .filter(|(l, _)| {
-                labels
-                    .iter()
-                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|(_, v)| *v)
-            .sum()
+        self.matching(name, labels).sum()
     }
 }
 
