@@ -219,23 +219,23 @@ pub fn shape_matches(declared: &[i64], shape: &[i64]) -> bool {
     declared.len() == shape.len() && declared.iter().zip(shape).all(|(&d, &s)| d == -1 || d == s)
 }
 
-/// A numeric tensor's elements as `f64` (BOOL as 0 or 1; empty for BYTES).
-/// The layout must have been checked.
-pub fn numbers(t: &Tensor) -> Vec<f64> {
+/// Calls `f(index, value)` for the elements `start`, `start + step`, ... of a
+/// numeric tensor, as `f64` (BOOL as 0 or 1; nothing for BYTES), without
+/// allocating. The layout must have been checked.
+pub fn each_number(t: &Tensor, start: usize, step: usize, mut f: impl FnMut(usize, f64)) {
+    let step = step.max(1);
     macro_rules! read {
-        ($ty:ty) => {
-            t.data
-                .chunks_exact(size_of::<$ty>())
-                .map(|c| {
-                    let mut b = [0u8; size_of::<$ty>()];
-                    b.copy_from_slice(c);
-                    <$ty>::from_le_bytes(b) as f64
-                })
-                .collect()
-        };
+        ($ty:ty) => {{
+            const N: usize = size_of::<$ty>();
+            for (i, c) in t.data.chunks_exact(N).enumerate().skip(start).step_by(step) {
+                let mut b = [0u8; N];
+                b.copy_from_slice(c);
+                f(i, <$ty>::from_le_bytes(b) as f64);
+            }
+        }};
     }
     match t.datatype {
-        Datatype::Bool | Datatype::Uint8 => t.data.iter().map(|b| f64::from(*b)).collect(),
+        Datatype::Bool | Datatype::Uint8 => read!(u8),
         Datatype::Int8 => read!(i8),
         Datatype::Int16 => read!(i16),
         Datatype::Int32 => read!(i32),
@@ -245,8 +245,15 @@ pub fn numbers(t: &Tensor) -> Vec<f64> {
         Datatype::Uint64 => read!(u64),
         Datatype::Fp32 => read!(f32),
         Datatype::Fp64 => read!(f64),
-        Datatype::Bytes => Vec::new(),
+        Datatype::Bytes => {}
     }
+}
+
+/// A numeric tensor's elements as `f64` (see [`each_number`]).
+pub fn numbers(t: &Tensor) -> Vec<f64> {
+    let mut out = Vec::with_capacity(t.data.len() / t.datatype.element_size().unwrap_or(1));
+    each_number(t, 0, 1, |_, v| out.push(v));
+    out
 }
 
 #[cfg(test)]

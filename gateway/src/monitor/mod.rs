@@ -100,26 +100,19 @@ impl Monitor {
     /// Records the values of a served request.
     pub fn observe(&self, inputs: &[Tensor]) {
         let slice_size = (self.config.window / SLICES).max(1);
-        let mut current: Option<(&str, Vec<f64>)> = None;
         for f in &self.features {
-            if current.as_ref().is_none_or(|(name, _)| *name != f.input) {
-                current = inputs
-                    .iter()
-                    .find(|t| t.name == f.input)
-                    .map(|t| (f.input.as_str(), tensor::numbers(t)));
-            }
-            let Some((_, values)) = &current else {
+            let Some(t) = inputs.iter().find(|t| t.name == f.input) else {
                 continue;
             };
             let mut stats = f.stats.lock().unwrap_or_else(|e| e.into_inner());
-            for &v in values.iter().skip(f.column).step_by(f.columns.max(1)) {
+            tensor::each_number(t, f.column, f.columns, |_, v| {
                 stats.observe(
                     v,
                     f.reference.as_ref(),
                     self.config.outlier_sigma,
                     slice_size,
                 );
-            }
+            });
         }
     }
 

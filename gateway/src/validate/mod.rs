@@ -309,17 +309,17 @@ fn value_violations(rule: &InputRule, tensor: &Tensor, columns: usize, out: &mut
         allow_infinity: rule.allow_infinity,
         reference: None,
     };
-    for (i, value) in tensor::numbers(tensor).into_iter().enumerate() {
+    tensor::each_number(tensor, 0, 1, |i, value| {
         let f = rule.features.get(i % columns).unwrap_or(&default);
         if value.is_nan() {
             if !f.allow_nan {
                 push(i, "nan", "is NaN, which is not allowed".into());
             }
-            continue;
+            return;
         }
         if value.is_infinite() && !f.allow_infinity {
             push(i, "infinity", format!("is {value}, which is not allowed"));
-            continue;
+            return;
         }
         if let Some(min) = f.min
             && value < min
@@ -336,7 +336,7 @@ fn value_violations(rule: &InputRule, tensor: &Tensor, columns: usize, out: &mut
         {
             push(i, "allowed", format!("= {value} is not one of {allowed:?}"));
         }
-    }
+    });
 }
 
 fn describe(spec: &TensorSpec) -> String {
