@@ -7,6 +7,16 @@ use serde_json::Value;
 
 use crate::support::{ADMIN_TOKEN, Client, TestGateway, fp32_request, send};
 
+/// The example's features, in column order (as in plugins/ttm-common).
+const FEATURES: [&str; 6] = [
+    "files_changed",
+    "additions",
+    "deletions",
+    "commits",
+    "comments",
+    "review_count",
+];
+
 /// The example policy, as its own model, with a small drift window.
 fn policy(model: &str) -> String {
     let example =
@@ -126,15 +136,7 @@ async fn statistics_equal_those_computed_offline() {
     let columns = reference_columns(137);
     send_rows(&mut client, "stats", &columns).await;
     let view = monitoring(&gw).await;
-    let names = [
-        "files_changed",
-        "additions",
-        "deletions",
-        "commits",
-        "comments",
-        "review_count",
-    ];
-    for (name, values) in names.iter().zip(&columns) {
+    for (name, values) in FEATURES.iter().zip(&columns) {
         let values: Vec<f64> = values.iter().map(|&v| v as f64).collect();
         let n = values.len() as f64;
         let mean = values.iter().sum::<f64>() / n;
@@ -198,14 +200,7 @@ async fn drift_stays_low_for_reference_data_and_rises_for_shifted_data() {
     let reference = reference_columns(400);
     send_rows(&mut client, "drift", &reference).await;
     let view = monitoring(&gw).await;
-    for name in [
-        "files_changed",
-        "additions",
-        "deletions",
-        "commits",
-        "comments",
-        "review_count",
-    ] {
+    for name in FEATURES {
         let psi = feature(&view, "drift", name)["psi"].as_f64().unwrap();
         assert!(
             psi < 0.05,
