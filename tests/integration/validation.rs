@@ -329,3 +329,27 @@ async fn bytes_rules_and_declarations_from_the_plugin() {
     assert_eq!(view["models"][0]["model"], "texts");
     gw.shutdown().await;
 }
+
+/// A reload that changes only an input rule applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changing_only_input_rules_applies_them() {
+    let gw = TestGateway::start(&[("live-rules.toml", &policy("liverules", "reject"))]).await;
+    let mut values = OK;
+    values[0] = 150.0;
+    gw.infer("liverules", &row(values)).await.assert_error(
+        400,
+        &["feature `files_changed` = 150 is above the maximum 100"],
+    );
+    gw.write_policy(
+        "live-rules.toml",
+        &policy("liverules", "reject").replace("max = 100", "max = 200"),
+    );
+    let reload = gw.reload().await;
+    assert_eq!(reload.status, 200, "{}", reload.text());
+    assert_eq!(
+        reload.json()["changes"],
+        json!(["model `liverules`: input rules changed"])
+    );
+    assert_eq!(gw.infer("liverules", &row(values)).await.status, 200);
+    gw.shutdown().await;
+}

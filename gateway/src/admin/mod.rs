@@ -179,6 +179,13 @@ fn diff(old: &Snapshot, new: &Snapshot) -> Vec<String> {
                 changes.push(format!("model `{}`: {what} added ({a})", m.name));
             }
         }
+        // Too long to print; named when they change.
+        if o.policy.schema != m.policy.schema {
+            changes.push(format!("model `{}`: input rules changed", m.name));
+        }
+        if o.policy.monitoring != m.policy.monitoring {
+            changes.push(format!("model `{}`: monitoring settings changed", m.name));
+        }
     }
     for o in old.models() {
         if new.model(&o.name).is_err() {
