@@ -198,6 +198,9 @@ fn diff(old: &Snapshot, new: &Snapshot) -> Vec<String> {
 /// A model's routing as (aspect, value) pairs that [`diff`] compares.
 fn describe(m: &Model) -> Vec<(String, String)> {
     let mut aspects = vec![("champion".to_string(), m.champion.name.clone())];
+    if let Some(d) = &m.policy.description {
+        aspects.push(("description".into(), format!("{d:?}")));
+    }
     if let Some(c) = &m.canary {
         aspects.push((
             "canary".into(),
@@ -224,13 +227,14 @@ fn describe(m: &Model) -> Vec<(String, String)> {
         aspects.push((
             format!("version `{}`", v.name),
             format!(
-                "plugin {} ({:016x}), timeout {} ms, memory {} MiB, concurrency {}+{}",
+                "plugin {} ({:016x}), timeout {} ms, memory {} MiB, concurrency {}+{}, description {:?}",
                 v.plugin.name(),
                 v.plugin.content_hash(),
                 v.limits.timeout.as_millis(),
                 v.limits.memory_bytes >> 20,
                 v.limits.max_concurrency,
-                v.limits.max_queue
+                v.limits.max_queue,
+                v.description.as_deref().unwrap_or("")
             ),
         ));
     }
