@@ -70,7 +70,8 @@ struct ServeArgs {
     /// Seconds in-flight requests get to finish at shutdown.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_secs: u64,
-    /// Bearer token that unlocks /admin/reload and /admin/policies; without
+    /// Bearer token that unlocks /admin/reload, /admin/policies and
+    /// /admin/monitoring; without
     /// it the admin API is off.
     #[arg(long, env = "GATEWAY_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
