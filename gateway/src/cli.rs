@@ -71,8 +71,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = 10)]
     shutdown_grace_secs: u64,
     /// Bearer token that unlocks /admin/reload, /admin/policies and
-    /// /admin/monitoring; without
-    /// it the admin API is off.
+    /// /admin/monitoring; without it the admin API is off.
     #[arg(long, env = "GATEWAY_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
     /// Do not watch the policy folder (reload with SIGHUP or POST /admin/reload).
