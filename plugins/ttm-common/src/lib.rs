@@ -37,6 +37,31 @@ pub struct PullRequest {
     pub review_count: f32,
 }
 
+/// The bucket a pull request's size alone suggests (the size rules of
+/// versions 1 and 3):
+///
+/// | lines changed | files | bucket       |
+/// |---------------|-------|--------------|
+/// | <= 20         | <= 2  | within_hour  |
+/// | <= 200        |       | within_day   |
+/// | <= 1000       |       | within_week  |
+/// | <= 5000       |       | within_month |
+/// | more          |       | longer       |
+pub fn size_bucket(pr: &PullRequest) -> usize {
+    let lines = pr.additions + pr.deletions;
+    if lines <= 20.0 && pr.files_changed <= 2.0 {
+        0
+    } else if lines <= 200.0 {
+        1
+    } else if lines <= 1000.0 {
+        2
+    } else if lines <= 5000.0 {
+        3
+    } else {
+        4
+    }
+}
+
 /// The shared `info()` for a time-to-merge plugin.
 pub fn model_info(version: &str, description: &str) -> ModelInfo {
     ModelInfo::new("ttm-rules", version, description)

@@ -13,23 +13,12 @@
 //! | more          |       | longer       |
 
 use gateway_plugin_sdk::{Error, Guest, ModelInfo, Tensor};
-use ttm_common::{PullRequest, model_info, outputs, read_pull_requests};
+use ttm_common::{PullRequest, model_info, outputs, read_pull_requests, size_bucket};
 
 struct SizeRules;
 
 fn bucket(pr: &PullRequest) -> usize {
-    let lines = pr.additions + pr.deletions;
-    let by_size = if lines <= 20.0 && pr.files_changed <= 2.0 {
-        0
-    } else if lines <= 200.0 {
-        1
-    } else if lines <= 1000.0 {
-        2
-    } else if lines <= 5000.0 {
-        3
-    } else {
-        4
-    };
+    let by_size = size_bucket(pr);
     if pr.comments >= 20.0 {
         (by_size + 1).min(4)
     } else {

@@ -7,23 +7,12 @@
 //! what remains, spread evenly.
 
 use gateway_plugin_sdk::{Error, Guest, ModelInfo, Tensor};
-use ttm_common::{PullRequest, model_info, outputs, read_pull_requests};
+use ttm_common::{PullRequest, model_info, outputs, read_pull_requests, size_bucket};
 
 struct ReviewAwareRules;
 
 fn bucket(pr: &PullRequest) -> usize {
-    let lines = pr.additions + pr.deletions;
-    let by_size: i32 = if lines <= 20.0 && pr.files_changed <= 2.0 {
-        0
-    } else if lines <= 200.0 {
-        1
-    } else if lines <= 1000.0 {
-        2
-    } else if lines <= 5000.0 {
-        3
-    } else {
-        4
-    };
+    let by_size = size_bucket(pr) as i32;
     let reviewed = if pr.review_count >= 2.0 { -1 } else { 0 };
     let discussed = if pr.comments >= 20.0 { 1 } else { 0 };
     (by_size + reviewed + discussed).clamp(0, 4) as usize
