@@ -3,12 +3,14 @@
 //!
 //! The modules follow a request's path (see `docs/ARCHITECTURE.md`):
 //! `server` accepts it, `protocol` decodes it, `router` picks the version,
-//! `validate` checks the inputs, `runtime` runs the plugin, `telemetry`
+//! `validate` checks the inputs, `runtime` runs the plugin (and `onnx` the
+//! trained models it calls, or that serve a version alone), `telemetry`
 //! records what happened. `policy` reads the operators' TOML files.
 
 pub mod admin;
 pub mod cli;
 pub mod monitor;
+pub mod onnx;
 pub mod policy;
 pub mod protocol;
 pub mod router;
