@@ -99,6 +99,7 @@ fn sandbox_and_codec(c: &mut Criterion) {
     let plugin = rt
         .block_on(runtime.load_plugin(&path))
         .expect("load ttm-rules-v1");
+    let no_models = std::sync::Arc::new(gateway::onnx::ModelSet::default());
 
     let mut sandbox = c.benchmark_group("sandbox");
     sandbox.bench_function("info_fresh_sandbox", |b| {
@@ -113,8 +114,12 @@ fn sandbox_and_codec(c: &mut Criterion) {
             BenchmarkId::new("infer_fresh_sandbox", format!("{rows}x6")),
             &request,
             |b, r| {
-                b.to_async(&rt)
-                    .iter(|| async { plugin.infer(&r.inputs, limits()).await.expect("infer") })
+                b.to_async(&rt).iter(|| async {
+                    plugin
+                        .infer(&r.inputs, limits(), &no_models)
+                        .await
+                        .expect("infer")
+                })
             },
         );
     }
@@ -137,7 +142,7 @@ fn sandbox_and_codec(c: &mut Criterion) {
         let request =
             decode_infer_request(text.as_bytes(), None, DecodeLimits::default()).expect("decode");
         let outputs = rt
-            .block_on(plugin.infer(&request.inputs, limits()))
+            .block_on(plugin.infer(&request.inputs, limits(), &no_models))
             .expect("infer");
         let refs: Vec<_> = outputs.iter().map(|t| (t, false)).collect();
         codec.bench_with_input(

@@ -211,7 +211,7 @@ async fn check(args: PolicyArgs) -> ExitCode {
                 let versions: Vec<String> = model
                     .versions
                     .values()
-                    .map(|v| format!("{} ({})", v.name, v.plugin.name()))
+                    .map(|v| format!("{} ({})", v.name, v.backend.name()))
                     .collect();
                 println!(
                     "ok: model `{}` ({}): champion {}, versions {}",

@@ -115,7 +115,11 @@ async fn champion_answers_with_the_size_rules() {
 /// ln(501) + 0.5 ln(11) + 1.2 + 0.15 = 8.762, nearest 9.5 (longer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinned_version_answers_with_the_effort_score() {
-    let gw = TestGateway::example().await;
+    let gw = TestGateway::start(&[(
+        "ttm.toml",
+        "model = \"time-to-merge\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n[versions.v2]\nplugin = \"ttm-rules-v2\"\n",
+    )])
+    .await;
     let request = fp32_request(
         "pr_features",
         &[2, 6],

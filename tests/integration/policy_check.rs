@@ -48,9 +48,8 @@ fn the_example_policies_pass() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("ok: model `time-to-merge`"), "{stdout}");
     assert!(
-        stdout.contains(
-            "champion v1, versions v1 (ttm-rules-v1), v2 (ttm-rules-v2), v3 (ttm-rules-v3)"
-        ),
+        stdout
+            .contains("champion v1, versions v1 (ttm-rules-v1), v2 (ttm-onnx), v3 (ttm-rules-v3)"),
         "{stdout}"
     );
 }
@@ -58,7 +57,7 @@ fn the_example_policies_pass() {
 #[test]
 fn an_unknown_key_is_named_with_its_line() {
     let stderr = refused(&GOOD.replace("plugin =", "plugn ="));
-    assert!(stderr.contains("error: D/m.toml:5:1: unknown field `plugn`, expected one of `plugin`, `description`, `limits`"), "{stderr}");
+    assert!(stderr.contains("error: D/m.toml:5:1: unknown field `plugn`, expected one of `plugin`, `onnx`, `models`, `description`, `limits`"), "{stderr}");
     let stderr = refused(&format!("{GOOD}[limits]\ntimeout = 5\n"));
     assert!(
         stderr.contains("error: D/m.toml:7:1: unknown field `timeout`"),
@@ -85,7 +84,7 @@ fn a_missing_plugin_is_named() {
     );
     let stderr = refused("model = \"m\"\nchampion = \"v1\"\n[versions.v1]\n");
     assert!(
-        stderr.contains("D/m.toml:3:1: missing field `plugin`"),
+        stderr.contains("D/m.toml:3:11: `versions.v1`: a version needs `plugin` (a Wasm plugin) or `onnx` (an ONNX model served directly)"),
         "{stderr}"
     );
 }
@@ -167,7 +166,7 @@ fn a_plugin_that_does_not_compile_is_refused() {
 fn a_memory_cap_below_what_the_plugin_needs_to_start_is_refused() {
     let stderr = refused(&format!("{GOOD}[limits]\nmemory_mebibytes = 1\n"));
     assert!(
-        stderr.contains("`versions.v1.plugin`: plugin ttm-rules-v1"),
+        stderr.contains("`versions.v1.plugin`: plugin `ttm-rules-v1` needs"),
         "{stderr}"
     );
     assert!(

@@ -194,7 +194,7 @@ async fn unchanged_plugins_are_not_recompiled() {
         reply["changes"][0]
             .as_str()
             .unwrap()
-            .starts_with("model `live`: version `v3`: plugin copy"),
+            .starts_with("model `live`: version `v3`: plugin `copy`"),
         "{reply}"
     );
     gw.shutdown().await;

@@ -45,7 +45,7 @@ pub struct TestGateway {
 impl TestGateway {
     /// Serves the given `(file name, contents)` policies.
     pub async fn start(policies: &[(&str, &str)]) -> TestGateway {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = policy_folder();
         for (name, text) in policies {
             std::fs::write(dir.path().join(name), text).expect("write policy");
         }
@@ -56,11 +56,7 @@ impl TestGateway {
     /// change them).
     pub async fn example() -> TestGateway {
         let dir = tempfile::tempdir().expect("temp dir");
-        for entry in std::fs::read_dir(repo_root().join("policies")).expect("policies/") {
-            let path = entry.expect("entry").path();
-            std::fs::copy(&path, dir.path().join(path.file_name().expect("name")))
-                .expect("copy policy");
-        }
+        copy_dir(&repo_root().join("policies"), dir.path());
         Self::start_in(dir).await
     }
 
@@ -116,7 +112,7 @@ impl TestGateway {
 
     /// Serves the given policies and reloads when their files change.
     pub async fn start_watching(policies: &[(&str, &str)]) -> TestGateway {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = policy_folder();
         for (name, text) in policies {
             std::fs::write(dir.path().join(name), text).expect("write policy");
         }
@@ -403,4 +399,29 @@ fn parse_labels(body: &str) -> BTreeMap<String, String> {
         rest = after[end..].trim_start_matches(',');
     }
     labels
+}
+
+/// Copies a folder and its subfolders (policies and their model files).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("create folder");
+    for entry in std::fs::read_dir(from).expect("read folder") {
+        let path = entry.expect("entry").path();
+        let target = to.join(path.file_name().expect("name"));
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).expect("copy file");
+        }
+    }
+}
+
+/// A fresh policy folder holding the example's model files (`models/`), so
+/// test policies may name them as the example policy does.
+pub fn policy_folder() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    copy_dir(
+        &repo_root().join("policies/models"),
+        &dir.path().join("models"),
+    );
+    dir
 }

@@ -222,11 +222,12 @@ async fn the_example_policy_refuses_negative_counts() {
 #[test]
 fn check_names_a_schema_that_disagrees_with_a_plugin() {
     let dir = tempfile::tempdir().unwrap();
+    crate::support::copy_dir(&crate::support::repo_root().join("policies"), dir.path());
     let cases = [
         (
             "datatype = \"FP32\"",
             "datatype = \"FP64\"",
-            "version `v1` (plugin ttm-rules-v1) expects FP32 where the policy declares FP64",
+            "version `v1` (plugin `ttm-rules-v1`) expects FP32 where the policy declares FP64",
         ),
         (
             "shape = [-1, 6]",
@@ -236,7 +237,7 @@ fn check_names_a_schema_that_disagrees_with_a_plugin() {
         (
             "name = \"pr_features\"",
             "name = \"features\"",
-            "version `v1` (plugin ttm-rules-v1) has no input `features`",
+            "version `v1` (plugin `ttm-rules-v1`) has no input `features`",
         ),
         (
             "mode = \"reject\"",
@@ -259,7 +260,11 @@ fn check_names_a_schema_that_disagrees_with_a_plugin() {
             .unwrap();
     for (from, to, message) in cases {
         assert!(example.contains(from), "the example policy lacks {from}");
-        std::fs::write(dir.path().join("ttm.toml"), example.replace(from, to)).unwrap();
+        std::fs::write(
+            dir.path().join("time-to-merge.toml"),
+            example.replace(from, to),
+        )
+        .unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
             .args(["check", "--policies"])
             .arg(dir.path())

@@ -227,9 +227,9 @@ fn describe(m: &Model) -> Vec<(String, String)> {
         aspects.push((
             format!("version `{}`", v.name),
             format!(
-                "plugin {} ({:016x}), timeout {} ms, memory {} MiB, concurrency {}+{}, description {:?}",
-                v.plugin.name(),
-                v.plugin.content_hash(),
+                "{} ({:016x}), timeout {} ms, memory {} MiB, concurrency {}+{}, description {:?}",
+                v.backend.describe(),
+                v.backend.content_hash(),
                 v.limits.timeout.as_millis(),
                 v.limits.memory_bytes >> 20,
                 v.limits.max_concurrency,
@@ -308,8 +308,8 @@ impl ModelView {
                 .values()
                 .map(|v| VersionView {
                     name: v.name.clone(),
-                    plugin: v.plugin.name().to_string(),
-                    plugin_file: v.plugin.path().display().to_string(),
+                    plugin: v.backend.name().to_string(),
+                    plugin_file: v.backend.path().display().to_string(),
                     timeout_ms: v.limits.timeout.as_millis(),
                     memory_mebibytes: v.limits.memory_bytes >> 20,
                     max_concurrency: v.limits.max_concurrency,

@@ -86,16 +86,44 @@ pub struct Shadow {
 /// The header that keeps a caller on one side of a canary split.
 pub const DEFAULT_STICKY_HEADER: &str = "x-routing-key";
 
-/// One version of a model and the plugin that serves it.
+/// One version of a model and what serves it.
 #[derive(Clone, Debug)]
 pub struct VersionPolicy {
     pub name: String,
     pub description: Option<String>,
-    /// The resolved `.wasm` file.
-    pub plugin: PathBuf,
-    /// Where `plugin` is set, for errors found later (compiling, `info()`).
-    pub plugin_location: Location,
+    pub serving: Serving,
+    /// Where `plugin` or `onnx` is set, for errors found later (compiling,
+    /// `info()`, loading the model).
+    pub serving_location: Location,
+    /// ONNX models the plugin may run through wasi:nn, by the name it loads
+    /// them with (`[versions.<v>.models]`); empty for an ONNX-only version.
+    pub models: Vec<ModelFile>,
     pub limits: Limits,
+}
+
+/// What serves a version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Serving {
+    /// A plugin: the resolved `.wasm` file.
+    Plugin(PathBuf),
+    /// An ONNX model served directly: the resolved `.onnx` file.
+    Onnx(PathBuf),
+}
+
+impl Serving {
+    pub fn path(&self) -> &Path {
+        match self {
+            Serving::Plugin(p) | Serving::Onnx(p) => p,
+        }
+    }
+}
+
+/// An ONNX model a version's plugin may load by name.
+#[derive(Clone, Debug)]
+pub struct ModelFile {
+    pub name: String,
+    pub path: PathBuf,
+    pub location: Location,
 }
 
 /// A place in a policy file.
@@ -225,7 +253,12 @@ struct ShadowTable {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VersionTable {
-    plugin: Spanned<String>,
+    #[serde(default)]
+    plugin: Option<Spanned<String>>,
+    #[serde(default)]
+    onnx: Option<Spanned<String>>,
+    #[serde(default)]
+    models: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
     #[serde(default)]
     description: Option<String>,
     #[serde(default)]
@@ -348,16 +381,63 @@ pub fn parse(
             options,
             &mut errors,
         );
-        let plugin_location = at(table.plugin.span(), &format!("{key}.plugin"));
-        match resolve_plugin(table.plugin.get_ref(), policy_dir, &options.plugin_dirs) {
-            Ok(plugin) => versions.push(VersionPolicy {
+        let serving = match (&table.plugin, &table.onnx) {
+            (Some(plugin), None) => {
+                let location = at(plugin.span(), &format!("{key}.plugin"));
+                resolve_plugin(plugin.get_ref(), policy_dir, &options.plugin_dirs)
+                    .map(|p| (Serving::Plugin(p), location.clone()))
+                    .map_err(|e| PolicyError::at(&location, e))
+            }
+            (None, Some(onnx)) => {
+                let location = at(onnx.span(), &format!("{key}.onnx"));
+                resolve_model(onnx.get_ref(), policy_dir)
+                    .map(|p| (Serving::Onnx(p), location.clone()))
+                    .map_err(|e| PolicyError::at(&location, e))
+            }
+            (Some(_), Some(onnx)) => Err(PolicyError::at(
+                &at(onnx.span(), &format!("{key}.onnx")),
+                "a version is served by a plugin or by an ONNX model, not both: a plugin runs its models through `models`",
+            )),
+            (None, None) => Err(PolicyError::at(
+                &at(name.span(), &key),
+                "a version needs `plugin` (a Wasm plugin) or `onnx` (an ONNX model served directly)",
+            )),
+        };
+        let mut models = Vec::new();
+        if let Some(table_models) = &table.models {
+            if table.plugin.is_none() {
+                errors.push(PolicyError::at(
+                    &at(table_models.span(), &format!("{key}.models")),
+                    "`models` lists what a plugin may run; an ONNX-only version serves its `onnx` file",
+                ));
+            }
+            for (model_name, file) in table_models.get_ref() {
+                let model_key = format!("{key}.models.{}", model_name.get_ref());
+                let location = at(file.span(), &model_key);
+                if let Err(e) = check_name(model_name.get_ref()) {
+                    errors.push(PolicyError::at(&at(model_name.span(), &model_key), e));
+                    continue;
+                }
+                match resolve_model(file.get_ref(), policy_dir) {
+                    Ok(path) => models.push(ModelFile {
+                        name: model_name.get_ref().clone(),
+                        path,
+                        location,
+                    }),
+                    Err(e) => errors.push(PolicyError::at(&location, e)),
+                }
+            }
+        }
+        match serving {
+            Ok((serving, serving_location)) => versions.push(VersionPolicy {
                 name: name.get_ref().clone(),
                 description: table.description.clone(),
-                plugin,
-                plugin_location,
+                serving,
+                serving_location,
+                models,
                 limits,
             }),
-            Err(e) => errors.push(PolicyError::at(&plugin_location, e)),
+            Err(e) => errors.push(e),
         }
     }
 
@@ -566,6 +646,19 @@ fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// An ONNX file, relative to the policy's folder.
+fn resolve_model(file: &str, policy_dir: &Path) -> Result<PathBuf, String> {
+    if file.is_empty() {
+        return Err("the model file name is empty".into());
+    }
+    let path = policy_dir.join(file);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("model file {} does not exist", path.display()))
+    }
+}
+
 /// A path (`plugins/x.wasm`, relative to the policy file) or a bare name
 /// looked up in the plugin folders.
 fn resolve_plugin(
@@ -669,11 +762,11 @@ mod tests {
         assert_eq!(policy.model, "m");
         assert_eq!(policy.champion, "v1");
         let v2 = &policy.versions[1];
-        assert_eq!(v2.plugin, dir.path().join("p2.wasm"));
+        assert_eq!(v2.serving, Serving::Plugin(dir.path().join("p2.wasm")));
         assert_eq!(v2.limits.timeout, Duration::from_millis(50));
         assert_eq!(v2.limits.memory_bytes, 32 << 20);
         assert_eq!(policy.versions[0].limits.timeout, Limits::default().timeout);
-        assert_eq!(v2.plugin_location.line, 6);
+        assert_eq!(v2.serving_location.line, 6);
     }
 
     #[test]

@@ -12,8 +12,9 @@ use http::HeaderName;
 use tokio::sync::Semaphore;
 
 use super::{Admission, CanaryRoute, Model, ShadowRoute, Snapshot, Version};
-use crate::policy::{self, LoadOptions, ModelPolicy, PolicyError, VersionPolicy};
-use crate::runtime::{Plugin, Runtime};
+use crate::onnx::{ModelSet, OnnxModel};
+use crate::policy::{self, LoadOptions, ModelPolicy, PolicyError, Serving, VersionPolicy};
+use crate::runtime::{Backend, Plugin, Runtime};
 use crate::tensor::Datatype;
 
 /// What a build did with the plugins.
@@ -45,6 +46,7 @@ pub async fn build(
     previous: Option<&Snapshot>,
 ) -> Result<(Snapshot, BuildReport), Vec<PolicyError>> {
     let mut plugins = PluginSet::from_previous(previous);
+    let mut onnx = OnnxSet::from_previous(previous);
     let mut report = BuildReport::default();
     let mut errors = Vec::new();
     let mut models = BTreeMap::new();
@@ -53,33 +55,52 @@ pub async fn build(
         let old = previous.and_then(|p| p.model(&policy.model).ok());
         let mut versions = BTreeMap::new();
         for v in &policy.versions {
-            let plugin = match plugins.get(v, runtime, &mut report).await {
-                Ok(plugin) => plugin,
+            let backend = match &v.serving {
+                Serving::Plugin(path) => {
+                    let plugin = plugins.get(path, runtime, &mut report).await;
+                    let mut declared = HashMap::new();
+                    for m in &v.models {
+                        match onnx.get(&m.path, &mut report).await {
+                            Ok(model) => {
+                                declared.insert(m.name.clone(), model);
+                            }
+                            Err(e) => errors.push(PolicyError::at(&m.location, e)),
+                        }
+                    }
+                    plugin.map(|plugin| Backend::Plugin {
+                        plugin,
+                        models: Arc::new(ModelSet::new(declared)),
+                    })
+                }
+                Serving::Onnx(path) => onnx.get(path, &mut report).await.map(Backend::Onnx),
+            };
+            let backend = match backend {
+                Ok(backend) => backend,
                 Err(e) => {
-                    errors.push(PolicyError::at(&v.plugin_location, e));
+                    errors.push(PolicyError::at(&v.serving_location, e));
                     continue;
                 }
             };
-            if v.limits.memory_bytes < plugin.startup_memory_bytes() {
+            if v.limits.memory_bytes < backend.startup_memory_bytes() {
                 errors.push(PolicyError::at(
-                    &v.plugin_location,
+                    &v.serving_location,
                     format!(
-                        "plugin {} needs {} KiB of memory to start, more than the version's memory_mebibytes allows ({} KiB)",
-                        plugin.name(),
-                        plugin.startup_memory_bytes() >> 10,
+                        "{} needs {} KiB of memory to start, more than the version's memory_mebibytes allows ({} KiB)",
+                        backend.describe(),
+                        backend.startup_memory_bytes() >> 10,
                         v.limits.memory_bytes >> 10
                     ),
                 ));
                 continue;
             }
             let reusable = old.and_then(|m| m.versions.get(&v.name)).filter(|o| {
-                Arc::ptr_eq(&o.plugin, &plugin)
+                o.backend.same_as(&backend)
                     && o.limits == v.limits
                     && o.description == v.description
             });
             let version = match reusable {
                 Some(same) => same.clone(),
-                None => Arc::new(new_version(&policy.model, v, plugin)),
+                None => Arc::new(new_version(&policy.model, v, backend)),
             };
             versions.insert(v.name.clone(), version);
         }
@@ -100,8 +121,8 @@ pub async fn build(
     Ok((Snapshot { models, generation }, report))
 }
 
-fn new_version(model: &str, v: &VersionPolicy, plugin: Arc<Plugin>) -> Version {
-    let label_output = plugin
+fn new_version(model: &str, v: &VersionPolicy, backend: Backend) -> Version {
+    let label_output = backend
         .info()
         .outputs
         .iter()
@@ -111,7 +132,7 @@ fn new_version(model: &str, v: &VersionPolicy, plugin: Arc<Plugin>) -> Version {
         model: model.to_string(),
         name: v.name.clone(),
         description: v.description.clone(),
-        plugin,
+        backend,
         limits: v.limits,
         label_output,
         labels: Default::default(),
@@ -160,14 +181,14 @@ fn assemble(
                     .chain(canary.as_ref().map(|c| &c.version))
                     .chain(&challengers)
                 {
-                    if !v.plugin.info().outputs.iter().any(|o| &o.name == output) {
+                    if !v.backend.info().outputs.iter().any(|o| &o.name == output) {
                         return Err(PolicyError::key(
                             &policy.file,
                             "shadow.compare_output",
                             format!(
-                                "version `{}` (plugin {}) has no output `{output}`",
+                                "version `{}` ({}) has no output `{output}`",
                                 v.name,
-                                v.plugin.name()
+                                v.backend.describe()
                             ),
                         ));
                     }
@@ -237,10 +258,10 @@ fn resolve_schema(
                 PolicyError::key(
                     &policy.file,
                     &key,
-                    format!("version `{}` (plugin {}) {what}", v.name, v.plugin.name()),
+                    format!("version `{}` ({}) {what}", v.name, v.backend.describe()),
                 )
             };
-            let Some(spec) = v.plugin.info().inputs.iter().find(|s| s.name == rule.name) else {
+            let Some(spec) = v.backend.info().inputs.iter().find(|s| s.name == rule.name) else {
                 return Err(problem(format!("has no input `{}`", rule.name)));
             };
             let datatype = *rule.datatype.get_or_insert(spec.datatype);
@@ -286,11 +307,11 @@ struct PluginSet {
 
 impl PluginSet {
     fn from_previous(previous: Option<&Snapshot>) -> Self {
-        let previous = previous
-            .into_iter()
-            .flat_map(|s| s.models())
-            .flat_map(|m| m.versions.values())
-            .map(|v| (canonical(v.plugin.path()), v.plugin.clone()))
+        let previous = versions_of(previous)
+            .filter_map(|v| match &v.backend {
+                Backend::Plugin { plugin, .. } => Some((canonical(plugin.path()), plugin.clone())),
+                Backend::Onnx(_) => None,
+            })
             .collect();
         PluginSet {
             previous,
@@ -300,33 +321,102 @@ impl PluginSet {
 
     async fn get(
         &mut self,
-        v: &VersionPolicy,
+        path: &Path,
         runtime: &Runtime,
         report: &mut BuildReport,
     ) -> Result<Arc<Plugin>, String> {
-        let key = canonical(&v.plugin);
+        let key = canonical(path);
         if let Some(done) = self.loaded.get(&key) {
             return done.clone();
         }
-        let result = match std::fs::read(&v.plugin) {
-            Err(e) => Err(format!("plugin {} cannot be read: {e}", v.plugin.display())),
+        let result = match std::fs::read(path) {
+            Err(e) => Err(format!("plugin {} cannot be read: {e}", path.display())),
             Ok(bytes) => match self.previous.get(&key) {
                 Some(old) if old.content_hash() == crate::runtime::content_hash(&bytes) => {
-                    report.reused.push(v.plugin.clone());
+                    report.reused.push(path.to_path_buf());
                     Ok(old.clone())
                 }
                 _ => {
-                    report.compiled.push(v.plugin.clone());
+                    report.compiled.push(path.to_path_buf());
                     runtime
-                        .load_plugin_bytes(&v.plugin, bytes)
+                        .load_plugin_bytes(path, bytes)
                         .await
-                        .map_err(|e| format!("plugin {} {e}", v.plugin.display()))
+                        .map_err(|e| format!("plugin {} {e}", path.display()))
                 }
             },
         };
         self.loaded.insert(key, result.clone());
         result
     }
+}
+
+/// ONNX models by file, like [`PluginSet`]: parsed and optimised at most
+/// once per build, on the blocking pool, and reused while their bytes stay
+/// the same.
+struct OnnxSet {
+    previous: HashMap<PathBuf, Arc<OnnxModel>>,
+    loaded: HashMap<PathBuf, Result<Arc<OnnxModel>, String>>,
+}
+
+impl OnnxSet {
+    fn from_previous(previous: Option<&Snapshot>) -> Self {
+        let mut models = HashMap::new();
+        for v in versions_of(previous) {
+            match &v.backend {
+                Backend::Onnx(model) => {
+                    models.insert(canonical(model.path()), model.clone());
+                }
+                Backend::Plugin { models: set, .. } => {
+                    for (_, model) in set.iter() {
+                        models.insert(canonical(model.path()), model.clone());
+                    }
+                }
+            }
+        }
+        OnnxSet {
+            previous: models,
+            loaded: HashMap::new(),
+        }
+    }
+
+    async fn get(
+        &mut self,
+        path: &Path,
+        report: &mut BuildReport,
+    ) -> Result<Arc<OnnxModel>, String> {
+        let key = canonical(path);
+        if let Some(done) = self.loaded.get(&key) {
+            return done.clone();
+        }
+        let result = match std::fs::read(path) {
+            Err(e) => Err(format!("ONNX model {} cannot be read: {e}", path.display())),
+            Ok(bytes) => match self.previous.get(&key) {
+                Some(old) if old.content_hash() == crate::runtime::content_hash(&bytes) => {
+                    report.reused.push(path.to_path_buf());
+                    Ok(old.clone())
+                }
+                _ => {
+                    report.compiled.push(path.to_path_buf());
+                    let owned = path.to_path_buf();
+                    tokio::task::spawn_blocking(move || OnnxModel::load_bytes(&owned, &bytes))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()))
+                        .map(Arc::new)
+                        .map_err(|e| format!("ONNX model {} {e}", path.display()))
+                }
+            },
+        };
+        self.loaded.insert(key, result.clone());
+        result
+    }
+}
+
+fn versions_of(snapshot: Option<&Snapshot>) -> impl Iterator<Item = &Arc<Version>> {
+    snapshot
+        .into_iter()
+        .flat_map(|s| s.models())
+        .flat_map(|m| m.versions.values())
 }
 
 fn canonical(path: &Path) -> PathBuf {

@@ -23,7 +23,7 @@ pub use admission::AdmissionError;
 pub use build::{BuildReport, build, load};
 
 use crate::policy::{Limits, ModelPolicy};
-use crate::runtime::Plugin;
+use crate::runtime::Backend;
 use crate::telemetry::{LabelSet, LogLimiter};
 
 /// All models, ready to serve.
@@ -73,7 +73,8 @@ pub struct Version {
     pub model: String,
     pub name: String,
     pub description: Option<String>,
-    pub plugin: Arc<Plugin>,
+    /// What answers: a plugin (with its models) or an ONNX model.
+    pub backend: Backend,
     pub limits: Limits,
     /// The output whose values are class labels (the first BYTES output the
     /// plugin declares), counted per label in metrics.

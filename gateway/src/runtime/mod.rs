@@ -7,6 +7,7 @@
 //! [`PluginError`]; it does not know about HTTP status codes.
 
 pub mod bindings;
+pub mod nn;
 mod sandbox;
 
 use std::fmt;
@@ -20,6 +21,7 @@ use wasmtime::{
     PoolingAllocationConfig, Trap,
 };
 
+use crate::onnx::{ModelSet, OnnxModel};
 use crate::tensor::{self, Tensor};
 use bindings::{ModelInfo, ModelPre};
 pub use sandbox::CallLimits;
@@ -236,13 +238,15 @@ impl Plugin {
         self.startup_memory_bytes
     }
 
-    /// Runs `infer` in a fresh sandbox and checks the layout of its outputs.
+    /// Runs `infer` in a fresh sandbox, with `models` reachable through
+    /// wasi:nn, and checks the layout of its outputs.
     pub async fn infer(
         &self,
         inputs: &[Tensor],
         limits: CallLimits,
+        models: &Arc<ModelSet>,
     ) -> Result<Vec<Tensor>, PluginError> {
-        let mut store = sandbox::new_store(&self.engine, limits);
+        let mut store = sandbox::new_store(&self.engine, limits, models.clone());
         let result = async {
             let model = self.pre.instantiate_async(&mut store).await?;
             model.call_infer(&mut store, inputs).await
@@ -264,7 +268,7 @@ impl Plugin {
     /// plugin held by then. The cheapest complete call a plugin has: a
     /// baseline for what `infer` adds.
     pub async fn call_info(&self, limits: CallLimits) -> Result<(ModelInfo, usize), PluginError> {
-        let mut store = sandbox::new_store(&self.engine, limits);
+        let mut store = sandbox::new_store(&self.engine, limits, Arc::default());
         let result = async {
             let model = self.pre.instantiate_async(&mut store).await?;
             model.call_info(&mut store).await
@@ -273,6 +277,116 @@ impl Plugin {
         match result {
             Ok(info) => Ok((info, store.data().limiter.used_bytes())),
             Err(error) => Err(classify(error, store.data(), limits)),
+        }
+    }
+}
+
+/// What serves a version: a plugin, which may run the version's ONNX
+/// models through wasi:nn, or an ONNX model alone.
+#[derive(Clone)]
+pub enum Backend {
+    Plugin {
+        plugin: Arc<Plugin>,
+        models: Arc<ModelSet>,
+    },
+    Onnx(Arc<OnnxModel>),
+}
+
+impl Backend {
+    /// The plugin's name or the model's file name.
+    pub fn name(&self) -> &str {
+        match self {
+            Backend::Plugin { plugin, .. } => plugin.name(),
+            Backend::Onnx(model) => model.name(),
+        }
+    }
+
+    /// "plugin `ttm-rules-v1`" or "ONNX model `ttm-v2.onnx`", for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Backend::Plugin { plugin, .. } => format!("plugin `{}`", plugin.name()),
+            Backend::Onnx(model) => format!("ONNX model `{}`", model.name()),
+        }
+    }
+
+    /// The V2 `platform` of model metadata.
+    pub fn platform(&self) -> &'static str {
+        match self {
+            Backend::Plugin { .. } => "wasm-component",
+            Backend::Onnx(_) => "onnx",
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Backend::Plugin { plugin, .. } => plugin.path(),
+            Backend::Onnx(model) => model.path(),
+        }
+    }
+
+    /// The plugin's `info()`, or the model's signature.
+    pub fn info(&self) -> &ModelInfo {
+        match self {
+            Backend::Plugin { plugin, .. } => plugin.info(),
+            Backend::Onnx(model) => model.info(),
+        }
+    }
+
+    /// A fingerprint of every file the backend runs.
+    pub fn content_hash(&self) -> u64 {
+        match self {
+            Backend::Plugin { plugin, models } => {
+                let mut entries: Vec<_> =
+                    models.iter().map(|(n, m)| (n, m.content_hash())).collect();
+                entries.sort();
+                entries
+                    .into_iter()
+                    .fold(plugin.content_hash(), |acc, (name, hash)| {
+                        acc.rotate_left(7) ^ hash ^ content_hash(name.as_bytes())
+                    })
+            }
+            Backend::Onnx(model) => model.content_hash(),
+        }
+    }
+
+    /// Linear memory the plugin needs to start (none for an ONNX model).
+    pub fn startup_memory_bytes(&self) -> usize {
+        match self {
+            Backend::Plugin { plugin, .. } => plugin.startup_memory_bytes(),
+            Backend::Onnx(_) => 0,
+        }
+    }
+
+    /// The same loaded plugin and models (or model), by identity.
+    pub fn same_as(&self, other: &Backend) -> bool {
+        match (self, other) {
+            (
+                Backend::Plugin { plugin, models },
+                Backend::Plugin {
+                    plugin: p,
+                    models: m,
+                },
+            ) => {
+                Arc::ptr_eq(plugin, p)
+                    && models.iter().count() == m.iter().count()
+                    && models
+                        .iter()
+                        .all(|(name, model)| m.get(name).is_some_and(|o| Arc::ptr_eq(model, o)))
+            }
+            (Backend::Onnx(a), Backend::Onnx(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    /// One inference under `limits`.
+    pub async fn infer(
+        &self,
+        inputs: &[Tensor],
+        limits: CallLimits,
+    ) -> Result<Vec<Tensor>, PluginError> {
+        match self {
+            Backend::Plugin { plugin, models } => plugin.infer(inputs, limits, models).await,
+            Backend::Onnx(model) => model.infer(inputs, limits).await,
         }
     }
 }
@@ -373,6 +487,9 @@ fn classify(error: wasmtime::Error, host: &Host, limits: CallLimits) -> PluginEr
             limit_bytes: limits.memory_bytes,
             requested_bytes,
         };
+    }
+    if let Some(nn::HostLimit(e)) = error.downcast_ref::<nn::HostLimit>() {
+        return e.clone();
     }
     if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
         return PluginError::Exhausted(error.to_string());

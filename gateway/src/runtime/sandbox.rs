@@ -3,7 +3,8 @@
 //!
 //! Granted: `wasi:io` streams and `wasi:cli` stdout/stderr (captured, bounded,
 //! for error messages and logs), `wasi:cli/environment` (empty) and
-//! `wasi:cli/exit`. Not granted: clocks, random numbers, files, sockets and
+//! `wasi:cli/exit`, and `wasi:nn` for the models the version declares (see
+//! `nn`). Not granted: clocks, random numbers, files, sockets and
 //! anything else. A plugin that imports those still loads (every std Rust
 //! guest does); calling one fails the call with [`NotGranted`].
 
@@ -19,6 +20,9 @@ use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream, WasiCli, WasiCliView};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::nn::NnState;
+use crate::onnx::ModelSet;
 
 /// Bytes of stdout and of stderr kept per call; the rest is dropped.
 pub const CAPTURE_BYTES: usize = 4096;
@@ -48,10 +52,12 @@ impl CallLimits {
 /// The data of one call's `Store`.
 pub struct Host {
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(super) table: ResourceTable,
     pub(super) limiter: MemoryLimiter,
-    deadline: Instant,
+    pub(super) limits: CallLimits,
     pub(super) timed_out: bool,
+    /// The models the call may run through wasi:nn, and its budget there.
+    pub(super) nn: NnState,
     pub(super) stdout: Capture,
     pub(super) stderr: Capture,
 }
@@ -67,7 +73,7 @@ impl WasiView for Host {
 
 /// Creates the `Store` for one call: fresh state, memory limiter, deadline.
 /// Every store is made here, so no call can run without its limits.
-pub fn new_store(engine: &Engine, limits: CallLimits) -> Store<Host> {
+pub fn new_store(engine: &Engine, limits: CallLimits, models: Arc<ModelSet>) -> Store<Host> {
     let stdout = Capture::default();
     let stderr = Capture::default();
     let wasi = WasiCtxBuilder::new()
@@ -78,8 +84,9 @@ pub fn new_store(engine: &Engine, limits: CallLimits) -> Store<Host> {
         wasi,
         table: ResourceTable::new(),
         limiter: MemoryLimiter::new(limits.memory_bytes),
-        deadline: limits.deadline,
+        limits,
         timed_out: false,
+        nn: NnState::new(models, limits.memory_bytes),
         stdout,
         stderr,
     };
@@ -91,7 +98,7 @@ pub fn new_store(engine: &Engine, limits: CallLimits) -> Store<Host> {
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(|mut ctx| {
         let host = ctx.data_mut();
-        if Instant::now() >= host.deadline {
+        if Instant::now() >= host.limits.deadline {
             host.timed_out = true;
             Ok(UpdateDeadline::Interrupt)
         } else {
@@ -113,6 +120,15 @@ const GRANTED: [&str; 7] = [
     "wasi:cli/exit",
 ];
 
+/// The wasi:nn interfaces plugins are granted, in the one version served
+/// (see `nn`); another version is not granted.
+const GRANTED_EXACT: [&str; 4] = [
+    "wasi:nn/tensor@0.2.0-rc-2024-10-28",
+    "wasi:nn/errors@0.2.0-rc-2024-10-28",
+    "wasi:nn/inference@0.2.0-rc-2024-10-28",
+    "wasi:nn/graph@0.2.0-rc-2024-10-28",
+];
+
 /// Adds the granted WASI interfaces to `linker`.
 pub fn add_granted_wasi(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
     use wasmtime_wasi::p2::bindings::{cli, io};
@@ -123,6 +139,7 @@ pub fn add_granted_wasi(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
     cli::stderr::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
     cli::environment::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
     cli::exit::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
+    super::nn::add_to_linker(linker)?;
     Ok(())
 }
 
@@ -139,7 +156,9 @@ pub fn stub_ungranted_imports(
     component: &Component,
 ) -> wasmtime::Result<()> {
     let ty = component.component_type();
-    let is_granted = |name: &str| GRANTED.contains(&name.split('@').next().unwrap_or(name));
+    let is_granted = |name: &str| {
+        GRANTED_EXACT.contains(&name) || GRANTED.contains(&name.split('@').next().unwrap_or(name))
+    };
     // Resources of granted interfaces that stubbed interfaces `use` (e.g.
     // `wasi:cli/stdin` uses `input-stream`) are already defined: an alias
     // must keep the granted type, not get a stub type of its own.

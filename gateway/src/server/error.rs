@@ -158,10 +158,10 @@ pub fn plugin_error(version: &Version, e: PluginError) -> ApiError {
         PluginError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     };
     let message = format!(
-        "model `{}` version `{}`: plugin `{}` {e}",
+        "model `{}` version `{}`: {} {e}",
         version.model,
         version.name,
-        version.plugin.name()
+        version.backend.describe()
     );
     ApiError {
         retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(1),

@@ -145,11 +145,11 @@ fn model_metadata(
             &model.champion,
         ),
     };
-    let info = serving.plugin.info();
+    let info = serving.backend.info();
     to_json(&ModelMetadata {
         name: &model.name,
         versions,
-        platform: "wasm-component",
+        platform: serving.backend.platform(),
         inputs: info.inputs.iter().map(SpecJson::from).collect(),
         outputs: info.outputs.iter().map(SpecJson::from).collect(),
     })
@@ -313,11 +313,11 @@ async fn infer_version(
         memory_bytes: version.limits.memory_bytes,
     };
     let called = Instant::now();
-    let outputs = version.plugin.infer(&request.inputs, limits).await;
+    let outputs = version.backend.infer(&request.inputs, limits).await;
     telemetry::record_plugin_call(&version.model, &version.name, called.elapsed());
     let outputs = outputs.map_err(|e| plugin_error(version, e))?;
     let allow_nan = model.schema.as_ref().is_some_and(|s| s.allow_nan_outputs);
-    validate::check_outputs(&outputs, version.plugin.info(), allow_nan)
+    validate::check_outputs(&outputs, version.backend.info(), allow_nan)
         .map_err(|e| plugin_error(version, crate::runtime::PluginError::MalformedOutput(e)))?;
     if let Some(labels) = version
         .label_output
@@ -369,7 +369,7 @@ fn validate_request(
     version: &Version,
     request: &InferRequest,
 ) -> Result<(), ApiError> {
-    let violations = match validate::check_request(request, version.plugin.info()) {
+    let violations = match validate::check_request(request, version.backend.info()) {
         Err(e) => e.violations,
         Ok(()) => match &model.schema {
             Some(schema) => validate::schema_violations(schema, &request.inputs),
@@ -419,18 +419,21 @@ fn select_outputs<'a>(
     requested
         .iter()
         .map(|wanted| {
-            let tensor = outputs.iter().find(|t| t.name == wanted.name).ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!(
-                        "model `{}` version `{}`: plugin `{}` did not return the requested output `{}`",
-                        version.model,
-                        version.name,
-                        version.plugin.name(),
-                        wanted.name
-                    ),
-                )
-            })?;
+            let tensor = outputs
+                .iter()
+                .find(|t| t.name == wanted.name)
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!(
+                            "model `{}` version `{}`: {} did not return the requested output `{}`",
+                            version.model,
+                            version.name,
+                            version.backend.describe(),
+                            wanted.name
+                        ),
+                    )
+                })?;
             Ok((tensor, request.wants_binary(&wanted.name)))
         })
         .collect()

@@ -61,7 +61,7 @@ impl Job {
         let model = &self.model.name;
         let challenger = &self.challenger;
         let start = Instant::now();
-        if let Err(e) = validate::check_inputs(&self.inputs, challenger.plugin.info()) {
+        if let Err(e) = validate::check_inputs(&self.inputs, challenger.backend.info()) {
             telemetry::record_shadow(model, &challenger.name, "error");
             telemetry::record_request(
                 model,
@@ -82,7 +82,7 @@ impl Job {
         };
         let limits =
             CallLimits::starting_now(challenger.limits.timeout, challenger.limits.memory_bytes);
-        let result = challenger.plugin.infer(&self.inputs, limits).await;
+        let result = challenger.backend.infer(&self.inputs, limits).await;
         let elapsed = start.elapsed();
         telemetry::record_plugin_call(model, &challenger.name, elapsed);
         let shadow = self.model.shadow.as_ref();
@@ -115,14 +115,13 @@ impl Job {
                     .as_ref()
                     .is_some_and(|s| s.allow_nan_outputs);
                 let checked =
-                    validate::check_outputs(&outputs, challenger.plugin.info(), allow_nan).map_err(
-                        |e| {
+                    validate::check_outputs(&outputs, challenger.backend.info(), allow_nan)
+                        .map_err(|e| {
                             format!(
-                                "plugin `{}` returned a malformed output: {e}",
-                                challenger.plugin.name()
+                                "{} returned a malformed output: {e}",
+                                challenger.backend.describe()
                             )
-                        },
-                    );
+                        });
                 let result = match checked
                     .and_then(|()| compare(&self.outputs, &outputs, compare_output, tolerance))
                 {
@@ -146,7 +145,7 @@ impl Job {
                 telemetry::record_shadow(model, &challenger.name, "error");
                 log(
                     challenger,
-                    &format!("plugin `{}` {e}", challenger.plugin.name()),
+                    &format!("{} {e}", challenger.backend.describe()),
                 );
             }
         }

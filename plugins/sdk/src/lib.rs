@@ -44,6 +44,7 @@ pub mod bindings {
         export_macro_name: "export_model",
         default_bindings_module: "gateway_plugin_sdk::bindings",
         runtime_path: "gateway_plugin_sdk::wit_bindgen::rt",
+        generate_all,
     });
 }
 
@@ -202,5 +203,86 @@ impl Tensor {
 
     fn invalid(&self, what: &str) -> Error {
         Error::InvalidInput(format!("input `{}`: {what}", self.name))
+    }
+}
+
+/// Host inference through the standard `wasi:nn` interface: the ONNX models
+/// the policy declares for the plugin's version (`[versions.<v>.models]`),
+/// run by the gateway. A plugin that never calls this does not import it.
+///
+/// ```ignore
+/// let outputs = gateway_plugin_sdk::nn::run(
+///     "classifier",
+///     vec![("pr_features".into(), nn::f32_tensor(&[rows, 6], &features))],
+/// )?;
+/// let probabilities = nn::output(&outputs, "probabilities")?.to_f32()?;
+/// ```
+pub mod nn {
+    pub use crate::bindings::wasi::nn::tensor::{Tensor as NnTensor, TensorType};
+    pub use crate::bindings::wasi::nn::{errors, graph, inference, tensor};
+
+    use crate::Error;
+
+    /// One output of a model, copied out of the host.
+    #[derive(Clone, Debug)]
+    pub struct Output {
+        pub name: String,
+        pub dims: Vec<u32>,
+        pub ty: TensorType,
+        pub data: Vec<u8>,
+    }
+
+    impl Output {
+        /// The values of an FP32 output.
+        pub fn to_f32(&self) -> Result<Vec<f32>, Error> {
+            if self.ty != TensorType::Fp32 {
+                return Err(Error::Internal(format!(
+                    "model output `{}` is {:?}, not FP32",
+                    self.name, self.ty
+                )));
+            }
+            Ok(self
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect())
+        }
+    }
+
+    /// An FP32 tensor of the given dimensions.
+    pub fn f32_tensor(dims: &[u32], values: &[f32]) -> NnTensor {
+        let mut data = Vec::with_capacity(values.len() * 4);
+        for v in values {
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+        NnTensor::new(dims, TensorType::Fp32, &data)
+    }
+
+    /// Loads the model the policy declares as `model` and runs it once.
+    /// Errors name the model and carry the host's message.
+    pub fn run(model: &str, inputs: Vec<(String, NnTensor)>) -> Result<Vec<Output>, Error> {
+        let failed = |e: errors::Error| {
+            Error::Internal(format!("model `{model}`: {:?}: {}", e.code(), e.data()))
+        };
+        let graph = graph::load_by_name(model).map_err(failed)?;
+        let context = graph.init_execution_context().map_err(failed)?;
+        let outputs = context.compute(inputs).map_err(failed)?;
+        Ok(outputs
+            .into_iter()
+            .map(|(name, t)| Output {
+                name,
+                dims: t.dimensions(),
+                ty: t.ty(),
+                data: t.data(),
+            })
+            .collect())
+    }
+
+    /// The output named `name`.
+    pub fn output<'a>(outputs: &'a [Output], name: &str) -> Result<&'a Output, Error> {
+        outputs
+            .iter()
+            .find(|o| o.name == name)
+            .ok_or_else(|| Error::Internal(format!("the model returned no output `{name}`")))
     }
 }
