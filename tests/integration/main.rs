@@ -8,6 +8,7 @@ mod binary;
 mod compat;
 mod hostile;
 mod monitoring;
+mod onnx;
 mod policy_check;
 mod reload;
 mod shadow;

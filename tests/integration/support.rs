@@ -106,7 +106,8 @@ impl TestGateway {
         Client::connect(self.addr).await
     }
 
-    async fn start_in(dir: tempfile::TempDir) -> TestGateway {
+    /// Serves a prepared policy folder.
+    pub async fn start_in(dir: tempfile::TempDir) -> TestGateway {
         Self::start_with(dir, false).await
     }
 

@@ -8,7 +8,7 @@
 //! from the file watcher ([`watch`]), SIGHUP and `POST /admin/reload`, and
 //! run one at a time.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::policy::{LoadOptions, PolicyError};
 use crate::router::{self, Model, Snapshot};
-use crate::runtime::Runtime;
+use crate::runtime::{Backend, Runtime};
 use crate::telemetry;
 
 /// The policies being served, and how to load them again.
@@ -277,8 +277,17 @@ pub struct ShadowView {
 #[derive(Serialize)]
 pub struct VersionView {
     pub name: String,
-    pub plugin: String,
-    pub plugin_file: String,
+    /// The plugin's name, for a version a plugin serves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plugin_file: Option<String>,
+    /// The model file, for an ONNX-only version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub onnx_file: Option<String>,
+    /// The models the plugin may run through wasi:nn: name -> file.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, String>,
     pub timeout_ms: u128,
     pub memory_mebibytes: usize,
     pub max_concurrency: u32,
@@ -308,8 +317,25 @@ impl ModelView {
                 .values()
                 .map(|v| VersionView {
                     name: v.name.clone(),
-                    plugin: v.backend.name().to_string(),
-                    plugin_file: v.backend.path().display().to_string(),
+                    plugin: match &v.backend {
+                        Backend::Plugin { plugin, .. } => Some(plugin.name().to_string()),
+                        Backend::Onnx(_) => None,
+                    },
+                    plugin_file: match &v.backend {
+                        Backend::Plugin { plugin, .. } => Some(plugin.path().display().to_string()),
+                        Backend::Onnx(_) => None,
+                    },
+                    onnx_file: match &v.backend {
+                        Backend::Plugin { .. } => None,
+                        Backend::Onnx(model) => Some(model.path().display().to_string()),
+                    },
+                    models: match &v.backend {
+                        Backend::Plugin { models, .. } => models
+                            .iter()
+                            .map(|(name, m)| (name.clone(), m.path().display().to_string()))
+                            .collect(),
+                        Backend::Onnx(_) => BTreeMap::new(),
+                    },
                     timeout_ms: v.limits.timeout.as_millis(),
                     memory_mebibytes: v.limits.memory_bytes >> 20,
                     max_concurrency: v.limits.max_concurrency,
