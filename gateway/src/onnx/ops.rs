@@ -1,8 +1,8 @@
 //! The ONNX-ML operators scikit-learn exports and tract-onnx 0.23 lacks or
 //! runs slowly, registered through tract's operator table:
 //!
-//! - `Scaler` (every StandardScaler pipeline) becomes `(x - offset) * scale`
-//!   on tract's own arithmetic, so tract optimises it like any other node;
+//! - `Scaler` (every StandardScaler pipeline) and `Normalizer` (every
+//!   linear classifier's probabilities) run as row-wise loops;
 //! - `ZipMap` (skl2onnx's default classifier output, a list of maps) passes
 //!   the probability matrix through: V2 has no map type, and the matrix in
 //!   class order is what a client reads anyway;
@@ -14,13 +14,13 @@
 use tract_onnx::model::{OnnxOpRegister, ParsingContext};
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
-use tract_onnx::tract_hir::ops::logic::wire_with_rank_broadcast;
 
 use super::linear::{Linear, LinearExpansion, LinearOp};
 use super::trees::{Ensemble, TreeEnsembleExpansion, TreeEnsembleOp};
 
 pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("Scaler", scaler);
+    reg.insert("Normalizer", normalizer);
     reg.insert("ZipMap", zipmap);
     reg.insert("TreeEnsembleClassifier", tree_classifier);
     reg.insert("TreeEnsembleRegressor", tree_regressor);
@@ -190,12 +190,28 @@ fn tree_regressor(
     ))
 }
 
-/// `Scaler`: `y = (x - offset) * scale`, per feature or for all features.
-#[derive(Clone, Debug)]
-struct Scaler {
-    offset: Vec<f32>,
-    scale: Vec<f32>,
+/// `Scaler` and `Normalizer`: row-wise float arithmetic on the last axis.
+/// Both are the gateway's own loops rather than tract's broadcasting
+/// arithmetic, which runs a general n-dimensional zip per element and made
+/// a 36-row StandardScaler + LogisticRegression pipeline slower than
+/// onnxruntime.
+#[derive(Clone, Debug, PartialEq)]
+enum Rowwise {
+    /// `y = (x - offset) * scale`, per feature or for all features.
+    Scale { offset: Vec<f32>, scale: Vec<f32> },
+    /// Each row divided by its norm, as onnxruntime does (a zero norm
+    /// leaves the row as it is).
+    Normalize(Norm),
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Norm {
+    Max,
+    L1,
+    L2,
+}
+
+impl Eq for Rowwise {}
 
 fn scaler(
     _ctx: &ParsingContext,
@@ -203,12 +219,101 @@ fn scaler(
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let offset = node.get_attr_opt_vec::<f32>("offset")?.unwrap_or_default();
     let scale = node.get_attr_opt_vec::<f32>("scale")?.unwrap_or_default();
-    Ok((expand(Scaler { offset, scale }), vec![]))
+    Ok((
+        expand(RowwiseExpansion(Rowwise::Scale { offset, scale })),
+        vec![],
+    ))
 }
 
-impl Expansion for Scaler {
+fn normalizer(
+    _ctx: &ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let norm = match node.get_attr_opt::<&str>("norm")?.unwrap_or("MAX") {
+        "MAX" => Norm::Max,
+        "L1" => Norm::L1,
+        "L2" => Norm::L2,
+        other => bail!("Normalizer `{}`: unknown norm `{other}`", node.name),
+    };
+    Ok((expand(RowwiseExpansion(Rowwise::Normalize(norm))), vec![]))
+}
+
+impl Rowwise {
+    fn apply(&self, row: &mut [f32]) {
+        match self {
+            Rowwise::Scale { offset, scale } => {
+                let at = |v: &[f32], i: usize, default: f32| match v.len() {
+                    0 => default,
+                    1 => v[0],
+                    _ => v[i],
+                };
+                for (i, x) in row.iter_mut().enumerate() {
+                    *x = (*x - at(offset, i, 0.0)) * at(scale, i, 1.0);
+                }
+            }
+            Rowwise::Normalize(norm) => {
+                let n = match norm {
+                    Norm::Max => row.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                    Norm::L1 => row.iter().map(|x| x.abs()).sum(),
+                    Norm::L2 => row.iter().map(|x| x * x).sum::<f32>().sqrt(),
+                };
+                if n != 0.0 && n.is_finite() {
+                    row.iter_mut().for_each(|x| *x /= n);
+                }
+            }
+        }
+    }
+}
+
+impl Op for Rowwise {
     fn name(&self) -> StaticName {
-        "Scaler".into()
+        match self {
+            Rowwise::Scale { .. } => "GatewayScaler".into(),
+            Rowwise::Normalize(_) => "GatewayNormalizer".into(),
+        }
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Rowwise {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let mut output = input.cast_to::<f32>()?.into_owned();
+        let width = output.shape().last().copied().unwrap_or(1).max(1);
+        if let Rowwise::Scale { offset, scale } = self {
+            for (name, v) in [("offset", offset), ("scale", scale)] {
+                ensure!(
+                    v.len() <= 1 || v.len() == width,
+                    "Scaler `{name}` has {} values for {width} features",
+                    v.len()
+                );
+            }
+        }
+        let mut view = output.try_as_plain_ram_mut()?;
+        for row in view.as_slice_mut::<f32>()?.chunks_exact_mut(width) {
+            self.apply(row);
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for Rowwise {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+    }
+
+    as_op!();
+}
+
+#[derive(Clone, Debug)]
+struct RowwiseExpansion(Rowwise);
+
+impl Expansion for RowwiseExpansion {
+    fn name(&self) -> StaticName {
+        self.0.name()
     }
 
     fn rules<'r, 'p: 'r, 's: 'r>(
@@ -230,44 +335,19 @@ impl Expansion for Scaler {
         model: &mut TypedModel,
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        let fact = model.outlet_fact(inputs[0])?.clone();
-        ensure!(fact.rank() >= 1, "Scaler needs an input of rank 1 or more");
-        let width = fact.shape[fact.rank() - 1].to_usize().ok();
-        for (name, values) in [("offset", &self.offset), ("scale", &self.scale)] {
-            ensure!(
-                values.len() <= 1 || Some(values.len()) == width,
-                "Scaler `{name}` has {} values for {} features",
-                values.len(),
-                fact.shape[fact.rank() - 1]
-            );
+        let fact = model.outlet_fact(inputs[0])?;
+        if let (Rowwise::Scale { offset, scale }, Some(width)) =
+            (&self.0, fact.shape.last().and_then(|d| d.to_usize().ok()))
+        {
+            for (name, v) in [("offset", offset), ("scale", scale)] {
+                ensure!(
+                    v.len() <= 1 || v.len() == width,
+                    "Scaler `{name}` has {} values for {width} features",
+                    v.len()
+                );
+            }
         }
-        let mut x = inputs[0];
-        if fact.datum_type != f32::datum_type() {
-            x = model.wire_node(
-                format!("{prefix}.to_f32"),
-                tract_onnx::tract_core::ops::cast::cast(f32::datum_type()),
-                &[x],
-            )?[0];
-        }
-        if !self.offset.is_empty() {
-            let offset = model.add_const(format!("{prefix}.offset"), rctensor1(&self.offset))?;
-            x = wire_with_rank_broadcast(
-                format!("{prefix}.sub"),
-                model,
-                tract_onnx::tract_core::ops::math::sub(),
-                &[x, offset],
-            )?[0];
-        }
-        if !self.scale.is_empty() {
-            let scale = model.add_const(format!("{prefix}.scale"), rctensor1(&self.scale))?;
-            x = wire_with_rank_broadcast(
-                format!("{prefix}.mul"),
-                model,
-                tract_onnx::tract_core::ops::math::mul(),
-                &[x, scale],
-            )?[0];
-        }
-        Ok(tvec!(x))
+        model.wire_node(prefix, self.0.clone(), inputs)
     }
 }
 

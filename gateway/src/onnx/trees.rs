@@ -25,6 +25,9 @@ use tract_onnx::tract_hir::internal::*;
 /// A node's feature index when the node is a leaf.
 const LEAF: u32 = u32::MAX;
 
+/// Rows that walk a tree together.
+const LANES: usize = 8;
+
 /// Branch comparisons of the ONNX-ML spec.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -63,9 +66,9 @@ impl Mode {
     }
 }
 
-/// One node. For a branch: the feature compared, its threshold and the two
-/// children. For a leaf (`feature == LEAF`): `true_child..false_child` is its
-/// range in [`Ensemble::weights`].
+/// One node: the feature compared, its threshold and the two children. A
+/// leaf compares feature 0 with NaN and has itself as both children, so a
+/// walk that goes on past a leaf stays on it (see [`Ensemble::walk_lanes`]).
 #[derive(Clone, Copy, Debug)]
 struct Node {
     feature: u32,
@@ -169,6 +172,13 @@ impl Labels {
 /// A parsed, checked tree ensemble.
 pub struct Ensemble {
     nodes: Vec<Node>,
+    /// Per node: its range in `weights` (empty for a branch).
+    leaf_weights: Vec<(u32, u32)>,
+    /// Per node, when every leaf has exactly one weight (regressors,
+    /// gradient boosting): that weight, read without the range.
+    single: Option<Vec<(u32, f32)>>,
+    /// Per tree: branches on its longest path.
+    depths: Vec<u32>,
     /// Per node, when the modes are not all `BRANCH_LEQ`.
     modes: Option<Vec<Mode>>,
     /// Per node, when any node sends NaN to its true child.
@@ -371,7 +381,31 @@ impl Ensemble {
             }
             missing_true.push(missing.get(i).is_some_and(|&v| v != 0));
         }
-        check_acyclic(&nodes, &roots)?;
+        let depths = check_acyclic(&nodes, &roots)?;
+        // Leaves become self-loops; their weights are found by node.
+        let mut leaf_ranges = vec![(0u32, 0u32); nodes.len()];
+        for (at, node) in nodes.iter_mut().enumerate() {
+            if node.feature == LEAF {
+                leaf_ranges[at] = (node.true_child, node.false_child);
+                *node = Node {
+                    feature: 0,
+                    threshold: f32::NAN,
+                    true_child: at as u32,
+                    false_child: at as u32,
+                };
+            }
+        }
+        let single = leaf_ranges
+            .iter()
+            .zip(&nodes)
+            .enumerate()
+            .all(|(at, (&(a, b), n))| n.true_child != at as u32 || b == a + 1)
+            .then(|| {
+                leaf_ranges
+                    .iter()
+                    .map(|&(a, b)| if b > a { weights[a as usize] } else { (0, 0.0) })
+                    .collect()
+            });
 
         let aggregate = if classifier {
             Aggregate::Sum
@@ -436,6 +470,9 @@ impl Ensemble {
         let any_missing = missing_true.iter().any(|&b| b);
         Ok(Ensemble {
             nodes,
+            leaf_weights: leaf_ranges,
+            single,
+            depths,
             modes: (!all_leq).then_some(node_modes),
             missing_true: any_missing.then_some(missing_true),
             roots,
@@ -454,68 +491,112 @@ impl Ensemble {
         self.n_targets
     }
 
-    /// The leaf `row` reaches in the tree rooted at `root`.
-    #[inline(always)]
-    fn leaf(&self, root: u32, row: &[f32]) -> &Node {
+    /// The leaf `row` reaches in the tree rooted at `root`, any node modes.
+    fn leaf(&self, root: u32, row: &[f32]) -> u32 {
         let nodes = &self.nodes[..];
-        let mut node = &nodes[root as usize];
-        match (&self.modes, &self.missing_true) {
-            (None, None) => {
-                // scikit-learn's case: every branch is `x <= threshold`.
-                while node.feature != LEAF {
-                    let x = row[node.feature as usize];
-                    let next = if x <= node.threshold {
-                        node.true_child
-                    } else {
-                        node.false_child
-                    };
-                    node = &nodes[next as usize];
-                }
-            }
-            (modes, missing) => {
-                let mut at = root as usize;
-                while node.feature != LEAF {
-                    let x = row[node.feature as usize];
-                    let mode = modes.as_ref().map_or(Mode::Leq, |m| m[at]);
-                    let nan_true = missing.as_ref().is_some_and(|m| m[at]);
-                    let next = if mode.goes_true(x, node.threshold) || (nan_true && x.is_nan()) {
-                        node.true_child
-                    } else {
-                        node.false_child
-                    };
-                    at = next as usize;
-                    node = &nodes[at];
-                }
-            }
+        let mut at = root;
+        let mut node = &nodes[at as usize];
+        while node.true_child != at || node.false_child != at {
+            let x = row[node.feature as usize];
+            let i = at as usize;
+            let mode = self.modes.as_ref().map_or(Mode::Leq, |m| m[i]);
+            let nan_true = self.missing_true.as_ref().is_some_and(|m| m[i]);
+            at = if mode.goes_true(x, node.threshold) || (nan_true && x.is_nan()) {
+                node.true_child
+            } else {
+                node.false_child
+            };
+            node = &nodes[at as usize];
         }
-        node
+        at
     }
 
-    /// Raw aggregated scores of one row into `scores` (length `n_targets`);
-    /// `has` records which targets any leaf scored.
-    fn aggregate_row(&self, row: &[f32], scores: &mut [f32], has: &mut [bool]) {
+    /// scikit-learn's case (every branch `x <= threshold`, NaN goes right):
+    /// up to [`LANES`] rows walk the tree together, so the loads of their
+    /// independent paths overlap instead of each level waiting on the last,
+    /// and every row takes the tree's depth in steps (a leaf loops on itself)
+    /// so no step branches on whether a row has arrived.
+    #[inline(always)]
+    fn walk_lanes(&self, root: u32, depth: u32, rows: &[&[f32]], leaves: &mut [u32; LANES]) {
+        let nodes = &self.nodes[..];
+        let n = rows.len();
+        leaves[..n].fill(root);
+        for _ in 0..depth {
+            for (at, row) in leaves[..n].iter_mut().zip(rows) {
+                let node = &nodes[*at as usize];
+                let x = row[node.feature as usize];
+                *at = if x <= node.threshold {
+                    node.true_child
+                } else {
+                    node.false_child
+                };
+            }
+        }
+    }
+
+    /// Adds one leaf's weights to a row's scores.
+    #[inline(always)]
+    fn combine(&self, weights: &[(u32, f32)], s: &mut [f32], h: &mut [bool]) {
+        for &(target, weight) in weights {
+            let k = target as usize;
+            match self.aggregate {
+                Aggregate::Sum | Aggregate::Average => s[k] += weight,
+                Aggregate::Min => {
+                    if !h[k] || weight < s[k] {
+                        s[k] = weight;
+                    }
+                }
+                Aggregate::Max => {
+                    if !h[k] || weight > s[k] {
+                        s[k] = weight;
+                    }
+                }
+            }
+            h[k] = true;
+        }
+    }
+
+    /// Raw aggregated scores of every row of `input` into `scores` (one
+    /// row of `n_targets` per input row); `has` records which targets any
+    /// leaf scored. Trees are the outer loop: one tree's nodes stay in
+    /// cache while every row walks it.
+    fn aggregate(&self, input: &[f32], width: usize, scores: &mut [f32], has: &mut [bool]) {
+        let t = self.n_targets;
         scores.fill(0.0);
         has.fill(false);
-        for &root in &self.roots {
-            let leaf = self.leaf(root, row);
-            for &(target, weight) in
-                &self.weights[leaf.true_child as usize..leaf.false_child as usize]
-            {
-                let t = target as usize;
-                match self.aggregate {
-                    Aggregate::Sum | Aggregate::Average => scores[t] += weight,
-                    Aggregate::Min => {
-                        if !has[t] || weight < scores[t] {
-                            scores[t] = weight;
+        let simple = self.modes.is_none() && self.missing_true.is_none();
+        let rows: Vec<&[f32]> = input.chunks_exact(width).collect();
+        let mut leaves = [0u32; LANES];
+        for (&root, &depth) in self.roots.iter().zip(&self.depths) {
+            for (group, first) in rows.chunks(LANES).zip((0..).step_by(LANES)) {
+                if simple {
+                    self.walk_lanes(root, depth, group, &mut leaves);
+                } else {
+                    for (leaf, row) in leaves.iter_mut().zip(group) {
+                        *leaf = self.leaf(root, row);
+                    }
+                }
+                let leaves = &leaves[..group.len()];
+                match (&self.single, self.aggregate) {
+                    (Some(single), Aggregate::Sum | Aggregate::Average) => {
+                        for (r, &leaf) in (first..).zip(leaves) {
+                            let (k, w) = single[leaf as usize];
+                            scores[r * t + k as usize] += w;
+                            has[r * t + k as usize] = true;
                         }
                     }
-                    Aggregate::Max => {
-                        if !has[t] || weight > scores[t] {
-                            scores[t] = weight;
+                    _ => {
+                        for (r, &leaf) in (first..).zip(leaves) {
+                            let (a, b) = self.leaf_weights[leaf as usize];
+                            let weights = &self.weights[a as usize..b as usize];
+                            self.combine(
+                                weights,
+                                &mut scores[r * t..][..t],
+                                &mut has[r * t..][..t],
+                            );
                         }
                     }
                 }
-                has[t] = true;
             }
         }
         if self.aggregate == Aggregate::Average {
@@ -524,14 +605,14 @@ impl Ensemble {
         }
     }
 
-    /// Runs the regressor over `rows` rows of `input` (row-major, `width`
+    /// Runs the regressor over the rows of `input` (row-major, `width`
     /// columns): one output row of `n_targets` values per input row.
     fn regress(&self, input: &[f32], width: usize, out: &mut [f32]) {
         let t = self.n_targets;
-        let mut has = vec![false; t];
-        for (row, scores) in input.chunks_exact(width).zip(out.chunks_exact_mut(t)) {
-            self.aggregate_row(row, scores, &mut has);
-            if self.base_values.len() == t {
+        let mut has = vec![false; out.len()];
+        self.aggregate(input, width, out, &mut has);
+        if self.base_values.len() == t {
+            for scores in out.chunks_exact_mut(t) {
                 scores
                     .iter_mut()
                     .zip(&self.base_values)
@@ -551,14 +632,15 @@ impl Ensemble {
         out: &mut [f32],
     ) {
         let c = layout.labels.len();
-        let mut raw = vec![0.0f32; c];
-        let mut has = vec![false; c];
-        for ((row, label), scores) in input
-            .chunks_exact(width)
+        let mut all_raw = vec![0.0f32; out.len()];
+        let mut all_has = vec![false; out.len()];
+        self.aggregate(input, width, &mut all_raw, &mut all_has);
+        for (((raw, has), label), scores) in all_raw
+            .chunks_exact_mut(c)
+            .zip(all_has.chunks_exact_mut(c))
             .zip(labels.iter_mut())
             .zip(out.chunks_exact_mut(c))
         {
-            self.aggregate_row(row, &mut raw, &mut has);
             if layout.binary_one_class {
                 // One score s: onnxruntime adds the (single or second) base
                 // value, picks the label from its sign (or from 0.5 when all
@@ -600,20 +682,23 @@ impl Ensemble {
                 }
             }
             *label = best.unwrap_or(0);
-            scores.copy_from_slice(&raw);
+            scores.copy_from_slice(raw);
             apply(self.post_transform, scores);
         }
     }
 }
 
-/// Every tree reachable from its root without revisiting a node: a cyclic
-/// "tree" would loop forever on some row.
-fn check_acyclic(nodes: &[Node], roots: &[u32]) -> Result<(), String> {
+/// Every tree reachable from its root without revisiting a node (a cyclic
+/// "tree" would loop forever on some row); returns each tree's depth in
+/// branches.
+fn check_acyclic(nodes: &[Node], roots: &[u32]) -> Result<Vec<u32>, String> {
     let mut seen = vec![false; nodes.len()];
     let mut stack = Vec::new();
+    let mut depths = Vec::with_capacity(roots.len());
     for &root in roots {
-        stack.push(root);
-        while let Some(at) = stack.pop() {
+        let mut deepest = 0;
+        stack.push((root, 0u32));
+        while let Some((at, depth)) = stack.pop() {
             let at = at as usize;
             if std::mem::replace(&mut seen[at], true) {
                 return Err(format!(
@@ -622,12 +707,15 @@ fn check_acyclic(nodes: &[Node], roots: &[u32]) -> Result<(), String> {
             }
             let node = nodes[at];
             if node.feature != LEAF {
-                stack.push(node.true_child);
-                stack.push(node.false_child);
+                stack.push((node.true_child, depth + 1));
+                stack.push((node.false_child, depth + 1));
+            } else {
+                deepest = deepest.max(depth);
             }
         }
+        depths.push(deepest);
     }
-    Ok(())
+    Ok(depths)
 }
 
 pub(super) fn logistic(x: f32) -> f32 {
