@@ -45,8 +45,8 @@ pub async fn build(
     runtime: &Runtime,
     previous: Option<&Snapshot>,
 ) -> Result<(Snapshot, BuildReport), Vec<PolicyError>> {
-    let mut plugins = PluginSet::from_previous(previous);
-    let mut onnx = OnnxSet::from_previous(previous);
+    let mut plugins = plugin_cache(previous);
+    let mut onnx = onnx_cache(previous);
     let mut report = BuildReport::default();
     let mut errors = Vec::new();
     let mut models = BTreeMap::new();
@@ -57,10 +57,12 @@ pub async fn build(
         for v in &policy.versions {
             let backend = match &v.serving {
                 Serving::Plugin(path) => {
-                    let plugin = plugins.get(path, runtime, &mut report).await;
+                    let plugin = plugins
+                        .get(path, &mut report, |p, b| load_plugin(runtime, p, b))
+                        .await;
                     let mut declared = HashMap::new();
                     for m in &v.models {
-                        match onnx.get(&m.path, &mut report).await {
+                        match onnx.get(&m.path, &mut report, load_onnx).await {
                             Ok(model) => {
                                 declared.insert(m.name.clone(), model);
                             }
@@ -72,7 +74,10 @@ pub async fn build(
                         models: Arc::new(ModelSet::new(declared)),
                     })
                 }
-                Serving::Onnx(path) => onnx.get(path, &mut report).await.map(Backend::Onnx),
+                Serving::Onnx(path) => onnx
+                    .get(path, &mut report, load_onnx)
+                    .await
+                    .map(Backend::Onnx),
             };
             let backend = match backend {
                 Ok(backend) => backend,
@@ -298,39 +303,63 @@ fn resolve_schema(
     Ok(resolved)
 }
 
-/// Plugins by file, loaded at most once per build, and taken from the
-/// previous snapshot when the file's bytes have not changed.
-struct PluginSet {
-    previous: HashMap<PathBuf, Arc<Plugin>>,
-    loaded: HashMap<PathBuf, Result<Arc<Plugin>, String>>,
+/// Loaded files (plugins, ONNX models) by path: each loaded at most once per
+/// build, and taken from the previous snapshot while the file's bytes hash
+/// the same.
+struct FileCache<T> {
+    /// "plugin" or "ONNX model", for messages.
+    what: &'static str,
+    previous: HashMap<PathBuf, Arc<T>>,
+    loaded: HashMap<PathBuf, Result<Arc<T>, String>>,
 }
 
-impl PluginSet {
-    fn from_previous(previous: Option<&Snapshot>) -> Self {
-        let previous = versions_of(previous)
-            .filter_map(|v| match &v.backend {
-                Backend::Plugin { plugin, .. } => Some((canonical(plugin.path()), plugin.clone())),
-                Backend::Onnx(_) => None,
-            })
-            .collect();
-        PluginSet {
-            previous,
+/// What [`FileCache`] compares to decide that a file is unchanged.
+trait ContentHash {
+    fn content_hash(&self) -> u64;
+}
+
+impl ContentHash for Plugin {
+    fn content_hash(&self) -> u64 {
+        Plugin::content_hash(self)
+    }
+}
+
+impl ContentHash for OnnxModel {
+    fn content_hash(&self) -> u64 {
+        OnnxModel::content_hash(self)
+    }
+}
+
+impl<T: ContentHash> FileCache<T> {
+    fn new(what: &'static str, previous: impl Iterator<Item = (PathBuf, Arc<T>)>) -> Self {
+        FileCache {
+            what,
+            previous: previous.map(|(path, t)| (canonical(&path), t)).collect(),
             loaded: HashMap::new(),
         }
     }
 
-    async fn get(
+    /// The file at `path`: reused, or read and handed to `load`.
+    async fn get<F, Fut>(
         &mut self,
         path: &Path,
-        runtime: &Runtime,
         report: &mut BuildReport,
-    ) -> Result<Arc<Plugin>, String> {
+        load: F,
+    ) -> Result<Arc<T>, String>
+    where
+        F: FnOnce(PathBuf, Vec<u8>) -> Fut,
+        Fut: std::future::Future<Output = Result<Arc<T>, String>>,
+    {
         let key = canonical(path);
         if let Some(done) = self.loaded.get(&key) {
             return done.clone();
         }
         let result = match std::fs::read(path) {
-            Err(e) => Err(format!("plugin {} cannot be read: {e}", path.display())),
+            Err(e) => Err(format!(
+                "{} {} cannot be read: {e}",
+                self.what,
+                path.display()
+            )),
             Ok(bytes) => match self.previous.get(&key) {
                 Some(old) if old.content_hash() == crate::runtime::content_hash(&bytes) => {
                     report.reused.push(path.to_path_buf());
@@ -338,10 +367,9 @@ impl PluginSet {
                 }
                 _ => {
                     report.compiled.push(path.to_path_buf());
-                    runtime
-                        .load_plugin_bytes(path, bytes)
+                    load(path.to_path_buf(), bytes)
                         .await
-                        .map_err(|e| format!("plugin {} {e}", path.display()))
+                        .map_err(|e| format!("{} {} {e}", self.what, path.display()))
                 }
             },
         };
@@ -350,66 +378,51 @@ impl PluginSet {
     }
 }
 
-/// ONNX models by file, like [`PluginSet`]: parsed and optimised at most
-/// once per build, on the blocking pool, and reused while their bytes stay
-/// the same.
-struct OnnxSet {
-    previous: HashMap<PathBuf, Arc<OnnxModel>>,
-    loaded: HashMap<PathBuf, Result<Arc<OnnxModel>, String>>,
+/// The plugins of the previous snapshot.
+fn plugin_cache(previous: Option<&Snapshot>) -> FileCache<Plugin> {
+    let plugins = versions_of(previous).filter_map(|v| match &v.backend {
+        Backend::Plugin { plugin, .. } => Some((plugin.path().to_path_buf(), plugin.clone())),
+        Backend::Onnx(_) => None,
+    });
+    FileCache::new("plugin", plugins)
 }
 
-impl OnnxSet {
-    fn from_previous(previous: Option<&Snapshot>) -> Self {
-        let mut models = HashMap::new();
-        for v in versions_of(previous) {
-            match &v.backend {
-                Backend::Onnx(model) => {
-                    models.insert(canonical(model.path()), model.clone());
-                }
-                Backend::Plugin { models: set, .. } => {
-                    for (_, model) in set.iter() {
-                        models.insert(canonical(model.path()), model.clone());
-                    }
-                }
+/// The ONNX models of the previous snapshot, served alone or by plugins.
+fn onnx_cache(previous: Option<&Snapshot>) -> FileCache<OnnxModel> {
+    let mut models = Vec::new();
+    for v in versions_of(previous) {
+        match &v.backend {
+            Backend::Onnx(model) => models.push(model.clone()),
+            Backend::Plugin { models: set, .. } => {
+                models.extend(set.iter().map(|(_, m)| m.clone()));
             }
         }
-        OnnxSet {
-            previous: models,
-            loaded: HashMap::new(),
-        }
     }
+    FileCache::new(
+        "ONNX model",
+        models.into_iter().map(|m| (m.path().to_path_buf(), m)),
+    )
+}
 
-    async fn get(
-        &mut self,
-        path: &Path,
-        report: &mut BuildReport,
-    ) -> Result<Arc<OnnxModel>, String> {
-        let key = canonical(path);
-        if let Some(done) = self.loaded.get(&key) {
-            return done.clone();
-        }
-        let result = match std::fs::read(path) {
-            Err(e) => Err(format!("ONNX model {} cannot be read: {e}", path.display())),
-            Ok(bytes) => match self.previous.get(&key) {
-                Some(old) if old.content_hash() == crate::runtime::content_hash(&bytes) => {
-                    report.reused.push(path.to_path_buf());
-                    Ok(old.clone())
-                }
-                _ => {
-                    report.compiled.push(path.to_path_buf());
-                    let owned = path.to_path_buf();
-                    tokio::task::spawn_blocking(move || OnnxModel::load_bytes(&owned, &bytes))
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()))
-                        .map(Arc::new)
-                        .map_err(|e| format!("ONNX model {} {e}", path.display()))
-                }
-            },
-        };
-        self.loaded.insert(key, result.clone());
-        result
-    }
+/// Compiles a plugin (see [`Runtime::load_plugin_bytes`]).
+async fn load_plugin(
+    runtime: &Runtime,
+    path: PathBuf,
+    bytes: Vec<u8>,
+) -> Result<Arc<Plugin>, String> {
+    runtime
+        .load_plugin_bytes(&path, bytes)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Loads an ONNX model on the blocking pool (it takes milliseconds).
+async fn load_onnx(path: PathBuf, bytes: Vec<u8>) -> Result<Arc<OnnxModel>, String> {
+    tokio::task::spawn_blocking(move || OnnxModel::load_bytes(&path, &bytes))
+        .await
+        .map_err(|e| e.to_string())?
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
 }
 
 fn versions_of(snapshot: Option<&Snapshot>) -> impl Iterator<Item = &Arc<Version>> {
