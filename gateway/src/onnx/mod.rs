@@ -12,6 +12,7 @@
 //! the call's deadline. tract's errors (anyhow-based) stop at this module:
 //! callers see [`OnnxError`] and [`PluginError`].
 
+mod axis;
 mod linear;
 mod ops;
 pub mod trees;

@@ -9,7 +9,8 @@
 //! - `TreeEnsembleClassifier` and `TreeEnsembleRegressor` run on the
 //!   evaluator in [`super::trees`];
 //! - `LinearClassifier` runs in [`super::linear`] (tract's cannot type
-//!   string class labels).
+//!   string class labels);
+//! - `Softmax` and `ArgMax`/`ArgMin` on FP32 run in [`super::axis`].
 
 use tract_onnx::model::{OnnxOpRegister, ParsingContext};
 use tract_onnx::pb::NodeProto;
@@ -29,10 +30,46 @@ pub fn register(reg: &mut OnnxOpRegister) {
         let _ = TRACT_REDUCE_LOG_SUM_EXP.set(original);
     }
     reg.insert("ReduceLogSumExp", reduce_log_sum_exp);
+    if let Some(&original) = reg.0.get("ReduceSum") {
+        let _ = TRACT_REDUCE_SUM.set(original);
+    }
+    reg.insert("ReduceSum", reduce_sum);
+    reg.insert("Sub", |_, _| {
+        Ok((super::axis::arith(super::axis::Arith::Sub), vec![]))
+    });
+    reg.insert("Mul", |_, _| {
+        Ok((super::axis::arith(super::axis::Arith::Mul), vec![]))
+    });
+    reg.insert("Div", |_, _| {
+        Ok((super::axis::arith(super::axis::Arith::Div), vec![]))
+    });
+    reg.insert("Softmax", super::axis::softmax);
+    reg.insert("ArgMax", super::axis::arg_max_min);
+    reg.insert("ArgMin", super::axis::arg_max_min);
 }
 
 type OpBuilder =
     fn(&ParsingContext, &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
+
+/// tract's own `ReduceSum`, for all but a sum over one constant axis.
+static TRACT_REDUCE_SUM: std::sync::OnceLock<OpBuilder> = std::sync::OnceLock::new();
+
+/// `ReduceSum` over one axis named by a constant (GaussianNB's, from opset
+/// 13 on) runs in [`super::axis`]; any other form is tract's.
+fn reduce_sum(
+    ctx: &ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    if ctx.onnx_operator_set_version >= 13
+        && let Some(op) = super::axis::reduce_sum_one_axis(ctx, node)?
+    {
+        return Ok((expand(op), vec![]));
+    }
+    let original = TRACT_REDUCE_SUM
+        .get()
+        .ok_or_else(|| format_err!("ReduceSum is not available"))?;
+    original(ctx, node)
+}
 
 /// tract's own `ReduceLogSumExp`, still used from opset 18 (axes as an input).
 static TRACT_REDUCE_LOG_SUM_EXP: std::sync::OnceLock<OpBuilder> = std::sync::OnceLock::new();
@@ -53,6 +90,12 @@ fn reduce_log_sum_exp(
     }
     let axes = node.get_attr_opt_vec::<i64>("axes")?;
     let keep_dims = node.get_attr_opt("keepdims")?.unwrap_or(1i64) == 1;
+    if let Some([axis]) = axes.as_deref() {
+        return Ok((
+            expand(super::axis::log_sum_exp_one_axis(*axis, keep_dims)),
+            vec![],
+        ));
+    }
     Ok((expand(LogSumExp { axes, keep_dims }), vec![]))
 }
 
