@@ -174,6 +174,25 @@ impl EvalOp for AlongAxis {
         let view = x.try_as_plain_ram()?;
         let x = view.as_slice::<f32>()?;
         match self.kind {
+            Kind::Softmax if inner == 1 => {
+                // The usual case, the last axis: contiguous rows.
+                let mut y = x.to_vec();
+                for row in y.chunks_exact_mut(n.max(1)) {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0f32;
+                    for v in row.iter_mut() {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    let inverse = 1.0 / sum;
+                    row.iter_mut().for_each(|v| *v *= inverse);
+                }
+                Ok(tvec!(
+                    tract_onnx::prelude::tensor1(&y)
+                        .into_shape(&shape)?
+                        .into_tvalue()
+                ))
+            }
             Kind::Softmax => {
                 let mut y = x.to_vec();
                 for o in 0..outer {
@@ -396,15 +415,6 @@ pub enum Arith {
 }
 
 impl Arith {
-    #[inline(always)]
-    fn apply(self, a: f32, b: f32) -> f32 {
-        match self {
-            Arith::Sub => a - b,
-            Arith::Mul => a * b,
-            Arith::Div => a / b,
-        }
-    }
-
     fn tract(self) -> Box<dyn tract_onnx::tract_core::ops::binary::BinMiniOp> {
         use tract_onnx::tract_core::ops::math;
         match self {
@@ -492,44 +502,90 @@ impl EvalOp for Broadcast {
         let (va, vb) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
         let (xa, xb) = (va.as_slice::<f32>()?, vb.as_slice::<f32>()?);
         let total: usize = shape.iter().product();
-        let mut out = Vec::with_capacity(total);
-        let op = self.0;
-        if a.shape() == b.shape() {
-            out.extend(xa.iter().zip(xb).map(|(&x, &y)| op.apply(x, y)));
-        } else if shape.is_empty() || total == 0 {
-            if total == 1 {
-                out.push(op.apply(xa[0], xb[0]));
-            }
-        } else {
-            let rank = shape.len();
-            let (sa, sb) = (
-                broadcast_strides(a.shape(), rank),
-                broadcast_strides(b.shape(), rank),
-            );
-            let last = shape[rank - 1];
-            let (la, lb) = (sa[rank - 1], sb[rank - 1]);
-            let mut index: TVec<usize> = tvec![0; rank - 1];
-            for _ in 0..total / last {
-                let oa: usize = index.iter().zip(&sa).map(|(i, s)| i * s).sum();
-                let ob: usize = index.iter().zip(&sb).map(|(i, s)| i * s).sum();
-                for j in 0..last {
-                    out.push(op.apply(xa[oa + j * la], xb[ob + j * lb]));
-                }
-                // Next row of the output, last outer axis fastest.
-                for axis in (0..rank - 1).rev() {
-                    index[axis] += 1;
-                    if index[axis] < shape[axis] {
-                        break;
-                    }
-                    index[axis] = 0;
-                }
-            }
+        let mut out = vec![0.0f32; total];
+        let (sa, sb) = (a.shape(), b.shape());
+        match self.0 {
+            Arith::Sub => broadcast(|x, y| x - y, &shape, (xa, sa), (xb, sb), &mut out),
+            Arith::Mul => broadcast(|x, y| x * y, &shape, (xa, sa), (xb, sb), &mut out),
+            Arith::Div => broadcast(|x, y| x / y, &shape, (xa, sa), (xb, sb), &mut out),
         }
         Ok(tvec!(
             tract_onnx::prelude::tensor1(&out)
                 .into_shape(&shape)?
                 .into_tvalue()
         ))
+    }
+}
+
+/// `out = f(a, b)` with numpy broadcasting to `shape`, one output row (the
+/// last axis) at a time, each row a contiguous or constant-operand loop.
+fn broadcast(
+    f: impl Fn(f32, f32) -> f32 + Copy,
+    shape: &[usize],
+    (xa, a_shape): (&[f32], &[usize]),
+    (xb, b_shape): (&[f32], &[usize]),
+    out: &mut [f32],
+) {
+    if a_shape == b_shape {
+        for ((o, &x), &y) in out.iter_mut().zip(xa).zip(xb) {
+            *o = f(x, y);
+        }
+        return;
+    }
+    if out.is_empty() {
+        return;
+    }
+    if shape.is_empty() {
+        out[0] = f(xa[0], xb[0]);
+        return;
+    }
+    let rank = shape.len();
+    let (sa, sb) = (
+        broadcast_strides(a_shape, rank),
+        broadcast_strides(b_shape, rank),
+    );
+    let last = shape[rank - 1];
+    let (la, lb) = (sa[rank - 1], sb[rank - 1]);
+    let mut index: TVec<usize> = tvec![0; rank - 1];
+    for row in out.chunks_exact_mut(last) {
+        let oa: usize = index.iter().zip(&sa).map(|(i, s)| i * s).sum();
+        let ob: usize = index.iter().zip(&sb).map(|(i, s)| i * s).sum();
+        match (la, lb) {
+            (1, 1) => {
+                for ((o, &x), &y) in row
+                    .iter_mut()
+                    .zip(&xa[oa..oa + last])
+                    .zip(&xb[ob..ob + last])
+                {
+                    *o = f(x, y);
+                }
+            }
+            (1, 0) => {
+                let y = xb[ob];
+                for (o, &x) in row.iter_mut().zip(&xa[oa..oa + last]) {
+                    *o = f(x, y);
+                }
+            }
+            (0, 1) => {
+                let x = xa[oa];
+                for (o, &y) in row.iter_mut().zip(&xb[ob..ob + last]) {
+                    *o = f(x, y);
+                }
+            }
+            _ => {
+                for (j, o) in row.iter_mut().enumerate() {
+                    *o = f(xa[oa + j * la], xb[ob + j * lb]);
+                }
+            }
+        }
+        // Next row of the output, last outer axis fastest.
+        for axis in (0..rank - 1).rev() {
+            index[axis] += 1;
+            if index[axis] < shape[axis] {
+                break;
+            }
+            index[axis] = 0;
+        }
     }
 }
 
