@@ -138,6 +138,30 @@ pub fn arg_max_min(
     ))
 }
 
+/// `shape` without the reduced `axes` (or with them as 1 with `keep_dims`).
+pub fn reduced_shape(shape: &[TDim], axes: &[usize], keep_dims: bool) -> TVec<TDim> {
+    shape
+        .iter()
+        .enumerate()
+        .filter_map(|(ix, d)| match (axes.contains(&ix), keep_dims) {
+            (false, _) => Some(d.clone()),
+            (true, true) => Some(1.to_dim()),
+            (true, false) => None,
+        })
+        .collect()
+}
+
+/// `values` as a tensor of `shape`, with `axis` reduced to 1.
+fn reduced<T: Datum>(values: Vec<T>, shape: &[usize], axis: usize) -> TractResult<TVec<TValue>> {
+    let mut shape: TVec<usize> = shape.into();
+    shape[axis] = 1;
+    Ok(tvec!(
+        tract_onnx::prelude::tensor1(&values)
+            .into_shape(&shape)?
+            .into_tvalue()
+    ))
+}
+
 /// `(outer, n, inner)`: the shape around `axis`.
 fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
     let outer = shape[..axis].iter().product();
@@ -234,13 +258,7 @@ impl EvalOp for AlongAxis {
                         out.push(best as i64);
                     }
                 }
-                let mut out_shape = shape.clone();
-                out_shape[self.axis] = 1;
-                Ok(tvec!(
-                    tract_onnx::prelude::tensor1(&out)
-                        .into_shape(&out_shape)?
-                        .into_tvalue()
-                ))
+                reduced(out, &shape, self.axis)
             }
             Kind::Sum | Kind::LogSumExp => {
                 let mut out = Vec::with_capacity(outer * inner);
@@ -261,13 +279,7 @@ impl EvalOp for AlongAxis {
                         });
                     }
                 }
-                let mut out_shape = shape.clone();
-                out_shape[self.axis] = 1;
-                Ok(tvec!(
-                    tract_onnx::prelude::tensor1(&out)
-                        .into_shape(&out_shape)?
-                        .into_tvalue()
-                ))
+                reduced(out, &shape, self.axis)
             }
         }
     }
@@ -331,16 +343,8 @@ impl Expansion for AlongAxisExpansion {
         s.given(&inputs[0].shape, move |s, shape| {
             let rank = shape.len() as i64;
             let axis = if axis < 0 { axis + rank } else { axis };
-            let out: TVec<TDim> = shape
-                .iter()
-                .enumerate()
-                .filter_map(|(ix, d)| match (ix as i64 == axis, keep_dims) {
-                    (false, _) => Some(d.clone()),
-                    (true, true) => Some(1.to_dim()),
-                    (true, false) => None,
-                })
-                .collect();
-            s.equals(&outputs[0].shape, out)
+            let axes: Vec<usize> = usize::try_from(axis).into_iter().collect();
+            s.equals(&outputs[0].shape, reduced_shape(&shape, &axes, keep_dims))
         })
     }
 

@@ -134,16 +134,10 @@ impl Expansion for LogSumExp {
         let axes = self.axes.clone();
         s.given(&inputs[0].shape, move |s, shape| {
             let reduced = resolve_axes(axes.as_deref(), shape.len())?;
-            let out: TVec<TDim> = shape
-                .iter()
-                .enumerate()
-                .filter_map(|(ix, d)| match (reduced.contains(&ix), keep_dims) {
-                    (false, _) => Some(d.clone()),
-                    (true, true) => Some(1.to_dim()),
-                    (true, false) => None,
-                })
-                .collect();
-            s.equals(&outputs[0].shape, out)
+            s.equals(
+                &outputs[0].shape,
+                super::axis::reduced_shape(&shape, &reduced, keep_dims),
+            )
         })
     }
 
