@@ -452,19 +452,53 @@ async fn onnx_versions_get_validation_and_deadlines() {
         .assert_error(400, &["pr_features", "[-1, 6]"]);
     // 43,000 rows in binary (1 MB, the tests' body limit): 430,000 tree
     // walks, far more than 1 ms.
+    let reply = crate::support::send(gw.addr, big_request(&gw, "forest")).await;
+    reply.assert_error(504, &["model `forest` version `v1`", "deadline of 1 ms"]);
+    gw.shutdown().await;
+}
+
+/// More concurrent requests than the process's ONNX compute slots wait for
+/// one (within their deadline) instead of being refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_beyond_the_compute_slots_all_succeed() {
+    let gw = serve(&[(
+        "m.toml",
+        "model = \"busy\"\nchampion = \"v1\"\n[versions.v1]\nonnx = \"zoo/random_forest.onnx\"\nlimits = { timeout_ms = 10000 }\n".to_string(),
+    )])
+    .await;
+    // 24 requests of milliseconds each, more than the 8 slots of a 2-core
+    // machine: the later ones wait for a slot.
+    let replies: Vec<_> = (0..24)
+        .map(|_| tokio::spawn(crate::support::send(gw.addr, big_request(&gw, "busy"))))
+        .collect();
+    for reply in replies {
+        let reply = reply.await.unwrap();
+        assert_eq!(
+            reply.status,
+            200,
+            "{:?}",
+            String::from_utf8_lossy(&reply.body[..reply.body.len().min(300)])
+        );
+    }
+    gw.shutdown().await;
+}
+
+/// 43,000 rows of PR features in binary (1 MB, the tests' body limit) for
+/// `model`'s infer endpoint: milliseconds of trees, little decoding.
+fn big_request(
+    gw: &TestGateway,
+    model: &str,
+) -> hyper::Request<http_body_util::Full<bytes::Bytes>> {
     let rows = 43_000usize;
     let data: Vec<u8> = (0..rows * 6)
         .flat_map(|i| ((i % 97) as f32).to_le_bytes())
         .collect();
-    let header = json!({"inputs": [{"name": "pr_features", "shape": [rows, 6], "datatype": "FP32", "parameters": {"binary_data_size": data.len()}}]}).to_string();
+    let header = json!({"inputs": [{"name": "pr_features", "shape": [rows, 6], "datatype": "FP32", "parameters": {"binary_data_size": data.len()}}], "parameters": {"binary_data_output": true}}).to_string();
     let mut body = header.as_bytes().to_vec();
     body.extend_from_slice(&data);
-    let request = hyper::Request::post("/v2/models/forest/infer")
+    hyper::Request::post(format!("/v2/models/{model}/infer"))
         .header("host", gw.addr.to_string())
         .header("inference-header-content-length", header.len().to_string())
         .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-        .unwrap();
-    let reply = crate::support::send(gw.addr, request).await;
-    reply.assert_error(504, &["model `forest` version `v1`", "deadline of 1 ms"]);
-    gw.shutdown().await;
+        .unwrap()
 }

@@ -8,8 +8,8 @@
 //!
 //! Inference is CPU work that cannot be interrupted: [`OnnxModel::infer`]
 //! runs it on the blocking pool, at most [`COMPUTE_SLOTS`] at a time across
-//! the process (a full pool refuses rather than queues), and stops waiting at
-//! the call's deadline. tract's errors (anyhow-based) stop at this module:
+//! the process (a call waits for a slot, bounded by the version's admission
+//! before it), and stops waiting at the call's deadline. tract's errors (anyhow-based) stop at this module:
 //! callers see [`OnnxError`] and [`PluginError`].
 
 mod axis;
@@ -238,21 +238,33 @@ impl OnnxModel {
         }
     }
 
-    /// Runs the plan on the blocking pool. A full pool is
-    /// [`PluginError::Exhausted`]; past the deadline the caller gets
-    /// [`PluginError::Deadline`] while the computation finishes (and holds
-    /// its slot) in the background.
+    /// Runs the plan on the blocking pool once one of the [`COMPUTE_SLOTS`]
+    /// is free. Past the deadline (waiting or running) the caller gets
+    /// [`PluginError::Deadline`]; a computation already running finishes (and
+    /// holds its slot) in the background.
     pub(crate) async fn compute_async(
         self: &Arc<Self>,
         values: TVec<Tensor>,
         limits: CallLimits,
     ) -> Result<TVec<Tensor>, RunError> {
-        let permit = RUNNING.clone().try_acquire_owned().map_err(|_| {
-            RunError::Limit(PluginError::Exhausted(format!(
-                "all {} ONNX compute slots are busy",
-                *COMPUTE_SLOTS
-            )))
-        })?;
+        // Waiting is bounded twice: by the deadline here, and by the
+        // version's admission (max_concurrency + max_queue) before it.
+        let permit =
+            match tokio::time::timeout_at(limits.deadline.into(), RUNNING.clone().acquire_owned())
+                .await
+            {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_closed)) => {
+                    return Err(RunError::Limit(PluginError::Exhausted(
+                        "the ONNX compute slots are closed".into(),
+                    )));
+                }
+                Err(_) => {
+                    return Err(RunError::Limit(PluginError::Deadline {
+                        limit: limits.timeout,
+                    }));
+                }
+            };
         let model = self.clone();
         let task = tokio::task::spawn_blocking(move || {
             let _permit = permit;
