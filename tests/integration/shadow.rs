@@ -260,3 +260,34 @@ async fn pinned_requests_are_not_shadowed() {
     drop(m);
     gw.shutdown().await;
 }
+
+/// While the served requests occupy every core, shadow copies are shed
+/// (counted as dropped) instead of competing with them for CPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadows_are_shed_while_requests_occupy_every_core() {
+    let gw = TestGateway::start(&[(
+        "busy.toml",
+        "model = \"busy\"\nchampion = \"slow\"\n\
+         [versions.slow]\nplugin = \"slow-ttm\"\nlimits = { timeout_ms = 30000 }\n\
+         [versions.same]\nplugin = \"ttm-rules-v1\"\n\
+         [shadow]\nversions = [\"same\"]\nsample_percent = 100\n",
+    )])
+    .await;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Each call spins for 100+ ms: these overlap, more than one per core.
+    let n = 2 * cores + 2;
+    let replies: Vec<_> = (0..n).map(|_| gw.spawn_infer("busy", &request())).collect();
+    for reply in replies {
+        assert_eq!(reply.await.unwrap().status, 200);
+    }
+    let m = wait_for(&gw, |m| {
+        ["agree", "disagree", "error", "dropped"]
+            .iter()
+            .map(|r| shadows(m, "busy", "same", r))
+            .sum::<f64>()
+            >= n as f64
+    })
+    .await;
+    assert!(shadows(&m, "busy", "same", "dropped") >= 1.0, "none shed");
+    gw.shutdown().await;
+}

@@ -125,6 +125,8 @@ pub(crate) struct State {
     pub reloader: Arc<Reloader>,
     pub config: ServerConfig,
     pub shutting_down: AtomicBool,
+    /// Inference requests being served: shadows only use spare CPU.
+    pub in_flight: std::sync::atomic::AtomicUsize,
 }
 
 /// A gateway that is accepting connections.
@@ -217,6 +219,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
         reloader,
         config: options.server.clone(),
         shutting_down: AtomicBool::new(false),
+        in_flight: std::sync::atomic::AtomicUsize::new(0),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let task = tokio::spawn(accept_loop(listener, state.clone(), shutdown_rx));

@@ -208,6 +208,7 @@ async fn infer(
     request: Request<Incoming>,
 ) -> HttpResponse {
     let start = Instant::now();
+    let busy = shadow::Busy::enter(&state.in_flight);
     let snapshot = state.reloader.snapshot();
     let (model, version, route) = match snapshot.route(model, pinned, request.headers()) {
         Ok(found) => found,
@@ -235,6 +236,7 @@ async fn infer(
                 version,
                 Arc::new(answered.inputs),
                 Arc::new(answered.outputs),
+                busy.saturated(),
             );
         }
         answered.response

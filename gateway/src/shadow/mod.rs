@@ -6,8 +6,15 @@
 //! built, is never awaited, and is bounded per model (a semaphore) and per
 //! challenger (its own concurrency limit, without queueing). A shadow call
 //! that finds no free slot is dropped and counted.
+//!
+//! Shadows use spare CPU only: while more inference requests are in flight
+//! than the machine has cores, the served traffic already saturates it and
+//! copies are shed (counted as `dropped`). On one runtime, a 100 % shadow
+//! at 64 connections had halved the champion's throughput
+//! (`cargo bench --bench load`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use crate::router::{self, Model, Route, Version};
@@ -17,12 +24,14 @@ use crate::tensor::{self, Datatype, Tensor};
 use crate::validate;
 
 /// Copies an answered request to the model's challengers, if it has any
-/// and the request is sampled. `answered` is the version the client got.
+/// and the request is sampled. `answered` is the version the client got;
+/// `saturated` (see [`Busy::saturated`]) sheds the copies.
 pub fn dispatch(
     model: &Arc<Model>,
     answered: &Arc<Version>,
     inputs: Arc<Vec<Tensor>>,
     outputs: Arc<Vec<Tensor>>,
+    saturated: bool,
 ) {
     let Some(shadow) = &model.shadow else { return };
     if !router::sampled(shadow.sample_percent) {
@@ -32,9 +41,12 @@ pub fn dispatch(
         if Arc::ptr_eq(challenger, answered) {
             continue;
         }
-        let Ok(permit) = shadow.slots.clone().try_acquire_owned() else {
-            telemetry::record_shadow(&model.name, &challenger.name, "dropped");
-            continue;
+        let permit = match shadow.slots.clone().try_acquire_owned() {
+            Ok(permit) if !saturated => permit,
+            _ => {
+                telemetry::record_shadow(&model.name, &challenger.name, "dropped");
+                continue;
+            }
         };
         let job = Job {
             model: model.clone(),
@@ -46,6 +58,33 @@ pub fn dispatch(
             job.run().await;
             drop(permit);
         });
+    }
+}
+
+/// Cores the gateway may use: as many requests in flight as this means
+/// the CPU is saturated.
+static CORES: std::sync::LazyLock<usize> =
+    std::sync::LazyLock::new(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+
+/// Marks an inference request in flight (in one server's counter) for as
+/// long as it lives.
+pub struct Busy<'a>(&'a AtomicUsize);
+
+impl<'a> Busy<'a> {
+    pub fn enter(in_flight: &'a AtomicUsize) -> Busy<'a> {
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(in_flight)
+    }
+
+    /// Whether requests in flight (this one included) occupy every core.
+    pub fn saturated(&self) -> bool {
+        self.0.load(Ordering::Relaxed) >= *CORES
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
