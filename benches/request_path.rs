@@ -27,6 +27,9 @@ use gateway::protocol::{DecodeLimits, InferResponse, decode_infer_request};
 use gateway::router;
 use gateway::runtime::{CallLimits, Runtime, RuntimeConfig};
 use gateway::server::{self, ServeOptions};
+
+mod common;
+use common::Connection;
 use http::{HeaderMap, HeaderValue, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -67,6 +70,16 @@ const POLICIES: [(&str, &str); 4] = [
 
 fn policy_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
+    // The example policy (behind `validated`) names its trained model.
+    std::fs::create_dir_all(dir.path().join("models")).expect("models/");
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../policies/models/ttm-v2.onnx"
+        ),
+        dir.path().join("models/ttm-v2.onnx"),
+    )
+    .expect("copy the example's model");
     for (name, text) in POLICIES {
         let text = if text.is_empty() {
             validated_policy()
@@ -208,35 +221,6 @@ fn routing(c: &mut Criterion) {
     group.finish();
 }
 
-/// A keep-alive connection sending the same request again and again.
-struct Connection {
-    addr: SocketAddr,
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-}
-
-impl Connection {
-    async fn open(addr: SocketAddr) -> Self {
-        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        stream.set_nodelay(true).expect("nodelay");
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
-        tokio::spawn(connection);
-        Connection { addr, sender }
-    }
-
-    async fn infer(&mut self, model: &str, body: &Bytes) {
-        let request = Request::post(format!("/v2/models/{model}/infer"))
-            .header("host", self.addr.to_string())
-            .body(Full::new(body.clone()))
-            .expect("request");
-        self.sender.ready().await.expect("ready");
-        let response = self.sender.send_request(request).await.expect("response");
-        assert_eq!(response.status(), 200);
-        response.into_body().collect().await.expect("body");
-    }
-}
-
 fn http(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -261,8 +245,9 @@ fn http(c: &mut Criterion) {
                 rt.block_on(async {
                     let mut connection = Connection::open(addr).await;
                     let start = Instant::now();
+                    let path = format!("/v2/models/{model}/infer");
                     for _ in 0..iters {
-                        connection.infer(model, &body).await;
+                        connection.send(&path, &body).await.expect("200");
                     }
                     start.elapsed()
                 })
