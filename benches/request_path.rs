@@ -27,12 +27,10 @@ use gateway::protocol::{DecodeLimits, InferResponse, decode_infer_request};
 use gateway::router;
 use gateway::runtime::{CallLimits, Runtime, RuntimeConfig};
 use gateway::server::{self, ServeOptions};
+use http::{HeaderMap, HeaderValue};
 
 mod common;
 use common::Connection;
-use http::{HeaderMap, HeaderValue, Request};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 
 fn body(rows: usize) -> String {
     let row = "[3, 40, 12, 2, 4, 1]";
