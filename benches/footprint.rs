@@ -1,0 +1,162 @@
+//! The gateway's footprint: time from process start to ready, and resident
+//! memory once ready, serving 1 and 10 model versions (each version its own
+//! plugin file, so each is compiled), measured on the real binary.
+//!
+//!     cargo bench --bench footprint
+//!
+//! Each case starts `gateway serve` on a fresh policy folder, polls
+//! `GET /v2/health/ready` every millisecond until it answers 200, reads
+//! VmRSS from /proc, answers one request per version, reads VmRSS again, and
+//! stops the process. Three runs per case; the median is reported.
+//! Results: stdout and `$CARGO_TARGET_DIR/footprint.{md,json}`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const RUNS: usize = 3;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// One HTTP/1.1 request on a fresh connection; the status code.
+fn request(port: u16, method: &str, path: &str, body: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    reply.split(' ').nth(1)?.parse().ok()
+}
+
+fn rss_kib(child: &Child) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A policy folder with `versions` versions of one model, each served by
+/// its own copy of ttm-rules-v1 (so none is shared).
+fn policies(dir: &Path, versions: usize) {
+    let built = Path::new(gateway::artifacts::BUILT_PLUGIN_DIR).join("ttm-rules-v1.wasm");
+    let mut text = String::from("model = \"m\"\nchampion = \"v0\"\n");
+    for v in 0..versions {
+        std::fs::copy(&built, dir.join(format!("p{v}.wasm"))).expect("copy plugin");
+        text += &format!("[versions.v{v}]\nplugin = \"p{v}.wasm\"\n");
+    }
+    std::fs::write(dir.join("m.toml"), text).expect("write policy");
+}
+
+struct Sample {
+    ready: Duration,
+    rss_ready_kib: u64,
+    rss_served_kib: u64,
+}
+
+fn run(versions: usize) -> Sample {
+    let dir = tempfile::tempdir().expect("temp dir");
+    policies(dir.path(), versions);
+    let port = free_port();
+    let start = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["serve", "--no-watch", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--policies")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the gateway");
+    loop {
+        if request(port, "GET", "/v2/health/ready", "") == Some(200) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not ready in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let ready = start.elapsed();
+    let rss_ready_kib = rss_kib(&child);
+    let body = r#"{"inputs":[{"name":"pr_features","shape":[1,6],"datatype":"FP32","data":[3,40,12,2,4,1]}]}"#;
+    for v in 0..versions {
+        let status = request(
+            port,
+            "POST",
+            &format!("/v2/models/m/versions/v{v}/infer"),
+            body,
+        );
+        assert_eq!(status, Some(200), "version v{v}");
+    }
+    let rss_served_kib = rss_kib(&child);
+    let _ = child.kill();
+    let _ = child.wait();
+    Sample {
+        ready,
+        rss_ready_kib,
+        rss_served_kib,
+    }
+}
+
+fn median<T: Copy + Ord>(mut values: Vec<T>) -> T {
+    values.sort();
+    values[values.len() / 2]
+}
+
+fn main() {
+    let mut md = String::from(
+        "| versions | start to ready | RSS when ready | RSS after one request each |\n|---:|---:|---:|---:|\n",
+    );
+    let mut json = Vec::new();
+    for versions in [1usize, 10] {
+        let samples: Vec<Sample> = (0..RUNS).map(|_| run(versions)).collect();
+        let ready = median(samples.iter().map(|s| s.ready).collect());
+        let rss_ready = median(samples.iter().map(|s| s.rss_ready_kib).collect());
+        let rss_served = median(samples.iter().map(|s| s.rss_served_kib).collect());
+        md += &format!(
+            "| {versions} | {} ms | {:.1} MiB | {:.1} MiB |\n",
+            ready.as_millis(),
+            rss_ready as f64 / 1024.0,
+            rss_served as f64 / 1024.0
+        );
+        json.push(serde_json::json!({
+            "versions": versions,
+            "ready_ms": ready.as_millis() as u64,
+            "rss_ready_kib": rss_ready,
+            "rss_served_kib": rss_served,
+        }));
+    }
+    println!("{md}");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    if std::fs::create_dir_all(&target).is_ok() {
+        let _ = std::fs::write(target.join("footprint.md"), &md);
+        let _ = std::fs::write(
+            target.join("footprint.json"),
+            serde_json::Value::Array(json).to_string(),
+        );
+        println!(
+            "written to {}",
+            target.join("footprint.{md,json}").display()
+        );
+    }
+}
