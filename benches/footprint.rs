@@ -12,9 +12,11 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
 
 const RUNS: usize = 3;
 
@@ -144,19 +146,9 @@ fn main() {
             "rss_served_kib": rss_served,
         }));
     }
-    println!("{md}");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    if std::fs::create_dir_all(&target).is_ok() {
-        let _ = std::fs::write(target.join("footprint.md"), &md);
-        let _ = std::fs::write(
-            target.join("footprint.json"),
-            serde_json::Value::Array(json).to_string(),
-        );
-        println!(
-            "written to {}",
-            target.join("footprint.{md,json}").display()
-        );
-    }
+    common::write_results(
+        "footprint",
+        &md,
+        Some(serde_json::Value::Array(json).to_string()),
+    );
 }

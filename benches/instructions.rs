@@ -10,12 +10,10 @@
 //! start-up excluded. Needs valgrind (Debian's package); without it, says so
 //! and exits.
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Command;
 
 use bytes::Bytes;
-use gateway::server::{self, ServeOptions};
+use gateway::server;
 
 mod common;
 use common::Connection;
@@ -36,12 +34,7 @@ fn child(n: usize) {
         "model = \"m\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n",
     )
     .expect("policy");
-    let mut options = ServeOptions::new(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        dir.path().to_path_buf(),
-        vec![],
-    );
-    options.watch_debounce = None;
+    let mut options = common::gateway_options(dir.path());
     // valgrind cannot reserve the pooling allocator's default address space
     // (256 sandboxes with guard regions); one request at a time needs two.
     options.runtime.max_instances = 2;
@@ -103,11 +96,5 @@ fn main() {
         "| what | instructions |\n|---|---:|\n| start-up + {N} requests | {one} |\n| start-up + {} requests | {two} |\n| one request (difference / {N}) | {per_request} |\n",
         2 * N
     );
-    println!("{md}");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    if std::fs::create_dir_all(&target).is_ok() {
-        let _ = std::fs::write(target.join("instructions.md"), &md);
-    }
+    common::write_results("instructions", &md, None);
 }

@@ -23,11 +23,11 @@
 //! loopback only. Results: stdout and `$CARGO_TARGET_DIR/load-results.{md,json}`.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gateway::server::{self, ServeOptions};
+use gateway::server;
 
 mod common;
 use common::Connection;
@@ -236,13 +236,9 @@ fn main() {
 
     let dir = tempfile::tempdir().expect("temp dir");
     policies(dir.path());
-    let mut options = ServeOptions::new(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        dir.path().to_path_buf(),
-        vec![],
-    );
-    options.watch_debounce = None;
-    let gateway = servers.block_on(server::start(options)).expect("gateway");
+    let gateway = servers
+        .block_on(server::start(common::gateway_options(dir.path())))
+        .expect("gateway");
     let gateway_addr = gateway.local_addr();
 
     // The HTTP limit answers what the gateway answers, byte for byte in size.
@@ -283,21 +279,11 @@ fn main() {
     servers.block_on(gateway.shutdown());
 
     let md = report(&runs);
-    println!("{md}");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    if std::fs::create_dir_all(&target).is_ok() {
-        let _ = std::fs::write(target.join("load-results.md"), &md);
-        let _ = std::fs::write(
-            target.join("load-results.json"),
-            serde_json::to_string_pretty(&runs).unwrap_or_default(),
-        );
-        println!(
-            "written to {}",
-            target.join("load-results.{md,json}").display()
-        );
-    }
+    common::write_results(
+        "load-results",
+        &md,
+        serde_json::to_string_pretty(&runs).ok(),
+    );
 }
 
 /// The markdown table, each scenario relative to the HTTP limit at the same

@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use gateway::onnx::OnnxModel;
+
+mod common;
 use gateway::tensor::{Datatype, Tensor};
 
 const REPEATS: usize = 7;
@@ -188,18 +190,11 @@ fn main() {
             serde_json::json!({"tract_ns": t, "onnxruntime_ns": o}),
         );
     }
-    println!("{md}");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    if std::fs::create_dir_all(&target).is_ok() {
-        let _ = std::fs::write(target.join("onnx-zoo.md"), &md);
-        let _ = std::fs::write(
-            target.join("onnx-zoo.json"),
-            serde_json::Value::Object(json).to_string(),
-        );
-        println!("written to {}", target.join("onnx-zoo.{md,json}").display());
-    }
+    common::write_results(
+        "onnx-zoo",
+        &md,
+        Some(serde_json::Value::Object(json).to_string()),
+    );
 }
 
 /// Whether the second onnxruntime pass is worth running (the first worked).

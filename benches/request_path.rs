@@ -16,7 +16,6 @@
 //! Absolute times vary with the machine: read each figure as a ratio to its
 //! baseline from the same run. Run: `cargo bench --bench request_path`.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -26,7 +25,7 @@ use gateway::policy::LoadOptions;
 use gateway::protocol::{DecodeLimits, InferResponse, decode_infer_request};
 use gateway::router;
 use gateway::runtime::{CallLimits, Runtime, RuntimeConfig};
-use gateway::server::{self, ServeOptions};
+use gateway::server;
 use http::{HeaderMap, HeaderValue};
 
 mod common;
@@ -226,13 +225,9 @@ fn http(c: &mut Criterion) {
         .build()
         .expect("tokio");
     let dir = policy_dir();
-    let mut options = ServeOptions::new(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        dir.path().to_path_buf(),
-        vec![],
-    );
-    options.watch_debounce = None;
-    let server = rt.block_on(server::start(options)).expect("gateway");
+    let server = rt
+        .block_on(server::start(common::gateway_options(dir.path())))
+        .expect("gateway");
     let addr = server.local_addr();
     let body = Bytes::from(body(1));
 

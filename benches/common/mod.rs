@@ -1,6 +1,10 @@
-//! What the benchmarks share: a keep-alive HTTP/1.1 client connection.
+//! What the benchmarks share: a keep-alive HTTP/1.1 client connection, the
+//! options of an in-process gateway, and where results are written. Each
+//! benchmark uses part of it.
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use http::Request;
@@ -39,4 +43,33 @@ impl Connection {
         let bytes = response.into_body().collect().await.ok()?.to_bytes();
         ok.then_some(bytes)
     }
+}
+
+/// Options for an in-process gateway on a free loopback port serving the
+/// policies in `dir`, without the file watcher.
+pub fn gateway_options(dir: &Path) -> gateway::server::ServeOptions {
+    let mut options = gateway::server::ServeOptions::new(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        dir.to_path_buf(),
+        vec![],
+    );
+    options.watch_debounce = None;
+    options
+}
+
+/// Prints `markdown` and writes it, and `json` if given, as `{name}.md` and
+/// `{name}.json` in `$CARGO_TARGET_DIR` (or the repository's `target/`).
+pub fn write_results(name: &str, markdown: &str, json: Option<String>) {
+    println!("{markdown}");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    if std::fs::create_dir_all(&target).is_err() {
+        return;
+    }
+    let _ = std::fs::write(target.join(format!("{name}.md")), markdown);
+    if let Some(json) = json {
+        let _ = std::fs::write(target.join(format!("{name}.json")), json);
+    }
+    println!("written to {}", target.join(format!("{name}.*")).display());
 }

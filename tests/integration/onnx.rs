@@ -4,7 +4,7 @@
 //! References come from onnxruntime (`tests/fixtures/onnx/generate.py`
 //! wrote them); the gateway must match within 1e-5, labels exactly.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
@@ -331,19 +331,6 @@ async fn a_plugin_reaches_only_the_models_its_version_declares() {
     gw.shutdown().await;
 }
 
-/// `gateway check` on a folder; returns its exit code and stderr.
-fn check(dir: &Path) -> (Option<i32>, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["check", "--policies"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// Corrupt, unsupported and mismatched models are refused by `check` and by
 /// reload, naming the file and the cause; the previous policy keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,8 +396,8 @@ async fn models_that_do_not_load_are_refused_and_the_old_policy_serves() {
     ];
     for (text, first, second) in &cases {
         std::fs::write(dir.path().join("m.toml"), text).unwrap();
-        let (code, stderr) = check(dir.path());
-        assert_eq!(code, Some(1), "{text}\n{stderr}");
+        let (code, _, stderr) = crate::policy_check::check(dir.path());
+        assert_eq!(code, 1, "{text}\n{stderr}");
         assert!(stderr.contains(first), "{stderr}\nlacks: {first}");
         assert!(stderr.contains(second), "{stderr}\nlacks: {second}");
     }

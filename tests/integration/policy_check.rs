@@ -14,7 +14,8 @@ fn gateway(args: &[&str]) -> Output {
         .expect("run gateway")
 }
 
-fn check(dir: &Path) -> (i32, String, String) {
+/// `gateway check --policies DIR`: exit code, stdout, stderr.
+pub fn check(dir: &Path) -> (i32, String, String) {
     let out = gateway(&["check", "--policies", dir.to_str().unwrap()]);
     (
         out.status.code().unwrap_or(-1),
