@@ -573,10 +573,6 @@ impl ModelSet {
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Arc<OnnxModel>)> {
         self.models.iter()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.models.is_empty()
-    }
 }
 
 #[cfg(test)]

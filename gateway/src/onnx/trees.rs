@@ -486,11 +486,6 @@ impl Ensemble {
         })
     }
 
-    /// Columns of the score output.
-    fn n_outputs(&self) -> usize {
-        self.n_targets
-    }
-
     /// The leaf `row` reaches in the tree rooted at `root`, any node modes.
     fn leaf(&self, root: u32, row: &[f32]) -> u32 {
         let nodes = &self.nodes[..];
@@ -802,7 +797,7 @@ impl EvalOp for TreeEnsembleOp {
         );
         let data = input.try_as_plain_ram()?;
         let data = data.as_slice::<f32>()?;
-        let mut scores = vec![0.0f32; rows * e.n_outputs()];
+        let mut scores = vec![0.0f32; rows * e.n_targets];
         if rows == 0 {
             // Nothing to walk; `chunks_exact` needs a non-zero width below.
         } else {
@@ -812,7 +807,7 @@ impl EvalOp for TreeEnsembleOp {
         match &e.classifier {
             None => {
                 e.regress(data, width, &mut scores);
-                Ok(tvec!(tensor2d(rows, e.n_outputs(), scores)?.into_tvalue()))
+                Ok(tvec!(tensor2d(rows, e.n_targets, scores)?.into_tvalue()))
             }
             Some(layout) => {
                 let mut label_ix = vec![0usize; rows];
@@ -820,7 +815,7 @@ impl EvalOp for TreeEnsembleOp {
                 let labels = layout.labels.pick(&label_ix);
                 Ok(tvec!(
                     labels.into_tvalue(),
-                    tensor2d(rows, e.n_outputs(), scores)?.into_tvalue()
+                    tensor2d(rows, e.n_targets, scores)?.into_tvalue()
                 ))
             }
         }
@@ -838,7 +833,7 @@ impl TypedOp for TreeEnsembleOp {
             "a tree ensemble takes a [rows, features] input"
         );
         let n = inputs[0].shape[0].clone();
-        let scores = f32::fact([n.clone(), self.ensemble.n_outputs().to_dim()]);
+        let scores = f32::fact([n.clone(), self.ensemble.n_targets.to_dim()]);
         Ok(match &self.ensemble.classifier {
             None => tvec!(scores),
             Some(layout) => {
@@ -894,7 +889,7 @@ impl Expansion for TreeEnsembleExpansion {
         s.equals(&scores.datum_type, DatumType::F32)?;
         s.equals(&scores.rank, 2)?;
         s.equals(&scores.shape[0], &inputs[0].shape[0])?;
-        s.equals(&scores.shape[1], e.n_outputs().to_dim())?;
+        s.equals(&scores.shape[1], e.n_targets.to_dim())?;
         Ok(())
     }
 
