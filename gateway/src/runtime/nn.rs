@@ -271,11 +271,10 @@ impl inference::HostGraphExecutionContext for Host {
                 return Err(wasmtime::Error::new(HostLimit(e)));
             }
         };
-        let names: Vec<String> = model.output_names().map(str::to_owned).collect();
         let mut results = Vec::with_capacity(outputs.len());
-        for (name, value) in names.into_iter().zip(outputs) {
+        for (name, value) in model.output_names().zip(outputs) {
             if let Some(tensor) = from_tract(&value) {
-                results.push((name, self.push_tensor(tensor)?));
+                results.push((name.to_owned(), self.push_tensor(tensor)?));
             }
         }
         Ok(Ok(results))
