@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use wasmtime::component::{Component, Linker};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, OptLevel, PoolConcurrencyLimitError,
+    Config, Enabled, Engine, InstanceAllocationStrategy, OptLevel, PoolConcurrencyLimitError,
     PoolingAllocationConfig, Trap,
 };
 
@@ -60,11 +60,16 @@ const MEMORIES_PER_COMPONENT: u32 = 2;
 const TABLES_PER_COMPONENT: u32 = 16;
 
 /// Linear memory and table bytes a freed sandbox slot keeps resident (and
-/// zeroes) instead of returning to the kernel. Returning them costs an
+/// resets) instead of returning to the kernel. Returning them costs an
 /// madvise per sandbox and TLB shootdowns between threads: with it, two
-/// threads doubled throughput (wrk, 64 connections, 13.4k -> 27.2k req/s)
-/// at the price of ~20 us per request on a lone connection (9.3k -> 7.4k).
+/// threads doubled throughput (wrk, 64 connections, 13.4k -> 27.2k req/s).
 /// 2 MiB covers the example plugins' memory (see ../shared/FINDINGS.md).
+///
+/// With `pagemap_scan` (Linux 6.7+) the reset touches only the pages the
+/// call dirtied; without it wasmtime memsets the whole resident part, which
+/// was 17 % of the gateway's CPU at 64 connections. `cargo bench --bench
+/// load`, same run, gateway / HTTP limit: 1 connection 0.56-0.59 -> 0.61-0.68,
+/// 64 connections 0.36-0.38 -> 0.48-0.53.
 const KEEP_RESIDENT_BYTES: usize = 2 << 20;
 
 /// The engine, the linker holding the granted host interfaces, and the epoch
@@ -89,7 +94,8 @@ impl Runtime {
             .total_stacks(n)
             .max_memory_size(config.max_memory_bytes)
             .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
-            .table_keep_resident(KEEP_RESIDENT_BYTES);
+            .table_keep_resident(KEEP_RESIDENT_BYTES)
+            .pagemap_scan(Enabled::Auto);
 
         let mut wasm = Config::new();
         wasm.epoch_interruption(true)
