@@ -110,6 +110,8 @@ fn sandbox_and_codec(c: &mut Criterion) {
         .block_on(runtime.load_plugin(&path))
         .expect("load ttm-rules-v1");
     let no_models = std::sync::Arc::new(gateway::onnx::ModelSet::default());
+    let fresh = gateway::runtime::InstancePool::fresh();
+    let kept = runtime.instance_pool(1_000_000);
 
     let mut sandbox = c.benchmark_group("sandbox");
     sandbox.bench_function("info_fresh_sandbox", |b| {
@@ -120,18 +122,23 @@ fn sandbox_and_codec(c: &mut Criterion) {
         let request = decode_infer_request(body(rows).as_bytes(), None, DecodeLimits::default())
             .expect("decode");
         sandbox.throughput(Throughput::Elements(rows as u64));
-        sandbox.bench_with_input(
-            BenchmarkId::new("infer_fresh_sandbox", format!("{rows}x6")),
-            &request,
-            |b, r| {
-                b.to_async(&rt).iter(|| async {
-                    plugin
-                        .infer(&r.inputs, limits(), &no_models)
-                        .await
-                        .expect("infer")
-                })
-            },
-        );
+        for (name, pool) in [
+            ("infer_fresh_sandbox", &fresh),
+            ("infer_kept_instance", &kept),
+        ] {
+            sandbox.bench_with_input(
+                BenchmarkId::new(name, format!("{rows}x6")),
+                &request,
+                |b, r| {
+                    b.to_async(&rt).iter(|| async {
+                        plugin
+                            .infer(&r.inputs, limits(), &no_models, pool)
+                            .await
+                            .expect("infer")
+                    })
+                },
+            );
+        }
     }
     sandbox.finish();
 
@@ -152,7 +159,7 @@ fn sandbox_and_codec(c: &mut Criterion) {
         let request =
             decode_infer_request(text.as_bytes(), None, DecodeLimits::default()).expect("decode");
         let outputs = rt
-            .block_on(plugin.infer(&request.inputs, limits(), &no_models))
+            .block_on(plugin.infer(&request.inputs, limits(), &no_models, &fresh))
             .expect("infer");
         let refs: Vec<_> = outputs.iter().map(|t| (t, false)).collect();
         codec.bench_with_input(

@@ -11,6 +11,7 @@ mod monitoring;
 mod onnx;
 mod policy_check;
 mod reload;
+mod reuse;
 mod shadow;
 mod support;
 mod traffic;

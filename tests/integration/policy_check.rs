@@ -118,7 +118,7 @@ fn invalid_toml_and_limits_are_refused() {
     let stderr = refused("model = \"m\"\nchampion = \"v1\n");
     assert!(stderr.contains("error: D/m.toml:2:"), "{stderr}");
     let stderr = refused(&format!(
-        "{GOOD}[limits]\ntimeout_ms = 0\nmemory_mebibytes = 99999\nmax_concurrency = -1\n"
+        "{GOOD}[limits]\ntimeout_ms = 0\nmemory_mebibytes = 99999\nmax_concurrency = -1\ncalls_per_instance = 0\n"
     ));
     assert!(
         stderr.contains(
@@ -136,7 +136,13 @@ fn invalid_toml_and_limits_are_refused() {
         stderr.contains("D/m.toml:9:19: `limits.max_concurrency`: -1 is out of range"),
         "{stderr}"
     );
-    assert!(stderr.contains("3 problem(s)"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "D/m.toml:10:22: `limits.calls_per_instance`: 0 is out of range; allowed: 1 to 1000000"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("4 problem(s)"), "{stderr}");
     let stderr = refused(&format!(
         "{GOOD}[versions.v2]\nplugin = \"ttm-rules-v2\"\nlimits = {{ timeout_ms = \"fast\" }}\n"
     ));

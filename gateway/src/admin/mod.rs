@@ -227,13 +227,14 @@ fn describe(m: &Model) -> Vec<(String, String)> {
         aspects.push((
             format!("version `{}`", v.name),
             format!(
-                "{} ({:016x}), timeout {} ms, memory {} MiB, concurrency {}+{}, description {:?}",
+                "{} ({:016x}), timeout {} ms, memory {} MiB, concurrency {}+{}, {} calls per instance, description {:?}",
                 v.backend.describe(),
                 v.backend.content_hash(),
                 v.limits.timeout.as_millis(),
                 v.limits.memory_bytes >> 20,
                 v.limits.max_concurrency,
                 v.limits.max_queue,
+                v.limits.calls_per_instance,
                 v.description.as_deref().unwrap_or("")
             ),
         ));
@@ -292,6 +293,7 @@ pub struct VersionView {
     pub memory_mebibytes: usize,
     pub max_concurrency: u32,
     pub max_queue: u32,
+    pub calls_per_instance: u32,
 }
 
 impl ModelView {
@@ -340,6 +342,7 @@ impl ModelView {
                     memory_mebibytes: v.limits.memory_bytes >> 20,
                     max_concurrency: v.limits.max_concurrency,
                     max_queue: v.limits.max_queue,
+                    calls_per_instance: v.limits.calls_per_instance,
                 })
                 .collect(),
         }

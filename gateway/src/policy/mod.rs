@@ -28,6 +28,10 @@ pub struct Limits {
     pub max_concurrency: u32,
     /// Requests that may wait for a free slot beyond those running.
     pub max_queue: u32,
+    /// Calls one plugin instance serves before it is thrown away. 1 (the
+    /// default) gives every call a fresh instance; more lets consecutive
+    /// calls share an instance's memory (see the README's "Instance reuse").
+    pub calls_per_instance: u32,
 }
 
 impl Default for Limits {
@@ -37,6 +41,7 @@ impl Default for Limits {
             memory_bytes: 64 << 20,
             max_concurrency: 64,
             max_queue: 64,
+            calls_per_instance: 1,
         }
     }
 }
@@ -272,6 +277,7 @@ struct LimitsTable {
     memory_mebibytes: Option<Spanned<i64>>,
     max_concurrency: Option<Spanned<i64>>,
     max_queue: Option<Spanned<i64>>,
+    calls_per_instance: Option<Spanned<i64>>,
 }
 
 /// Reads every `*.toml` file in `dir`, checks each and all of them together,
@@ -622,6 +628,14 @@ fn resolve_limits(
     }
     if let Some(v) = field(&table.max_queue, "max_queue", 0, 1_000_000) {
         limits.max_queue = v as u32;
+    }
+    if let Some(v) = field(
+        &table.calls_per_instance,
+        "calls_per_instance",
+        1,
+        1_000_000,
+    ) {
+        limits.calls_per_instance = v as u32;
     }
     limits
 }

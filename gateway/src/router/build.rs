@@ -105,7 +105,7 @@ pub async fn build(
             });
             let version = match reusable {
                 Some(same) => same.clone(),
-                None => Arc::new(new_version(&policy.model, v, backend)),
+                None => Arc::new(new_version(&policy.model, v, backend, runtime)),
             };
             versions.insert(v.name.clone(), version);
         }
@@ -126,7 +126,7 @@ pub async fn build(
     Ok((Snapshot { models, generation }, report))
 }
 
-fn new_version(model: &str, v: &VersionPolicy, backend: Backend) -> Version {
+fn new_version(model: &str, v: &VersionPolicy, backend: Backend, runtime: &Runtime) -> Version {
     let label_output = backend
         .info()
         .outputs
@@ -143,6 +143,7 @@ fn new_version(model: &str, v: &VersionPolicy, backend: Backend) -> Version {
         labels: Default::default(),
         error_log: Default::default(),
         admission: Admission::new(v.limits.max_concurrency, v.limits.max_queue),
+        instances: runtime.instance_pool(v.limits.calls_per_instance),
     }
 }
 

@@ -23,8 +23,9 @@ pub use admission::AdmissionError;
 pub use build::{BuildReport, build, load};
 
 use crate::policy::{Limits, ModelPolicy};
-use crate::runtime::Backend;
+use crate::runtime::{Backend, CallLimits, InstancePool, PluginError};
 use crate::telemetry::{LabelSet, LogLimiter};
+use crate::tensor::Tensor;
 
 /// All models, ready to serve.
 pub struct Snapshot {
@@ -84,6 +85,8 @@ pub struct Version {
     /// Rate-limits the warnings this version's failures log.
     pub error_log: LogLimiter,
     admission: Admission,
+    /// Plugin instances kept between calls (`calls_per_instance`).
+    pub instances: InstancePool,
 }
 
 /// How a request reached its version: the `route` label of metrics.
@@ -272,6 +275,15 @@ impl Version {
     /// A slot only if one is free now.
     pub fn try_admit(&self) -> Option<SemaphorePermit<'_>> {
         self.admission.try_admit()
+    }
+
+    /// One inference by this version's backend under `limits`.
+    pub async fn infer(
+        &self,
+        inputs: &[Tensor],
+        limits: CallLimits,
+    ) -> Result<Vec<Tensor>, PluginError> {
+        self.backend.infer(inputs, limits, &self.instances).await
     }
 }
 

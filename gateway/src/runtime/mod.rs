@@ -8,6 +8,7 @@
 
 pub mod bindings;
 pub mod nn;
+mod reuse;
 mod sandbox;
 
 use std::fmt;
@@ -24,6 +25,7 @@ use wasmtime::{
 use crate::onnx::{ModelSet, OnnxModel};
 use crate::tensor::{self, Tensor};
 use bindings::{ModelInfo, ModelPre};
+pub use reuse::{InstancePool, Tickets};
 pub use sandbox::CallLimits;
 use sandbox::{Host, NotGranted};
 
@@ -78,6 +80,8 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<Host>,
     config: RuntimeConfig,
+    /// The budget of instances kept between calls (see `reuse`).
+    kept: Arc<Tickets>,
 }
 
 impl Runtime {
@@ -111,8 +115,15 @@ impl Runtime {
         Ok(Runtime {
             engine,
             linker,
+            kept: Tickets::new((n / reuse::KEPT_SHARE) as usize),
             config,
         })
+    }
+
+    /// An instance pool for a version whose instances serve up to
+    /// `calls_per_instance` calls each.
+    pub fn instance_pool(&self, calls_per_instance: u32) -> InstancePool {
+        InstancePool::new(calls_per_instance, self.kept.clone())
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -244,30 +255,46 @@ impl Plugin {
         self.startup_memory_bytes
     }
 
-    /// Runs `infer` in a fresh sandbox, with `models` reachable through
-    /// wasi:nn, and checks the layout of its outputs.
+    /// Runs `infer` in a sandbox, with `models` reachable through wasi:nn,
+    /// and checks the layout of its outputs. The sandbox is fresh unless
+    /// `pool` keeps instances (see `reuse`): then it may be one that served
+    /// earlier calls of the same version, and it is offered back to `pool`
+    /// if this call ends cleanly.
     pub async fn infer(
         &self,
         inputs: &[Tensor],
         limits: CallLimits,
         models: &Arc<ModelSet>,
+        pool: &InstancePool,
     ) -> Result<Vec<Tensor>, PluginError> {
-        let mut store = sandbox::new_store(&self.engine, limits, models.clone());
-        let result = async {
-            let model = self.pre.instantiate_async(&mut store).await?;
-            model.call_infer(&mut store, inputs).await
-        }
-        .await;
-        log_output(&self.name, store.data());
-        match result {
-            Ok(Ok(outputs)) => {
-                check_outputs(&outputs)?;
-                Ok(outputs)
+        let mut kept = match pool.take() {
+            Some(mut kept) => {
+                kept.store.data_mut().next_call(limits);
+                kept.store.set_epoch_deadline(1);
+                kept
             }
+            None => {
+                let mut store = sandbox::new_store(&self.engine, limits, models.clone());
+                match self.pre.instantiate_async(&mut store).await {
+                    Ok(model) => reuse::Kept::new(store, model),
+                    Err(error) => return Err(classify(error, store.data(), limits)),
+                }
+            }
+        };
+        let result = kept.model.call_infer(&mut kept.store, inputs).await;
+        log_output(&self.name, kept.store.data());
+        let result = match result {
+            Ok(Ok(outputs)) => check_outputs(&outputs).map(|()| outputs),
             Ok(Err(bindings::Error::InvalidInput(message))) => Err(PluginError::Rejected(message)),
-            Ok(Err(bindings::Error::Internal(message))) => Err(PluginError::Failed(message)),
-            Err(error) => Err(classify(error, store.data(), limits)),
+            Ok(Err(bindings::Error::Internal(message))) => {
+                return Err(PluginError::Failed(message));
+            }
+            Err(error) => return Err(classify(error, kept.store.data(), limits)),
+        };
+        if matches!(result, Ok(_) | Err(PluginError::Rejected(_))) {
+            pool.give_back(kept);
         }
+        result
     }
 
     /// Calls `info()` in a fresh sandbox; also returns the linear memory the
@@ -384,14 +411,16 @@ impl Backend {
         }
     }
 
-    /// One inference under `limits`.
+    /// One inference under `limits`; a plugin's instance comes from (and
+    /// may go back to) `pool`.
     pub async fn infer(
         &self,
         inputs: &[Tensor],
         limits: CallLimits,
+        pool: &InstancePool,
     ) -> Result<Vec<Tensor>, PluginError> {
         match self {
-            Backend::Plugin { plugin, models } => plugin.infer(inputs, limits, models).await,
+            Backend::Plugin { plugin, models } => plugin.infer(inputs, limits, models, pool).await,
             Backend::Onnx(model) => model.infer(inputs, limits).await,
         }
     }

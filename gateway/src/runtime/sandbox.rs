@@ -71,6 +71,18 @@ impl WasiView for Host {
     }
 }
 
+impl Host {
+    /// Readies a kept instance's state for its next call: new limits, empty
+    /// captures. Memory and host resources the instance holds stay counted.
+    pub(super) fn next_call(&mut self, limits: CallLimits) {
+        self.limits = limits;
+        self.timed_out = false;
+        self.limiter.refused = None;
+        self.stdout.clear();
+        self.stderr.clear();
+    }
+}
+
 /// Creates the `Store` for one call: fresh state, memory limiter, deadline.
 /// Every store is made here, so no call can run without its limits.
 pub fn new_store(engine: &Engine, limits: CallLimits, models: Arc<ModelSet>) -> Store<Host> {
@@ -317,6 +329,10 @@ impl Capture {
     pub fn text(&self) -> String {
         let buf = self.0.lock().unwrap_or_else(|e| e.into_inner());
         String::from_utf8_lossy(&buf).trim().to_string()
+    }
+
+    fn clear(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     fn append(&self, bytes: &[u8]) {

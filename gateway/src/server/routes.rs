@@ -315,7 +315,7 @@ async fn infer_version(
         memory_bytes: version.limits.memory_bytes,
     };
     let called = Instant::now();
-    let outputs = version.backend.infer(&request.inputs, limits).await;
+    let outputs = version.infer(&request.inputs, limits).await;
     telemetry::record_plugin_call(&version.model, &version.name, called.elapsed());
     let outputs = outputs.map_err(|e| plugin_error(version, e))?;
     let allow_nan = model.schema.as_ref().is_some_and(|s| s.allow_nan_outputs);

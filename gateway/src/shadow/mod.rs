@@ -121,7 +121,7 @@ impl Job {
         };
         let limits =
             CallLimits::starting_now(challenger.limits.timeout, challenger.limits.memory_bytes);
-        let result = challenger.backend.infer(&self.inputs, limits).await;
+        let result = challenger.infer(&self.inputs, limits).await;
         let elapsed = start.elapsed();
         telemetry::record_plugin_call(model, &challenger.name, elapsed);
         let shadow = self.model.shadow.as_ref();
