@@ -12,19 +12,14 @@
 //! | <= 5000       |       | within_month |
 //! | more          |       | longer       |
 
+//!
+//! The rules are `ttm_rules::v1`, plain Rust that the gateway's load
+//! benchmark also calls natively.
+
 use gateway_plugin_sdk::{Error, Guest, ModelInfo, Tensor};
-use ttm_common::{PullRequest, model_info, outputs, read_pull_requests, size_bucket};
+use ttm_common::{model_info, outputs, read_pull_requests};
 
 struct SizeRules;
-
-fn bucket(pr: &PullRequest) -> usize {
-    let by_size = size_bucket(pr);
-    if pr.comments >= 20.0 {
-        (by_size + 1).min(4)
-    } else {
-        by_size
-    }
-}
 
 impl Guest for SizeRules {
     fn info() -> ModelInfo {
@@ -37,11 +32,7 @@ impl Guest for SizeRules {
     fn infer(inputs: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
         let probabilities: Vec<[f32; 5]> = read_pull_requests(&inputs)?
             .iter()
-            .map(|pr| {
-                let mut p = [0.075; 5];
-                p[bucket(pr)] = 0.7;
-                p
-            })
+            .map(ttm_rules::v1::probabilities)
             .collect();
         Ok(outputs(&probabilities))
     }
