@@ -4,7 +4,14 @@
 //! 1. `http-limit`: a minimal hyper server (same HTTP stack and settings)
 //!    that reads the request and answers a fixed V2 response of the same
 //!    size as the gateway's: what HTTP alone costs;
+//! 2. `native`: the same server decoding the request with the gateway's V2
+//!    codec, running ttm-rules-v1's rules (`plugins/ttm-rules`) compiled
+//!    natively and in-process, encoding the answer: what the gateway costs
+//!    beyond serving the model directly (sandbox, routing, metrics). Its
+//!    answer is checked to be the gateway's, byte for byte;
 //! 3. `gateway`: the gateway, rule-based plugin (ttm-rules-v1), champion only;
+//!    `gateway-kept`: the same with `calls_per_instance = 1000` (instances
+//!    kept between calls instead of a fresh one per call);
 //! 4. `canary`: the same with a 50 % canary to ttm-rules-v2;
 //! 5. `shadow`: the same with every request shadowed to ttm-rules-v3;
 //! 6. `validated`: the example policy's input rules and data monitoring;
@@ -12,11 +19,12 @@
 //!    served as an ONNX-only version;
 //!
 //! at 1, 16 and 64 connections, every scenario in the same run, each
-//! reported as a ratio to `http-limit` at the same concurrency. (Scenario 2
-//! of issue 7, the model compiled natively behind the same stack, is not
-//! written yet.)
+//! reported as a ratio to `http-limit` at the same concurrency. Each
+//! concurrency runs every scenario in turn, `--rounds` times over
+//! (interleaved, so a slow moment of the shared machine hits all scenarios
+//! alike); the run with the median throughput of each scenario is reported.
 //!
-//!     cargo bench --bench load [-- --seconds 3 --connections 1,16,64]
+//!     cargo bench --bench load [-- --seconds 2 --rounds 3 --connections 1,16,64 --scenarios gateway,shadow]
 //!
 //! Client and servers share the process (separate tokio runtimes: the
 //! servers get two worker threads, the client one) and the machine's cores;
@@ -27,24 +35,35 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gateway::server;
+use gateway::{protocol, server};
 
 mod common;
 use common::Connection;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 const REQUEST: &str = r#"{"id":"load","inputs":[{"name":"pr_features","shape":[1,6],"datatype":"FP32","data":[3,40,12,2,4,1]}]}"#;
 
-/// (scenario, model served by the gateway; `None` for the HTTP limit)
-const SCENARIOS: [(&str, Option<&str>); 6] = [
-    ("http-limit", None),
-    ("gateway", Some("plain")),
-    ("canary", Some("canary")),
-    ("shadow", Some("shadow")),
-    ("validated", Some("validated")),
-    ("onnx", Some("onnx")),
+/// Who answers a scenario.
+#[derive(Clone, Copy)]
+enum Server {
+    HttpLimit,
+    Native,
+    /// The gateway, serving this model.
+    Gateway(&'static str),
+}
+
+const SCENARIOS: [(&str, Server); 8] = [
+    ("http-limit", Server::HttpLimit),
+    ("native", Server::Native),
+    ("gateway", Server::Gateway("plain")),
+    ("gateway-kept", Server::Gateway("kept")),
+    ("canary", Server::Gateway("canary")),
+    ("shadow", Server::Gateway("shadow")),
+    ("validated", Server::Gateway("validated")),
+    ("onnx", Server::Gateway("onnx")),
 ];
 
 fn policies(dir: &Path) {
@@ -55,6 +74,12 @@ fn policies(dir: &Path) {
         (
             "plain.toml",
             "model = \"plain\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n"
+                .to_string(),
+        ),
+        (
+            "kept.toml",
+            "model = \"kept\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n\
+             limits = { calls_per_instance = 1000 }\n"
                 .to_string(),
         ),
         (
@@ -90,40 +115,125 @@ fn policies(dir: &Path) {
     }
 }
 
-/// The minimal server: reads each request's body, answers `body`.
-async fn http_limit(body: Bytes) -> SocketAddr {
+/// Serves `handler` on a free loopback port with the gateway's HTTP/1
+/// settings (timer, header timeout, buffer size, keep-alive, no delay).
+async fn serve<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Bytes) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let config = gateway::server::ServerConfig::default();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_header_bytes.max(8192))
+        .keep_alive(true);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let body = body.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request: Request<_>| {
-                    let body = body.clone();
-                    async move {
-                        let _ = hyper::body::Incoming::collect(request.into_body()).await;
-                        Ok::<_, std::convert::Infallible>(
-                            Response::builder()
-                                .header("content-type", "application/json")
-                                .header("x-model-version", "v1")
-                                .body(Full::new(body))
-                                .expect("response"),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+            let handler = handler.clone();
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let handler = handler.clone();
+                async move {
+                    let body = match request.into_body().collect().await {
+                        Ok(body) => body.to_bytes(),
+                        Err(_) => Bytes::new(),
+                    };
+                    Ok::<_, std::convert::Infallible>(handler(body).await)
+                }
             });
+            let connection = http.serve_connection(TokioIo::new(stream), service);
+            tokio::spawn(connection);
         }
     });
     addr
+}
+
+fn answer(body: Bytes) -> Response<Full<Bytes>> {
+    Response::builder()
+        .header("content-type", "application/json")
+        .header("x-model-version", "v1")
+        .body(Full::new(body))
+        .expect("response")
+}
+
+/// Scenario 1: reads each request's body, answers `reply`.
+async fn http_limit(reply: Bytes) -> SocketAddr {
+    serve(move |_body| {
+        let reply = reply.clone();
+        async move { answer(reply) }
+    })
+    .await
+}
+
+/// Scenario 2: the V2 codec around ttm-rules-v1's rules, compiled natively.
+async fn native() -> SocketAddr {
+    serve(|body: Bytes| async move {
+        match native_infer(&body) {
+            Ok(reply) => answer(reply.into()),
+            Err(message) => Response::builder()
+                .status(400)
+                .body(Full::new(Bytes::from(message)))
+                .expect("response"),
+        }
+    })
+    .await
+}
+
+/// What ttm-rules-v1 does inside its sandbox, natively: `pr_features` in,
+/// `label` and `probabilities` out.
+fn native_infer(body: &[u8]) -> Result<Vec<u8>, String> {
+    use gateway::tensor::{Datatype, Tensor};
+    let request = protocol::decode_infer_request(body, None, protocol::DecodeLimits::default())
+        .map_err(|e| e.to_string())?;
+    let features = request
+        .inputs
+        .iter()
+        .find(|t| t.name == ttm_rules::INPUT && t.datatype == Datatype::Fp32)
+        .ok_or("no FP32 pr_features")?;
+    let mut label = Vec::new();
+    let mut probabilities = Vec::new();
+    let mut rows = 0i64;
+    for (r, row) in features.data.chunks_exact(24).enumerate() {
+        let mut values = [0f32; 6];
+        for (v, b) in values.iter_mut().zip(row.chunks_exact(4)) {
+            *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        let p = ttm_rules::v1::probabilities(&ttm_rules::PullRequest::from_row(r, &values)?);
+        let name = ttm_rules::BUCKETS[ttm_rules::most_probable(&p)];
+        label.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        label.extend_from_slice(name.as_bytes());
+        probabilities.extend(p.iter().flat_map(|v| v.to_le_bytes()));
+        rows += 1;
+    }
+    let label = Tensor {
+        name: "label".into(),
+        datatype: Datatype::Bytes,
+        shape: vec![rows],
+        data: label,
+    };
+    let probabilities = Tensor {
+        name: "probabilities".into(),
+        datatype: Datatype::Fp32,
+        shape: vec![rows, 5],
+        data: probabilities,
+    };
+    let (body, _) = protocol::InferResponse {
+        model_name: "plain",
+        model_version: "v1",
+        id: request.id.as_deref(),
+        outputs: &[(&label, false), (&probabilities, false)],
+    }
+    .encode()
+    .map_err(|e| e.to_string())?;
+    Ok(body)
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -197,9 +307,19 @@ fn percentile(sorted: &[u32], p: f64) -> u64 {
     sorted[at] as u64
 }
 
-fn args() -> (f64, Vec<usize>) {
-    let mut seconds = 3.0;
+struct Args {
+    seconds: f64,
+    rounds: usize,
+    connections: Vec<usize>,
+    /// Only these scenarios (all when empty).
+    only: Vec<String>,
+}
+
+fn args() -> Args {
+    let mut seconds = 2.0;
+    let mut rounds = 3;
     let mut connections = vec![1, 16, 64];
+    let mut only = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -209,20 +329,43 @@ fn args() -> (f64, Vec<usize>) {
                     .and_then(|s| s.parse().ok())
                     .expect("--seconds N")
             }
+            "--rounds" => {
+                rounds = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .filter(|&n| n > 0)
+                    .expect("--rounds N")
+            }
             "--connections" => {
                 connections = args
                     .next()
                     .map(|s| s.split(',').filter_map(|c| c.parse().ok()).collect())
                     .expect("--connections 1,16,64")
             }
+            "--scenarios" => {
+                only = args
+                    .next()
+                    .map(|s| s.split(',').map(str::to_string).collect())
+                    .expect("--scenarios gateway,canary")
+            }
             _ => {}
         }
     }
-    (seconds, connections)
+    Args {
+        seconds,
+        rounds,
+        connections,
+        only,
+    }
 }
 
 fn main() {
-    let (seconds, connection_counts) = args();
+    let Args {
+        seconds,
+        rounds,
+        connections: connection_counts,
+        only,
+    } = args();
     let servers = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -241,39 +384,60 @@ fn main() {
         .expect("gateway");
     let gateway_addr = gateway.local_addr();
 
-    // The HTTP limit answers what the gateway answers, byte for byte in size.
-    let reply = client
-        .block_on(async {
-            let mut c = Connection::open(gateway_addr).await;
-            c.send(
-                "/v2/models/plain/infer",
-                &Bytes::from_static(REQUEST.as_bytes()),
-            )
-            .await
+    // The HTTP limit answers what the gateway answers, byte for byte; the
+    // native rules must compute the same answer.
+    let request = Bytes::from_static(REQUEST.as_bytes());
+    let ask = |addr| {
+        client.block_on(async {
+            let mut c = Connection::open(addr).await;
+            c.send("/v2/models/plain/infer", &request).await
         })
-        .expect("the gateway answers");
-    let limit_addr = servers.block_on(http_limit(reply));
+    };
+    let reply = ask(gateway_addr).expect("the gateway answers");
+    let limit_addr = servers.block_on(http_limit(reply.clone()));
+    let native_addr = servers.block_on(native());
+    assert_eq!(
+        ask(native_addr).as_deref(),
+        Some(&reply[..]),
+        "the native rules answer differently from the gateway"
+    );
 
     let mut runs = Vec::new();
     for &connections in &connection_counts {
-        for (scenario, model) in SCENARIOS {
-            let (addr, path) = match model {
-                None => (limit_addr, "/v2/models/plain/infer".to_string()),
-                Some(m) => (gateway_addr, format!("/v2/models/{m}/infer")),
-            };
-            let (latencies, errors, secs) =
-                client.block_on(load(addr, &path, connections, seconds));
-            let run = Run {
-                scenario: scenario.to_string(),
-                connections,
-                requests_per_second: latencies.len() as f64 / secs,
-                p50_us: percentile(&latencies, 0.50),
-                p99_us: percentile(&latencies, 0.99),
-                p999_us: percentile(&latencies, 0.999),
-                errors,
-            };
-            eprintln!("{run:?}");
-            runs.push(run);
+        let mut measured: Vec<Vec<Run>> = vec![Vec::new(); SCENARIOS.len()];
+        for _ in 0..rounds {
+            for (i, (scenario, server)) in SCENARIOS.iter().enumerate() {
+                if !only.is_empty() && !only.iter().any(|o| o == scenario) {
+                    continue;
+                }
+                let (addr, path) = match server {
+                    Server::HttpLimit => (limit_addr, "/v2/models/plain/infer".to_string()),
+                    Server::Native => (native_addr, "/v2/models/plain/infer".to_string()),
+                    Server::Gateway(m) => (gateway_addr, format!("/v2/models/{m}/infer")),
+                };
+                let (latencies, errors, secs) =
+                    client.block_on(load(addr, &path, connections, seconds));
+                let run = Run {
+                    scenario: scenario.to_string(),
+                    connections,
+                    requests_per_second: latencies.len() as f64 / secs,
+                    p50_us: percentile(&latencies, 0.50),
+                    p99_us: percentile(&latencies, 0.99),
+                    p999_us: percentile(&latencies, 0.999),
+                    errors,
+                };
+                eprintln!("{run:?}");
+                measured[i].push(run);
+            }
+        }
+        for mut of_scenario in measured {
+            of_scenario.sort_by(|a, b| a.requests_per_second.total_cmp(&b.requests_per_second));
+            if !of_scenario.is_empty() {
+                let errors = of_scenario.iter().map(|r| r.errors).sum();
+                let mut median = of_scenario.swap_remove(of_scenario.len() / 2);
+                median.errors = errors;
+                runs.push(median);
+            }
         }
     }
     servers.block_on(gateway.shutdown());
@@ -286,57 +450,85 @@ fn main() {
     );
 }
 
-/// The markdown table, each scenario relative to the HTTP limit at the same
-/// concurrency, and the targets of issue 7 that this run can check.
+/// The markdown table, each scenario relative to the HTTP limit, the native
+/// model and the plain gateway at the same concurrency, and the targets of
+/// issue 7, each marked met or not.
 fn report(runs: &[Run]) -> String {
     let find = |scenario: &str, connections: usize| {
         runs.iter()
             .find(|r| r.scenario == scenario && r.connections == connections)
     };
+    let rps = |scenario: &str, connections: usize| {
+        find(scenario, connections).map_or(f64::NAN, |r| r.requests_per_second)
+    };
     let mut md = String::from(
-        "| scenario | connections | req/s | vs HTTP limit | vs gateway | p50 | p99 | p99.9 | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| scenario | connections | req/s | vs HTTP limit | vs native | vs gateway | p50 | p99 | p99.9 | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in runs {
-        let limit = find("http-limit", r.connections).map_or(f64::NAN, |l| l.requests_per_second);
-        let gw = find("gateway", r.connections).map_or(f64::NAN, |g| g.requests_per_second);
+        let n = r.connections;
         md += &format!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {} µs | {} µs | {} µs | {} |\n",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} µs | {} µs | {} µs | {} |\n",
             r.scenario,
-            r.connections,
+            n,
             r.requests_per_second,
-            r.requests_per_second / limit,
-            r.requests_per_second / gw,
+            r.requests_per_second / rps("http-limit", n),
+            r.requests_per_second / rps("native", n),
+            r.requests_per_second / rps("gateway", n),
             r.p50_us,
             r.p99_us,
             r.p999_us,
             r.errors
         );
     }
-    if let (Some(limit), Some(gw)) = (find("http-limit", 64), find("gateway", 64)) {
-        let ratio = gw.requests_per_second / limit.requests_per_second;
-        md += &format!(
-            "\nTarget: gateway >= 50 % of the HTTP limit at 64 connections: {:.0} % ({}).\n",
-            ratio * 100.0,
-            if ratio >= 0.5 { "met" } else { "not met" }
-        );
-        for scenario in ["canary", "validated"] {
-            if let Some(s) = find(scenario, 64) {
-                let cost = 1.0 - s.requests_per_second / gw.requests_per_second;
-                md += &format!(
-                    "Target: {scenario} costs <= 5 % of the gateway's throughput at 64 connections: {:.1} % ({}).\n",
-                    cost * 100.0,
-                    if cost <= 0.05 { "met" } else { "not met" }
-                );
-            }
-        }
-        if let Some(s) = find("shadow", 64) {
-            let kept = s.requests_per_second / gw.requests_per_second;
+    md += "\nTargets (throughput at 64 connections unless said):";
+    let mut target = |what: String, value: f64, met: bool| {
+        if value.is_finite() {
             md += &format!(
-                "Target: with CPU saturated, a 100 % shadow keeps the champion within 10 % of the gateway's throughput: {:.0} % ({}).\n",
-                kept * 100.0,
-                if kept >= 0.9 { "met" } else { "not met" }
+                "\n- {what}: {} ({})",
+                if what.contains("p99") {
+                    format!("{:+.0} %", value * 100.0)
+                } else {
+                    format!("{:.0} %", value * 100.0)
+                },
+                if met { "met" } else { "not met" }
             );
         }
+    };
+    for gw in ["gateway", "gateway-kept"] {
+        let of_limit = rps(gw, 64) / rps("http-limit", 64);
+        target(
+            format!("`{gw}` >= 50 % of the HTTP limit"),
+            of_limit,
+            of_limit >= 0.5,
+        );
+        let of_native = rps(gw, 64) / rps("native", 64);
+        target(
+            format!("`{gw}` within 25 % of the native model (>= 75 %)"),
+            of_native,
+            of_native >= 0.75,
+        );
     }
-    md
+    for scenario in ["canary", "validated"] {
+        let cost = 1.0 - rps(scenario, 64) / rps("gateway", 64);
+        target(
+            format!("`{scenario}` costs <= 5 % of the gateway's throughput"),
+            cost,
+            cost <= 0.05,
+        );
+    }
+    let kept = rps("shadow", 64) / rps("gateway", 64);
+    target(
+        "CPU saturated: a 100 % shadow keeps >= 90 % of the gateway's throughput".into(),
+        kept,
+        kept >= 0.9,
+    );
+    if let (Some(shadow), Some(plain)) = (find("shadow", 1), find("gateway", 1)) {
+        let p99 = shadow.p99_us as f64 / plain.p99_us as f64 - 1.0;
+        target(
+            "CPU spare (1 connection): a 100 % shadow moves the champion's p99 by <= +10 %".into(),
+            p99,
+            p99 <= 0.10,
+        );
+    }
+    md + "\n"
 }
