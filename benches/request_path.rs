@@ -2,9 +2,11 @@
 //! traffic policy adds to the whole path.
 //!
 //! - `sandbox`: one plugin call in a fresh sandbox (new `Store`,
-//!   instantiation from the pre-instantiated component, the call).
-//!   `info_fresh_sandbox` (a trivial call) is the baseline for `infer_*`.
-//! - `codec`: decoding a V2 JSON request, encoding a response.
+//!   instantiation from the pre-instantiated component, the call), and in
+//!   a kept instance (`calls_per_instance`). `info_fresh_sandbox` (a
+//!   trivial call) is the baseline for `infer_*`.
+//! - `codec`: decoding a V2 request, JSON and with the binary tensor
+//!   extension (1 and 256 rows of 6 FP32), encoding a response.
 //! - `routing`: the routing decision alone (champion, sticky canary,
 //!   random canary), to be read against `http/plain`.
 //! - `http`: the full path over a keep-alive loopback connection to an
@@ -37,6 +39,22 @@ fn body(rows: usize) -> String {
     format!(
         r#"{{"id":"b","inputs":[{{"name":"pr_features","shape":[{rows},6],"datatype":"FP32","data":[{data}]}}]}}"#
     )
+}
+
+/// The same request with the binary tensor extension: a JSON header, then
+/// the raw little-endian FP32 values; and the length of the JSON part.
+fn binary_body(rows: usize) -> (Vec<u8>, usize) {
+    let json = format!(
+        r#"{{"id":"b","inputs":[{{"name":"pr_features","shape":[{rows},6],"datatype":"FP32","parameters":{{"binary_data_size":{}}}}}]}}"#,
+        rows * 24
+    );
+    let mut body = json.clone().into_bytes();
+    for _ in 0..rows {
+        for v in [3f32, 40.0, 12.0, 2.0, 4.0, 1.0] {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    (body, json.len())
 }
 
 fn limits() -> CallLimits {
@@ -156,8 +174,29 @@ fn sandbox_and_codec(c: &mut Criterion) {
                 })
             },
         );
+        let (binary, json_length) = binary_body(rows);
+        codec.throughput(Throughput::Bytes(binary.len() as u64));
+        codec.bench_with_input(
+            BenchmarkId::new("decode_binary", format!("{rows}x6")),
+            &binary,
+            |b, t| {
+                b.iter(|| {
+                    decode_infer_request(t, Some(json_length), DecodeLimits::default())
+                        .expect("decode")
+                })
+            },
+        );
         let request =
             decode_infer_request(text.as_bytes(), None, DecodeLimits::default()).expect("decode");
+        let from_binary = decode_infer_request(&binary, Some(json_length), DecodeLimits::default())
+            .expect("decode");
+        assert!(
+            request.inputs.len() == 1
+                && from_binary.inputs.len() == 1
+                && request.inputs[0].data == from_binary.inputs[0].data
+                && request.inputs[0].shape == from_binary.inputs[0].shape,
+            "JSON and binary decode to the same tensor"
+        );
         let outputs = rt
             .block_on(plugin.infer(&request.inputs, limits(), &no_models, &fresh))
             .expect("infer");
