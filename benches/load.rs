@@ -244,17 +244,39 @@ struct Run {
     p50_us: u64,
     p99_us: u64,
     p999_us: u64,
+    /// CPU time of the whole process (client and server) per request,
+    /// warm-up included: steadier than throughput on a shared machine.
+    cpu_us_per_request: f64,
     errors: u64,
+}
+
+/// CPU seconds this process has used (user + system), from /proc.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and
+    // stime are the 12th and 13th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
+}
+
+/// What one load run saw.
+struct Measured {
+    /// Latencies of the measured part, sorted.
+    latencies: Vec<u32>,
+    /// Failed requests in the measured part.
+    errors: u64,
+    /// Successful requests, warm-up included.
+    answered: u64,
 }
 
 /// `connections` connections sending for `seconds` after a one-second
 /// warm-up; latencies of the measured part only.
-async fn load(
-    addr: SocketAddr,
-    path: &str,
-    connections: usize,
-    seconds: f64,
-) -> (Vec<u32>, u64, f64) {
+async fn load(addr: SocketAddr, path: &str, connections: usize, seconds: f64) -> Measured {
     let body = Bytes::from_static(REQUEST.as_bytes());
     let warm = Instant::now() + Duration::from_secs(1);
     let end = warm + Duration::from_secs_f64(seconds);
@@ -266,12 +288,14 @@ async fn load(
                 let mut connection = Connection::open(addr).await;
                 let mut latencies = Vec::with_capacity(1 << 16);
                 let mut errors = 0u64;
+                let mut answered = 0u64;
                 loop {
                     let start = Instant::now();
                     if start >= end {
                         break;
                     }
                     let ok = connection.send(&path, &body).await.is_some();
+                    answered += ok as u64;
                     if start >= warm {
                         if ok {
                             latencies
@@ -284,19 +308,23 @@ async fn load(
                         connection = Connection::open(addr).await;
                     }
                 }
-                (latencies, errors)
+                (latencies, errors, answered)
             })
         })
         .collect();
-    let mut all = Vec::new();
-    let mut errors = 0;
+    let mut measured = Measured {
+        latencies: Vec::new(),
+        errors: 0,
+        answered: 0,
+    };
     for task in tasks {
-        let (latencies, e) = task.await.expect("client task");
-        all.extend(latencies);
-        errors += e;
+        let (latencies, errors, answered) = task.await.expect("client task");
+        measured.latencies.extend(latencies);
+        measured.errors += errors;
+        measured.answered += answered;
     }
-    all.sort_unstable();
-    (all, errors, seconds)
+    measured.latencies.sort_unstable();
+    measured
 }
 
 fn percentile(sorted: &[u32], p: f64) -> u64 {
@@ -415,16 +443,18 @@ fn main() {
                     Server::Native => (native_addr, "/v2/models/plain/infer".to_string()),
                     Server::Gateway(m) => (gateway_addr, format!("/v2/models/{m}/infer")),
                 };
-                let (latencies, errors, secs) =
-                    client.block_on(load(addr, &path, connections, seconds));
+                let cpu = cpu_seconds();
+                let m = client.block_on(load(addr, &path, connections, seconds));
+                let cpu = cpu_seconds() - cpu;
                 let run = Run {
                     scenario: scenario.to_string(),
                     connections,
-                    requests_per_second: latencies.len() as f64 / secs,
-                    p50_us: percentile(&latencies, 0.50),
-                    p99_us: percentile(&latencies, 0.99),
-                    p999_us: percentile(&latencies, 0.999),
-                    errors,
+                    requests_per_second: m.latencies.len() as f64 / seconds,
+                    p50_us: percentile(&m.latencies, 0.50),
+                    p99_us: percentile(&m.latencies, 0.99),
+                    p999_us: percentile(&m.latencies, 0.999),
+                    cpu_us_per_request: cpu * 1e6 / m.answered.max(1) as f64,
+                    errors: m.errors,
                 };
                 eprintln!("{run:?}");
                 measured[i].push(run);
@@ -462,12 +492,12 @@ fn report(runs: &[Run]) -> String {
         find(scenario, connections).map_or(f64::NAN, |r| r.requests_per_second)
     };
     let mut md = String::from(
-        "| scenario | connections | req/s | vs HTTP limit | vs native | vs gateway | p50 | p99 | p99.9 | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| scenario | connections | req/s | vs HTTP limit | vs native | vs gateway | p50 | p99 | p99.9 | CPU/request | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in runs {
         let n = r.connections;
         md += &format!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} µs | {} µs | {} µs | {} |\n",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} µs | {} µs | {} µs | {:.1} µs | {} |\n",
             r.scenario,
             n,
             r.requests_per_second,
@@ -477,6 +507,7 @@ fn report(runs: &[Run]) -> String {
             r.p50_us,
             r.p99_us,
             r.p999_us,
+            r.cpu_us_per_request,
             r.errors
         );
     }
