@@ -125,8 +125,8 @@ pub(crate) struct State {
     pub reloader: Arc<Reloader>,
     pub config: ServerConfig,
     pub shutting_down: AtomicBool,
-    /// Inference requests being served: shadows only use spare CPU.
-    pub in_flight: std::sync::atomic::AtomicUsize,
+    /// How busy the server is: shadows only use spare CPU.
+    pub load: Arc<crate::shadow::Load>,
 }
 
 /// A gateway that is accepting connections.
@@ -219,8 +219,9 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
         reloader,
         config: options.server.clone(),
         shutting_down: AtomicBool::new(false),
-        in_flight: std::sync::atomic::AtomicUsize::new(0),
+        load: Arc::default(),
     });
+    crate::shadow::Load::spawn_probe(&state.load);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let task = tokio::spawn(accept_loop(listener, state.clone(), shutdown_rx));
     tracing::info!(address = %local_addr, "serving the V2 inference protocol");

@@ -208,7 +208,7 @@ async fn infer(
     request: Request<Incoming>,
 ) -> HttpResponse {
     let start = Instant::now();
-    let busy = shadow::Busy::enter(&state.in_flight);
+    let busy = shadow::Busy::enter(&state.load);
     let snapshot = state.reloader.snapshot();
     let (model, version, route) = match snapshot.route(model, pinned, request.headers()) {
         Ok(found) => found,

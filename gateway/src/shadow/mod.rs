@@ -7,15 +7,19 @@
 //! challenger (its own concurrency limit, without queueing). A shadow call
 //! that finds no free slot is dropped and counted.
 //!
-//! Shadows use spare CPU only: while more inference requests are in flight
-//! than the machine has cores, the served traffic already saturates it and
-//! copies are shed (counted as `dropped`). On one runtime, a 100 % shadow
-//! at 64 connections had halved the champion's throughput
-//! (`cargo bench --bench load`).
+//! Shadows use spare CPU only: while the served traffic saturates the
+//! machine, copies are shed (counted as `dropped`). Saturated means either
+//! as many inference requests in flight as the machine has cores, or tasks
+//! waiting their turn on the executor: a probe yields every few
+//! milliseconds and measures how long it waits to run again, and three
+//! long waits in a row mean saturation (see [`Load`]). On one runtime, a 100 % shadow at 64 connections had halved
+//! the champion's throughput; counting requests in flight alone kept 79-92 %
+//! of it (`cargo bench --bench load`), since at saturation the other worker
+//! is as often parsing HTTP as inside a request.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use crate::router::{self, Model, Route, Version};
 use crate::runtime::CallLimits;
@@ -66,25 +70,73 @@ pub fn dispatch(
 static CORES: std::sync::LazyLock<usize> =
     std::sync::LazyLock::new(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
 
-/// Marks an inference request in flight (in one server's counter) for as
-/// long as it lives.
-pub struct Busy<'a>(&'a AtomicUsize);
+/// How often the probe measures the executor's queue.
+const PROBE_EVERY: Duration = Duration::from_millis(5);
 
-impl<'a> Busy<'a> {
-    pub fn enter(in_flight: &'a AtomicUsize) -> Busy<'a> {
-        in_flight.fetch_add(1, Ordering::Relaxed);
-        Busy(in_flight)
+/// A task that waited longer than this to run again after yielding, in
+/// [`SUSTAINED`] probes in a row, means other tasks queue for the CPU:
+/// serving traffic saturates it. In a row: one long wait may be the
+/// operating system preempting the thread, not the executor's queue.
+const SATURATED_WAIT: Duration = Duration::from_micros(200);
+const SUSTAINED: usize = 3;
+
+/// How busy one server is: inference requests in flight, and how long a
+/// task last waited for its turn on the executor.
+#[derive(Debug, Default)]
+pub struct Load {
+    in_flight: AtomicUsize,
+    queue_wait_us: AtomicU64,
+}
+
+impl Load {
+    /// Starts the probe on the current runtime; it ends when `load` is
+    /// dropped.
+    pub fn spawn_probe(load: &Arc<Load>) {
+        let weak: Weak<Load> = Arc::downgrade(load);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(PROBE_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last = [0u64; SUSTAINED];
+            for n in 0usize.. {
+                every.tick().await;
+                let start = Instant::now();
+                tokio::task::yield_now().await;
+                last[n % SUSTAINED] = start.elapsed().as_micros().min(u64::MAX as u128) as u64;
+                let shortest = last.iter().copied().min().unwrap_or(0);
+                match weak.upgrade() {
+                    Some(load) => load.queue_wait_us.store(shortest, Ordering::Relaxed),
+                    None => break,
+                }
+            }
+        });
     }
 
-    /// Whether requests in flight (this one included) occupy every core.
+    /// The shortest of the probe's last [`SUSTAINED`] measurements.
+    pub fn queue_wait(&self) -> Duration {
+        Duration::from_micros(self.queue_wait_us.load(Ordering::Relaxed))
+    }
+}
+
+/// Marks an inference request in flight (in one server's [`Load`]) for as
+/// long as it lives.
+pub struct Busy<'a>(&'a Load);
+
+impl<'a> Busy<'a> {
+    pub fn enter(load: &'a Load) -> Busy<'a> {
+        load.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(load)
+    }
+
+    /// Whether requests in flight (this one included) occupy every core,
+    /// or tasks queue for the executor.
     pub fn saturated(&self) -> bool {
-        self.0.load(Ordering::Relaxed) >= *CORES
+        self.0.in_flight.load(Ordering::Relaxed) >= *CORES || self.0.queue_wait() >= SATURATED_WAIT
     }
 }
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -318,5 +370,55 @@ mod tests {
             compare(&both, &[label(&["b"]), fp32("p", &[0.1])], Some("p"), 0.0),
             Ok(true)
         );
+    }
+
+    /// The probe sees tasks queueing on the executor, and sees it stop.
+    #[test]
+    fn the_probe_measures_tasks_waiting_for_the_executor() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let load = Arc::new(Load::default());
+            Load::spawn_probe(&load);
+            // 80 tasks on two workers, each computing for 100 us between
+            // yields: a task that yields waits ~4 ms for its next turn.
+            let busy: Vec<_> = (0..80)
+                .map(|_| {
+                    tokio::spawn(async {
+                        let end = Instant::now() + Duration::from_millis(60);
+                        while Instant::now() < end {
+                            let slice = Instant::now() + Duration::from_micros(100);
+                            while Instant::now() < slice {
+                                std::hint::spin_loop();
+                            }
+                            tokio::task::yield_now().await;
+                        }
+                    })
+                })
+                .collect();
+            let mut busy_waits = Vec::new();
+            for _ in 0..8 {
+                tokio::time::sleep(PROBE_EVERY).await;
+                busy_waits.push(load.queue_wait());
+            }
+            assert!(
+                busy_waits.iter().any(|w| *w >= SATURATED_WAIT),
+                "{busy_waits:?}"
+            );
+            for task in busy {
+                task.await.unwrap();
+            }
+            // Idle again: at least one of the next measurements is short
+            // (one, not all: the machine running the test may be busy).
+            let mut idle = Vec::new();
+            for _ in 0..10 {
+                tokio::time::sleep(PROBE_EVERY * 2).await;
+                idle.push(load.queue_wait());
+            }
+            assert!(idle.iter().any(|w| *w < SATURATED_WAIT), "{idle:?}");
+        });
     }
 }
