@@ -140,7 +140,7 @@ fn new_version(model: &str, v: &VersionPolicy, backend: Backend, runtime: &Runti
         backend,
         limits: v.limits,
         label_output,
-        labels: Default::default(),
+        metrics: Default::default(),
         error_log: Default::default(),
         admission: Admission::new(v.limits.max_concurrency, v.limits.max_queue),
         instances: runtime.instance_pool(v.limits.calls_per_instance),

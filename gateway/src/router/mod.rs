@@ -24,7 +24,7 @@ pub use build::{BuildReport, build, load};
 
 use crate::policy::{Limits, ModelPolicy};
 use crate::runtime::{Backend, CallLimits, InstancePool, PluginError};
-use crate::telemetry::{LabelSet, LogLimiter};
+use crate::telemetry::{LogLimiter, VersionMetrics};
 use crate::tensor::Tensor;
 
 /// All models, ready to serve.
@@ -80,8 +80,9 @@ pub struct Version {
     /// The output whose values are class labels (the first BYTES output the
     /// plugin declares), counted per label in metrics.
     pub label_output: Option<String>,
-    /// Labels seen, bounded, so a plugin cannot grow the metric series.
-    pub labels: LabelSet,
+    /// Its request, plugin-call and prediction series (predicted labels
+    /// bounded, so a plugin cannot grow the metric series).
+    pub metrics: VersionMetrics,
     /// Rate-limits the warnings this version's failures log.
     pub error_log: LogLimiter,
     admission: Admission,

@@ -248,13 +248,19 @@ async fn infer(
     {
         telemetry::record_plugin_error(&version.model, &version.name, kind);
     }
-    telemetry::record_request(
-        &version.model,
-        &version.name,
-        route.as_str(),
-        status.as_u16(),
-        start.elapsed(),
-    );
+    if status == StatusCode::OK {
+        version
+            .metrics
+            .answered(&version.model, &version.name, route, start.elapsed());
+    } else {
+        telemetry::record_request(
+            &version.model,
+            &version.name,
+            route.as_str(),
+            status.as_u16(),
+            start.elapsed(),
+        );
+    }
     let mut response = result.unwrap_or_else(|e| {
         if e.status.is_server_error()
             && let Some(suppressed) = version.error_log.check()
@@ -316,7 +322,9 @@ async fn infer_version(
     };
     let called = Instant::now();
     let outputs = version.infer(&request.inputs, limits).await;
-    telemetry::record_plugin_call(&version.model, &version.name, called.elapsed());
+    version
+        .metrics
+        .plugin_call(&version.model, &version.name, called.elapsed());
     let outputs = outputs.map_err(|e| plugin_error(version, e))?;
     let allow_nan = model.schema.as_ref().is_some_and(|s| s.allow_nan_outputs);
     validate::check_outputs(&outputs, version.backend.info(), allow_nan)
@@ -326,7 +334,9 @@ async fn infer_version(
         .as_ref()
         .and_then(|name| outputs.iter().find(|t| &t.name == name))
     {
-        telemetry::record_predictions(&version.model, &version.name, &version.labels, labels);
+        version
+            .metrics
+            .predictions(&version.model, &version.name, labels);
     }
 
     let selected = select_outputs(&outputs, &request, version)?;

@@ -175,28 +175,23 @@ impl Job {
             CallLimits::starting_now(challenger.limits.timeout, challenger.limits.memory_bytes);
         let result = challenger.infer(&self.inputs, limits).await;
         let elapsed = start.elapsed();
-        telemetry::record_plugin_call(model, &challenger.name, elapsed);
+        challenger
+            .metrics
+            .plugin_call(model, &challenger.name, elapsed);
         let shadow = self.model.shadow.as_ref();
         match result {
             Ok(outputs) => {
-                telemetry::record_request(
-                    model,
-                    &challenger.name,
-                    Route::Shadow.as_str(),
-                    200,
-                    elapsed,
-                );
+                challenger
+                    .metrics
+                    .answered(model, &challenger.name, Route::Shadow, elapsed);
                 if let Some(labels) = challenger
                     .label_output
                     .as_ref()
                     .and_then(|l| outputs.iter().find(|t| &t.name == l))
                 {
-                    telemetry::record_predictions(
-                        model,
-                        &challenger.name,
-                        &challenger.labels,
-                        labels,
-                    );
+                    challenger
+                        .metrics
+                        .predictions(model, &challenger.name, labels);
                 }
                 let (compare_output, tolerance) =
                     shadow.map_or((None, 0.0), |s| (s.compare_output.as_deref(), s.tolerance));
