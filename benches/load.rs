@@ -24,10 +24,12 @@
 //! (interleaved, so a slow moment of the shared machine hits all scenarios
 //! alike); the run with the median throughput of each scenario is reported.
 //!
-//!     cargo bench --bench load [-- --seconds 2 --rounds 3 --connections 1,16,64 --scenarios gateway,shadow]
+//!     cargo bench --bench load [-- --seconds 2 --rounds 3 --connections 1,16,64
+//!                                  --scenarios gateway,shadow --server-threads 2]
 //!
 //! Client and servers share the process (separate tokio runtimes: the
-//! servers get two worker threads, the client one) and the machine's cores;
+//! servers get two worker threads unless `--server-threads` says otherwise,
+//! the client one) and the machine's cores;
 //! loopback only. Results: stdout and `$CARGO_TARGET_DIR/load-results.{md,json}`.
 
 use std::net::SocketAddr;
@@ -338,6 +340,8 @@ fn percentile(sorted: &[u32], p: f64) -> u64 {
 struct Args {
     seconds: f64,
     rounds: usize,
+    /// Worker threads of the servers' runtime.
+    server_threads: usize,
     connections: Vec<usize>,
     /// Only these scenarios (all when empty).
     only: Vec<String>,
@@ -346,6 +350,7 @@ struct Args {
 fn args() -> Args {
     let mut seconds = 2.0;
     let mut rounds = 3;
+    let mut server_threads = 2;
     let mut connections = vec![1, 16, 64];
     let mut only = Vec::new();
     let mut args = std::env::args().skip(1);
@@ -363,6 +368,13 @@ fn args() -> Args {
                     .and_then(|s| s.parse().ok())
                     .filter(|&n| n > 0)
                     .expect("--rounds N")
+            }
+            "--server-threads" => {
+                server_threads = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .filter(|&n| n > 0)
+                    .expect("--server-threads N")
             }
             "--connections" => {
                 connections = args
@@ -382,6 +394,7 @@ fn args() -> Args {
     Args {
         seconds,
         rounds,
+        server_threads,
         connections,
         only,
     }
@@ -391,11 +404,12 @@ fn main() {
     let Args {
         seconds,
         rounds,
+        server_threads,
         connections: connection_counts,
         only,
     } = args();
     let servers = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(server_threads)
         .enable_all()
         .build()
         .expect("server runtime");
