@@ -236,7 +236,7 @@ async fn infer(
                 version,
                 Arc::new(answered.inputs),
                 Arc::new(answered.outputs),
-                busy.saturated(),
+                &busy,
             );
         }
         answered.response

@@ -17,9 +17,11 @@
 //! of it (`cargo bench --bench load`), since at saturation the other worker
 //! is as often parsing HTTP as inside a request.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use crate::router::{self, Model, Route, Version};
 use crate::runtime::CallLimits;
@@ -29,18 +31,19 @@ use crate::validate;
 
 /// Copies an answered request to the model's challengers, if it has any
 /// and the request is sampled. `answered` is the version the client got;
-/// `saturated` (see [`Busy::saturated`]) sheds the copies.
+/// A saturated server (see [`Busy::saturated`]) sheds the copies.
 pub fn dispatch(
     model: &Arc<Model>,
     answered: &Arc<Version>,
     inputs: Arc<Vec<Tensor>>,
     outputs: Arc<Vec<Tensor>>,
-    saturated: bool,
+    busy: &Busy<'_>,
 ) {
     let Some(shadow) = &model.shadow else { return };
     if !router::sampled(shadow.sample_percent) {
         return;
     }
+    let saturated = busy.saturated();
     for challenger in &shadow.versions {
         if Arc::ptr_eq(challenger, answered) {
             continue;
@@ -80,39 +83,85 @@ const PROBE_EVERY: Duration = Duration::from_millis(5);
 const SATURATED_WAIT: Duration = Duration::from_micros(200);
 const SUSTAINED: usize = 3;
 
+/// Probes in a row without a shadow dispatch after which the probe pauses
+/// (a second): a gateway without shadow traffic runs no timer for it.
+const IDLE_PROBES: u32 = 200;
+
 /// How busy one server is: inference requests in flight, and how long a
 /// task last waited for its turn on the executor.
 #[derive(Debug, Default)]
 pub struct Load {
     in_flight: AtomicUsize,
     queue_wait_us: AtomicU64,
+    /// Whether the probe runs; it pauses without shadow traffic.
+    probing: AtomicBool,
+    /// Set by every saturation check, cleared by the probe.
+    asked: AtomicBool,
+    wake: Arc<Notify>,
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        // Lets a paused probe see that the server is gone.
+        self.wake.notify_one();
+    }
 }
 
 impl Load {
-    /// Starts the probe on the current runtime; it ends when `load` is
-    /// dropped.
+    /// Starts the probe on the current runtime; it measures only while
+    /// shadows are being dispatched, and ends when `load` is dropped.
     pub fn spawn_probe(load: &Arc<Load>) {
         let weak: Weak<Load> = Arc::downgrade(load);
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(PROBE_EVERY);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut last = [0u64; SUSTAINED];
-            for n in 0usize.. {
-                every.tick().await;
-                let start = Instant::now();
-                tokio::task::yield_now().await;
-                last[n % SUSTAINED] = start.elapsed().as_micros().min(u64::MAX as u128) as u64;
-                let shortest = last.iter().copied().min().unwrap_or(0);
-                match weak.upgrade() {
-                    Some(load) => load.queue_wait_us.store(shortest, Ordering::Relaxed),
-                    None => break,
+            // Paused until a saturation check asks for it (or the server
+            // is gone: see `Drop`).
+            while let Some(wake) = weak.upgrade().map(|load| load.wake.clone()) {
+                wake.notified().await;
+                if !Self::measure(&weak).await {
+                    break;
                 }
             }
         });
     }
 
-    /// The shortest of the probe's last [`SUSTAINED`] measurements.
+    /// Measures every [`PROBE_EVERY`] until nobody asked for
+    /// [`IDLE_PROBES`] probes; `false` once the server is gone.
+    async fn measure(weak: &Weak<Load>) -> bool {
+        let mut every = tokio::time::interval(PROBE_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = [0u64; SUSTAINED];
+        let mut unasked = 0;
+        for n in 0usize.. {
+            every.tick().await;
+            let start = Instant::now();
+            tokio::task::yield_now().await;
+            last[n % SUSTAINED] = start.elapsed().as_micros().min(u64::MAX as u128) as u64;
+            let Some(load) = weak.upgrade() else {
+                return false;
+            };
+            let shortest = last.iter().copied().min().unwrap_or(0);
+            load.queue_wait_us.store(shortest, Ordering::Relaxed);
+            unasked = if load.asked.swap(false, Ordering::Relaxed) {
+                0
+            } else {
+                unasked + 1
+            };
+            if unasked >= IDLE_PROBES {
+                load.queue_wait_us.store(0, Ordering::Relaxed);
+                load.probing.store(false, Ordering::Release);
+                return true;
+            }
+        }
+        true
+    }
+
+    /// The shortest of the probe's last [`SUSTAINED`] measurements (0
+    /// while it pauses); starts the probe if it pauses.
     pub fn queue_wait(&self) -> Duration {
+        self.asked.store(true, Ordering::Relaxed);
+        if !self.probing.swap(true, Ordering::AcqRel) {
+            self.wake.notify_one();
+        }
         Duration::from_micros(self.queue_wait_us.load(Ordering::Relaxed))
     }
 }
@@ -378,6 +427,7 @@ mod tests {
         runtime.block_on(async {
             let load = Arc::new(Load::default());
             Load::spawn_probe(&load);
+            assert_eq!(load.queue_wait(), Duration::ZERO, "paused until asked");
             // 80 tasks on two workers, each computing for 100 us between
             // yields: a task that yields waits ~4 ms for its next turn.
             let busy: Vec<_> = (0..80)
