@@ -356,26 +356,9 @@ fn args() -> Args {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--seconds" => {
-                seconds = args
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .expect("--seconds N")
-            }
-            "--rounds" => {
-                rounds = args
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .filter(|&n| n > 0)
-                    .expect("--rounds N")
-            }
-            "--server-threads" => {
-                server_threads = args
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .filter(|&n| n > 0)
-                    .expect("--server-threads N")
-            }
+            "--seconds" => seconds = positive(args.next(), "--seconds N"),
+            "--rounds" => rounds = positive(args.next(), "--rounds N"),
+            "--server-threads" => server_threads = positive(args.next(), "--server-threads N"),
             "--connections" => {
                 connections = args
                     .next()
@@ -398,6 +381,14 @@ fn args() -> Args {
         connections,
         only,
     }
+}
+
+/// A command-line value above zero, or a panic saying how to write it.
+fn positive<T: std::str::FromStr + PartialOrd + Default>(value: Option<String>, usage: &str) -> T {
+    value
+        .and_then(|s| s.parse().ok())
+        .filter(|n| *n > T::default())
+        .expect(usage)
 }
 
 fn main() {
