@@ -248,19 +248,13 @@ async fn infer(
     {
         telemetry::record_plugin_error(&version.model, &version.name, kind);
     }
-    if status == StatusCode::OK {
-        version
-            .metrics
-            .answered(&version.model, &version.name, route, start.elapsed());
-    } else {
-        telemetry::record_request(
-            &version.model,
-            &version.name,
-            route.as_str(),
-            status.as_u16(),
-            start.elapsed(),
-        );
-    }
+    version.metrics.request(
+        &version.model,
+        &version.name,
+        route,
+        status.as_u16(),
+        start.elapsed(),
+    );
     let mut response = result.unwrap_or_else(|e| {
         if e.status.is_server_error()
             && let Some(suppressed) = version.error_log.check()

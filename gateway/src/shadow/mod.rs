@@ -203,10 +203,10 @@ impl Job {
         let start = Instant::now();
         if let Err(e) = validate::check_inputs(&self.inputs, challenger.backend.info()) {
             telemetry::record_shadow(model, &challenger.name, "error");
-            telemetry::record_request(
+            challenger.metrics.request(
                 model,
                 &challenger.name,
-                Route::Shadow.as_str(),
+                Route::Shadow,
                 400,
                 start.elapsed(),
             );
@@ -232,7 +232,7 @@ impl Job {
             Ok(outputs) => {
                 challenger
                     .metrics
-                    .answered(model, &challenger.name, Route::Shadow, elapsed);
+                    .request(model, &challenger.name, Route::Shadow, 200, elapsed);
                 if let Some(labels) = challenger
                     .label_output
                     .as_ref()
@@ -270,13 +270,9 @@ impl Job {
                 telemetry::record_shadow(model, &challenger.name, result);
             }
             Err(e) => {
-                telemetry::record_request(
-                    model,
-                    &challenger.name,
-                    Route::Shadow.as_str(),
-                    500,
-                    elapsed,
-                );
+                challenger
+                    .metrics
+                    .request(model, &challenger.name, Route::Shadow, 500, elapsed);
                 telemetry::record_shadow(model, &challenger.name, "error");
                 log(
                     challenger,

@@ -225,8 +225,19 @@ pub struct VersionMetrics {
 }
 
 impl VersionMetrics {
-    /// One request answered with 200 (`record_request` for the others).
-    pub fn answered(&self, model: &str, version: &str, route: Route, elapsed: Duration) {
+    /// One request this version answered with `status`: a 200 through the
+    /// version's own handles, anything else through [`record_request`].
+    pub fn request(
+        &self,
+        model: &str,
+        version: &str,
+        route: Route,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        if status != 200 {
+            return record_request(model, version, route.as_str(), status, elapsed);
+        }
         let at = match route {
             Route::Champion => 0,
             Route::Canary => 1,
