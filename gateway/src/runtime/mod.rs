@@ -25,7 +25,8 @@ use wasmtime::{
 use crate::onnx::{ModelSet, OnnxModel};
 use crate::tensor::{self, Tensor};
 use bindings::{ModelInfo, ModelPre};
-pub use reuse::{InstancePool, Tickets};
+pub use reuse::InstancePool;
+use reuse::Tickets;
 pub use sandbox::CallLimits;
 use sandbox::{Host, NotGranted};
 

@@ -29,7 +29,7 @@ use super::sandbox::Host;
 
 /// At most one in this many of the engine's instance slots is held by kept
 /// instances.
-pub const KEPT_SHARE: u32 = 4;
+pub(super) const KEPT_SHARE: u32 = 4;
 
 /// An instantiated plugin and its store, between calls.
 pub(super) struct Kept {
@@ -55,12 +55,12 @@ impl Kept {
 
 /// The process-wide budget of kept instances.
 #[derive(Debug)]
-pub struct Tickets {
+pub(super) struct Tickets {
     available: AtomicUsize,
 }
 
 impl Tickets {
-    pub fn new(n: usize) -> Arc<Self> {
+    pub(super) fn new(n: usize) -> Arc<Self> {
         Arc::new(Tickets {
             available: AtomicUsize::new(n),
         })
@@ -92,7 +92,7 @@ pub struct InstancePool {
 }
 
 impl InstancePool {
-    pub fn new(calls_per_instance: u32, tickets: Arc<Tickets>) -> Self {
+    pub(super) fn new(calls_per_instance: u32, tickets: Arc<Tickets>) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         InstancePool {
             idle: Mutex::new(Vec::new()),
@@ -105,11 +105,6 @@ impl InstancePool {
     /// A pool that keeps nothing: every call gets a fresh instance.
     pub fn fresh() -> Self {
         Self::new(1, Tickets::new(0))
-    }
-
-    /// Instances kept now, idle.
-    pub fn idle(&self) -> usize {
-        self.idle.lock().map_or(0, |idle| idle.len())
     }
 
     /// The most recently kept instance, if any.
