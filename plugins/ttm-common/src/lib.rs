@@ -19,15 +19,11 @@ pub fn read_pull_requests(inputs: &[Tensor]) -> Result<Vec<PullRequest>, Error> 
     let tensor = gateway_plugin_sdk::input(inputs, INPUT)?;
     tensor.rows(FEATURES.len())?;
     let values = tensor.to_f32()?;
-    values
-        .chunks_exact(FEATURES.len())
+    // `rows` checked the length is a multiple of 6: nothing is left over.
+    let (rows, _) = values.as_chunks::<6>();
+    rows.iter()
         .enumerate()
-        .map(|(r, row)| {
-            let row: &[f32; 6] = row.try_into().map_err(|_| {
-                Error::Internal(format!("{INPUT}[{r}] has not {} values", FEATURES.len()))
-            })?;
-            PullRequest::from_row(r, row).map_err(Error::InvalidInput)
-        })
+        .map(|(r, row)| PullRequest::from_row(r, row).map_err(Error::InvalidInput))
         .collect()
 }
 
