@@ -12,10 +12,11 @@
 //! as many inference requests in flight as the machine has cores, or tasks
 //! waiting their turn on the executor: a probe yields every few
 //! milliseconds and measures how long it waits to run again, and three
-//! long waits in a row mean saturation (see [`Load`]). On one runtime, a 100 % shadow at 64 connections had halved
-//! the champion's throughput; counting requests in flight alone kept 79-92 %
-//! of it (`cargo bench --bench load`), since at saturation the other worker
-//! is as often parsing HTTP as inside a request.
+//! long waits in a row mean saturation (see [`Load`]). On one runtime, a
+//! 100 % shadow at 64 connections had halved the champion's throughput;
+//! counting requests in flight alone kept 79-92 % of it (`cargo bench
+//! --bench load`), since at saturation the other worker is as often parsing
+//! HTTP as inside a request.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
