@@ -22,12 +22,13 @@ async fn calls(gw: &TestGateway, model: &str) -> i64 {
         .expect("an INT64 count")
 }
 
+/// A gateway serving `plugin` alone as `model`, under `limits`.
+async fn serving(model: &str, plugin: &str, limits: &str) -> TestGateway {
+    TestGateway::start(&[("one.toml", &single_version_policy(model, plugin, limits))]).await
+}
+
 async fn counter(model: &str, limits: &str) -> TestGateway {
-    TestGateway::start(&[(
-        "counter.toml",
-        &single_version_policy(model, "counter", limits),
-    )])
-    .await
+    serving(model, "counter", limits).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,14 +107,11 @@ async fn concurrent_calls_never_share_an_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_instance_gets_each_calls_own_deadline() {
-    let gw = TestGateway::start(&[(
-        "spin.toml",
-        &single_version_policy(
-            "spin-kept",
-            "spin-loop",
-            "timeout_ms = 200\ncalls_per_instance = 100",
-        ),
-    )])
+    let gw = serving(
+        "spin-kept",
+        "spin-loop",
+        "timeout_ms = 200\ncalls_per_instance = 100",
+    )
     .await;
     // Calls that span several epoch ticks, spaced wider than the deadline:
     // a kept instance that carried its first call's deadline over would be
@@ -136,14 +134,11 @@ async fn a_kept_instance_gets_each_calls_own_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_instance_stays_under_its_memory_cap() {
-    let gw = TestGateway::start(&[(
-        "hog.toml",
-        &single_version_policy(
-            "hog-kept",
-            "memory-hog",
-            "memory_mebibytes = 16\ncalls_per_instance = 100",
-        ),
-    )])
+    let gw = serving(
+        "hog-kept",
+        "memory-hog",
+        "memory_mebibytes = 16\ncalls_per_instance = 100",
+    )
     .await;
     // The memory a kept instance grew to stays counted: it can take 12 MiB
     // again (its allocator reuses what it freed), but never 16 more.
