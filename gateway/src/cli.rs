@@ -67,6 +67,31 @@ struct ServeArgs {
     /// Bytes per BYTES element; more gets 400.
     #[arg(long, default_value_t = 1 << 20)]
     max_bytes_element: usize,
+    /// Seconds a client has to send a request body; slower gets 408.
+    #[arg(long, default_value_t = 30)]
+    body_read_timeout_secs: u64,
+    /// Bytes of any one request header's value; more gets 431.
+    #[arg(long, default_value_t = 8 << 10)]
+    max_header_value_bytes: usize,
+    /// Bytes of a request's `id`; more gets 400.
+    #[arg(long, default_value_t = 1024)]
+    max_id_bytes: usize,
+    /// Bytes of each `parameters` object (the request's, an input's, an
+    /// output's), as written; more gets 400.
+    #[arg(long, default_value_t = 64 << 10)]
+    max_parameters_bytes: usize,
+    /// MiB that requests in flight may hold together (bodies, decoded
+    /// inputs, outputs, answers); past it, 503 with Retry-After.
+    #[arg(long, default_value_t = 1024)]
+    max_inflight_mebibytes: usize,
+    /// MiB of sandbox memory that running plugin calls may reserve together
+    /// (each its version's memory cap); calls wait for it until their
+    /// deadline, then get 503.
+    #[arg(long, default_value_t = 4096)]
+    max_sandbox_memory_mebibytes: usize,
+    /// Percent of the machine's CPU time shadow calls may use.
+    #[arg(long, default_value_t = 10.0)]
+    shadow_cpu_percent: f64,
     /// Seconds in-flight requests get to finish at shutdown.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_secs: u64,
@@ -134,6 +159,15 @@ async fn serve(args: ServeArgs) -> ExitCode {
         max_inputs: args.max_inputs,
         max_elements: args.max_tensor_elements,
         max_bytes_element: args.max_bytes_element,
+        max_id_bytes: args.max_id_bytes,
+        max_parameters_bytes: args.max_parameters_bytes,
+    };
+    options.server.body_read_timeout = std::time::Duration::from_secs(args.body_read_timeout_secs);
+    options.server.max_header_value_bytes = args.max_header_value_bytes;
+    options.pipeline = crate::pipeline::PipelineConfig {
+        max_inflight_bytes: args.max_inflight_mebibytes << 20,
+        max_sandbox_memory_bytes: args.max_sandbox_memory_mebibytes << 20,
+        shadow_cpu_percent: args.shadow_cpu_percent,
     };
     options.server.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace_secs);
     options.server.admin_token = args.admin_token.filter(|t| !t.is_empty());

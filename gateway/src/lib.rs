@@ -9,8 +9,10 @@
 
 pub mod admin;
 pub mod cli;
+pub mod cpu;
 pub mod monitor;
 pub mod onnx;
+pub mod pipeline;
 pub mod policy;
 pub mod protocol;
 pub mod router;

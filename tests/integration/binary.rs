@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::support::{Reply, TestGateway, send, single_version_policy};
 
 /// POSTs `json` followed by `binary`, with the extension's header.
-async fn post_binary(
+pub(crate) async fn post_binary(
     gw: &TestGateway,
     model: &str,
     json: &Value,
@@ -29,7 +29,7 @@ async fn post_binary(
 }
 
 /// Splits a binary response into its JSON part and binary part.
-fn split(reply: &Reply) -> (Value, &[u8]) {
+pub(crate) fn split(reply: &Reply) -> (Value, &[u8]) {
     let n: usize = reply
         .header("inference-header-content-length")
         .expect("inference-header-content-length")

@@ -5,6 +5,7 @@
 mod api;
 mod bad_input;
 mod binary;
+mod bounds;
 mod compat;
 mod hostile;
 mod monitoring;

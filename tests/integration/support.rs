@@ -120,7 +120,27 @@ impl TestGateway {
         Self::start_with(dir, true).await
     }
 
+    /// Serves the given policies with options changed by `configure`.
+    pub async fn start_configured(
+        policies: &[(&str, &str)],
+        configure: impl FnOnce(&mut ServeOptions),
+    ) -> TestGateway {
+        let dir = policy_folder();
+        for (name, text) in policies {
+            std::fs::write(dir.path().join(name), text).expect("write policy");
+        }
+        Self::start_full(dir, false, configure).await
+    }
+
     async fn start_with(dir: tempfile::TempDir, watch: bool) -> TestGateway {
+        Self::start_full(dir, watch, |_| {}).await
+    }
+
+    async fn start_full(
+        dir: tempfile::TempDir,
+        watch: bool,
+        configure: impl FnOnce(&mut ServeOptions),
+    ) -> TestGateway {
         let mut options = ServeOptions::new(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             dir.path().to_path_buf(),
@@ -136,6 +156,7 @@ impl TestGateway {
         options.server.admin_token = Some(ADMIN_TOKEN.to_string());
         // Tests reload explicitly unless they test the watcher.
         options.watch_debounce = watch.then_some(Duration::from_millis(200));
+        configure(&mut options);
         let server = server::start(options)
             .await
             .unwrap_or_else(|e| panic!("gateway did not start: {e}"));

@@ -227,7 +227,7 @@ fn describe(m: &Model) -> Vec<(String, String)> {
         aspects.push((
             format!("version `{}`", v.name),
             format!(
-                "{} ({:016x}), timeout {} ms, memory {} MiB, concurrency {}+{}, {} calls per instance, description {:?}",
+                "{} ({:016x}), timeout {} ms, memory {} MiB, concurrency {}+{}, {} calls per instance, {} in parallel, outputs up to {} MiB, breaker {} failures / {} ms, description {:?}",
                 v.backend.describe(),
                 v.backend.content_hash(),
                 v.limits.timeout.as_millis(),
@@ -235,6 +235,10 @@ fn describe(m: &Model) -> Vec<(String, String)> {
                 v.limits.max_concurrency,
                 v.limits.max_queue,
                 v.limits.calls_per_instance,
+                v.limits.max_parallel,
+                v.limits.max_output_bytes >> 20,
+                v.limits.breaker_failures,
+                v.limits.breaker_cooldown.as_millis(),
                 v.description.as_deref().unwrap_or("")
             ),
         ));
@@ -294,6 +298,12 @@ pub struct VersionView {
     pub max_concurrency: u32,
     pub max_queue: u32,
     pub calls_per_instance: u32,
+    pub max_parallel: u32,
+    pub max_output_mebibytes: usize,
+    pub breaker_failures: u32,
+    pub breaker_cooldown_ms: u128,
+    /// Whether the circuit breaker is open now.
+    pub circuit_open: bool,
 }
 
 impl ModelView {
@@ -343,6 +353,11 @@ impl ModelView {
                     max_concurrency: v.limits.max_concurrency,
                     max_queue: v.limits.max_queue,
                     calls_per_instance: v.limits.calls_per_instance,
+                    max_parallel: v.limits.max_parallel,
+                    max_output_mebibytes: v.limits.max_output_bytes >> 20,
+                    breaker_failures: v.limits.breaker_failures,
+                    breaker_cooldown_ms: v.limits.breaker_cooldown.as_millis(),
+                    circuit_open: v.breaker.is_open(),
                 })
                 .collect(),
         }

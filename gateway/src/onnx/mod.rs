@@ -20,6 +20,7 @@ pub mod trees;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use tokio::sync::Semaphore;
@@ -30,8 +31,8 @@ use crate::runtime::bindings::ModelInfo;
 use crate::runtime::{CallLimits, PluginError};
 use crate::tensor::{Datatype, Tensor as WireTensor, TensorSpec};
 
-/// ONNX computations that may run at once in the process. Each holds a
-/// blocking-pool thread until tract returns, even past its deadline.
+/// ONNX computations that may run on the blocking pool at once in the
+/// process. Each holds a thread until its current chunk returns.
 pub static COMPUTE_SLOTS: LazyLock<usize> = LazyLock::new(|| {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -223,62 +224,156 @@ impl OnnxModel {
             .collect()
     }
 
-    /// Runs the model on the blocking pool under `limits.deadline` (see
-    /// [`OnnxModel::compute_async`]).
+    /// Runs the model under `limits.deadline` within `gate`, the version's
+    /// share of the cores (see [`OnnxModel::compute_async`]).
     pub async fn infer(
         self: &Arc<Self>,
         inputs: &[WireTensor],
         limits: CallLimits,
+        gate: &crate::cpu::Gate,
     ) -> Result<Vec<WireTensor>, PluginError> {
         let values = self.prepare(inputs).map_err(plugin_error)?;
-        match self.compute_async(values, limits).await {
+        match self.compute_async(values, limits, Some(gate)).await {
             Ok(outputs) => self.to_wire(outputs).map_err(plugin_error),
             Err(RunError::Onnx(e)) => Err(plugin_error(e)),
             Err(RunError::Limit(e)) => Err(e),
         }
     }
 
-    /// Runs the plan on the blocking pool once one of the [`COMPUTE_SLOTS`]
-    /// is free. Past the deadline (waiting or running) the caller gets
-    /// [`PluginError::Deadline`]; a computation already running finishes (and
-    /// holds its slot) in the background.
+    /// Runs the plan. A small computation (at most [`INLINE_ELEMENTS`]
+    /// input elements, a few microseconds) runs on the calling task: a hop
+    /// to the blocking pool costs more than it does. A larger one runs on
+    /// the blocking pool once one of the [`COMPUTE_SLOTS`] is free, in
+    /// chunks of rows with the deadline checked between them, so a
+    /// computation nobody waits for any more stops at the next chunk.
+    /// `gate` (the version's share of the cores) bounds both.
     pub(crate) async fn compute_async(
         self: &Arc<Self>,
         values: TVec<Tensor>,
         limits: CallLimits,
+        gate: Option<&crate::cpu::Gate>,
     ) -> Result<TVec<Tensor>, RunError> {
+        let deadline_error = || {
+            RunError::Limit(PluginError::Deadline {
+                limit: limits.timeout,
+            })
+        };
+        let until = limits.deadline.into();
+        let share = match gate {
+            Some(gate) => match tokio::time::timeout_at(until, gate.enter()).await {
+                Ok(permit) => permit,
+                Err(_) => return Err(deadline_error()),
+            },
+            None => None,
+        };
+        let elements: usize = values.iter().map(|v| v.len()).sum();
+        if elements <= INLINE_ELEMENTS {
+            let result = self.compute(values).map_err(RunError::Onnx);
+            drop(share);
+            return result;
+        }
         // Waiting is bounded twice: by the deadline here, and by the
         // version's admission (max_concurrency + max_queue) before it.
-        let permit =
-            match tokio::time::timeout_at(limits.deadline.into(), RUNNING.clone().acquire_owned())
-                .await
-            {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(_closed)) => {
-                    return Err(RunError::Limit(PluginError::Exhausted(
-                        "the ONNX compute slots are closed".into(),
-                    )));
-                }
-                Err(_) => {
-                    return Err(RunError::Limit(PluginError::Deadline {
-                        limit: limits.timeout,
-                    }));
-                }
-            };
+        let permit = match tokio::time::timeout_at(until, RUNNING.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_closed)) => {
+                return Err(RunError::Limit(PluginError::Exhausted(
+                    "the ONNX compute slots are closed".into(),
+                )));
+            }
+            Err(_) => return Err(deadline_error()),
+        };
         let model = self.clone();
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let _abandon_on_drop = Abandon(abandoned.clone());
+        let deadline = limits.deadline;
         let task = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            model.compute(values)
+            let _permits = (permit, share);
+            model.compute_in_chunks(values, deadline, &abandoned)
         });
-        match tokio::time::timeout_at(limits.deadline.into(), task).await {
-            Err(_) => Err(RunError::Limit(PluginError::Deadline {
-                limit: limits.timeout,
-            })),
+        match tokio::time::timeout_at(until, task).await {
+            Err(_) => Err(deadline_error()),
             Ok(Err(join)) => Err(RunError::Onnx(OnnxError::Compute(format!(
                 "the computation failed: {join}"
             )))),
-            Ok(Ok(result)) => result.map_err(RunError::Onnx),
+            Ok(Ok(Ok(outputs))) => Ok(outputs),
+            Ok(Ok(Err(Stopped::Onnx(e)))) => Err(RunError::Onnx(e)),
+            Ok(Ok(Err(Stopped::Deadline))) => Err(deadline_error()),
         }
+    }
+
+    /// Computes a batch a chunk of rows at a time when every input has the
+    /// same first (batch) dimension and every output keeps it; stops
+    /// between chunks past `deadline` or once `abandoned`.
+    fn compute_in_chunks(
+        &self,
+        values: TVec<Tensor>,
+        deadline: std::time::Instant,
+        abandoned: &AtomicBool,
+    ) -> Result<TVec<Tensor>, Stopped> {
+        let rows = values.first().and_then(|v| v.shape().first().copied());
+        let batched =
+            rows.filter(|&rows| values.iter().all(|v| v.rank() >= 1 && v.shape()[0] == rows));
+        let Some(rows) = batched else {
+            return self.compute(values).map_err(Stopped::Onnx);
+        };
+        let per_row = values.iter().map(|v| v.len()).sum::<usize>() / rows.max(1);
+        let chunk = (CHUNK_ELEMENTS / per_row.max(1)).max(1);
+        if rows <= chunk {
+            return self.compute(values).map_err(Stopped::Onnx);
+        }
+        let mut parts: Vec<TVec<Tensor>> = Vec::with_capacity(rows.div_ceil(chunk));
+        for start in (0..rows).step_by(chunk) {
+            if abandoned.load(Ordering::Relaxed) || std::time::Instant::now() >= deadline {
+                return Err(Stopped::Deadline);
+            }
+            let end = (start + chunk).min(rows);
+            let slice = values
+                .iter()
+                .map(|v| v.slice(0, start, end))
+                .collect::<TractResult<TVec<Tensor>>>()
+                .map_err(|e| Stopped::Onnx(OnnxError::Compute(format!("{e:#}"))))?;
+            let outputs = self.compute(slice).map_err(Stopped::Onnx)?;
+            if !outputs
+                .iter()
+                .all(|o| o.rank() >= 1 && o.shape()[0] == end - start)
+            {
+                // Outputs without the batch dimension: chunks do not add up.
+                drop(parts);
+                return self.compute(values).map_err(Stopped::Onnx);
+            }
+            parts.push(outputs);
+        }
+        let n = parts.first().map_or(0, |p| p.len());
+        (0..n)
+            .map(|i| {
+                let column: Vec<&Tensor> = parts.iter().map(|p| &p[i]).collect();
+                Tensor::stack_tensors(0, &column)
+            })
+            .collect::<TractResult<TVec<Tensor>>>()
+            .map_err(|e| Stopped::Onnx(OnnxError::Compute(format!("{e:#}"))))
+    }
+}
+
+/// Input elements up to which a computation runs on the calling task.
+pub const INLINE_ELEMENTS: usize = 1024;
+
+/// Input elements per chunk of a large batch: a few milliseconds of work
+/// for the example models, so a computation past its deadline stops soon.
+pub const CHUNK_ELEMENTS: usize = 1 << 16;
+
+/// Why a chunked computation stopped.
+enum Stopped {
+    Onnx(OnnxError),
+    Deadline,
+}
+
+/// Tells the blocking task that nobody waits for its result any more.
+struct Abandon(Arc<AtomicBool>);
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 

@@ -32,6 +32,16 @@ pub struct Limits {
     /// default) gives every call a fresh instance; more lets consecutive
     /// calls share an instance's memory (see the README's "Instance reuse").
     pub calls_per_instance: u32,
+    /// The version's calls that execute at the same moment (plugin code or
+    /// ONNX computation): its share of the cores. Default: half the
+    /// machine's cores, at least one.
+    pub max_parallel: u32,
+    /// Largest total size of one answer's outputs.
+    pub max_output_bytes: usize,
+    /// Plugin failures in a row that open the circuit breaker; 0: never.
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses before it lets a probe through.
+    pub breaker_cooldown: Duration,
 }
 
 impl Default for Limits {
@@ -42,6 +52,10 @@ impl Default for Limits {
             max_concurrency: 64,
             max_queue: 64,
             calls_per_instance: 1,
+            max_parallel: crate::cpu::default_parallel(),
+            max_output_bytes: 16 << 20,
+            breaker_failures: 20,
+            breaker_cooldown: Duration::from_secs(5),
         }
     }
 }
@@ -278,6 +292,10 @@ struct LimitsTable {
     max_concurrency: Option<Spanned<i64>>,
     max_queue: Option<Spanned<i64>>,
     calls_per_instance: Option<Spanned<i64>>,
+    max_parallel: Option<Spanned<i64>>,
+    max_output_mebibytes: Option<Spanned<i64>>,
+    breaker_failures: Option<Spanned<i64>>,
+    breaker_cooldown_ms: Option<Spanned<i64>>,
 }
 
 /// Reads every `*.toml` file in `dir`, checks each and all of them together,
@@ -636,6 +654,23 @@ fn resolve_limits(
         1_000_000,
     ) {
         limits.calls_per_instance = v as u32;
+    }
+    if let Some(v) = field(&table.max_parallel, "max_parallel", 1, 4096) {
+        limits.max_parallel = v as u32;
+    }
+    if let Some(v) = field(&table.max_output_mebibytes, "max_output_mebibytes", 1, 4096) {
+        limits.max_output_bytes = (v as usize) << 20;
+    }
+    if let Some(v) = field(&table.breaker_failures, "breaker_failures", 0, 1_000_000) {
+        limits.breaker_failures = v as u32;
+    }
+    if let Some(v) = field(
+        &table.breaker_cooldown_ms,
+        "breaker_cooldown_ms",
+        10,
+        3_600_000,
+    ) {
+        limits.breaker_cooldown = Duration::from_millis(v as u64);
     }
     limits
 }

@@ -17,6 +17,17 @@ pub struct ElementSink {
     pub limit: usize,
     /// Bytes allowed per BYTES element.
     pub max_bytes_element: usize,
+    /// The tensor's shape: nested arrays must follow it exactly.
+    pub dims: Vec<usize>,
+    /// Whether `data` is nested (`[[1,2],[3,4]]`) or flat (`[1,2,3,4]`),
+    /// once its first element has said so.
+    form: Option<Form>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Form {
+    Flat,
+    Nested,
 }
 
 impl ElementSink {
@@ -31,6 +42,61 @@ impl ElementSink {
             count: 0,
             limit,
             max_bytes_element: usize::MAX,
+            dims: Vec::new(),
+            form: None,
+        }
+    }
+
+    /// A scalar at `depth`: allowed in flat data (depth 1) or at the
+    /// innermost level of nested data, or alone as a rank-0 tensor.
+    fn scalar_at<E: de::Error>(&mut self, depth: usize) -> Result<(), E> {
+        if depth <= 1 && self.form != Some(Form::Nested) {
+            if depth == 1 {
+                self.form = Some(Form::Flat);
+            }
+            return Ok(());
+        }
+        if self.form == Some(Form::Nested) && depth == self.dims.len() {
+            return Ok(());
+        }
+        Err(E::custom(format_args!(
+            "data is ragged: element {} is at nesting depth {depth}, but the shape {:?} needs depth {} (or flat data)",
+            self.count,
+            self.dims,
+            self.dims.len()
+        )))
+    }
+
+    /// An array at `depth` (0: `data` itself).
+    fn array_at<E: de::Error>(&mut self, depth: usize) -> Result<(), E> {
+        if depth == 0 {
+            return Ok(());
+        }
+        if depth == 1 && self.form.is_none() {
+            self.form = Some(Form::Nested);
+        }
+        if self.form == Some(Form::Nested) && depth < self.dims.len() {
+            return Ok(());
+        }
+        Err(E::custom(format_args!(
+            "data is ragged: an array at nesting depth {depth} where the shape {:?} allows {} (flat data mixed with nested, or nested too deep)",
+            self.dims,
+            self.dims.len().saturating_sub(1)
+        )))
+    }
+
+    /// An array at `depth` ended with `len` elements: in nested data, the
+    /// shape's dimension at that depth.
+    fn array_len<E: de::Error>(&self, depth: usize, len: usize) -> Result<(), E> {
+        if self.form != Some(Form::Nested) {
+            return Ok(());
+        }
+        match self.dims.get(depth) {
+            Some(&want) if want != len => Err(E::custom(format_args!(
+                "data is ragged: an array at nesting depth {depth} has {len} elements, the shape {:?} needs {want}",
+                self.dims
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -103,8 +169,14 @@ impl ElementSink {
                 "element {index} is the number {v:?}, but the datatype is {}",
                 self.datatype
             ))),
-            // Integer types accept integral floats such as `3.0`.
-            _ if v.fract() == 0.0 && v.abs() < 2f64.powi(64) => self.push_int(v as i128),
+            // Integer types accept integral floats such as `3.0`, up to
+            // 2^53: above it a float may already have been rounded from
+            // what the client wrote, and the value would change silently.
+            _ if v.fract() == 0.0 && v.abs() <= 2f64.powi(53) => self.push_int(v as i128),
+            _ if v.fract() == 0.0 => Err(E::custom(format_args!(
+                "element {index} is {v:?} written as a float, which cannot hold every {} exactly beyond 2^53; write it as an integer",
+                self.datatype
+            ))),
             _ => Err(E::custom(format_args!(
                 "element {index} is {v:?}, not an integer as {} requires",
                 self.datatype
@@ -113,8 +185,16 @@ impl ElementSink {
     }
 }
 
-/// The seed for one JSON value inside `data`: a scalar or a nested array.
-pub struct Elements<'s>(pub &'s mut ElementSink);
+/// The seed for one JSON value inside `data`: a scalar or a nested array,
+/// at a nesting depth (0: `data` itself).
+pub struct Elements<'s>(pub &'s mut ElementSink, usize);
+
+impl<'s> Elements<'s> {
+    /// The seed for `data` itself.
+    pub fn top(sink: &'s mut ElementSink) -> Self {
+        Elements(sink, 0)
+    }
+}
 
 impl<'de> DeserializeSeed<'de> for Elements<'_> {
     type Value = ();
@@ -132,11 +212,20 @@ impl<'de> Visitor<'de> for Elements<'_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(Elements(&mut *self.0))?.is_some() {}
-        Ok(())
+        let Elements(sink, depth) = self;
+        sink.array_at::<A::Error>(depth)?;
+        let mut len = 0usize;
+        while seq
+            .next_element_seed(Elements(&mut *sink, depth + 1))?
+            .is_some()
+        {
+            len += 1;
+        }
+        sink.array_len::<A::Error>(depth, len)
     }
 
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        self.0.scalar_at::<E>(self.1)?;
         let sink = self.0;
         let index = sink.count;
         if sink.datatype != Datatype::Bool {
@@ -151,18 +240,22 @@ impl<'de> Visitor<'de> for Elements<'_> {
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.0.scalar_at::<E>(self.1)?;
         self.0.push_int(i128::from(v))
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.0.scalar_at::<E>(self.1)?;
         self.0.push_int(i128::from(v))
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.0.scalar_at::<E>(self.1)?;
         self.0.push_float(v)
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.0.scalar_at::<E>(self.1)?;
         let sink = self.0;
         let index = sink.count;
         if sink.datatype != Datatype::Bytes {

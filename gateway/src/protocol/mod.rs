@@ -24,6 +24,11 @@ pub struct DecodeLimits {
     pub max_elements: usize,
     /// Bytes per BYTES element.
     pub max_bytes_element: usize,
+    /// Bytes of the request's `id`.
+    pub max_id_bytes: usize,
+    /// Bytes of each `parameters` object (the request's, an input's or an
+    /// output's), as written.
+    pub max_parameters_bytes: usize,
 }
 
 impl Default for DecodeLimits {
@@ -32,6 +37,8 @@ impl Default for DecodeLimits {
             max_inputs: 64,
             max_elements: 16 << 20,
             max_bytes_element: 1 << 20,
+            max_id_bytes: 1024,
+            max_parameters_bytes: 64 << 10,
         }
     }
 }
@@ -56,14 +63,15 @@ pub struct RequestedOutput {
 }
 
 impl InferRequest {
-    /// Whether output `name` goes back in binary (the binary tensor extension).
+    /// Whether output `name` goes back in binary (the binary tensor
+    /// extension): a listed output as its own `binary_data` says (JSON
+    /// unless set), any other as `binary_data_output` says, as Triton and
+    /// KServe read it.
     pub fn wants_binary(&self, name: &str) -> bool {
-        self.outputs
-            .iter()
-            .flatten()
-            .find(|o| o.name == name)
-            .and_then(|o| o.binary)
-            .unwrap_or(self.binary_outputs)
+        match self.outputs.iter().flatten().find(|o| o.name == name) {
+            Some(listed) => listed.binary.unwrap_or(false),
+            None => self.binary_outputs,
+        }
     }
 }
 
@@ -77,6 +85,13 @@ pub enum DecodeError {
         limit: usize,
     },
     DuplicateInput(String),
+    DuplicateOutput(String),
+    /// A field over its size limit (`id`, `parameters`).
+    TooLong {
+        field: &'static str,
+        bytes: usize,
+        limit: usize,
+    },
     UnknownDatatype {
         input: String,
         datatype: String,
@@ -116,6 +131,14 @@ impl fmt::Display for DecodeError {
                 write!(f, "the request has {count} inputs; the limit is {limit}")
             }
             DecodeError::DuplicateInput(name) => write!(f, "input `{name}` appears twice"),
+            DecodeError::DuplicateOutput(name) => {
+                write!(f, "output `{name}` is requested twice")
+            }
+            DecodeError::TooLong {
+                field,
+                bytes,
+                limit,
+            } => write!(f, "`{field}` is {bytes} bytes; the limit is {limit}"),
             DecodeError::UnknownDatatype { input, datatype } => write!(
                 f,
                 "input `{input}`: unsupported datatype `{datatype}` (supported: {})",
@@ -152,12 +175,12 @@ impl std::error::Error for DecodeError {}
 struct WireRequest<'a> {
     #[serde(default)]
     id: Option<String>,
-    #[serde(default)]
-    parameters: Option<RequestParameters>,
+    #[serde(default, borrow)]
+    parameters: Option<&'a RawValue>,
     #[serde(borrow)]
     inputs: Vec<WireInput<'a>>,
-    #[serde(default)]
-    outputs: Option<Vec<WireOutput>>,
+    #[serde(default, borrow)]
+    outputs: Option<Vec<WireOutput<'a>>>,
 }
 
 #[derive(Deserialize)]
@@ -166,17 +189,40 @@ struct WireInput<'a> {
     shape: Vec<i64>,
     #[serde(borrow)]
     datatype: Cow<'a, str>,
-    #[serde(default)]
-    parameters: Option<InputParameters>,
+    #[serde(default, borrow)]
+    parameters: Option<&'a RawValue>,
     #[serde(default, borrow)]
     data: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
-struct WireOutput {
+struct WireOutput<'a> {
     name: String,
-    #[serde(default)]
-    parameters: Option<OutputParameters>,
+    #[serde(default, borrow)]
+    parameters: Option<&'a RawValue>,
+}
+
+/// A `parameters` object within `limits.max_parameters_bytes`, parsed for
+/// the keys the gateway understands.
+fn parameters<'a, T: Deserialize<'a> + Default>(
+    raw: Option<&'a RawValue>,
+    limits: DecodeLimits,
+) -> Result<T, DecodeError> {
+    let Some(raw) = raw else {
+        return Ok(T::default());
+    };
+    let text = raw.get();
+    if text.len() > limits.max_parameters_bytes {
+        return Err(DecodeError::TooLong {
+            field: "parameters",
+            bytes: text.len(),
+            limit: limits.max_parameters_bytes,
+        });
+    }
+    if text == "null" {
+        return Ok(T::default());
+    }
+    serde_json::from_str(text).map_err(|e| DecodeError::Json(format!("`parameters`: {e}")))
 }
 
 // `parameters` objects: the keys the gateway understands, the others
@@ -226,6 +272,16 @@ pub fn decode_infer_request(
     };
     let wire: WireRequest<'_> =
         serde_json::from_slice(json).map_err(|e| DecodeError::Json(e.to_string()))?;
+    if let Some(id) = &wire.id
+        && id.len() > limits.max_id_bytes
+    {
+        return Err(DecodeError::TooLong {
+            field: "id",
+            bytes: id.len(),
+            limit: limits.max_id_bytes,
+        });
+    }
+    let request_parameters: RequestParameters = parameters(wire.parameters, limits)?;
     if wire.inputs.is_empty() {
         return Err(DecodeError::NoInputs);
     }
@@ -248,22 +304,28 @@ pub fn decode_infer_request(
             rest.len()
         )));
     }
-    let outputs = wire.outputs.map(|o| {
-        o.into_iter()
-            .map(|o| RequestedOutput {
-                name: o.name,
-                binary: o.parameters.and_then(|p| p.binary_data),
-            })
-            .collect()
-    });
+    let outputs = match wire.outputs {
+        None => None,
+        Some(wire_outputs) => {
+            let mut outputs: Vec<RequestedOutput> = Vec::with_capacity(wire_outputs.len());
+            for o in wire_outputs {
+                if outputs.iter().any(|r| r.name == o.name) {
+                    return Err(DecodeError::DuplicateOutput(o.name));
+                }
+                let p: OutputParameters = parameters(o.parameters, limits)?;
+                outputs.push(RequestedOutput {
+                    name: o.name,
+                    binary: p.binary_data,
+                });
+            }
+            Some(outputs)
+        }
+    };
     Ok(InferRequest {
         id: wire.id,
         inputs,
         outputs,
-        binary_outputs: wire
-            .parameters
-            .and_then(|p| p.binary_data_output)
-            .unwrap_or(false),
+        binary_outputs: request_parameters.binary_data_output.unwrap_or(false),
     })
 }
 
@@ -290,7 +352,8 @@ fn decode_input(
             limit: limits.max_elements,
         });
     }
-    if let Some(size) = input.parameters.and_then(|p| p.binary_data_size) {
+    let input_parameters: InputParameters = parameters(input.parameters, limits)?;
+    if let Some(size) = input_parameters.binary_data_size {
         if input.data.is_some() {
             return Err(DecodeError::Binary(format!(
                 "input `{name}` has both `data` and a binary_data_size"
@@ -348,8 +411,9 @@ fn decode_input(
     // raw text bounds the allocation whatever the shape claims.
     let mut sink = ElementSink::new(datatype, expected, raw.get().len() / 2 + 1);
     sink.max_bytes_element = limits.max_bytes_element;
+    sink.dims = input.shape.iter().map(|&d| d as usize).collect();
     let mut de = serde_json::Deserializer::from_str(raw.get());
-    de::DeserializeSeed::deserialize(Elements(&mut sink), &mut de).map_err(|e| {
+    de::DeserializeSeed::deserialize(Elements::top(&mut sink), &mut de).map_err(|e| {
         DecodeError::Data {
             input: name.clone(),
             detail: without_position(&e),
@@ -725,6 +789,81 @@ mod tests {
             negative.unwrap_err().to_string(),
             "input `x`: shape [-1, 2] has a negative dimension"
         );
+    }
+
+    #[test]
+    fn nested_data_must_follow_the_shape() {
+        let body = |shape: &str, data: &str| {
+            format!(
+                r#"{{"inputs":[{{"name":"x","shape":{shape},"datatype":"FP32","data":{data}}}]}}"#
+            )
+        };
+        // The element count matches, the nesting does not.
+        let ragged = decode(&body("[2,3]", "[[1,2],[3,4,5,6]]")).unwrap_err();
+        assert!(
+            ragged.to_string().contains(
+                "data is ragged: an array at nesting depth 1 has 2 elements, the shape [2, 3] needs 3"
+            ),
+            "{ragged}"
+        );
+        assert!(decode(&body("[2,3]", "[1,[2,3],4,5,6]")).is_err());
+        assert!(decode(&body("[2,3]", "[[[1,2,3]],[[4,5,6]]]")).is_err());
+        assert!(decode(&body("[3,2]", "[[1,2],[3,4]]")).is_err());
+        for good in ["[[1,2,3],[4,5,6]]", "[1,2,3,4,5,6]"] {
+            assert!(decode(&body("[2,3]", good)).is_ok(), "{good}");
+        }
+        assert!(decode(&body("[0,3]", "[]")).is_ok());
+    }
+
+    #[test]
+    fn integers_written_as_inexact_floats_are_refused() {
+        let body = |datatype: &str, data: &str| {
+            format!(
+                r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"{datatype}","data":{data}}}]}}"#
+            )
+        };
+        let error = decode(&body("INT64", "[9007199254740993.0]")).unwrap_err();
+        assert!(error.to_string().contains("written as a float"), "{error}");
+        assert!(decode(&body("UINT64", "[1e19]")).is_err());
+        let exact = decode(&body("INT64", "[4.0]")).unwrap();
+        assert_eq!(exact.inputs[0].data, 4i64.to_le_bytes());
+        let big = decode(&body("INT64", "[9007199254740993]")).unwrap();
+        assert_eq!(big.inputs[0].data, 9_007_199_254_740_993i64.to_le_bytes());
+    }
+
+    #[test]
+    fn outputs_ids_and_parameters_are_checked() {
+        let input = r#"{"name":"x","shape":[1],"datatype":"FP32","data":[1]}"#;
+        let twice = format!(r#"{{"inputs":[{input}],"outputs":[{{"name":"y"}},{{"name":"y"}}]}}"#);
+        assert_eq!(
+            decode(&twice).unwrap_err(),
+            DecodeError::DuplicateOutput("y".into())
+        );
+        let long_id = format!(r#"{{"id":"{}","inputs":[{input}]}}"#, "i".repeat(1025));
+        assert_eq!(
+            decode(&long_id).unwrap_err().to_string(),
+            "`id` is 1025 bytes; the limit is 1024"
+        );
+        let big = format!(
+            r#"{{"parameters":{{"k":"{}"}},"inputs":[{input}]}}"#,
+            "p".repeat(70_000)
+        );
+        assert!(matches!(
+            decode(&big).unwrap_err(),
+            DecodeError::TooLong {
+                field: "parameters",
+                ..
+            }
+        ));
+        // binary_data_output covers the outputs not listed; a listed one
+        // keeps its own setting.
+        let listed = format!(
+            r#"{{"parameters":{{"binary_data_output":true}},"inputs":[{input}],"outputs":[{{"name":"y"}},{{"name":"z","parameters":{{"binary_data":true}}}}]}}"#
+        );
+        let request = decode(&listed).unwrap();
+        assert!(!request.wants_binary("y"));
+        assert!(request.wants_binary("z"));
+        assert!(request.wants_binary("unlisted"));
     }
 
     #[test]

@@ -75,6 +75,18 @@ impl Admission {
         }
     }
 
+    /// The refusal a request would get now, without waiting: every slot
+    /// busy and the queue full.
+    pub(super) fn full(&self) -> Option<AdmissionError> {
+        let queued = self.waiting.load(Ordering::Acquire);
+        (self.slots.available_permits() == 0 && queued >= self.max_queue).then_some(
+            AdmissionError::QueueFull {
+                running: self.max_concurrency,
+                queued,
+            },
+        )
+    }
+
     /// A slot only if one is free now (shadow calls never wait).
     pub(super) fn try_admit(&self) -> Option<SemaphorePermit<'_>> {
         self.slots.try_acquire().ok()

@@ -143,6 +143,8 @@ fn new_version(model: &str, v: &VersionPolicy, backend: Backend, runtime: &Runti
         metrics: Default::default(),
         error_log: Default::default(),
         admission: Admission::new(v.limits.max_concurrency, v.limits.max_queue),
+        breaker: super::breaker::Breaker::new(v.limits.breaker_failures, v.limits.breaker_cooldown),
+        gate: crate::cpu::Gate::new(v.limits.max_parallel),
         instances: runtime.instance_pool(v.limits.calls_per_instance),
     }
 }

@@ -7,6 +7,7 @@
 //! admission. It does not decode requests or run plugins.
 
 mod admission;
+pub mod breaker;
 mod build;
 
 use std::cell::Cell;
@@ -86,6 +87,10 @@ pub struct Version {
     /// Rate-limits the warnings this version's failures log.
     pub error_log: LogLimiter,
     admission: Admission,
+    /// Takes the version out of service after repeated failures.
+    pub breaker: breaker::Breaker,
+    /// Its share of the cores (`max_parallel`).
+    pub gate: crate::cpu::Gate,
     /// Plugin instances kept between calls (`calls_per_instance`).
     pub instances: InstancePool,
 }
@@ -278,13 +283,22 @@ impl Version {
         self.admission.try_admit()
     }
 
-    /// One inference by this version's backend under `limits`.
+    /// `Some` when a request would be refused now: every slot busy and the
+    /// queue full. Checked before a request's body is read.
+    pub fn queue_full(&self) -> Option<AdmissionError> {
+        self.admission.full()
+    }
+
+    /// One inference by this version's backend under `limits`, within the
+    /// version's share of the cores.
     pub async fn infer(
         &self,
         inputs: &[Tensor],
         limits: CallLimits,
     ) -> Result<Vec<Tensor>, PluginError> {
-        self.backend.infer(inputs, limits, &self.instances).await
+        self.backend
+            .infer(inputs, limits, &self.instances, &self.gate)
+            .await
     }
 }
 

@@ -23,6 +23,7 @@ use wasmtime::{
 };
 
 use crate::onnx::{ModelSet, OnnxModel};
+use crate::telemetry::escape;
 use crate::tensor::{self, Tensor};
 use bindings::{ModelInfo, ModelPre};
 pub use reuse::InstancePool;
@@ -286,9 +287,13 @@ impl Plugin {
         log_output(&self.name, kept.store.data());
         let result = match result {
             Ok(Ok(outputs)) => check_outputs(&outputs).map(|()| outputs),
-            Ok(Err(bindings::Error::InvalidInput(message))) => Err(PluginError::Rejected(message)),
+            // A plugin's own words reach clients and logs: a few KiB of
+            // them, control characters escaped.
+            Ok(Err(bindings::Error::InvalidInput(message))) => {
+                Err(PluginError::Rejected(escape(&message)))
+            }
             Ok(Err(bindings::Error::Internal(message))) => {
-                return Err(PluginError::Failed(message));
+                return Err(PluginError::Failed(escape(&message)));
             }
             Err(error) => return Err(classify(error, kept.store.data(), limits)),
         };
@@ -419,10 +424,13 @@ impl Backend {
         inputs: &[Tensor],
         limits: CallLimits,
         pool: &InstancePool,
+        gate: &crate::cpu::Gate,
     ) -> Result<Vec<Tensor>, PluginError> {
         match self {
-            Backend::Plugin { plugin, models } => plugin.infer(inputs, limits, models, pool).await,
-            Backend::Onnx(model) => model.infer(inputs, limits).await,
+            Backend::Plugin { plugin, models } => {
+                gate.run(plugin.infer(inputs, limits, models, pool)).await
+            }
+            Backend::Onnx(model) => model.infer(inputs, limits, gate).await,
         }
     }
 }
@@ -540,11 +548,11 @@ fn classify(error: wasmtime::Error, host: &Host, limits: CallLimits) -> PluginEr
     let message = format!("{error:#}");
     let stderr = host.stderr.text();
     if let Some(panic) = panic_message(&stderr) {
-        return PluginError::Panic(panic);
+        return PluginError::Panic(escape(&panic));
     }
     match trap {
         Some(trap) if stderr.is_empty() => PluginError::Trap(trap.to_string()),
-        Some(trap) => PluginError::Trap(format!("{trap}; the plugin printed: {stderr}")),
+        Some(trap) => PluginError::Trap(format!("{trap}; the plugin printed: {}", escape(&stderr))),
         None => PluginError::Internal(first_line(&message).to_string()),
     }
 }

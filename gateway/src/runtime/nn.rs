@@ -258,7 +258,7 @@ impl inference::HostGraphExecutionContext for Host {
                 return Ok(Err(self.nn_error(ErrorCode::InvalidArgument, message)?));
             }
         };
-        let outputs = match model.compute_async(values, self.limits).await {
+        let outputs = match model.compute_async(values, self.limits, None).await {
             Ok(outputs) => outputs,
             Err(RunError::Onnx(e)) => {
                 let message = format!("ONNX model {}: {e}", model.name());

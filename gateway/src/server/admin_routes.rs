@@ -2,34 +2,28 @@
 //! admin endpoint needs `Authorization: Bearer <--admin-token>`; without a
 //! configured token the admin API is off.
 
-use http::{HeaderMap, StatusCode, header};
+use http::{HeaderMap, header};
 use serde::Serialize;
 
 use super::State;
-use super::error::{ApiError, json_response};
 use super::routes::{HttpResponse, to_json};
+use crate::pipeline::Error;
 
-/// Checks the bearer token in constant time.
-pub(super) fn authorize(state: &State, headers: &HeaderMap) -> Result<(), ApiError> {
+/// Checks the bearer token in constant time; the scheme is
+/// case-insensitive (RFC 9110).
+pub(super) fn authorize(state: &State, headers: &HeaderMap) -> Result<(), Error> {
     let Some(token) = &state.config.admin_token else {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "the admin API is disabled: start the gateway with --admin-token or GATEWAY_ADMIN_TOKEN",
-        ));
+        return Err(Error::AdminDisabled);
     };
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     match given {
         Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => Ok(()),
-        _ => Err(ApiError {
-            challenge: true,
-            ..ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "the admin API needs `Authorization: Bearer <admin token>`",
-            )
-        }),
+        _ => Err(Error::Unauthorized),
     }
 }
 
@@ -38,39 +32,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// `POST /admin/reload`: what changed, or 422 with every problem.
-pub(super) async fn reload(state: &State) -> Result<HttpResponse, ApiError> {
+pub(super) async fn reload(state: &State) -> Result<HttpResponse, Error> {
     match state.reloader.reload("admin").await {
         Ok(report) => to_json(&report),
-        Err(problems) => {
-            #[derive(Serialize)]
-            struct Refused<'a> {
-                error: String,
-                problems: &'a [String],
-            }
-            let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
-            let body = Refused {
-                error: format!(
-                    "reload refused, {} problem(s); still serving generation {}: {}",
-                    problems.len(),
-                    state.reloader.snapshot().generation,
-                    problems.join("; ")
-                ),
-                problems: &problems,
-            };
-            let body = serde_json::to_vec(&body).unwrap_or_default();
-            Ok(json_response(StatusCode::UNPROCESSABLE_ENTITY, body))
-        }
+        Err(problems) => Err(Error::ReloadRefused {
+            generation: state.reloader.snapshot().generation,
+            problems: problems.iter().map(ToString::to_string).collect(),
+        }),
     }
 }
 
 /// `GET /admin/policies`: the effective routing of every model.
-pub(super) fn policies(state: &State) -> Result<HttpResponse, ApiError> {
+pub(super) fn policies(state: &State) -> Result<HttpResponse, Error> {
     to_json(&state.reloader.view())
 }
 
 /// `GET /admin/monitoring`: per model, version and feature, what the
 /// version has seen and how far it drifted from the reference.
-pub(super) fn monitoring(state: &State) -> Result<HttpResponse, ApiError> {
+pub(super) fn monitoring(state: &State) -> Result<HttpResponse, Error> {
     #[derive(Serialize)]
     struct VersionMonitoring<'a> {
         model: &'a str,

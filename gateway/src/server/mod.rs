@@ -1,6 +1,7 @@
 //! The HTTP front: accepts connections (bounded), enforces header and body
-//! limits, dispatches to the V2 endpoints (`routes`), and drains in-flight
-//! requests on shutdown. Errors become responses only in `error`.
+//! limits, dispatches to the V2 endpoints (`routes`, the REST front end of
+//! the pipeline), and drains in-flight requests on shutdown. Errors become
+//! responses only in `error`.
 
 mod admin_routes;
 mod error;
@@ -22,6 +23,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, Reloader};
+use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::policy::{LoadOptions, PolicyError};
 use crate::protocol::DecodeLimits;
 use crate::runtime::{Runtime, RuntimeConfig};
@@ -43,6 +45,8 @@ pub struct ServerConfig {
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
     pub decode: DecodeLimits,
+    /// Largest value of any one request header (431 above).
+    pub max_header_value_bytes: usize,
     /// Bearer token for `/admin/*`; `None` disables the admin API.
     pub admin_token: Option<String>,
 }
@@ -57,6 +61,7 @@ impl Default for ServerConfig {
             max_header_bytes: 64 << 10,
             shutdown_grace: Duration::from_secs(10),
             decode: DecodeLimits::default(),
+            max_header_value_bytes: 8 << 10,
             admin_token: None,
         }
     }
@@ -70,6 +75,7 @@ pub struct ServeOptions {
     pub plugin_dirs: Vec<PathBuf>,
     pub server: ServerConfig,
     pub runtime: RuntimeConfig,
+    pub pipeline: PipelineConfig,
     /// Reload this long after the last change to a policy file; `None`
     /// disables watching (SIGHUP and `POST /admin/reload` still work).
     pub watch_debounce: Option<Duration>,
@@ -85,6 +91,7 @@ impl ServeOptions {
             plugin_dirs,
             server: ServerConfig::default(),
             runtime: RuntimeConfig::default(),
+            pipeline: PipelineConfig::default(),
             watch_debounce: Some(Duration::from_millis(500)),
         }
     }
@@ -125,8 +132,8 @@ pub(crate) struct State {
     pub reloader: Arc<Reloader>,
     pub config: ServerConfig,
     pub shutting_down: AtomicBool,
-    /// How busy the server is: shadows only use spare CPU.
-    pub load: Arc<crate::shadow::Load>,
+    /// The request path every inference request takes.
+    pub pipeline: Arc<Pipeline>,
 }
 
 /// A gateway that is accepting connections.
@@ -219,9 +226,8 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
         reloader,
         config: options.server.clone(),
         shutting_down: AtomicBool::new(false),
-        load: Arc::default(),
+        pipeline: Pipeline::new(options.pipeline),
     });
-    crate::shadow::Load::spawn_probe(&state.load);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let task = tokio::spawn(accept_loop(listener, state.clone(), shutdown_rx));
     tracing::info!(address = %local_addr, "serving the V2 inference protocol");

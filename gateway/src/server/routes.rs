@@ -1,37 +1,40 @@
 //! The endpoints: V2 health, metadata, readiness and inference, plus
-//! `/metrics`. One function per step of an inference request, in the order
-//! of the request path: route, read, decode, validate, admit, invoke, respond.
+//! `/metrics` and `/admin/*`. An inference request is the REST front end of
+//! the pipeline: route, refuse early what the version cannot take, read
+//! and decode the body, run the pipeline, encode the answer, finish.
 
+use std::io::Read as _;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use super::error::{ApiError, BodyError, admission_error, json_response, plugin_error};
+use super::error::{json_response, respond};
 use super::{State, admin_routes};
+use crate::pipeline::{Answer, BodyError, Call, Error, OutputProblem};
 use crate::protocol::{self, InferRequest, InferResponse, ModelMetadata, ServerMetadata, SpecJson};
-use std::sync::Arc;
-
-use crate::router::{Model, Route, Version};
-use crate::runtime::CallLimits;
-use crate::shadow;
+use crate::router::{Model, Version};
 use crate::telemetry;
-use crate::tensor::Tensor;
-use crate::validate;
+use crate::tensor::{self, Datatype, Tensor};
 
 pub(super) type HttpResponse = Response<Full<Bytes>>;
 
 /// The header naming the version that answered.
 pub const MODEL_VERSION_HEADER: &str = "x-model-version";
 
-/// Dispatches one request.
-pub async fn handle(state: &State, request: Request<Incoming>) -> HttpResponse {
+/// Dispatches one request. `HEAD` is answered as `GET` (hyper sends the
+/// headers only).
+pub(super) async fn handle(state: &State, request: Request<Incoming>) -> HttpResponse {
+    if let Err(e) = check_headers(request.headers(), state.config.max_header_value_bytes) {
+        telemetry::record_http_error(e.status().as_u16());
+        return respond(&e);
+    }
     let path = request.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    let get = request.method() == Method::GET;
+    let get = matches!(*request.method(), Method::GET | Method::HEAD);
     let post = request.method() == Method::POST;
     let result = match segments.as_slice() {
         ["v2", "models", model, "infer"] if post => {
@@ -61,23 +64,22 @@ pub async fn handle(state: &State, request: Request<Incoming>) -> HttpResponse {
         ["admin", "monitoring"] if get => admin_routes::authorize(state, request.headers())
             .and_then(|()| admin_routes::monitoring(state)),
         other => Err(match allowed_method(other) {
-            Some(allowed) => ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!(
-                    "{} is not allowed on {path}; use {allowed}",
-                    request.method()
-                ),
-            ),
-            None => ApiError::new(StatusCode::NOT_FOUND, format!("no endpoint at {path}")),
+            Some(allow) => Error::MethodNotAllowed {
+                method: request.method().to_string(),
+                path: path.clone(),
+                allow,
+            },
+            None => Error::NoEndpoint { path: path.clone() },
         }),
     };
     result.unwrap_or_else(|e| {
-        telemetry::record_http_error(e.status.as_u16());
-        e.into_response()
+        telemetry::record_http_error(e.status().as_u16());
+        respond(&e)
     })
 }
 
-/// The method a known path takes, for 405s; `None` for unknown paths.
+/// The methods a known path takes (the `Allow` header of a 405); `None`
+/// for unknown paths.
 fn allowed_method(segments: &[&str]) -> Option<&'static str> {
     match segments {
         ["v2", "models", _, "infer"]
@@ -91,25 +93,60 @@ fn allowed_method(segments: &[&str]) -> Option<&'static str> {
         | ["v2", "models", _, "versions", _, "ready"]
         | ["metrics"]
         | ["admin", "policies"]
-        | ["admin", "monitoring"] => Some("GET"),
+        | ["admin", "monitoring"] => Some("GET, HEAD"),
         _ => None,
     }
+}
+
+/// Every header value within `limit` bytes (431 naming the header).
+fn check_headers(headers: &HeaderMap, limit: usize) -> Result<(), Error> {
+    match headers.iter().find(|(_, v)| v.len() > limit) {
+        None => Ok(()),
+        Some((name, value)) => {
+            let name = static_header_name(name);
+            Err(Error::Header {
+                name,
+                detail: format!(
+                    "header {name} is {} bytes; the limit is {limit} bytes per header value",
+                    value.len()
+                ),
+                too_large: true,
+            })
+        }
+    }
+}
+
+/// A header's name for a message: the standard ones by name, any other
+/// as `other` (a name chosen by the client is not echoed).
+fn static_header_name(name: &header::HeaderName) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "authorization",
+        "content-type",
+        "content-length",
+        "content-encoding",
+        "user-agent",
+        "cookie",
+        "host",
+        "accept",
+        "x-request-id",
+    ];
+    KNOWN
+        .into_iter()
+        .find(|known| *known == name.as_str())
+        .unwrap_or("(a request header)")
 }
 
 fn json_ok(body: Vec<u8>) -> HttpResponse {
     json_response(StatusCode::OK, body)
 }
 
-pub(super) fn to_json(value: &impl serde::Serialize) -> Result<HttpResponse, ApiError> {
-    serde_json::to_vec(value).map(json_ok).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("could not encode the response: {e}"),
-        )
-    })
+pub(super) fn to_json(value: &impl serde::Serialize) -> Result<HttpResponse, Error> {
+    serde_json::to_vec(value)
+        .map(json_ok)
+        .map_err(|e| Error::Internal(format!("could not encode the response: {e}")))
 }
 
-fn server_metadata() -> Result<HttpResponse, ApiError> {
+fn server_metadata() -> Result<HttpResponse, Error> {
     to_json(&ServerMetadata {
         name: "wasm-model-gateway",
         version: env!("CARGO_PKG_VERSION"),
@@ -132,7 +169,7 @@ fn model_metadata(
     state: &State,
     model: &str,
     version: Option<&str>,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<HttpResponse, Error> {
     let snapshot = state.reloader.snapshot();
     let model: &Model = snapshot.model(model)?;
     let (versions, serving): (Vec<&str>, &Version) = match version {
@@ -155,11 +192,7 @@ fn model_metadata(
     })
 }
 
-fn model_ready(
-    state: &State,
-    model: &str,
-    version: Option<&str>,
-) -> Result<HttpResponse, ApiError> {
+fn model_ready(state: &State, model: &str, version: Option<&str>) -> Result<HttpResponse, Error> {
     let snapshot = state.reloader.snapshot();
     let model = snapshot.model(model)?;
     if let Some(v) = version {
@@ -200,157 +233,80 @@ fn metrics(state: &State) -> HttpResponse {
     response
 }
 
-/// `POST .../infer`: the request path of DESIGN.md, step by step.
+/// `POST .../infer`: the REST front end of the pipeline.
 async fn infer(
     state: &State,
     model: &str,
     pinned: Option<&str>,
     request: Request<Incoming>,
 ) -> HttpResponse {
-    let start = Instant::now();
-    let busy = shadow::Busy::enter(&state.load);
     let snapshot = state.reloader.snapshot();
-    let (model, version, route) = match snapshot.route(model, pinned, request.headers()) {
-        Ok(found) => found,
-        Err(e) => {
-            let error = ApiError::from(e);
-            telemetry::record_request(
-                telemetry::UNKNOWN,
-                telemetry::UNKNOWN,
-                "none",
-                error.status.as_u16(),
-                start.elapsed(),
-            );
-            return error.into_response();
-        }
-    };
-    let result = infer_version(state, model, version, request, start).await;
-    let status = match &result {
-        Ok(_) => StatusCode::OK,
-        Err(e) => e.status,
-    };
-    let result = result.map(|answered| {
-        if route != Route::Pinned {
-            shadow::dispatch(
-                model,
-                version,
-                Arc::new(answered.inputs),
-                Arc::new(answered.outputs),
-                &busy,
-            );
-        }
-        answered.response
-    });
-    if let Err(ApiError {
-        plugin_failure: Some(kind),
-        ..
-    }) = &result
+    let mut call = match state
+        .pipeline
+        .route(&snapshot, model, pinned, request.headers())
     {
-        telemetry::record_plugin_error(&version.model, &version.name, kind);
-    }
-    version.metrics.request(
-        &version.model,
-        &version.name,
-        route,
-        status.as_u16(),
-        start.elapsed(),
-    );
-    let mut response = result.unwrap_or_else(|e| {
-        if e.status.is_server_error()
-            && let Some(suppressed) = version.error_log.check()
-        {
-            tracing::warn!(
-                model = %version.model,
-                version = %version.name,
-                status = e.status.as_u16(),
-                error = %e.message,
-                suppressed,
-                "inference failed"
-            );
+        Ok(call) => call,
+        Err(e) => return respond(&e),
+    };
+    let version = call.version.name.clone();
+    let mut response = match serve(state, &mut call, request).await {
+        Ok((response, answer)) => {
+            call.finish(Ok(answer));
+            response
         }
-        e.into_response()
-    });
-    if let Ok(name) = HeaderValue::from_str(&version.name) {
+        Err(e) => {
+            let response = respond(&e);
+            call.finish(Err(&e));
+            response
+        }
+    };
+    if let Ok(name) = HeaderValue::from_str(&version) {
         response.headers_mut().insert(MODEL_VERSION_HEADER, name);
     }
     response
 }
 
-/// A successful answer, and what shadows need to be compared with it.
-struct Answered {
-    response: HttpResponse,
-    inputs: Vec<Tensor>,
-    outputs: Vec<Tensor>,
-}
-
-async fn infer_version(
+/// The steps of one inference request that can fail.
+async fn serve(
     state: &State,
-    model: &Model,
-    version: &Version,
+    call: &mut Call<'_>,
     request: Request<Incoming>,
-    start: Instant,
-) -> Result<Answered, ApiError> {
+) -> Result<(HttpResponse, Answer), Error> {
     let json_length = json_length(request.headers())?;
-    let body = read_body(
-        request,
-        state.config.max_body_bytes,
-        state.config.body_read_timeout,
-    )
-    .await?;
-    let request = protocol::decode_infer_request(&body, json_length, state.config.decode)?;
-    drop(body);
-    validate_request(model, version, &request)?;
-    if let Some(monitor) = model.monitors.get(&version.name) {
-        monitor.observe(&request.inputs);
-    }
-
-    let deadline = start + version.limits.timeout;
-    let _slot = version
-        .admit(deadline)
-        .await
-        .map_err(|e| admission_error(version, e))?;
-    let limits = CallLimits {
-        deadline,
-        timeout: version.limits.timeout,
-        memory_bytes: version.limits.memory_bytes,
+    let coding = content_coding(request.headers())?;
+    // A version that would refuse costs no upload.
+    call.admissible()?;
+    let limit = state.config.max_body_bytes;
+    let body = read_body(call, request, limit, state.config.body_read_timeout).await?;
+    let body = match coding {
+        Coding::Identity => body,
+        coding => {
+            let decoded = decompress(&body, coding, limit)?;
+            call.hold(decoded.len())?;
+            decoded
+        }
     };
-    let called = Instant::now();
-    let outputs = version.infer(&request.inputs, limits).await;
-    version
-        .metrics
-        .plugin_call(&version.model, &version.name, called.elapsed());
-    let outputs = outputs.map_err(|e| plugin_error(version, e))?;
-    let allow_nan = model.schema.as_ref().is_some_and(|s| s.allow_nan_outputs);
-    validate::check_outputs(&outputs, version.backend.info(), allow_nan)
-        .map_err(|e| plugin_error(version, crate::runtime::PluginError::MalformedOutput(e)))?;
-    if let Some(labels) = version
-        .label_output
-        .as_ref()
-        .and_then(|name| outputs.iter().find(|t| &t.name == name))
-    {
-        version
-            .metrics
-            .predictions(&version.model, &version.name, labels);
-    }
+    let request = protocol::decode_infer_request(&body, json_length, state.config.decode)?;
+    call.release(body.len());
+    drop(body);
+    let outputs = call.infer(&request).await?;
 
-    let selected = select_outputs(&outputs, &request, version)?;
+    let selected = select_outputs(&outputs, &request, call)?;
     let (body, json_length) = InferResponse {
-        model_name: &version.model,
-        model_version: &version.name,
+        model_name: &call.version.model,
+        model_version: &call.version.name,
         id: request.id.as_deref(),
         outputs: &selected,
     }
     .encode()
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!(
-                "model `{}` version `{}`: could not encode the outputs: {e}",
-                version.model, version.name
-            ),
-        )
+    .map_err(|e| Error::Output {
+        model: call.version.model.clone(),
+        version: call.version.name.clone(),
+        backend: call.version.backend.describe(),
+        problem: OutputProblem::Encode(e.to_string()),
     })?;
     drop(selected);
+    call.hold(body.len())?;
     let mut response = json_ok(body);
     if let Some(n) = json_length {
         let headers = response.headers_mut();
@@ -360,66 +316,30 @@ async fn infer_version(
             HeaderValue::from_static("application/octet-stream"),
         );
     }
-    Ok(Answered {
+    Ok((
         response,
-        inputs: request.inputs,
-        outputs,
-    })
-}
-
-/// Checks the request against the plugin's declared inputs, then against the
-/// policy's schema; counts every violation. Refuses structural violations
-/// always and value violations unless the schema is in `flag` mode.
-fn validate_request(
-    model: &Model,
-    version: &Version,
-    request: &InferRequest,
-) -> Result<(), ApiError> {
-    let violations = match validate::check_request(request, version.backend.info()) {
-        Err(e) => e.violations,
-        Ok(()) => match &model.schema {
-            Some(schema) => validate::schema_violations(schema, &request.inputs),
-            None => return Ok(()),
+        Answer {
+            inputs: request.inputs,
+            outputs,
         },
-    };
-    if violations.is_empty() {
-        return Ok(());
-    }
-    for v in &violations {
-        telemetry::record_validation_failure(
-            &version.model,
-            &version.name,
-            &v.input,
-            &v.feature,
-            v.rule,
-        );
-    }
-    let flagged = model
-        .schema
-        .as_ref()
-        .is_some_and(|s| s.mode == crate::policy::Mode::Flag)
-        && violations.iter().all(validate::Violation::is_value_rule);
-    let error = validate::ValidationError { violations };
-    if flagged {
-        if let Some(suppressed) = version.error_log.check() {
-            tracing::warn!(model = %version.model, version = %version.name, suppressed, "served a request that breaks the input rules (flag mode): {error}");
-        }
-        return Ok(());
-    }
-    Err(error.into())
+    ))
 }
 
 /// The outputs the client asked for, in its order (all when it named none),
-/// each with whether it goes back in binary.
+/// each with whether it goes back in binary: a listed output as its own
+/// `binary_data` says, the others as `binary_data_output` says. A BYTES
+/// output that is not UTF-8 text, which JSON cannot carry, always goes in
+/// binary: the plugin's answer is valid, only JSON is too narrow for it.
 fn select_outputs<'a>(
     outputs: &'a [Tensor],
     request: &InferRequest,
-    version: &Version,
-) -> Result<Vec<(&'a Tensor, bool)>, ApiError> {
+    call: &Call<'_>,
+) -> Result<Vec<(&'a Tensor, bool)>, Error> {
+    let binary = |t: &Tensor, wanted: bool| wanted || !json_can_carry(t);
     let Some(requested) = &request.outputs else {
         return Ok(outputs
             .iter()
-            .map(|t| (t, request.binary_outputs))
+            .map(|t| (t, binary(t, request.binary_outputs)))
             .collect());
     };
     requested
@@ -428,27 +348,29 @@ fn select_outputs<'a>(
             let tensor = outputs
                 .iter()
                 .find(|t| t.name == wanted.name)
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!(
-                            "model `{}` version `{}`: {} did not return the requested output `{}`",
-                            version.model,
-                            version.name,
-                            version.backend.describe(),
-                            wanted.name
-                        ),
-                    )
+                .ok_or_else(|| Error::Output {
+                    model: call.version.model.clone(),
+                    version: call.version.name.clone(),
+                    backend: call.version.backend.describe(),
+                    problem: OutputProblem::MissingRequested(wanted.name.clone()),
                 })?;
-            Ok((tensor, request.wants_binary(&wanted.name)))
+            Ok((tensor, binary(tensor, request.wants_binary(&wanted.name))))
         })
         .collect()
+}
+
+/// Whether a tensor can be written as JSON: BYTES elements must be UTF-8.
+fn json_can_carry(t: &Tensor) -> bool {
+    t.datatype != Datatype::Bytes
+        || tensor::bytes_elements(&t.data)
+            .map_while(Result::ok)
+            .all(|e| std::str::from_utf8(e).is_ok())
 }
 
 /// The binary tensor extension's header: the length of the JSON part.
 const INFERENCE_HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
 
-fn json_length(headers: &http::HeaderMap) -> Result<Option<usize>, ApiError> {
+fn json_length(headers: &HeaderMap) -> Result<Option<usize>, Error> {
     let Some(value) = headers.get(INFERENCE_HEADER_CONTENT_LENGTH) else {
         return Ok(None);
     };
@@ -457,76 +379,145 @@ fn json_length(headers: &http::HeaderMap) -> Result<Option<usize>, ApiError> {
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .map(Some)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("Inference-Header-Content-Length is not a byte count: {value:?}"),
-            )
+        .ok_or_else(|| Error::Header {
+            name: "inference-header-content-length",
+            detail: format!(
+                "Inference-Header-Content-Length is not a byte count: {:?}",
+                telemetry::escape(&String::from_utf8_lossy(value.as_bytes()))
+            ),
+            too_large: false,
         })
 }
 
-/// How long an over-limit body is drained before the 413 is sent.
-const DRAIN_TIME: std::time::Duration = std::time::Duration::from_millis(250);
+/// A request body's `Content-Encoding`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Coding {
+    Identity,
+    Gzip,
+    Deflate,
+}
+
+fn content_coding(headers: &HeaderMap) -> Result<Coding, Error> {
+    let Some(value) = headers.get(header::CONTENT_ENCODING) else {
+        return Ok(Coding::Identity);
+    };
+    let text = value.to_str().unwrap_or("").trim();
+    if text.is_empty() || text.eq_ignore_ascii_case("identity") {
+        Ok(Coding::Identity)
+    } else if text.eq_ignore_ascii_case("gzip") || text.eq_ignore_ascii_case("x-gzip") {
+        Ok(Coding::Gzip)
+    } else if text.eq_ignore_ascii_case("deflate") {
+        Ok(Coding::Deflate)
+    } else {
+        Err(Error::Encoding(format!(
+            "Content-Encoding `{}` is not supported; send the body as is, gzip or deflate",
+            telemetry::escape(&String::from_utf8_lossy(value.as_bytes()))
+        )))
+    }
+}
+
+/// Inflates a gzip or deflate body, refusing more than `limit` bytes of
+/// result (a small body can inflate a thousandfold).
+fn decompress(body: &[u8], coding: Coding, limit: usize) -> Result<Bytes, Error> {
+    let mut out = Vec::new();
+    let read = |reader: &mut dyn std::io::Read, out: &mut Vec<u8>| {
+        out.clear();
+        reader.take(limit as u64 + 1).read_to_end(out)
+    };
+    let result = match coding {
+        Coding::Gzip => read(&mut flate2::read::MultiGzDecoder::new(body), &mut out),
+        // RFC 9110's deflate is zlib-wrapped; some clients send it raw.
+        _ => read(&mut flate2::read::ZlibDecoder::new(body), &mut out)
+            .or_else(|_| read(&mut flate2::read::DeflateDecoder::new(body), &mut out)),
+    };
+    if let Err(e) = result {
+        return Err(Error::Body(BodyError::Read(format!(
+            "the {} body cannot be decompressed: {e}",
+            if coding == Coding::Gzip {
+                "gzip"
+            } else {
+                "deflate"
+            }
+        ))));
+    }
+    if out.len() > limit {
+        return Err(Error::Body(BodyError::TooLarge { limit }));
+    }
+    Ok(out.into())
+}
+
+/// How long, and how much of, an over-limit body is drained in the
+/// background after the 413 went out: closing a socket with unread data
+/// makes the kernel send a reset, which can destroy the 413 before the
+/// client reads it.
+const DRAIN_TIME: Duration = Duration::from_millis(250);
 
 /// Reads the whole body, refusing more than `limit` bytes and giving up
-/// after `timeout`.
-///
-/// A body over the limit is still read, and discarded, for up to
-/// [`DRAIN_TIME`] and another `limit` bytes before the 413 goes out: closing
-/// a socket with unread data makes the kernel send a reset, which can
-/// destroy the 413 before the client reads it. A body declared larger than
-/// that is refused unread.
+/// after `timeout`; every byte held in the process's budget. A body that
+/// declares more than the limit is refused at once, unread.
 async fn read_body(
+    call: &mut Call<'_>,
     request: Request<Incoming>,
     limit: usize,
-    timeout: std::time::Duration,
-) -> Result<Bytes, BodyError> {
-    let drain_limit = limit.saturating_mul(2);
+    timeout: Duration,
+) -> Result<Bytes, Error> {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > drain_limit as u64) {
-        return Err(BodyError::TooLarge { limit });
-    }
-    let mut deadline = tokio::time::Instant::now() + timeout;
     let mut body = request.into_body();
+    if declared.is_some_and(|n| n > limit as u64) {
+        drain(body, limit);
+        return Err(Error::Body(BodyError::TooLarge { limit }));
+    }
+    if let Some(n) = declared {
+        call.hold(n as usize)?;
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut received = 0usize;
-    let mut draining = false;
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
-            Err(_) if draining => break,
             Err(_) => {
-                return Err(BodyError::Timeout {
+                return Err(Error::Body(BodyError::Timeout {
                     seconds: timeout.as_secs(),
-                });
+                }));
             }
             Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(BodyError::Read(e.to_string())),
+            Ok(Some(Err(e))) => return Err(Error::Body(BodyError::Read(e.to_string()))),
             Ok(Some(Ok(frame))) => frame,
         };
         let Ok(data) = frame.into_data() else {
             continue;
         };
         received = received.saturating_add(data.len());
-        if received > drain_limit {
-            break;
+        if received > limit {
+            drain(body, limit);
+            return Err(Error::Body(BodyError::TooLarge { limit }));
         }
-        if received <= limit {
-            chunks.push(data);
-        } else if !draining {
-            draining = true;
-            chunks = Vec::new();
-            deadline = deadline.min(tokio::time::Instant::now() + DRAIN_TIME);
+        if declared.is_none() {
+            call.hold(data.len())?;
         }
-    }
-    if received > limit {
-        return Err(BodyError::TooLarge { limit });
+        chunks.push(data);
     }
     Ok(match chunks.len() {
         1 => chunks.pop().unwrap_or_default(),
         _ => chunks.concat().into(),
     })
+}
+
+/// Reads and discards up to `limit` more bytes of `body` for up to
+/// [`DRAIN_TIME`], on a task of its own, while the response goes out.
+fn drain(mut body: Incoming, limit: usize) {
+    tokio::spawn(async move {
+        let end = tokio::time::Instant::now() + DRAIN_TIME;
+        let mut drained = 0usize;
+        while drained <= limit {
+            match tokio::time::timeout_at(end, body.frame()).await {
+                Ok(Some(Ok(frame))) => drained += frame.data_ref().map_or(0, Bytes::len),
+                _ => break,
+            }
+        }
+    });
 }

@@ -1,11 +1,6 @@
-//! Champion/challenger shadowing: after a request has been answered, each
-//! challenger of the model gets the same validated inputs on a task of its
-//! own, and its outputs are compared with the answer the client got.
-//!
-//! Shadow work never touches the response: it starts after the response is
-//! built, is never awaited, and is bounded per model (a semaphore) and per
-//! challenger (its own concurrency limit, without queueing). A shadow call
-//! that finds no free slot is dropped and counted.
+//! How busy a server is, and how a challenger's answer compares with the
+//! champion's: what the pipeline's shadows (`pipeline/shadows.rs`) decide
+//! with. A leaf: it knows tensors, not versions or requests.
 //!
 //! Shadows use spare CPU only: while the served traffic saturates the
 //! machine, copies are shed (counted as `dropped`). Saturated means either
@@ -24,55 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::router::{self, Model, Route, Version};
-use crate::runtime::CallLimits;
-use crate::telemetry;
 use crate::tensor::{self, Datatype, Tensor};
-use crate::validate;
-
-/// Copies an answered request to the model's challengers, if it has any
-/// and the request is sampled. `answered` is the version the client got;
-/// A saturated server (see [`Busy::saturated`]) sheds the copies.
-pub fn dispatch(
-    model: &Arc<Model>,
-    answered: &Arc<Version>,
-    inputs: Arc<Vec<Tensor>>,
-    outputs: Arc<Vec<Tensor>>,
-    busy: &Busy<'_>,
-) {
-    let Some(shadow) = &model.shadow else { return };
-    if !router::sampled(shadow.sample_percent) {
-        return;
-    }
-    let saturated = busy.saturated();
-    for challenger in &shadow.versions {
-        if Arc::ptr_eq(challenger, answered) {
-            continue;
-        }
-        let permit = match shadow.slots.clone().try_acquire_owned() {
-            Ok(permit) if !saturated => permit,
-            _ => {
-                telemetry::record_shadow(&model.name, &challenger.name, "dropped");
-                continue;
-            }
-        };
-        let job = Job {
-            model: model.clone(),
-            challenger: challenger.clone(),
-            inputs: inputs.clone(),
-            outputs: outputs.clone(),
-        };
-        tokio::spawn(async move {
-            job.run().await;
-            drop(permit);
-        });
-    }
-}
-
-/// Cores the gateway may use: as many requests in flight as this means
-/// the CPU is saturated.
-static CORES: std::sync::LazyLock<usize> =
-    std::sync::LazyLock::new(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
 
 /// How often the probe measures the executor's queue.
 const PROBE_EVERY: Duration = Duration::from_millis(5);
@@ -180,118 +127,14 @@ impl<'a> Busy<'a> {
     /// Whether requests in flight (this one included) occupy every core,
     /// or tasks queue for the executor.
     pub fn saturated(&self) -> bool {
-        self.0.in_flight.load(Ordering::Relaxed) >= *CORES || self.0.queue_wait() >= SATURATED_WAIT
+        self.0.in_flight.load(Ordering::Relaxed) >= crate::cpu::cores()
+            || self.0.queue_wait() >= SATURATED_WAIT
     }
 }
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-struct Job {
-    model: Arc<Model>,
-    challenger: Arc<Version>,
-    inputs: Arc<Vec<Tensor>>,
-    outputs: Arc<Vec<Tensor>>,
-}
-
-impl Job {
-    async fn run(self) {
-        let model = &self.model.name;
-        let challenger = &self.challenger;
-        let start = Instant::now();
-        if let Err(e) = validate::check_inputs(&self.inputs, challenger.backend.info()) {
-            telemetry::record_shadow(model, &challenger.name, "error");
-            challenger.metrics.request(
-                model,
-                &challenger.name,
-                Route::Shadow,
-                400,
-                start.elapsed(),
-            );
-            log(
-                challenger,
-                &format!("the challenger does not accept the inputs: {e}"),
-            );
-            return;
-        }
-        let Some(_slot) = challenger.try_admit() else {
-            telemetry::record_shadow(model, &challenger.name, "dropped");
-            return;
-        };
-        let limits =
-            CallLimits::starting_now(challenger.limits.timeout, challenger.limits.memory_bytes);
-        let result = challenger.infer(&self.inputs, limits).await;
-        let elapsed = start.elapsed();
-        challenger
-            .metrics
-            .plugin_call(model, &challenger.name, elapsed);
-        let shadow = self.model.shadow.as_ref();
-        match result {
-            Ok(outputs) => {
-                challenger
-                    .metrics
-                    .request(model, &challenger.name, Route::Shadow, 200, elapsed);
-                if let Some(labels) = challenger
-                    .label_output
-                    .as_ref()
-                    .and_then(|l| outputs.iter().find(|t| &t.name == l))
-                {
-                    challenger
-                        .metrics
-                        .predictions(model, &challenger.name, labels);
-                }
-                let (compare_output, tolerance) =
-                    shadow.map_or((None, 0.0), |s| (s.compare_output.as_deref(), s.tolerance));
-                let allow_nan = self
-                    .model
-                    .schema
-                    .as_ref()
-                    .is_some_and(|s| s.allow_nan_outputs);
-                let checked =
-                    validate::check_outputs(&outputs, challenger.backend.info(), allow_nan)
-                        .map_err(|e| {
-                            format!(
-                                "{} returned a malformed output: {e}",
-                                challenger.backend.describe()
-                            )
-                        });
-                let result = match checked
-                    .and_then(|()| compare(&self.outputs, &outputs, compare_output, tolerance))
-                {
-                    Ok(true) => "agree",
-                    Ok(false) => "disagree",
-                    Err(e) => {
-                        log(challenger, &e);
-                        "error"
-                    }
-                };
-                telemetry::record_shadow(model, &challenger.name, result);
-            }
-            Err(e) => {
-                challenger
-                    .metrics
-                    .request(model, &challenger.name, Route::Shadow, 500, elapsed);
-                telemetry::record_shadow(model, &challenger.name, "error");
-                log(
-                    challenger,
-                    &format!("{} {e}", challenger.backend.describe()),
-                );
-            }
-        }
-    }
-}
-
-fn log(challenger: &Version, message: &str) {
-    if let Some(suppressed) = challenger.error_log.check() {
-        tracing::warn!(
-            model = %challenger.model,
-            version = %challenger.name,
-            suppressed,
-            "shadow call failed: {message}"
-        );
     }
 }
 

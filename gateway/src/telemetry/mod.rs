@@ -107,6 +107,18 @@ fn describe() {
         "gateway_canary_percent",
         "Percent of a model's unpinned traffic routed to its canary version"
     );
+    metrics::describe_gauge!(
+        "gateway_circuit_open",
+        "1 while a version's circuit breaker is open (its requests get a fast 503), else 0"
+    );
+    metrics::describe_counter!(
+        "gateway_circuit_transitions_total",
+        "Circuit breaker transitions by model, version and state entered (open, closed)"
+    );
+    metrics::describe_counter!(
+        "gateway_refused_total",
+        "Requests a version refused without running them, by model, version and reason (queue_full, queue_timeout, circuit_open, sandbox_memory, bytes_in_flight)"
+    );
     metrics::describe_counter!(
         "gateway_plugin_compilations_total",
         "Plugin components compiled (at start, and by reloads for changed files only)"
@@ -164,6 +176,7 @@ pub fn record_validation_failure(
     input: &str,
     feature: &str,
     rule: &'static str,
+    n: u64,
 ) {
     metrics::counter!(
         "gateway_validation_failures_total",
@@ -173,7 +186,7 @@ pub fn record_validation_failure(
         "feature" => feature.to_string(),
         "rule" => rule
     )
-    .increment(1);
+    .increment(n);
 }
 
 /// A reload attempt.
@@ -281,19 +294,38 @@ impl VersionMetrics {
             .record(elapsed.as_secs_f64());
     }
 
-    /// Counts the predicted labels (a BYTES tensor) by value.
+    /// Counts the predicted labels (a BYTES tensor) by value: linear in the
+    /// rows whatever the plugin returns. At most [`MAX_LABELS`] distinct
+    /// values are told apart per call (the series a version may have);
+    /// the rest count as [`OTHER`] without a lookup.
     pub fn predictions(&self, model: &str, version: &str, labels: &Tensor) {
         let mut counts: Vec<(&[u8], u64)> = Vec::new();
+        let mut other = 0u64;
         for element in crate::tensor::bytes_elements(&labels.data).map_while(Result::ok) {
-            match counts.iter_mut().find(|(l, _)| *l == element) {
-                Some((_, n)) => *n += 1,
-                None => counts.push((element, 1)),
+            match counts.iter().position(|(l, _)| *l == element) {
+                Some(at) => counts[at].1 += 1,
+                None if counts.len() < MAX_LABELS => counts.push((element, 1)),
+                None => other += 1,
             }
         }
         for (label, n) in counts {
             self.label_counter(model, version, &String::from_utf8_lossy(label))
                 .increment(n);
         }
+        if other > 0 {
+            self.other_counter(model, version).increment(other);
+        }
+    }
+
+    fn other_counter(&self, model: &str, version: &str) -> &Counter {
+        self.other.get_or_init(|| {
+            metrics::counter!(
+                "gateway_predictions_total",
+                "model" => model.to_string(),
+                "version" => version.to_string(),
+                "label" => OTHER
+            )
+        })
     }
 
     fn label_counter(&self, model: &str, version: &str, label: &str) -> Counter {
@@ -322,8 +354,33 @@ impl VersionMetrics {
                 return counter.clone();
             }
         }
-        self.other.get_or_init(|| register(OTHER)).clone()
+        self.other_counter(model, version).clone()
     }
+}
+
+/// A version's circuit breaker opened (`true`) or closed.
+pub fn record_circuit(model: &str, version: &str, open: bool) {
+    let (model, version) = (model.to_string(), version.to_string());
+    metrics::gauge!("gateway_circuit_open", "model" => model.clone(), "version" => version.clone())
+        .set(if open { 1.0 } else { 0.0 });
+    metrics::counter!(
+        "gateway_circuit_transitions_total",
+        "model" => model,
+        "version" => version,
+        "state" => if open { "open" } else { "closed" }
+    )
+    .increment(1);
+}
+
+/// A request a version refused without running it.
+pub fn record_refused(model: &str, version: &str, reason: &'static str) {
+    metrics::counter!(
+        "gateway_refused_total",
+        "model" => model.to_string(),
+        "version" => version.to_string(),
+        "reason" => reason
+    )
+    .increment(1);
 }
 
 /// One failed plugin call.
@@ -340,6 +397,44 @@ pub fn record_plugin_error(model: &str, version: &str, kind: &'static str) {
 /// A request refused before it reached a model.
 pub fn record_http_error(status: u16) {
     metrics::counter!("gateway_http_errors_total", "status" => status_label(status)).increment(1);
+}
+
+/// Text from a plugin or a request, made safe for a log line or an error
+/// message: control characters (line breaks included) escaped, at most
+/// [`MAX_ECHOED`] bytes, so nobody can forge a log line or make the
+/// gateway repeat a megabyte.
+pub struct Escaped<'a>(pub &'a str);
+
+/// Bytes of outside text echoed in one message or log field.
+pub const MAX_ECHOED: usize = 4096;
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        let text = self.0;
+        let mut end = text.len().min(MAX_ECHOED);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        for c in text[..end].chars() {
+            if c.is_control() {
+                for e in c.escape_default() {
+                    f.write_char(e)?;
+                }
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        if end < text.len() {
+            write!(f, "... ({} more bytes)", text.len() - end)?;
+        }
+        Ok(())
+    }
+}
+
+/// [`Escaped`] as an owned string (for errors that outlive the text).
+pub fn escape(text: &str) -> String {
+    Escaped(text).to_string()
 }
 
 /// Lets one log line through per second and counts the others, so a plugin
@@ -392,6 +487,8 @@ fn status_label(status: u16) -> &'static str {
         405 => "405",
         408 => "408",
         413 => "413",
+        415 => "415",
+        431 => "431",
         429 => "429",
         500 => "500",
         503 => "503",
@@ -417,6 +514,38 @@ mod tests {
         assert!(labels.iter().any(|(l, _)| &**l == "l0"));
         assert!(!labels.iter().any(|(l, _)| &**l == "one-too-many"));
         assert!(m.other.get().is_some());
+    }
+
+    #[test]
+    fn outside_text_is_escaped_and_truncated() {
+        assert_eq!(escape("a\nb\r\u{1b}[31m"), "a\\nb\\r\\u{1b}[31m");
+        let long = "é".repeat(3000);
+        let shown = escape(&long);
+        assert!(shown.len() < MAX_ECHOED + 40, "{}", shown.len());
+        assert!(
+            shown.ends_with("... (1904 more bytes)"),
+            "{}",
+            &shown[shown.len() - 30..]
+        );
+    }
+
+    #[test]
+    fn many_distinct_labels_are_counted_in_linear_time() {
+        let m = VersionMetrics::default();
+        let mut data = Vec::new();
+        for i in 0..200_000u32 {
+            let label = i.to_string();
+            data.extend_from_slice(&(label.len() as u32).to_le_bytes());
+            data.extend_from_slice(label.as_bytes());
+        }
+        let labels = Tensor {
+            name: "label".into(),
+            datatype: crate::tensor::Datatype::Bytes,
+            shape: vec![200_000],
+            data,
+        };
+        m.predictions("m", "v", &labels);
+        assert_eq!(m.labels.load().len(), MAX_LABELS);
     }
 
     #[test]

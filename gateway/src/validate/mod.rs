@@ -12,9 +12,19 @@ use crate::protocol::InferRequest;
 use crate::runtime::bindings::ModelInfo;
 use crate::tensor::{self, Datatype, Tensor, TensorSpec};
 
-/// One broken rule.
+/// The value rules, which the policy's `flag` mode may let through;
+/// structural violations always reject, since no plugin could use the
+/// request.
+pub fn is_value_rule(rule: &str) -> bool {
+    matches!(
+        rule,
+        "min" | "max" | "allowed" | "nan" | "infinity" | "bytes_length"
+    )
+}
+
+/// How often one rule broke for one input and feature.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Violation {
+pub struct Count {
     /// The declared input concerned, or `_unknown` for a name the model does
     /// not declare (the metric label must not come from request text).
     pub input: String,
@@ -25,43 +35,116 @@ pub struct Violation {
     /// `unknown_output`. Values: `min`, `max`, `allowed`, `nan`, `infinity`,
     /// `bytes_length`.
     pub rule: &'static str,
-    pub message: String,
+    pub n: u64,
 }
 
-/// The violations of one request; never empty.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The violations of one request; never empty. Bounded whatever the
+/// request: the first [`MAX_LISTED`] are described, the rest only counted
+/// per (input, feature, rule), so a request of a million bad values costs
+/// a million comparisons and no allocation per value.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ValidationError {
-    pub violations: Vec<Violation>,
+    listed: Vec<String>,
+    counts: Vec<Count>,
+    total: u64,
 }
 
-impl Violation {
-    /// Whether the policy's `flag` mode may let it through (a value rule);
-    /// structural violations always reject, since no plugin could use the
-    /// request.
-    pub fn is_value_rule(&self) -> bool {
-        matches!(
-            self.rule,
-            "min" | "max" | "allowed" | "nan" | "infinity" | "bytes_length"
-        )
+/// Violations described in one error message; all are counted.
+pub const MAX_LISTED: usize = 100;
+
+impl ValidationError {
+    /// Records one violation; `message` is called only for the first
+    /// [`MAX_LISTED`].
+    fn push(
+        &mut self,
+        input: &str,
+        feature: &str,
+        rule: &'static str,
+        message: impl FnOnce() -> String,
+    ) {
+        self.total += 1;
+        if self.listed.len() < MAX_LISTED {
+            self.listed.push(message());
+        }
+        // The last entry first: a request's violations come in runs.
+        if let Some(count) = self
+            .counts
+            .iter_mut()
+            .rev()
+            .find(|c| c.rule == rule && c.feature == feature && c.input == input)
+        {
+            count.n += 1;
+        } else {
+            self.counts.push(Count {
+                input: input.to_string(),
+                feature: feature.to_string(),
+                rule,
+                n: 1,
+            });
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Every violation.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The described violations, in the order found.
+    pub fn messages(&self) -> &[String] {
+        &self.listed
+    }
+
+    /// Violations per (input, feature, rule).
+    pub fn counts(&self) -> &[Count] {
+        &self.counts
+    }
+
+    /// Whether every violation breaks a value rule (see [`is_value_rule`]).
+    pub fn value_rules_only(&self) -> bool {
+        self.counts.iter().all(|c| is_value_rule(c.rule))
+    }
+
+    /// Adds another check's violations.
+    pub fn extend(&mut self, other: ValidationError) {
+        for message in other.listed {
+            if self.listed.len() < MAX_LISTED {
+                self.listed.push(message);
+            }
+        }
+        for count in other.counts {
+            match self.counts.iter_mut().find(|c| {
+                c.rule == count.rule && c.feature == count.feature && c.input == count.input
+            }) {
+                Some(c) => c.n += count.n,
+                None => self.counts.push(count),
+            }
+        }
+        self.total += other.total;
+    }
+
+    fn into_result(self) -> Result<(), ValidationError> {
+        if self.is_empty() { Ok(()) } else { Err(self) }
     }
 }
 
-/// Violations listed in one error message; all are counted.
-const MAX_LISTED: usize = 100;
-
 impl fmt::Display for ValidationError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.violations.len() > 1 {
-            write!(f, "{} violations: ", self.violations.len())?;
+        if self.total > 1 {
+            write!(f, "{} violations: ", self.total)?;
         }
-        for (i, v) in self.violations.iter().take(MAX_LISTED).enumerate() {
+        for (i, message) in self.listed.iter().enumerate() {
             if i > 0 {
                 f.write_str("; ")?;
             }
-            f.write_str(&v.message)?;
+            f.write_str(message)?;
         }
-        if self.violations.len() > MAX_LISTED {
-            write!(f, "; and {} more", self.violations.len() - MAX_LISTED)?;
+        let unlisted = self.total - self.listed.len() as u64;
+        if unlisted > 0 {
+            write!(f, "; and {unlisted} more")?;
         }
         Ok(())
     }
@@ -77,68 +160,49 @@ pub fn check_request(request: &InferRequest, info: &ModelInfo) -> Result<(), Val
     let mut violations = input_violations(&request.inputs, info);
     for name in request.outputs.iter().flatten().map(|o| &o.name) {
         if !info.outputs.iter().any(|s| &s.name == name) {
-            violations.push(Violation {
-                input: UNKNOWN.into(),
-                feature: String::new(),
-                rule: "unknown_output",
-                message: format!(
-                    "unknown output `{name}` requested (the model's outputs: {})",
+            violations.push(UNKNOWN, "", "unknown_output", || {
+                format!(
+                    "unknown output `{}` requested (the model's outputs: {})",
+                    crate::telemetry::Escaped(name),
                     describe_all(&info.outputs)
-                ),
+                )
             });
         }
     }
-    result(violations)
+    violations.into_result()
 }
 
 /// Checks inputs alone (a shadow call has no requested outputs).
 pub fn check_inputs(inputs: &[Tensor], info: &ModelInfo) -> Result<(), ValidationError> {
-    result(input_violations(inputs, info))
+    input_violations(inputs, info).into_result()
 }
 
-fn result(violations: Vec<Violation>) -> Result<(), ValidationError> {
-    if violations.is_empty() {
-        Ok(())
-    } else {
-        Err(ValidationError { violations })
-    }
-}
-
-fn input_violations(inputs: &[Tensor], info: &ModelInfo) -> Vec<Violation> {
-    let mut violations = Vec::new();
+fn input_violations(inputs: &[Tensor], info: &ModelInfo) -> ValidationError {
+    let mut violations = ValidationError::default();
     for input in inputs {
         match info.inputs.iter().find(|s| s.name == input.name) {
-            None => violations.push(Violation {
-                input: UNKNOWN.into(),
-                feature: String::new(),
-                rule: "unknown_input",
-                message: format!(
+            None => violations.push(UNKNOWN, "", "unknown_input", || {
+                format!(
                     "unknown input `{}` (the model's inputs: {})",
-                    input.name,
+                    crate::telemetry::Escaped(&input.name),
                     describe_all(&info.inputs)
-                ),
+                )
             }),
             Some(spec) => {
                 if spec.datatype != input.datatype {
-                    violations.push(Violation {
-                        input: spec.name.clone(),
-                        feature: String::new(),
-                        rule: "datatype",
-                        message: format!(
+                    violations.push(&spec.name, "", "datatype", || {
+                        format!(
                             "input `{}` has datatype {}, the model expects {}",
                             input.name, input.datatype, spec.datatype
-                        ),
+                        )
                     });
                 }
                 if !tensor::shape_matches(&spec.shape, &input.shape) {
-                    violations.push(Violation {
-                        input: spec.name.clone(),
-                        feature: String::new(),
-                        rule: "shape",
-                        message: format!(
+                    violations.push(&spec.name, "", "shape", || {
+                        format!(
                             "input `{}` has shape {:?}, the model expects {:?} (-1: any size)",
                             input.name, input.shape, spec.shape
-                        ),
+                        )
                     });
                 }
             }
@@ -146,11 +210,8 @@ fn input_violations(inputs: &[Tensor], info: &ModelInfo) -> Vec<Violation> {
     }
     for spec in &info.inputs {
         if !inputs.iter().any(|t| t.name == spec.name) {
-            violations.push(Violation {
-                input: spec.name.clone(),
-                feature: String::new(),
-                rule: "missing_input",
-                message: format!("missing input {}", describe(spec)),
+            violations.push(&spec.name, "", "missing_input", || {
+                format!("missing input {}", describe(spec))
             });
         }
     }
@@ -196,51 +257,42 @@ pub fn check_outputs(outputs: &[Tensor], info: &ModelInfo, allow_nan: bool) -> R
 /// The policy schema's rules for `inputs` (which passed the plugin's
 /// structural check): its datatypes and shapes where narrower than the
 /// plugin's, then every value rule, element by element.
-pub fn schema_violations(schema: &Schema, inputs: &[Tensor]) -> Vec<Violation> {
-    let mut violations = Vec::new();
+pub fn schema_violations(schema: &Schema, inputs: &[Tensor]) -> ValidationError {
+    let mut violations = ValidationError::default();
     for rule in &schema.inputs {
         let Some(tensor) = inputs.iter().find(|t| t.name == rule.name) else {
             continue;
         };
-        let structural = |rule_name: &'static str, message: String| Violation {
-            input: rule.name.clone(),
-            feature: String::new(),
-            rule: rule_name,
-            message,
-        };
         if rule.datatype.is_some_and(|d| d != tensor.datatype) {
-            violations.push(structural(
-                "datatype",
+            violations.push(&rule.name, "", "datatype", || {
                 format!(
                     "input `{}` has datatype {}, the policy declares {:?}",
                     rule.name, tensor.datatype, rule.datatype
-                ),
-            ));
+                )
+            });
             continue;
         }
         if let Some(shape) = &rule.shape
             && !tensor::shape_matches(shape, &tensor.shape)
         {
-            violations.push(structural(
-                "shape",
+            violations.push(&rule.name, "", "shape", || {
                 format!(
                     "input `{}` has shape {:?}, the policy declares {shape:?} (-1: any size)",
                     rule.name, tensor.shape
-                ),
-            ));
+                )
+            });
             continue;
         }
         let columns = rule.features.len().max(1);
         if !rule.features.is_empty() && tensor.shape.last().is_some_and(|&d| d as usize != columns)
         {
-            violations.push(structural(
-                "shape",
+            violations.push(&rule.name, "", "shape", || {
                 format!(
                     "input `{}` has {:?} values per row, the policy names {columns} features",
                     rule.name,
                     tensor.shape.last()
-                ),
-            ));
+                )
+            });
             continue;
         }
         value_violations(rule, tensor, columns, &mut violations);
@@ -248,24 +300,16 @@ pub fn schema_violations(schema: &Schema, inputs: &[Tensor]) -> Vec<Violation> {
     violations
 }
 
-fn value_violations(rule: &InputRule, tensor: &Tensor, columns: usize, out: &mut Vec<Violation>) {
-    let mut push = |index: usize, rule_name: &'static str, what: String| {
+fn value_violations(rule: &InputRule, tensor: &Tensor, columns: usize, out: &mut ValidationError) {
+    let mut push = |index: usize, rule_name: &'static str, what: &dyn Fn() -> String| {
         let (row, column) = (index / columns, index % columns);
-        let feature = rule
-            .features
-            .get(column)
-            .map(|f| f.name.clone())
-            .unwrap_or_default();
-        let place = if feature.is_empty() {
-            format!("`{}`[row {row}]", rule.name)
-        } else {
-            format!("`{}`[row {row}] feature `{feature}`", rule.name)
-        };
-        out.push(Violation {
-            input: rule.name.clone(),
-            feature,
-            rule: rule_name,
-            message: format!("{place} {what}"),
+        let feature = rule.features.get(column).map_or("", |f| f.name.as_str());
+        out.push(&rule.name, feature, rule_name, || {
+            if feature.is_empty() {
+                format!("`{}`[row {row}] {}", rule.name, what())
+            } else {
+                format!("`{}`[row {row}] feature `{feature}` {}", rule.name, what())
+            }
         });
     };
     if tensor.datatype == Datatype::Bytes {
@@ -276,11 +320,9 @@ fn value_violations(rule: &InputRule, tensor: &Tensor, columns: usize, out: &mut
             if let Some(max) = rule.max_bytes_length
                 && element.len() > max
             {
-                push(
-                    i,
-                    "bytes_length",
-                    format!("is {} bytes long, over the maximum of {max}", element.len()),
-                );
+                push(i, "bytes_length", &|| {
+                    format!("is {} bytes long, over the maximum of {max}", element.len())
+                });
             }
             if let Some(Allowed::Strings(allowed)) = rule
                 .features
@@ -288,14 +330,12 @@ fn value_violations(rule: &InputRule, tensor: &Tensor, columns: usize, out: &mut
                 .and_then(|f| f.allowed.as_ref())
                 && !allowed.iter().any(|a| a.as_bytes() == element)
             {
-                push(
-                    i,
-                    "allowed",
+                push(i, "allowed", &|| {
                     format!(
                         "= {:?} is not one of {allowed:?}",
-                        String::from_utf8_lossy(element)
-                    ),
-                );
+                        String::from_utf8_lossy(&element[..element.len().min(256)])
+                    )
+                });
             }
         }
         return;
@@ -313,28 +353,36 @@ fn value_violations(rule: &InputRule, tensor: &Tensor, columns: usize, out: &mut
         let f = rule.features.get(i % columns).unwrap_or(&default);
         if value.is_nan() {
             if !f.allow_nan {
-                push(i, "nan", "is NaN, which is not allowed".into());
+                push(i, "nan", &|| "is NaN, which is not allowed".into());
             }
             return;
         }
         if value.is_infinite() && !f.allow_infinity {
-            push(i, "infinity", format!("is {value}, which is not allowed"));
+            push(i, "infinity", &|| {
+                format!("is {value}, which is not allowed")
+            });
             return;
         }
         if let Some(min) = f.min
             && value < min
         {
-            push(i, "min", format!("= {value} is below the minimum {min}"));
+            push(i, "min", &|| {
+                format!("= {value} is below the minimum {min}")
+            });
         }
         if let Some(max) = f.max
             && value > max
         {
-            push(i, "max", format!("= {value} is above the maximum {max}"));
+            push(i, "max", &|| {
+                format!("= {value} is above the maximum {max}")
+            });
         }
         if let Some(Allowed::Numbers(allowed)) = &f.allowed
             && !allowed.contains(&value)
         {
-            push(i, "allowed", format!("= {value} is not one of {allowed:?}"));
+            push(i, "allowed", &|| {
+                format!("= {value} is not one of {allowed:?}")
+            });
         }
     });
 }
@@ -417,11 +465,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(
-            error
-                .violations
-                .iter()
-                .map(|v| v.message.as_str())
-                .collect::<Vec<_>>(),
+            error.messages(),
             vec![
                 "input `x` has datatype FP64, the model expects FP32",
                 "input `x` has shape [3], the model expects [-1, 2] (-1: any size)",
@@ -430,15 +474,9 @@ mod tests {
             ]
         );
         let missing = check_request(&request(vec![], None), &info()).unwrap_err();
+        assert_eq!(missing.messages(), ["missing input `x` (FP32 [-1, 2])"]);
         assert_eq!(
-            missing.violations[0].message,
-            "missing input `x` (FP32 [-1, 2])"
-        );
-        assert_eq!(
-            (
-                missing.violations[0].input.as_str(),
-                missing.violations[0].rule
-            ),
+            (missing.counts()[0].input.as_str(), missing.counts()[0].rule),
             ("x", "missing_input")
         );
     }

@@ -1,0 +1,432 @@
+//! The request path, protocol-neutral: every front end (the V2 REST API
+//! today; gRPC and the replay of recorded requests next) and every shadow
+//! copy drives the same steps through a [`Call`]:
+//!
+//! ```text
+//! route -> admissible? -> (front end reads and decodes) -> validate -> monitor
+//!       -> admit -> invoke -> check outputs -> (front end encodes) -> finish
+//! ```
+//!
+//! `finish` records what happened (metrics, logs, the circuit breaker) and
+//! hands the answer to the shadows. Every step fails with the one
+//! [`Error`]; nothing here knows HTTP beyond the status an error maps to.
+
+mod budget;
+pub mod error;
+mod shadows;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::HeaderMap;
+
+pub use error::{BodyError, Error, OutputProblem, Unavailable};
+
+use crate::policy::Mode;
+use crate::protocol::InferRequest;
+use crate::router::breaker::{Outcome, Pass, Transition};
+use crate::router::{Model, Route, Snapshot, Version};
+use crate::runtime::CallLimits;
+use crate::shadow::{Busy, Load};
+use crate::telemetry::{self, Escaped};
+use crate::tensor::Tensor;
+use crate::validate;
+
+/// Process-wide limits of the pipeline.
+#[derive(Clone, Copy, Debug)]
+pub struct PipelineConfig {
+    /// Bytes that requests in flight may hold together (bodies, decoded
+    /// inputs, outputs, encoded answers).
+    pub max_inflight_bytes: usize,
+    /// The sum of the memory caps of the plugin calls running at once.
+    pub max_sandbox_memory_bytes: usize,
+    /// The share of the machine's CPU time shadow calls may use.
+    pub shadow_cpu_percent: f64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            max_inflight_bytes: 1 << 30,
+            max_sandbox_memory_bytes: 4 << 30,
+            shadow_cpu_percent: 10.0,
+        }
+    }
+}
+
+/// What every request of one server shares.
+pub struct Pipeline {
+    /// How busy the server is: shadows only use spare CPU.
+    pub(crate) load: Arc<Load>,
+    bytes: Arc<budget::Bytes>,
+    sandbox_memory: budget::SandboxMemory,
+    shadow_cpu: shadows::CpuBudget,
+}
+
+impl Pipeline {
+    /// A pipeline; its saturation probe runs on the current runtime.
+    pub fn new(config: PipelineConfig) -> Arc<Self> {
+        let pipeline = Arc::new(Pipeline {
+            load: Arc::default(),
+            bytes: budget::Bytes::new(config.max_inflight_bytes),
+            sandbox_memory: budget::SandboxMemory::new(config.max_sandbox_memory_bytes),
+            shadow_cpu: shadows::CpuBudget::new(config.shadow_cpu_percent),
+        });
+        Load::spawn_probe(&pipeline.load);
+        pipeline
+    }
+
+    /// Bytes held by requests in flight now.
+    pub fn inflight_bytes(&self) -> usize {
+        self.bytes.used()
+    }
+
+    /// The version that serves a request (pinned, canary or champion) and
+    /// the call that will serve it. Unknown model or version: recorded
+    /// under `_unknown` and returned.
+    pub fn route<'a>(
+        self: &'a Arc<Self>,
+        snapshot: &'a Snapshot,
+        model: &str,
+        pinned: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<Call<'a>, Error> {
+        let start = Instant::now();
+        match snapshot.route(model, pinned, headers) {
+            Ok((model, version, route)) => Ok(Call {
+                pipeline: self,
+                model,
+                version,
+                route,
+                start,
+                bytes: budget::Held::none(&self.bytes),
+                pass: Pass::Closed,
+                _busy: Some(Busy::enter(&self.load)),
+            }),
+            Err(e) => {
+                let error = Error::from(e);
+                telemetry::record_request(
+                    telemetry::UNKNOWN,
+                    telemetry::UNKNOWN,
+                    "none",
+                    error.status().as_u16(),
+                    start.elapsed(),
+                );
+                Err(error)
+            }
+        }
+    }
+}
+
+/// One request (or shadow copy) on its way through the pipeline.
+pub struct Call<'a> {
+    pipeline: &'a Arc<Pipeline>,
+    pub model: &'a Arc<Model>,
+    pub version: &'a Arc<Version>,
+    pub route: Route,
+    start: Instant,
+    /// What the request holds of the process's byte budget.
+    bytes: budget::Held,
+    /// What the circuit breaker let this call do.
+    pass: Pass,
+    /// Marks a served request in flight (shadows do not count).
+    _busy: Option<Busy<'a>>,
+}
+
+/// A successful answer, handed to [`Call::finish`] after it was encoded.
+pub struct Answer {
+    pub inputs: Vec<Tensor>,
+    pub outputs: Vec<Tensor>,
+}
+
+impl<'a> Call<'a> {
+    /// Whether the version could take the request now: its circuit
+    /// breaker is closed (or this is its probe) and its queue has room.
+    /// Front ends ask before reading the body, so a version that would
+    /// refuse costs no upload.
+    pub fn admissible(&mut self) -> Result<(), Error> {
+        let version = self.version;
+        match version.breaker.check() {
+            Ok(pass) => self.pass = pass,
+            Err(retry_in_secs) => {
+                return Err(self.unavailable(Unavailable::CircuitOpen {
+                    failures: version.breaker.threshold(),
+                    retry_in_secs,
+                }));
+            }
+        }
+        if let Some(full) = version.queue_full() {
+            return Err(self.unavailable(Unavailable::Admission(full)));
+        }
+        Ok(())
+    }
+
+    /// Holds `bytes` more of the process's budget for requests in flight
+    /// (the body as it arrives, decoded tensors, outputs, the answer).
+    pub fn hold(&mut self, bytes: usize) -> Result<(), Error> {
+        self.bytes.grow(bytes).map_err(|budget| {
+            let needed = bytes;
+            Error::Unavailable {
+                model: self.version.model.clone(),
+                version: self.version.name.clone(),
+                why: Unavailable::Bytes { needed, budget },
+            }
+        })
+    }
+
+    /// Gives back `bytes` of what [`Call::hold`] took (a body dropped
+    /// after decoding).
+    pub fn release(&mut self, bytes: usize) {
+        self.bytes.shrink(bytes);
+    }
+
+    /// Validates a decoded request and runs it: the served path.
+    pub async fn infer(&mut self, request: &InferRequest) -> Result<Vec<Tensor>, Error> {
+        self.hold(request.inputs.iter().map(|t| t.data.len()).sum())?;
+        self.validate(request)?;
+        if let Some(monitor) = self.model.monitors.get(&self.version.name) {
+            monitor.observe(&request.inputs);
+        }
+        self.run(&request.inputs, Wait::UntilDeadline).await
+    }
+
+    /// The plugin's declaration, then the policy's rules; every violation
+    /// counted. Value violations are served in `flag` mode.
+    fn validate(&self, request: &InferRequest) -> Result<(), Error> {
+        let (model, version) = (self.model, self.version);
+        let violations = match validate::check_request(request, version.backend.info()) {
+            Err(e) => e,
+            Ok(()) => match &model.schema {
+                Some(schema) => validate::schema_violations(schema, &request.inputs),
+                None => return Ok(()),
+            },
+        };
+        if violations.is_empty() {
+            return Ok(());
+        }
+        for c in violations.counts() {
+            telemetry::record_validation_failure(
+                &version.model,
+                &version.name,
+                &c.input,
+                &c.feature,
+                c.rule,
+                c.n,
+            );
+        }
+        let flagged = model.schema.as_ref().is_some_and(|s| s.mode == Mode::Flag)
+            && violations.value_rules_only();
+        if flagged {
+            if let Some(suppressed) = version.error_log.check() {
+                tracing::warn!(model = %version.model, version = %version.name, suppressed, "served a request that breaks the input rules (flag mode): {violations}");
+            }
+            return Ok(());
+        }
+        Err(violations.into())
+    }
+
+    /// Admission, sandbox memory, the call, and the checks of its outputs.
+    /// The call's deadline starts now, when its inputs are ready: the time
+    /// a client takes to upload is never charged to the plugin.
+    async fn run(&mut self, inputs: &[Tensor], wait: Wait) -> Result<Vec<Tensor>, Error> {
+        let version = self.version;
+        let limits = CallLimits::starting_now(version.limits.timeout, version.limits.memory_bytes);
+        let _slot = match wait {
+            Wait::UntilDeadline => version
+                .admit(limits.deadline)
+                .await
+                .map_err(|e| self.unavailable(Unavailable::Admission(e)))?,
+            Wait::No => version.try_admit().ok_or_else(|| {
+                self.unavailable(Unavailable::Admission(
+                    crate::router::AdmissionError::QueueFull {
+                        running: version.limits.max_concurrency,
+                        queued: 0,
+                    },
+                ))
+            })?,
+        };
+        let memory = self.sandbox_memory_needed();
+        let _memory = match memory {
+            0 => None,
+            needed => Some(
+                self.pipeline
+                    .sandbox_memory
+                    .take(needed, limits.deadline)
+                    .await
+                    .ok_or_else(|| {
+                        self.unavailable(Unavailable::SandboxMemory {
+                            needed,
+                            budget: self.pipeline.sandbox_memory.limit_bytes(),
+                        })
+                    })?,
+            ),
+        };
+        let called = Instant::now();
+        let outputs = version.infer(inputs, limits).await;
+        version
+            .metrics
+            .plugin_call(&version.model, &version.name, called.elapsed());
+        let outputs = outputs.map_err(|error| Error::Plugin {
+            model: version.model.clone(),
+            version: version.name.clone(),
+            backend: version.backend.describe(),
+            error,
+        })?;
+        self.check_outputs(&outputs)?;
+        if let Some(labels) = version
+            .label_output
+            .as_ref()
+            .and_then(|name| outputs.iter().find(|t| &t.name == name))
+        {
+            version
+                .metrics
+                .predictions(&version.model, &version.name, labels);
+        }
+        Ok(outputs)
+    }
+
+    /// The memory a call of this version may use in its sandbox (none for
+    /// an ONNX-only version, whose computation is bounded by its inputs).
+    fn sandbox_memory_needed(&self) -> usize {
+        match self.version.backend {
+            crate::runtime::Backend::Plugin { .. } => self.version.limits.memory_bytes,
+            crate::runtime::Backend::Onnx(_) => 0,
+        }
+    }
+
+    /// The outputs against the declaration and the version's size cap;
+    /// what passes is held in the byte budget.
+    fn check_outputs(&mut self, outputs: &[Tensor]) -> Result<(), Error> {
+        let version = self.version;
+        let output_error = |problem| Error::Output {
+            model: version.model.clone(),
+            version: version.name.clone(),
+            backend: version.backend.describe(),
+            problem,
+        };
+        let bytes: usize = outputs.iter().map(|t| t.data.len()).sum();
+        if bytes > version.limits.max_output_bytes {
+            return Err(output_error(OutputProblem::TooLarge {
+                bytes,
+                limit: version.limits.max_output_bytes,
+            }));
+        }
+        let allow_nan = self
+            .model
+            .schema
+            .as_ref()
+            .is_some_and(|s| s.allow_nan_outputs);
+        validate::check_outputs(outputs, version.backend.info(), allow_nan).map_err(|e| {
+            Error::Plugin {
+                model: version.model.clone(),
+                version: version.name.clone(),
+                backend: version.backend.describe(),
+                error: crate::runtime::PluginError::MalformedOutput(e),
+            }
+        })?;
+        self.hold(bytes)
+    }
+
+    fn unavailable(&self, why: Unavailable) -> Error {
+        Error::Unavailable {
+            model: self.version.model.clone(),
+            version: self.version.name.clone(),
+            why,
+        }
+    }
+
+    /// Records how the request ended (see [`Call::record`]) and, for an
+    /// answered unpinned request, sends the shadow copies. Call it after
+    /// the answer was encoded.
+    pub fn finish(self, result: Result<Answer, &Error>) {
+        self.record(result.as_ref().map(|_| ()).map_err(|e| *e));
+        if let Ok(answer) = result
+            && !matches!(self.route, Route::Pinned | Route::Shadow)
+        {
+            let saturated = self._busy.as_ref().is_some_and(Busy::saturated);
+            shadows::dispatch(self.pipeline, self.model, self.version, answer, saturated);
+        }
+    }
+
+    /// Metrics, the circuit breaker, and a rate-limited log line for
+    /// failures.
+    fn record(&self, result: Result<(), &Error>) {
+        let version = self.version;
+        let status = match result {
+            Ok(()) => 200,
+            Err(e) => e.status().as_u16(),
+        };
+        let outcome = match result {
+            Ok(()) => Outcome::Success,
+            Err(e) if e.plugin_failure().is_some() && e.status().is_server_error() => {
+                Outcome::Failure
+            }
+            Err(_) => Outcome::Neutral,
+        };
+        if let Some(transition) = version.breaker.record(self.pass, outcome) {
+            log_transition(version, transition);
+        }
+        if let Err(e) = result {
+            self.record_error(e);
+        }
+        version.metrics.request(
+            &version.model,
+            &version.name,
+            self.route,
+            status,
+            self.start.elapsed(),
+        );
+    }
+
+    fn record_error(&self, e: &Error) {
+        let version = self.version;
+        if let Some(kind) = e.plugin_failure() {
+            telemetry::record_plugin_error(&version.model, &version.name, kind);
+        }
+        if let Error::Unavailable { .. } = e {
+            telemetry::record_refused(&version.model, &version.name, e.kind());
+        }
+        if e.status().is_server_error()
+            && let Some(suppressed) = version.error_log.check()
+        {
+            tracing::warn!(
+                model = %version.model,
+                version = %version.name,
+                route = self.route.as_str(),
+                status = e.status().as_u16(),
+                kind = e.kind(),
+                error = %Escaped(&e.to_string()),
+                suppressed,
+                "inference failed"
+            );
+        }
+    }
+}
+
+/// Whether a call waits for an admission slot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Served requests wait in the version's queue until their deadline.
+    UntilDeadline,
+    /// Shadow copies take a free slot or are dropped.
+    No,
+}
+
+fn log_transition(version: &Version, transition: Transition) {
+    match transition {
+        Transition::Opened { failures } => {
+            telemetry::record_circuit(&version.model, &version.name, true);
+            tracing::warn!(
+                model = %version.model,
+                version = %version.name,
+                failures,
+                cooldown_ms = version.limits.breaker_cooldown.as_millis() as u64,
+                "circuit breaker opened: the version fails every request; refusing it until a probe succeeds"
+            );
+        }
+        Transition::Closed => {
+            telemetry::record_circuit(&version.model, &version.name, false);
+            tracing::info!(model = %version.model, version = %version.name, "circuit breaker closed: a probe succeeded");
+        }
+    }
+}
