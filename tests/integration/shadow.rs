@@ -42,7 +42,8 @@ async fn wait_for(gw: &TestGateway, done: impl Fn(&Metrics) -> bool) -> Metrics 
         }
         assert!(
             Instant::now() < deadline,
-            "shadow calls did not finish in time"
+            "shadow calls did not finish in time: {:?}",
+            m.samples_of("gateway_shadow_comparisons_total")
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -59,10 +60,18 @@ async fn comparisons_count_agreeing_and_disagreeing_challengers() {
     )])
     .await;
     let mut client = gw.client().await;
-    for _ in 0..20 {
+    // One request's copies at a time: shadows run at the lowest priority
+    // and are shed when their slots are busy, and other tests load the
+    // same cores; this test is about what a finished copy counts.
+    for i in 1..=20 {
         let reply = client.post("/v2/models/cmp/infer", &request(), &[]).await;
         assert_eq!(reply.status, 200);
         assert_eq!(reply.json()["outputs"][0]["data"][0], "within_hour");
+        let done = 2.0 * f64::from(i);
+        wait_for(&gw, |m| {
+            shadows(m, "cmp", "same", "agree") + shadows(m, "cmp", "contrary", "disagree") >= done
+        })
+        .await;
     }
     let m = wait_for(&gw, |m| {
         shadows(m, "cmp", "same", "agree") + shadows(m, "cmp", "contrary", "disagree") >= 40.0
@@ -131,8 +140,11 @@ async fn shadowing_leaves_responses_byte_identical() {
         &policy("ident", "[shadow]\nversions = [\"contrary\", \"same\"]\n"),
     );
     assert_eq!(gw.reload().await.status, 200);
-    for _ in 0..10 {
+    for i in 1..=10 {
         let shadowed = client.post("/v2/models/ident/infer", &body, &[]).await;
+        // One request's copies at a time (see above).
+        let done = f64::from(i);
+        wait_for(&gw, |m| shadows(m, "ident", "contrary", "disagree") >= done).await;
         assert_eq!(shadowed.status, plain.status);
         assert_eq!(shadowed.body, plain.body);
         assert_eq!(

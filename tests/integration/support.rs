@@ -387,6 +387,11 @@ impl Metrics {
         matching.first().copied().unwrap_or(0.0)
     }
 
+    /// Every sample of `name`, for failure messages.
+    pub fn samples_of(&self, name: &str) -> Vec<(Labels, f64)> {
+        self.samples.get(name).cloned().unwrap_or_default()
+    }
+
     /// The sum over all samples whose labels include `labels`.
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.matching(name, labels).sum()

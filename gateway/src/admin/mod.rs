@@ -20,7 +20,7 @@ use serde::Serialize;
 use crate::policy::{LoadOptions, PolicyError};
 use crate::router::{self, Model, Snapshot};
 use crate::runtime::{Backend, Runtime};
-use crate::telemetry;
+use crate::telemetry::Telemetry;
 
 /// The policies being served, and how to load them again.
 pub struct Reloader {
@@ -52,7 +52,7 @@ impl Reloader {
         runtime: Arc<Runtime>,
     ) -> Result<Self, Vec<PolicyError>> {
         let (snapshot, _) = router::load(dir, &options, &runtime, None).await?;
-        publish(None, &snapshot);
+        publish(runtime.telemetry(), None, &snapshot);
         Ok(Reloader {
             current: ArcSwap::from_pointee(snapshot),
             dir: dir.to_path_buf(),
@@ -79,7 +79,7 @@ impl Reloader {
         let previous = self.current.load_full();
         match router::load(&self.dir, &self.options, &self.runtime, Some(&previous)).await {
             Err(errors) => {
-                telemetry::record_reload("error", trigger);
+                self.runtime.telemetry().record_reload("error", trigger);
                 tracing::error!(
                     trigger,
                     problems = errors.len(),
@@ -99,12 +99,12 @@ impl Reloader {
                 let generation = if changes.is_empty() {
                     previous.generation
                 } else {
-                    publish(Some(&previous), &next);
+                    publish(self.runtime.telemetry(), Some(&previous), &next);
                     let generation = next.generation;
                     self.current.store(Arc::new(next));
                     generation
                 };
-                telemetry::record_reload("success", trigger);
+                self.runtime.telemetry().record_reload("success", trigger);
                 tracing::info!(trigger, generation, changes = ?changes, "policies reloaded");
                 Ok(ReloadReport {
                     generation,
@@ -128,8 +128,8 @@ impl Reloader {
 
 /// Sets the metrics that describe the snapshot being served; zeroes the
 /// canary gauges of the previous snapshot that no longer apply.
-fn publish(previous: Option<&Snapshot>, next: &Snapshot) {
-    telemetry::record_generation(next.generation);
+fn publish(telemetry: &Telemetry, previous: Option<&Snapshot>, next: &Snapshot) {
+    telemetry.record_generation(next.generation);
     let canaries = |s: &Snapshot| -> BTreeSet<(String, String)> {
         s.models()
             .filter_map(|m| {
@@ -142,12 +142,12 @@ fn publish(previous: Option<&Snapshot>, next: &Snapshot) {
     let now = canaries(next);
     for (model, version) in previous.map(canaries).unwrap_or_default() {
         if !now.contains(&(model.clone(), version.clone())) {
-            telemetry::record_canary_percent(&model, &version, 0.0);
+            telemetry.record_canary_percent(&model, &version, 0.0);
         }
     }
     for model in next.models() {
         if let Some(c) = &model.canary {
-            telemetry::record_canary_percent(&model.name, &c.version.name, c.percent);
+            telemetry.record_canary_percent(&model.name, &c.version.name, c.percent);
         }
     }
 }

@@ -4,8 +4,8 @@
 //! 503 with `Retry-After` instead of an allocation that could take the
 //! process down.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -103,23 +103,41 @@ impl SandboxMemory {
     }
 
     /// The memory for one call capped at `bytes`, waiting until `deadline`
-    /// at most; `None` when it cannot be had by then (or ever).
-    pub async fn take(&self, bytes: usize, deadline: Instant) -> Option<OwnedSemaphorePermit> {
+    /// at most; `None` when it cannot be had by then (or ever). `share` is
+    /// the calling version's part of the budget, at most half of it: a
+    /// flooded version cannot take the memory every other model needs.
+    pub async fn take(
+        &self,
+        bytes: usize,
+        deadline: Instant,
+        share: &OnceLock<Arc<Semaphore>>,
+    ) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
         let n = u32::try_from(bytes.div_ceil(1 << 20)).ok()?;
-        if n as usize > (self.limit_bytes >> 20).max(1) {
+        let total = (self.limit_bytes >> 20).max(1);
+        if n as usize > total {
             return None;
         }
-        if let Ok(permit) = self.mebibytes.clone().try_acquire_many_owned(n) {
-            return Some(permit);
-        }
-        tokio::time::timeout_at(
-            deadline.into(),
-            self.mebibytes.clone().acquire_many_owned(n),
-        )
+        let share = share
+            .get_or_init(|| Arc::new(Semaphore::new((total / 2).max(n as usize))))
+            .clone();
+        let mine = acquire(share, n, deadline).await?;
+        let global = acquire(self.mebibytes.clone(), n, deadline).await?;
+        Some((mine, global))
+    }
+}
+
+async fn acquire(
+    semaphore: Arc<Semaphore>,
+    n: u32,
+    deadline: Instant,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(permit) = semaphore.clone().try_acquire_many_owned(n) {
+        return Some(permit);
+    }
+    tokio::time::timeout_at(deadline.into(), semaphore.acquire_many_owned(n))
         .await
         .ok()?
         .ok()
-    }
 }
 
 #[cfg(test)]
@@ -144,11 +162,23 @@ mod tests {
     #[tokio::test]
     async fn sandbox_memory_waits_until_the_deadline() {
         let memory = SandboxMemory::new(64 << 20);
-        let soon = Instant::now() + std::time::Duration::from_millis(20);
-        let first = memory.take(48 << 20, soon).await.unwrap();
-        assert!(memory.take(32 << 20, soon).await.is_none());
+        let (a, b) = (OnceLock::new(), OnceLock::new());
+        let soon = || Instant::now() + std::time::Duration::from_millis(20);
+        let first = memory.take(48 << 20, soon(), &a).await.unwrap();
+        assert!(memory.take(32 << 20, soon(), &b).await.is_none());
         drop(first);
-        assert!(memory.take(32 << 20, soon).await.is_some());
-        assert!(memory.take(65 << 20, soon).await.is_none(), "never fits");
+        assert!(memory.take(32 << 20, soon(), &b).await.is_some());
+        assert!(
+            memory.take(65 << 20, soon(), &b).await.is_none(),
+            "never fits"
+        );
+        // One version holds at most half the budget (or one call, if its
+        // cap is more than half).
+        let c = OnceLock::new();
+        let held = memory.take(16 << 20, soon(), &c).await.unwrap();
+        let held2 = memory.take(16 << 20, soon(), &c).await.unwrap();
+        assert!(memory.take(16 << 20, soon(), &c).await.is_none());
+        assert!(memory.take(16 << 20, soon(), &b).await.is_some());
+        drop((held, held2));
     }
 }

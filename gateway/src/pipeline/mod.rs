@@ -61,19 +61,33 @@ pub struct Pipeline {
     bytes: Arc<budget::Bytes>,
     sandbox_memory: budget::SandboxMemory,
     shadow_cpu: shadows::CpuBudget,
+    shadow_executor: shadows::Executor,
+    /// The server's metrics (requests that reached no version).
+    telemetry: Arc<telemetry::Telemetry>,
 }
 
 impl Pipeline {
-    /// A pipeline; its saturation probe runs on the current runtime.
-    pub fn new(config: PipelineConfig) -> Arc<Self> {
+    /// A pipeline; its saturation probe runs on the current runtime, its
+    /// shadow calls on a thread of their own.
+    pub fn new(
+        config: PipelineConfig,
+        telemetry: Arc<telemetry::Telemetry>,
+    ) -> std::io::Result<Arc<Self>> {
         let pipeline = Arc::new(Pipeline {
             load: Arc::default(),
             bytes: budget::Bytes::new(config.max_inflight_bytes),
             sandbox_memory: budget::SandboxMemory::new(config.max_sandbox_memory_bytes),
             shadow_cpu: shadows::CpuBudget::new(config.shadow_cpu_percent),
+            shadow_executor: shadows::Executor::start()?,
+            telemetry,
         });
         Load::spawn_probe(&pipeline.load);
-        pipeline
+        Ok(pipeline)
+    }
+
+    /// The server's metrics.
+    pub fn telemetry(&self) -> &telemetry::Telemetry {
+        &self.telemetry
     }
 
     /// Bytes held by requests in flight now.
@@ -105,7 +119,7 @@ impl Pipeline {
             }),
             Err(e) => {
                 let error = Error::from(e);
-                telemetry::record_request(
+                self.telemetry.record_request(
                     telemetry::UNKNOWN,
                     telemetry::UNKNOWN,
                     "none",
@@ -205,7 +219,7 @@ impl<'a> Call<'a> {
             return Ok(());
         }
         for c in violations.counts() {
-            telemetry::record_validation_failure(
+            version.metrics.telemetry().record_validation_failure(
                 &version.model,
                 &version.name,
                 &c.input,
@@ -251,7 +265,7 @@ impl<'a> Call<'a> {
             needed => Some(
                 self.pipeline
                     .sandbox_memory
-                    .take(needed, limits.deadline)
+                    .take(needed, limits.deadline, &version.memory_share)
                     .await
                     .ok_or_else(|| {
                         self.unavailable(Unavailable::SandboxMemory {
@@ -381,10 +395,16 @@ impl<'a> Call<'a> {
     fn record_error(&self, e: &Error) {
         let version = self.version;
         if let Some(kind) = e.plugin_failure() {
-            telemetry::record_plugin_error(&version.model, &version.name, kind);
+            version
+                .metrics
+                .telemetry()
+                .record_plugin_error(&version.model, &version.name, kind);
         }
         if let Error::Unavailable { .. } = e {
-            telemetry::record_refused(&version.model, &version.name, e.kind());
+            version
+                .metrics
+                .telemetry()
+                .record_refused(&version.model, &version.name, e.kind());
         }
         if e.status().is_server_error()
             && let Some(suppressed) = version.error_log.check()
@@ -415,7 +435,10 @@ enum Wait {
 fn log_transition(version: &Version, transition: Transition) {
     match transition {
         Transition::Opened { failures } => {
-            telemetry::record_circuit(&version.model, &version.name, true);
+            version
+                .metrics
+                .telemetry()
+                .record_circuit(&version.model, &version.name, true);
             tracing::warn!(
                 model = %version.model,
                 version = %version.name,
@@ -425,7 +448,10 @@ fn log_transition(version: &Version, transition: Transition) {
             );
         }
         Transition::Closed => {
-            telemetry::record_circuit(&version.model, &version.name, false);
+            version
+                .metrics
+                .telemetry()
+                .record_circuit(&version.model, &version.name, false);
             tracing::info!(model = %version.model, version = %version.name, "circuit breaker closed: a probe succeeded");
         }
     }

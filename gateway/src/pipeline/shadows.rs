@@ -10,11 +10,14 @@
 //! model's shadow slots (`shadow.max_concurrency`) and the challenger's own
 //! admission have room without queueing, and (3) shadows have CPU time
 //! left in their budget: a share of the machine (`--shadow-cpu-percent`,
-//! 10 % by default) measured as the time shadow calls spend being polled.
-//! A slow challenger therefore gets fewer copies, never more CPU.
+//! 10 % by default) measured as the time shadow calls spend being polled;
+//! a call that overdraws it is abandoned. Shadow calls run on their own
+//! lowest-priority thread ([`Executor`]). A slow challenger therefore gets
+//! fewer copies, never more CPU, and never the CPU a served request wants.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -23,7 +26,7 @@ use super::{Answer, Call, Error, Pipeline, Wait, budget};
 use crate::router::breaker::Pass;
 use crate::router::{self, Model, Route, Version};
 use crate::shadow::compare;
-use crate::telemetry::{self, Escaped};
+use crate::telemetry::Escaped;
 use crate::validate;
 
 /// Copies an answered request to the model's challengers, if it has any,
@@ -45,9 +48,25 @@ pub(super) fn dispatch(
             continue;
         }
         let permit = match shadow.slots.clone().try_acquire_owned() {
-            Ok(permit) if !saturated && pipeline.shadow_cpu.available() => permit,
+            Ok(permit) if !saturated => permit,
             _ => {
-                telemetry::record_shadow(&model.name, &challenger.name, "dropped");
+                challenger.metrics.telemetry().record_shadow(
+                    &model.name,
+                    &challenger.name,
+                    "dropped",
+                );
+                continue;
+            }
+        };
+        let estimate = Duration::from_nanos(challenger.shadow_cost_ns.load(Ordering::Relaxed));
+        let running = match pipeline.shadow_cpu.start(estimate) {
+            Some(running) => running,
+            None => {
+                challenger.metrics.telemetry().record_shadow(
+                    &model.name,
+                    &challenger.name,
+                    "dropped",
+                );
                 continue;
             }
         };
@@ -57,9 +76,9 @@ pub(super) fn dispatch(
             challenger: challenger.clone(),
             answer: answer.clone(),
         };
-        tokio::spawn(async move {
+        pipeline.shadow_executor.spawn(async move {
             job.run().await;
-            drop(permit);
+            drop((permit, running));
         });
     }
 }
@@ -83,14 +102,20 @@ impl Job {
             pass: Pass::Closed,
             _busy: None,
         };
-        let (result, cpu) = Timed::new(async {
+        let budget = &self.pipeline.shadow_cpu;
+        let (result, cpu) = Budgeted::new(budget, async {
             call.admissible()?;
             validate::check_inputs(&self.answer.inputs, self.challenger.backend.info())
                 .map_err(Error::Validation)?;
             call.run(&self.answer.inputs, Wait::No).await
         })
         .await;
-        self.pipeline.shadow_cpu.spend(cpu);
+        // What the next copy to this challenger is expected to cost: a
+        // moving average of what its copies took.
+        let cost = &self.challenger.shadow_cost_ns;
+        let previous = cost.load(Ordering::Relaxed);
+        let took = cpu.as_nanos().min(u64::MAX as u128) as u64;
+        cost.store(previous - previous / 4 + took / 4, Ordering::Relaxed);
         let compared = match &result {
             Ok(outputs) => {
                 let shadow = self.model.shadow.as_ref();
@@ -111,7 +136,11 @@ impl Job {
                 "error"
             }
         };
-        telemetry::record_shadow(&self.model.name, &self.challenger.name, compared);
+        self.challenger.metrics.telemetry().record_shadow(
+            &self.model.name,
+            &self.challenger.name,
+            compared,
+        );
         call.record(result.as_ref().map(|_| ()));
     }
 }
@@ -134,6 +163,20 @@ pub(super) struct CpuBudget {
     /// Core-seconds per second shadows may use.
     rate: f64,
     state: Mutex<Bucket>,
+    /// Expected CPU time of the shadow calls running now, nanoseconds.
+    reserved_ns: Arc<AtomicU64>,
+}
+
+/// A running shadow call's reservation, given back when dropped.
+pub(super) struct Running {
+    reserved: Arc<AtomicU64>,
+    ns: u64,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.reserved.fetch_sub(self.ns, Ordering::AcqRel);
+    }
 }
 
 struct Bucket {
@@ -154,56 +197,154 @@ impl CpuBudget {
                 balance: rate * BURST_SECONDS,
                 refilled: Instant::now(),
             }),
+            reserved_ns: Arc::default(),
         }
     }
 
     /// Whether a shadow call may start now.
-    pub(super) fn available(&self) -> bool {
+    /// A shadow call expected to cost `estimate` may start now: the budget
+    /// has time left beyond what the calls running are expected to use.
+    /// Reserving at the start, not only charging at the end, keeps a burst
+    /// of copies to a slow challenger from all starting at once.
+    pub(super) fn start(&self, estimate: Duration) -> Option<Running> {
         if self.rate <= 0.0 {
-            return false;
+            return None;
         }
-        let Ok(mut bucket) = self.state.lock() else {
-            return false;
+        // Unknown cost (a challenger's first copy): assume a millisecond.
+        let estimate = if estimate.is_zero() {
+            Duration::from_millis(1)
+        } else {
+            estimate
         };
-        let now = Instant::now();
-        let elapsed = now.duration_since(bucket.refilled).as_secs_f64();
-        bucket.refilled = now;
-        bucket.balance = (bucket.balance + elapsed * self.rate).min(self.rate * BURST_SECONDS);
-        bucket.balance > 0.0
+        let reserved = self.reserved_ns.load(Ordering::Acquire) as f64 / 1e9;
+        if self.available_balance() - reserved <= 0.0 {
+            return None;
+        }
+        let ns = estimate.as_nanos().min(u64::MAX as u128) as u64;
+        self.reserved_ns.fetch_add(ns, Ordering::AcqRel);
+        Some(Running {
+            reserved: self.reserved_ns.clone(),
+            ns,
+        })
     }
 
-    /// Charges a finished shadow call's CPU time.
+    /// Charges a shadow call's CPU time.
     pub(super) fn spend(&self, cpu: Duration) {
         if let Ok(mut bucket) = self.state.lock() {
             bucket.balance -= cpu.as_secs_f64();
         }
     }
+
+    fn available_balance(&self) -> f64 {
+        let Ok(mut bucket) = self.state.lock() else {
+            return f64::NEG_INFINITY;
+        };
+        let now = Instant::now();
+        let elapsed = now.duration_since(bucket.refilled).as_secs_f64();
+        bucket.refilled = now;
+        bucket.balance = (bucket.balance + elapsed * self.rate).min(self.rate * BURST_SECONDS);
+        bucket.balance
+    }
 }
 
-/// A future and the time spent polling it: the CPU time it took on the
-/// executor (its own work, not the time it waited).
-struct Timed<F> {
+/// A shadow call charged to the [`CpuBudget`] poll by poll for the CPU
+/// time its polls took on the shadow thread, not the time it waited.
+struct Budgeted<'b, F> {
     inner: Pin<Box<F>>,
-    busy: Duration,
+    budget: &'b CpuBudget,
+    spent: Duration,
 }
 
-impl<F: Future> Timed<F> {
-    fn new(future: F) -> Self {
-        Timed {
+impl<'b, F: Future> Budgeted<'b, F> {
+    fn new(budget: &'b CpuBudget, future: F) -> Self {
+        Budgeted {
             inner: Box::pin(future),
-            busy: Duration::ZERO,
+            budget,
+            spent: Duration::ZERO,
         }
     }
 }
 
-impl<F: Future> Future for Timed<F> {
+impl<F: Future> Future for Budgeted<'_, F> {
     type Output = (F::Output, Duration);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let start = Instant::now();
+        let start = thread_cpu_time();
         let result = self.inner.as_mut().poll(cx);
-        self.busy += start.elapsed();
-        result.map(|output| (output, self.busy))
+        let took = thread_cpu_time().saturating_sub(start);
+        self.budget.spend(took);
+        self.spent += took;
+        result.map(|output| (output, self.spent))
+    }
+}
+
+/// The CPU time the calling thread has used. Wall time would charge a
+/// shadow for the time the kernel gave the CPU to served requests (the
+/// shadow thread runs at the lowest priority, so that is often).
+fn thread_cpu_time() -> Duration {
+    #[cfg(target_os = "linux")]
+    {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec through a valid pointer.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } == 0 {
+            return Duration::new(now.tv_sec as u64, now.tv_nsec as u32);
+        }
+    }
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed()
+}
+
+/// Runs shadow calls on a thread of their own at the lowest scheduling
+/// priority (nice 19): when served requests want the CPU, the kernel
+/// gives it to them first, so a shadow never sits between a request and
+/// a core. Ends when dropped.
+pub(super) struct Executor {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Executor {
+    pub(super) fn start() -> std::io::Result<Self> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("shadows".into())
+            .spawn(move || {
+                // SAFETY: setpriority only changes this thread's nice
+                // value (Linux: PRIO_PROCESS with 0 names the caller).
+                #[cfg(target_os = "linux")]
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+                }
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build();
+                match runtime {
+                    Ok(runtime) => {
+                        let _ = tx.send(Ok(runtime.handle().clone()));
+                        runtime.block_on(async {
+                            let _ = stopped.await;
+                        });
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            })?;
+        let handle = rx
+            .recv()
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        Ok(Executor {
+            handle,
+            _stop: stop,
+        })
+    }
+
+    pub(super) fn spawn(&self, job: impl Future<Output = ()> + Send + 'static) {
+        self.handle.spawn(job);
     }
 }
 
@@ -214,12 +355,19 @@ mod tests {
     #[test]
     fn the_cpu_budget_refills_at_its_share() {
         let budget = CpuBudget::new(10.0);
-        assert!(budget.available());
+        // Calls expected to cost a second each: the first reserves more
+        // than the whole burst, the second must wait for it.
+        let first = budget
+            .start(Duration::from_secs(1))
+            .expect("a call may start");
+        assert!(budget.start(Duration::from_micros(10)).is_none());
+        drop(first);
+        assert!(budget.start(Duration::from_micros(10)).is_some());
         // A call that took far more than the burst: no more shadows until
         // the share has paid it back.
         budget.spend(Duration::from_secs(1));
-        assert!(!budget.available());
+        assert!(budget.start(Duration::from_micros(10)).is_none());
         let off = CpuBudget::new(0.0);
-        assert!(!off.available());
+        assert!(off.start(Duration::ZERO).is_none());
     }
 }

@@ -89,6 +89,12 @@ pub struct Version {
     admission: Admission,
     /// Takes the version out of service after repeated failures.
     pub breaker: breaker::Breaker,
+    /// Its share of the process's sandbox memory budget (half of it, set
+    /// on first use by the pipeline that owns the budget).
+    pub memory_share: std::sync::OnceLock<Arc<Semaphore>>,
+    /// The expected CPU time of a shadow copy to this version (a moving
+    /// average, nanoseconds), reserved from the shadow budget at dispatch.
+    pub shadow_cost_ns: std::sync::atomic::AtomicU64,
     /// Its share of the cores (`max_parallel`).
     pub gate: crate::cpu::Gate,
     /// Plugin instances kept between calls (`calls_per_instance`).

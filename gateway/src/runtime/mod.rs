@@ -84,6 +84,8 @@ pub struct Runtime {
     config: RuntimeConfig,
     /// The budget of instances kept between calls (see `reuse`).
     kept: Arc<Tickets>,
+    /// The metrics of the server this runtime serves.
+    telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 impl Runtime {
@@ -119,13 +121,23 @@ impl Runtime {
             linker,
             kept: Tickets::new((n / reuse::KEPT_SHARE) as usize),
             config,
+            telemetry: crate::telemetry::Telemetry::new(),
         })
     }
 
     /// An instance pool for a version whose instances serve up to
     /// `calls_per_instance` calls each.
     pub fn instance_pool(&self, calls_per_instance: u32) -> InstancePool {
-        InstancePool::new(calls_per_instance, self.kept.clone())
+        InstancePool::new(
+            calls_per_instance,
+            self.kept.clone(),
+            (self.config.max_instances.max(2) / 2) as usize,
+        )
+    }
+
+    /// The metrics of the server this runtime serves (its own recorder).
+    pub fn telemetry(&self) -> &Arc<crate::telemetry::Telemetry> {
+        &self.telemetry
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -188,7 +200,7 @@ impl Runtime {
         check_info(&info).map_err(LoadError::BadInfo)?;
         plugin.info = info;
         plugin.startup_memory_bytes = startup_memory_bytes;
-        crate::telemetry::record_plugin_compiled();
+        self.telemetry.record_plugin_compiled();
         Ok(Arc::new(plugin))
     }
 }
@@ -269,6 +281,7 @@ impl Plugin {
         models: &Arc<ModelSet>,
         pool: &InstancePool,
     ) -> Result<Vec<Tensor>, PluginError> {
+        let mut _sandbox = None;
         let mut kept = match pool.take() {
             Some(mut kept) => {
                 kept.store.data_mut().next_call(limits);
@@ -276,6 +289,12 @@ impl Plugin {
                 kept
             }
             None => {
+                _sandbox = Some(pool.sandbox(limits.deadline).await.ok_or_else(|| {
+                    PluginError::Exhausted(
+                        "the version holds its share (half) of the sandbox pool until its deadline"
+                            .into(),
+                    )
+                })?);
                 let mut store = sandbox::new_store(&self.engine, limits, models.clone());
                 match self.pre.instantiate_async(&mut store).await {
                     Ok(model) => reuse::Kept::new(store, model),

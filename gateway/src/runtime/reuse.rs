@@ -89,22 +89,42 @@ pub struct InstancePool {
     calls_per_instance: u32,
     max_idle: usize,
     tickets: Arc<Tickets>,
+    /// The version's share of the sandbox pool: calls running in a fresh
+    /// instance hold one, so a flooded version cannot take every sandbox
+    /// and starve the other models (half the pool, see `Runtime`).
+    sandboxes: Arc<tokio::sync::Semaphore>,
 }
 
 impl InstancePool {
-    pub(super) fn new(calls_per_instance: u32, tickets: Arc<Tickets>) -> Self {
+    pub(super) fn new(calls_per_instance: u32, tickets: Arc<Tickets>, sandboxes: usize) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         InstancePool {
             idle: Mutex::new(Vec::new()),
             calls_per_instance: calls_per_instance.max(1),
             max_idle: cores.max(2),
             tickets,
+            sandboxes: Arc::new(tokio::sync::Semaphore::new(sandboxes.max(1))),
         }
     }
 
     /// A pool that keeps nothing: every call gets a fresh instance.
     pub fn fresh() -> Self {
-        Self::new(1, Tickets::new(0))
+        Self::new(1, Tickets::new(0), tokio::sync::Semaphore::MAX_PERMITS)
+    }
+
+    /// One of the version's sandboxes, waiting for one no longer than
+    /// `deadline`.
+    pub(super) async fn sandbox(
+        &self,
+        deadline: std::time::Instant,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(permit) = self.sandboxes.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        tokio::time::timeout_at(deadline.into(), self.sandboxes.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
     }
 
     /// The most recently kept instance, if any.

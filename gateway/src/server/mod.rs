@@ -27,7 +27,6 @@ use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::policy::{LoadOptions, PolicyError};
 use crate::protocol::DecodeLimits;
 use crate::runtime::{Runtime, RuntimeConfig};
-use crate::telemetry;
 
 /// Limits and timeouts of the HTTP front.
 #[derive(Clone, Debug)]
@@ -183,7 +182,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
         Runtime::new(options.runtime.clone()).map_err(|e| StartError::Runtime(format!("{e:#}")))?,
     );
     let reloader = Arc::new(
-        Reloader::start(&options.policies, options.load_options(), runtime)
+        Reloader::start(&options.policies, options.load_options(), runtime.clone())
             .await
             .map_err(StartError::Policies)?,
     );
@@ -210,8 +209,6 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
         source,
     })?;
 
-    telemetry::handle();
-    telemetry::record_build_info();
     let watcher = match options.watch_debounce {
         None => None,
         Some(debounce) => match admin::watch(reloader.clone(), debounce) {
@@ -226,7 +223,8 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
         reloader,
         config: options.server.clone(),
         shutting_down: AtomicBool::new(false),
-        pipeline: Pipeline::new(options.pipeline),
+        pipeline: Pipeline::new(options.pipeline, runtime.telemetry().clone())
+            .map_err(|e| StartError::Runtime(format!("cannot start the shadow executor: {e}")))?,
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let task = tokio::spawn(accept_loop(listener, state.clone(), shutdown_rx));

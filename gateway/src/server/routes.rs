@@ -29,7 +29,10 @@ pub const MODEL_VERSION_HEADER: &str = "x-model-version";
 /// headers only).
 pub(super) async fn handle(state: &State, request: Request<Incoming>) -> HttpResponse {
     if let Err(e) = check_headers(request.headers(), state.config.max_header_value_bytes) {
-        telemetry::record_http_error(e.status().as_u16());
+        state
+            .pipeline
+            .telemetry()
+            .record_http_error(e.status().as_u16());
         return respond(&e);
     }
     let path = request.uri().path().to_owned();
@@ -73,7 +76,10 @@ pub(super) async fn handle(state: &State, request: Request<Incoming>) -> HttpRes
         }),
     };
     result.unwrap_or_else(|e| {
-        telemetry::record_http_error(e.status().as_u16());
+        state
+            .pipeline
+            .telemetry()
+            .record_http_error(e.status().as_u16());
         respond(&e)
     })
 }
@@ -210,7 +216,7 @@ fn model_ready(state: &State, model: &str, version: Option<&str>) -> Result<Http
 }
 
 fn metrics(state: &State) -> HttpResponse {
-    let mut text = telemetry::render();
+    let mut text = state.pipeline.telemetry().render();
     let snapshot = state.reloader.snapshot();
     let versions: Vec<crate::monitor::VersionSummaries<'_>> = snapshot
         .models()

@@ -1,16 +1,16 @@
-//! Metrics and the events that feed them. Owns the Prometheus recorder (one
-//! per process) and the metric names; every metric is recorded through a
-//! function here so names and labels stay consistent.
+//! Metrics and the events that feed them. Owns each server's Prometheus
+//! recorder ([`Telemetry`]) and the metric names; every metric is recorded
+//! through a method here so names and labels stay consistent.
 //!
 //! Label values come from policies (model, version) or from a fixed set
 //! (route, status, kind), never from request text: a client naming unknown
 //! models cannot grow the number of series.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use metrics::{Counter, Histogram};
 
@@ -25,35 +25,51 @@ const DURATION_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
-/// The process's recorder, installed on first use.
-pub fn handle() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
+/// The metrics of one server: its own Prometheus recorder, so servers in
+/// one process (tests, an embedding host) never see each other's counts.
+/// Recording goes through its methods; hot-path series are registered once
+/// in [`VersionMetrics`] and then only updated.
+pub struct Telemetry {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl Telemetry {
+    /// A recorder with every metric described; a thread runs its upkeep
+    /// (draining histogram buckets) every 5 s until it is dropped.
+    pub fn new() -> Arc<Self> {
         let recorder = PrometheusBuilder::new()
             .set_buckets(DURATION_BUCKETS)
-            .expect("bucket list is not empty")
-            .build_recorder();
+            .map(PrometheusBuilder::build_recorder)
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
         let handle = recorder.handle();
-        // Another recorder may already be installed (a host embedding the
-        // library); then this one only renders what it is given.
-        let _ = metrics::set_global_recorder(recorder);
-        let upkeep = handle.clone();
+        let telemetry = Arc::new(Telemetry { recorder, handle });
+        telemetry.with(describe);
+        telemetry.record_build_info();
+        let weak = Arc::downgrade(&telemetry);
         let _ = std::thread::Builder::new()
             .name("metrics-upkeep".into())
             .spawn(move || {
                 loop {
                     std::thread::sleep(Duration::from_secs(5));
-                    upkeep.run_upkeep();
+                    match weak.upgrade() {
+                        Some(telemetry) => telemetry.handle.run_upkeep(),
+                        None => break,
+                    }
                 }
             });
-        describe();
-        handle.clone()
-    })
-}
+        telemetry
+    }
 
-/// The Prometheus text exposition of every metric.
-pub fn render() -> String {
-    handle().render()
+    /// Runs `f` with this server's recorder as the one `metrics` macros use.
+    fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&self.recorder, f)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
 }
 
 fn describe() {
@@ -125,94 +141,163 @@ fn describe() {
     );
 }
 
-/// Sets the build-info gauge.
-pub fn record_build_info() {
-    metrics::gauge!("gateway_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-}
+impl Telemetry {
+    /// Sets the build-info gauge.
+    pub fn record_build_info(&self) {
+        self.with(|| {
+            metrics::gauge!("gateway_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        })
+    }
 
-/// One answered inference request.
-pub fn record_request(
-    model: &str,
-    version: &str,
-    route: &'static str,
-    status: u16,
-    elapsed: Duration,
-) {
-    let labels = [
-        ("model", model.to_string()),
-        ("version", version.to_string()),
-        ("route", route.to_string()),
-    ];
-    metrics::counter!(
-        "gateway_requests_total",
-        &[
-            labels[0].clone(),
-            labels[1].clone(),
-            labels[2].clone(),
-            ("status", status_label(status).to_string()),
-        ]
-    )
-    .increment(1);
-    metrics::histogram!("gateway_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
-}
+    /// One answered inference request.
+    pub fn record_request(
+        &self,
+        model: &str,
+        version: &str,
+        route: &'static str,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        self.with(|| {
+            let labels = [
+                ("model", model.to_string()),
+                ("version", version.to_string()),
+                ("route", route.to_string()),
+            ];
+            metrics::counter!(
+                "gateway_requests_total",
+                &[
+                    labels[0].clone(),
+                    labels[1].clone(),
+                    labels[2].clone(),
+                    ("status", status_label(status).to_string()),
+                ]
+            )
+            .increment(1);
+            metrics::histogram!("gateway_request_duration_seconds", &labels)
+                .record(elapsed.as_secs_f64());
+        })
+    }
 
-/// One shadow call's outcome: `agree`, `disagree`, `error` or `dropped`.
-pub fn record_shadow(model: &str, challenger: &str, result: &'static str) {
-    metrics::counter!(
-        "gateway_shadow_comparisons_total",
-        "model" => model.to_string(),
-        "version" => challenger.to_string(),
-        "result" => result
-    )
-    .increment(1);
-}
+    /// One shadow call's outcome: `agree`, `disagree`, `error` or `dropped`.
+    pub fn record_shadow(&self, model: &str, challenger: &str, result: &'static str) {
+        self.with(|| {
+            metrics::counter!(
+                "gateway_shadow_comparisons_total",
+                "model" => model.to_string(),
+                "version" => challenger.to_string(),
+                "result" => result
+            )
+            .increment(1);
+        })
+    }
 
-/// The labels a version predicted: one count per element of its label
-/// output, aggregated per distinct label before touching the registry.
-/// One broken rule of a request's inputs.
-pub fn record_validation_failure(
-    model: &str,
-    version: &str,
-    input: &str,
-    feature: &str,
-    rule: &'static str,
-    n: u64,
-) {
-    metrics::counter!(
-        "gateway_validation_failures_total",
-        "model" => model.to_string(),
-        "version" => version.to_string(),
-        "input" => input.to_string(),
-        "feature" => feature.to_string(),
-        "rule" => rule
-    )
-    .increment(n);
-}
+    /// One broken rule of a request's inputs, `n` times.
+    pub fn record_validation_failure(
+        &self,
+        model: &str,
+        version: &str,
+        input: &str,
+        feature: &str,
+        rule: &'static str,
+        n: u64,
+    ) {
+        self.with(|| {
+            metrics::counter!(
+                "gateway_validation_failures_total",
+                "model" => model.to_string(),
+                "version" => version.to_string(),
+                "input" => input.to_string(),
+                "feature" => feature.to_string(),
+                "rule" => rule
+            )
+            .increment(n);
+        })
+    }
 
-/// A reload attempt.
-pub fn record_reload(outcome: &'static str, trigger: &'static str) {
-    metrics::counter!("gateway_policy_reloads_total", "outcome" => outcome, "trigger" => trigger)
-        .increment(1);
-}
+    /// A reload attempt.
+    pub fn record_reload(&self, outcome: &'static str, trigger: &'static str) {
+        self.with(|| {
+                metrics::counter!("gateway_policy_reloads_total", "outcome" => outcome, "trigger" => trigger)
+                    .increment(1);
+        })
+    }
 
-/// The snapshot now serving.
-pub fn record_generation(generation: u64) {
-    metrics::gauge!("gateway_policy_generation").set(generation as f64);
-}
+    /// The snapshot now serving.
+    pub fn record_generation(&self, generation: u64) {
+        self.with(|| {
+            metrics::gauge!("gateway_policy_generation").set(generation as f64);
+        })
+    }
 
-/// A model's canary share (0 when it has none).
-pub fn record_canary_percent(model: &str, version: &str, percent: f64) {
-    metrics::gauge!(
-        "gateway_canary_percent",
-        "model" => model.to_string(),
-        "version" => version.to_string()
-    )
-    .set(percent);
-}
+    /// A model's canary share (0 when it has none).
+    pub fn record_canary_percent(&self, model: &str, version: &str, percent: f64) {
+        self.with(|| {
+            metrics::gauge!(
+                "gateway_canary_percent",
+                "model" => model.to_string(),
+                "version" => version.to_string()
+            )
+            .set(percent);
+        })
+    }
 
-/// A plugin compiled.
-pub fn record_plugin_compiled() {
-    metrics::counter!("gateway_plugin_compilations_total").increment(1);
+    /// A plugin compiled.
+    pub fn record_plugin_compiled(&self) {
+        self.with(|| {
+            metrics::counter!("gateway_plugin_compilations_total").increment(1);
+        })
+    }
+
+    /// A version's circuit breaker opened (`true`) or closed.
+    pub fn record_circuit(&self, model: &str, version: &str, open: bool) {
+        self.with(|| {
+                let (model, version) = (model.to_string(), version.to_string());
+                metrics::gauge!("gateway_circuit_open", "model" => model.clone(), "version" => version.clone())
+                    .set(if open { 1.0 } else { 0.0 });
+                metrics::counter!(
+                    "gateway_circuit_transitions_total",
+                    "model" => model,
+                    "version" => version,
+                    "state" => if open { "open" } else { "closed" }
+                )
+                .increment(1);
+        })
+    }
+
+    /// A request a version refused without running it.
+    pub fn record_refused(&self, model: &str, version: &str, reason: &'static str) {
+        self.with(|| {
+            metrics::counter!(
+                "gateway_refused_total",
+                "model" => model.to_string(),
+                "version" => version.to_string(),
+                "reason" => reason
+            )
+            .increment(1);
+        })
+    }
+
+    /// One failed plugin call.
+    pub fn record_plugin_error(&self, model: &str, version: &str, kind: &'static str) {
+        self.with(|| {
+            metrics::counter!(
+                "gateway_plugin_errors_total",
+                "model" => model.to_string(),
+                "version" => version.to_string(),
+                "kind" => kind
+            )
+            .increment(1);
+        })
+    }
+
+    /// A request refused before it reached a model.
+    pub fn record_http_error(&self, status: u16) {
+        self.with(|| {
+            metrics::counter!("gateway_http_errors_total", "status" => status_label(status))
+                .increment(1);
+        })
+    }
 }
 
 /// The label value standing for labels past [`MAX_LABELS`].
@@ -225,8 +310,9 @@ pub const MAX_LABELS: usize = 32;
 /// first use and then only updated. Registering allocates every label and
 /// looks the series up in the registry: done per request, it was 4 % of
 /// all CPU at 64 connections (`cargo bench --bench load`).
-#[derive(Default)]
 pub struct VersionMetrics {
+    /// The server's metrics the handles are registered with.
+    telemetry: Arc<Telemetry>,
     /// `gateway_requests_total{status="200"}` and the request histogram,
     /// by route (in [`Route`] order).
     answered: [OnceLock<(Counter, Histogram)>; 4],
@@ -238,6 +324,21 @@ pub struct VersionMetrics {
 }
 
 impl VersionMetrics {
+    pub fn new(telemetry: Arc<Telemetry>) -> Self {
+        VersionMetrics {
+            telemetry,
+            answered: Default::default(),
+            plugin_duration: OnceLock::new(),
+            labels: Default::default(),
+            other: OnceLock::new(),
+        }
+    }
+
+    /// The server's metrics.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
     /// One request this version answered with `status`: a 200 through the
     /// version's own handles, anything else through [`record_request`].
     pub fn request(
@@ -249,7 +350,9 @@ impl VersionMetrics {
         elapsed: Duration,
     ) {
         if status != 200 {
-            return record_request(model, version, route.as_str(), status, elapsed);
+            return self
+                .telemetry
+                .record_request(model, version, route.as_str(), status, elapsed);
         }
         let at = match route {
             Route::Champion => 0,
@@ -258,24 +361,26 @@ impl VersionMetrics {
             Route::Shadow => 3,
         };
         let (count, duration) = self.answered[at].get_or_init(|| {
-            let labels = [
-                ("model", model.to_string()),
-                ("version", version.to_string()),
-                ("route", route.as_str().to_string()),
-            ];
-            let count = metrics::counter!(
-                "gateway_requests_total",
-                &[
-                    labels[0].clone(),
-                    labels[1].clone(),
-                    labels[2].clone(),
-                    ("status", status_label(200).to_string()),
-                ]
-            );
-            (
-                count,
-                metrics::histogram!("gateway_request_duration_seconds", &labels),
-            )
+            self.telemetry.with(|| {
+                let labels = [
+                    ("model", model.to_string()),
+                    ("version", version.to_string()),
+                    ("route", route.as_str().to_string()),
+                ];
+                let count = metrics::counter!(
+                    "gateway_requests_total",
+                    &[
+                        labels[0].clone(),
+                        labels[1].clone(),
+                        labels[2].clone(),
+                        ("status", status_label(200).to_string()),
+                    ]
+                );
+                (
+                    count,
+                    metrics::histogram!("gateway_request_duration_seconds", &labels),
+                )
+            })
         });
         count.increment(1);
         duration.record(elapsed.as_secs_f64());
@@ -285,11 +390,13 @@ impl VersionMetrics {
     pub fn plugin_call(&self, model: &str, version: &str, elapsed: Duration) {
         self.plugin_duration
             .get_or_init(|| {
-                metrics::histogram!(
-                    "gateway_plugin_duration_seconds",
-                    "model" => model.to_string(),
-                    "version" => version.to_string()
-                )
+                self.telemetry.with(|| {
+                    metrics::histogram!(
+                        "gateway_plugin_duration_seconds",
+                        "model" => model.to_string(),
+                        "version" => version.to_string()
+                    )
+                })
             })
             .record(elapsed.as_secs_f64());
     }
@@ -319,23 +426,27 @@ impl VersionMetrics {
 
     fn other_counter(&self, model: &str, version: &str) -> &Counter {
         self.other.get_or_init(|| {
-            metrics::counter!(
-                "gateway_predictions_total",
-                "model" => model.to_string(),
-                "version" => version.to_string(),
-                "label" => OTHER
-            )
+            self.telemetry.with(|| {
+                metrics::counter!(
+                    "gateway_predictions_total",
+                    "model" => model.to_string(),
+                    "version" => version.to_string(),
+                    "label" => OTHER
+                )
+            })
         })
     }
 
     fn label_counter(&self, model: &str, version: &str, label: &str) -> Counter {
         let register = |label: &str| {
-            metrics::counter!(
-                "gateway_predictions_total",
-                "model" => model.to_string(),
-                "version" => version.to_string(),
-                "label" => label.to_string()
-            )
+            self.telemetry.with(|| {
+                metrics::counter!(
+                    "gateway_predictions_total",
+                    "model" => model.to_string(),
+                    "version" => version.to_string(),
+                    "label" => label.to_string()
+                )
+            })
         };
         let known = self.labels.load();
         if let Some((_, counter)) = known.iter().find(|(l, _)| &**l == label) {
@@ -356,47 +467,6 @@ impl VersionMetrics {
         }
         self.other_counter(model, version).clone()
     }
-}
-
-/// A version's circuit breaker opened (`true`) or closed.
-pub fn record_circuit(model: &str, version: &str, open: bool) {
-    let (model, version) = (model.to_string(), version.to_string());
-    metrics::gauge!("gateway_circuit_open", "model" => model.clone(), "version" => version.clone())
-        .set(if open { 1.0 } else { 0.0 });
-    metrics::counter!(
-        "gateway_circuit_transitions_total",
-        "model" => model,
-        "version" => version,
-        "state" => if open { "open" } else { "closed" }
-    )
-    .increment(1);
-}
-
-/// A request a version refused without running it.
-pub fn record_refused(model: &str, version: &str, reason: &'static str) {
-    metrics::counter!(
-        "gateway_refused_total",
-        "model" => model.to_string(),
-        "version" => version.to_string(),
-        "reason" => reason
-    )
-    .increment(1);
-}
-
-/// One failed plugin call.
-pub fn record_plugin_error(model: &str, version: &str, kind: &'static str) {
-    metrics::counter!(
-        "gateway_plugin_errors_total",
-        "model" => model.to_string(),
-        "version" => version.to_string(),
-        "kind" => kind
-    )
-    .increment(1);
-}
-
-/// A request refused before it reached a model.
-pub fn record_http_error(status: u16) {
-    metrics::counter!("gateway_http_errors_total", "status" => status_label(status)).increment(1);
 }
 
 /// Text from a plugin or a request, made safe for a log line or an error
@@ -503,7 +573,7 @@ mod tests {
 
     #[test]
     fn prediction_labels_are_bounded() {
-        let m = VersionMetrics::default();
+        let m = VersionMetrics::new(Telemetry::new());
         for i in 0..MAX_LABELS {
             let _ = m.label_counter("m", "v", &format!("l{i}"));
         }
@@ -531,7 +601,7 @@ mod tests {
 
     #[test]
     fn many_distinct_labels_are_counted_in_linear_time() {
-        let m = VersionMetrics::default();
+        let m = VersionMetrics::new(Telemetry::new());
         let mut data = Vec::new();
         for i in 0..200_000u32 {
             let label = i.to_string();
