@@ -538,6 +538,7 @@ async fn healthy_p99(gw: &TestGateway, n: usize) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_looping_calls_does_not_slow_another_model() {
+    let _alone = crate::support::attack_lock().await;
     let gw = TestGateway::start(&[
         (
             "flood.toml",
@@ -579,6 +580,7 @@ async fn a_flood_of_looping_calls_does_not_slow_another_model() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_challenger_gets_fewer_copies_not_more_cpu() {
+    let _alone = crate::support::attack_lock().await;
     let shadowed = "model = \"healthy\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n[versions.v2]\nplugin = \"slow-ttm\"\n[shadow]\nversions = [\"v2\"]\nsample_percent = 100\n";
     let gw = TestGateway::start(&[(
         "healthy.toml",

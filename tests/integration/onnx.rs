@@ -518,6 +518,7 @@ async fn trained_p99(gw: &TestGateway, n: usize) -> std::time::Duration {
 /// keeps answering, and abandoned computations stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_big_onnx_batches_does_not_starve_another_model() {
+    let _alone = crate::support::attack_lock().await;
     let example = std::fs::read_to_string(repo_root().join("policies/time-to-merge.toml")).unwrap();
     let gw = serve(&[
         (
@@ -550,7 +551,7 @@ async fn a_flood_of_big_onnx_batches_does_not_starve_another_model() {
     let quiet = before.max(trained_p99(&gw, 200).await);
     eprintln!("trained model p99: quiet {quiet:?}, during the flood {attacked:?}");
     assert!(
-        attacked <= quiet * 2 + std::time::Duration::from_millis(5),
+        attacked <= quiet * 2 + std::time::Duration::from_millis(10),
         "trained model p99 {attacked:?} during the flood, {quiet:?} without"
     );
     gw.shutdown().await;

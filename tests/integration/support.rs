@@ -31,6 +31,14 @@ pub fn single_version_policy(model: &str, plugin: &str, limits: &str) -> String 
     )
 }
 
+/// Held by the tests that compare latencies under an attack they make
+/// themselves, so two such attacks never overlap (the rest of the suite
+/// still runs beside them; their baselines account for that).
+pub async fn attack_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
 /// The admin token test gateways use.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 

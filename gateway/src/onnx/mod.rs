@@ -259,16 +259,29 @@ impl OnnxModel {
             })
         };
         let until = limits.deadline.into();
+        // Waiting for a slot until the deadline is the version's (or the
+        // process's) load, not the model's failure: 503, not 504.
+        let busy = |what: &str| {
+            RunError::Limit(PluginError::Exhausted(format!(
+                "no {what} freed before the deadline of {} ms",
+                limits.timeout.as_millis()
+            )))
+        };
         let share = match gate {
             Some(gate) => match tokio::time::timeout_at(until, gate.enter()).await {
                 Ok(permit) => permit,
-                Err(_) => return Err(deadline_error()),
+                Err(_) => return Err(busy("slot of the version's share of the cores")),
             },
             None => None,
         };
         let elements: usize = values.iter().map(|v| v.len()).sum();
         if elements <= INLINE_ELEMENTS {
-            let result = self.compute(values).map_err(RunError::Onnx);
+            // tract can panic on what a model file claims; here that must
+            // not unwind through the request's task.
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.compute(values)))
+                    .unwrap_or_else(|_| Err(OnnxError::Compute("tract panicked".into())))
+                    .map_err(RunError::Onnx);
             drop(share);
             return result;
         }
@@ -281,7 +294,7 @@ impl OnnxModel {
                     "the ONNX compute slots are closed".into(),
                 )));
             }
-            Err(_) => return Err(deadline_error()),
+            Err(_) => return Err(busy("ONNX compute slot")),
         };
         let model = self.clone();
         let abandoned = Arc::new(AtomicBool::new(false));

@@ -3,7 +3,8 @@
 //! decision trees, random forests and gradient boosting export to.
 //!
 //! tract-onnx 0.23 has no regressor, refuses binary gradient boosting and
-//! runs forests ~20x slower than onnxruntime (see ../shared/FINDINGS.md), so
+//! runs forests ~20x slower than onnxruntime (a 10-tree forest: 118 µs
+//! against 6 µs), so
 //! both operators are registered here in place of tract's. At load time the
 //! node attributes become one flat array of 16-byte nodes per ensemble (all
 //! trees back to back, children as absolute indices, leaves pointing into

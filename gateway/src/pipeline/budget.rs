@@ -26,6 +26,7 @@ impl Bytes {
     }
 
     /// Bytes held now.
+    #[cfg(test)]
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }

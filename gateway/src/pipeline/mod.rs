@@ -90,11 +90,6 @@ impl Pipeline {
         &self.telemetry
     }
 
-    /// Bytes held by requests in flight now.
-    pub fn inflight_bytes(&self) -> usize {
-        self.bytes.used()
-    }
-
     /// The version that serves a request (pinned, canary or champion) and
     /// the call that will serve it. Unknown model or version: recorded
     /// under `_unknown` and returned.
@@ -116,6 +111,7 @@ impl Pipeline {
                 bytes: budget::Held::none(&self.bytes),
                 pass: Pass::Closed,
                 _busy: Some(Busy::enter(&self.load)),
+                recorded: false,
             }),
             Err(e) => {
                 let error = Error::from(e);
@@ -145,6 +141,17 @@ pub struct Call<'a> {
     pass: Pass,
     /// Marks a served request in flight (shadows do not count).
     _busy: Option<Busy<'a>>,
+    /// Whether the outcome was recorded; a call dropped before that (the
+    /// client went away) still ends a breaker probe, as neutral.
+    recorded: bool,
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.version.breaker.record(self.pass, Outcome::Neutral);
+        }
+    }
 }
 
 /// A successful answer, handed to [`Call::finish`] after it was encoded.
@@ -352,7 +359,7 @@ impl<'a> Call<'a> {
     /// Records how the request ended (see [`Call::record`]) and, for an
     /// answered unpinned request, sends the shadow copies. Call it after
     /// the answer was encoded.
-    pub fn finish(self, result: Result<Answer, &Error>) {
+    pub fn finish(mut self, result: Result<Answer, &Error>) {
         self.record(result.as_ref().map(|_| ()).map_err(|e| *e));
         if let Ok(answer) = result
             && !matches!(self.route, Route::Pinned | Route::Shadow)
@@ -364,7 +371,8 @@ impl<'a> Call<'a> {
 
     /// Metrics, the circuit breaker, and a rate-limited log line for
     /// failures.
-    fn record(&self, result: Result<(), &Error>) {
+    fn record(&mut self, result: Result<(), &Error>) {
+        self.recorded = true;
         let version = self.version;
         let status = match result {
             Ok(()) => 200,
@@ -372,7 +380,13 @@ impl<'a> Call<'a> {
         };
         let outcome = match result {
             Ok(()) => Outcome::Success,
-            Err(e) if e.plugin_failure().is_some() && e.status().is_server_error() => {
+            // The plugin's own failures; not a sandbox or slot it could not
+            // get (503), which says nothing about the plugin.
+            Err(e)
+                if e.plugin_failure().is_some()
+                    && e.status().is_server_error()
+                    && e.retry_after().is_none() =>
+            {
                 Outcome::Failure
             }
             Err(_) => Outcome::Neutral,
@@ -424,7 +438,7 @@ impl<'a> Call<'a> {
 }
 
 /// Whether a call waits for an admission slot.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Wait {
     /// Served requests wait in the version's queue until their deadline.
     UntilDeadline,

@@ -10,8 +10,9 @@
 //! model's shadow slots (`shadow.max_concurrency`) and the challenger's own
 //! admission have room without queueing, and (3) shadows have CPU time
 //! left in their budget: a share of the machine (`--shadow-cpu-percent`,
-//! 10 % by default) measured as the time shadow calls spend being polled;
-//! a call that overdraws it is abandoned. Shadow calls run on their own
+//! 10 % by default) measured as the CPU time shadow calls spend being
+//! polled, each copy's expected cost reserved when it starts. Shadow calls
+//! run on their own
 //! lowest-priority thread ([`Executor`]). A slow challenger therefore gets
 //! fewer copies, never more CPU, and never the CPU a served request wants.
 
@@ -101,6 +102,7 @@ impl Job {
             bytes: budget::Held::none(&self.pipeline.bytes),
             pass: Pass::Closed,
             _busy: None,
+            recorded: false,
         };
         let budget = &self.pipeline.shadow_cpu;
         let (result, cpu) = Budgeted::new(budget, async {
@@ -110,8 +112,19 @@ impl Job {
             call.run(&self.answer.inputs, Wait::No).await
         })
         .await;
+        if let Err(Error::Unavailable { .. }) = &result {
+            // Refused without running: a drop, not a request of the
+            // challenger's (its breaker probe, if any, ends as neutral when
+            // the call is dropped).
+            self.challenger.metrics.telemetry().record_shadow(
+                &self.model.name,
+                &self.challenger.name,
+                "dropped",
+            );
+            return;
+        }
         // What the next copy to this challenger is expected to cost: a
-        // moving average of what its copies took.
+        // moving average of what its copies that ran took.
         let cost = &self.challenger.shadow_cost_ns;
         let previous = cost.load(Ordering::Relaxed);
         let took = cpu.as_nanos().min(u64::MAX as u128) as u64;
@@ -130,7 +143,6 @@ impl Job {
                     }
                 }
             }
-            Err(Error::Unavailable { .. }) => "dropped",
             Err(e) => {
                 log(&self.challenger, &e.to_string());
                 "error"
@@ -190,7 +202,12 @@ const BURST_SECONDS: f64 = 0.25;
 
 impl CpuBudget {
     pub(super) fn new(percent: f64) -> Self {
-        let rate = crate::cpu::cores() as f64 * percent.clamp(0.0, 100.0) / 100.0;
+        let percent = if percent.is_finite() {
+            percent.clamp(0.0, 100.0)
+        } else {
+            0.0
+        };
+        let rate = crate::cpu::cores() as f64 * percent / 100.0;
         CpuBudget {
             rate,
             state: Mutex::new(Bucket {

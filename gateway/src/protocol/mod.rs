@@ -86,6 +86,10 @@ pub enum DecodeError {
     },
     DuplicateInput(String),
     DuplicateOutput(String),
+    TooManyOutputs {
+        count: usize,
+        limit: usize,
+    },
     /// A field over its size limit (`id`, `parameters`).
     TooLong {
         field: &'static str,
@@ -131,6 +135,10 @@ impl fmt::Display for DecodeError {
                 write!(f, "the request has {count} inputs; the limit is {limit}")
             }
             DecodeError::DuplicateInput(name) => write!(f, "input `{name}` appears twice"),
+            DecodeError::TooManyOutputs { count, limit } => write!(
+                f,
+                "the request asks for {count} outputs; the limit is {limit}"
+            ),
             DecodeError::DuplicateOutput(name) => {
                 write!(f, "output `{name}` is requested twice")
             }
@@ -307,6 +315,12 @@ pub fn decode_infer_request(
     let outputs = match wire.outputs {
         None => None,
         Some(wire_outputs) => {
+            if wire_outputs.len() > limits.max_inputs {
+                return Err(DecodeError::TooManyOutputs {
+                    count: wire_outputs.len(),
+                    limit: limits.max_inputs,
+                });
+            }
             let mut outputs: Vec<RequestedOutput> = Vec::with_capacity(wire_outputs.len());
             for o in wire_outputs {
                 if outputs.iter().any(|r| r.name == o.name) {

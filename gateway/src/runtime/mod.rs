@@ -67,7 +67,8 @@ const TABLES_PER_COMPONENT: u32 = 16;
 /// resets) instead of returning to the kernel. Returning them costs an
 /// madvise per sandbox and TLB shootdowns between threads: with it, two
 /// threads doubled throughput (wrk, 64 connections, 13.4k -> 27.2k req/s).
-/// 2 MiB covers the example plugins' memory (see ../shared/FINDINGS.md).
+/// 2 MiB covers the example plugins' memory (1 MiB was too little for a
+/// 46 KB std guest when this was measured).
 ///
 /// With `pagemap_scan` (Linux 6.7+) the reset touches only the pages the
 /// call dirtied; without it wasmtime memsets the whole resident part, which

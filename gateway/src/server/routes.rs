@@ -261,8 +261,13 @@ async fn infer(
             response
         }
         Err(e) => {
-            let response = respond(&e);
-            call.finish(Err(&e));
+            let mut response = respond(&e.error);
+            if e.body_unread {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            call.finish(Err(&e.error));
             response
         }
     };
@@ -273,16 +278,54 @@ async fn infer(
 }
 
 /// The steps of one inference request that can fail.
+/// An error of [`serve`], and whether the body was left unread.
+struct Failed {
+    error: Error,
+    body_unread: bool,
+}
+
+/// An error raised before the body was read.
+struct Unread(Error);
+
+impl From<Error> for Failed {
+    fn from(error: Error) -> Self {
+        Failed {
+            error,
+            body_unread: false,
+        }
+    }
+}
+
+impl From<Unread> for Failed {
+    fn from(Unread(error): Unread) -> Self {
+        Failed {
+            error,
+            body_unread: true,
+        }
+    }
+}
+
 async fn serve(
     state: &State,
     call: &mut Call<'_>,
     request: Request<Incoming>,
-) -> Result<(HttpResponse, Answer), Error> {
-    let json_length = json_length(request.headers())?;
-    let coding = content_coding(request.headers())?;
-    // A version that would refuse costs no upload.
-    call.admissible()?;
+) -> Result<(HttpResponse, Answer), Failed> {
     let limit = state.config.max_body_bytes;
+    // A version that would refuse costs no upload: the body is drained in
+    // the background (so the refusal is not lost to a reset) and the
+    // connection closed.
+    let early = json_length(request.headers()).and_then(|json_length| {
+        let coding = content_coding(request.headers())?;
+        call.admissible()?;
+        Ok((json_length, coding))
+    });
+    let (json_length, coding) = match early {
+        Ok(found) => found,
+        Err(e) => {
+            drain(request.into_body(), limit);
+            return Err(Unread(e).into());
+        }
+    };
     let body = read_body(call, request, limit, state.config.body_read_timeout).await?;
     let body = match coding {
         Coding::Identity => body,
@@ -292,7 +335,8 @@ async fn serve(
             decoded
         }
     };
-    let request = protocol::decode_infer_request(&body, json_length, state.config.decode)?;
+    let request = protocol::decode_infer_request(&body, json_length, state.config.decode)
+        .map_err(Error::from)?;
     call.release(body.len());
     drop(body);
     let outputs = call.infer(&request).await?;
@@ -404,10 +448,16 @@ enum Coding {
 }
 
 fn content_coding(headers: &HeaderMap) -> Result<Coding, Error> {
-    let Some(value) = headers.get(header::CONTENT_ENCODING) else {
+    let mut values = headers.get_all(header::CONTENT_ENCODING).iter();
+    let Some(value) = values.next() else {
         return Ok(Coding::Identity);
     };
-    let text = value.to_str().unwrap_or("").trim();
+    if values.next().is_some() {
+        return Err(Error::Encoding(
+            "more than one Content-Encoding; send the body as is, gzip or deflate".into(),
+        ));
+    }
+    let text = value.to_str().unwrap_or("unreadable").trim();
     if text.is_empty() || text.eq_ignore_ascii_case("identity") {
         Ok(Coding::Identity)
     } else if text.eq_ignore_ascii_case("gzip") || text.eq_ignore_ascii_case("x-gzip") {

@@ -88,11 +88,6 @@ impl ValidationError {
         self.total == 0
     }
 
-    /// Every violation.
-    pub fn total(&self) -> u64 {
-        self.total
-    }
-
     /// The described violations, in the order found.
     pub fn messages(&self) -> &[String] {
         &self.listed
@@ -106,24 +101,6 @@ impl ValidationError {
     /// Whether every violation breaks a value rule (see [`is_value_rule`]).
     pub fn value_rules_only(&self) -> bool {
         self.counts.iter().all(|c| is_value_rule(c.rule))
-    }
-
-    /// Adds another check's violations.
-    pub fn extend(&mut self, other: ValidationError) {
-        for message in other.listed {
-            if self.listed.len() < MAX_LISTED {
-                self.listed.push(message);
-            }
-        }
-        for count in other.counts {
-            match self.counts.iter_mut().find(|c| {
-                c.rule == count.rule && c.feature == count.feature && c.input == count.input
-            }) {
-                Some(c) => c.n += count.n,
-                None => self.counts.push(count),
-            }
-        }
-        self.total += other.total;
     }
 
     fn into_result(self) -> Result<(), ValidationError> {
