@@ -522,8 +522,8 @@ async fn post_encoded(
     send(gw.addr, request).await
 }
 
-/// The p99 of `n` sequential requests to the healthy model.
-async fn healthy_p99(gw: &TestGateway, n: usize) -> Duration {
+/// The latencies of `n` sequential requests to the healthy model, sorted.
+async fn healthy_latencies(gw: &TestGateway, n: usize) -> Vec<Duration> {
     let mut client = gw.client().await;
     let body = pr_features(1);
     let mut times = Vec::with_capacity(n);
@@ -533,7 +533,16 @@ async fn healthy_p99(gw: &TestGateway, n: usize) -> Duration {
         times.push(reply.elapsed);
     }
     times.sort();
-    times[(n * 99 / 100).min(n - 1)]
+    times
+}
+
+/// The `q` quantile of sorted latencies.
+fn quantile(times: &[Duration], q: f64) -> Duration {
+    times[((times.len() as f64 * q) as usize).min(times.len() - 1)]
+}
+
+async fn healthy_p99(gw: &TestGateway, n: usize) -> Duration {
+    quantile(&healthy_latencies(gw, n).await, 0.99)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -587,10 +596,10 @@ async fn a_slow_challenger_gets_fewer_copies_not_more_cpu() {
         &single_version_policy("healthy", "ttm-rules-v1", ""),
     )])
     .await;
-    let before = healthy_p99(&gw, 300).await;
+    let before = healthy_latencies(&gw, 300).await;
     gw.write_policy("healthy.toml", shadowed);
     assert_eq!(gw.reload().await.status, 200);
-    let with_shadow = healthy_p99(&gw, 300).await;
+    let with_shadow = healthy_latencies(&gw, 300).await;
     // The one copy the budget let run finishes a little later.
     let mut m = gw.metrics().await;
     let finished = |m: &crate::support::Metrics| {
@@ -613,7 +622,11 @@ async fn a_slow_challenger_gets_fewer_copies_not_more_cpu() {
         )
     };
     eprintln!(
-        "champion p99: {before:?} alone, {with_shadow:?} with a 100 % slow shadow; copies run {}, dropped {}",
+        "champion p50/p99: {:?}/{:?} alone, {:?}/{:?} with a 100 % slow shadow; copies run {}, dropped {}",
+        quantile(&before, 0.5),
+        quantile(&before, 0.99),
+        quantile(&with_shadow, 0.5),
+        quantile(&with_shadow, 0.99),
         result("disagree"),
         result("dropped")
     );
@@ -622,18 +635,22 @@ async fn a_slow_challenger_gets_fewer_copies_not_more_cpu() {
     assert!(result("disagree") + result("error") >= 1.0);
     assert!(result("dropped") >= 250.0, "{}", result("dropped"));
     // The baseline before and after (the larger: other tests share the
-    // cores). Before the budget and the shadow thread this read 4.1 ms
-    // against 0.25 ms; the 10 % target itself is measured by `cargo bench
-    // --bench load`, where nothing else runs.
+    // cores). Before the budget and the shadow thread the p99 read 4.1 ms
+    // against 0.25 ms; the 10 % target itself is for `cargo bench --bench
+    // load`, where nothing else runs.
     gw.write_policy(
         "healthy.toml",
         &single_version_policy("healthy", "ttm-rules-v1", ""),
     );
     assert_eq!(gw.reload().await.status, 200);
-    let quiet = before.max(healthy_p99(&gw, 300).await);
+    // The median, not the p99: one stall of a loaded CI machine moves a
+    // p99 of 300 requests; a shadow that competes with the champion (16
+    // copies at once, before the budget) moves every request.
+    let quiet = quantile(&before, 0.5).max(quantile(&healthy_latencies(&gw, 300).await, 0.5));
+    let shadowed = quantile(&with_shadow, 0.5);
     assert!(
-        with_shadow <= quiet * 2 + Duration::from_millis(2),
-        "champion p99 {with_shadow:?} with the shadow, {quiet:?} without"
+        shadowed <= quiet * 2 + Duration::from_millis(1),
+        "champion p50 {shadowed:?} with the shadow, {quiet:?} without"
     );
     gw.shutdown().await;
 }

@@ -315,18 +315,31 @@ impl OnnxModel {
         }
     }
 
-    /// Computes a batch a chunk of rows at a time when every input has the
-    /// same first (batch) dimension and every output keeps it; stops
-    /// between chunks past `deadline` or once `abandoned`.
+    /// Computes a batch a chunk of rows at a time when every input's first
+    /// dimension is an open batch dimension of the same size and every
+    /// output keeps it; stops between chunks past `deadline` or once
+    /// `abandoned`. This assumes rows are computed independently, as in
+    /// every scikit-learn export (the zoo's conformance tests check it);
+    /// a model that mixes rows along an open batch axis would need
+    /// chunking off, which is not yet a policy setting.
     fn compute_in_chunks(
         &self,
         values: TVec<Tensor>,
         deadline: std::time::Instant,
         abandoned: &AtomicBool,
     ) -> Result<TVec<Tensor>, Stopped> {
+        // Only a batch dimension the model leaves open (-1 in its
+        // signature: the model was built for any number of rows) is cut;
+        // a fixed first dimension may be anything but rows.
+        let open_batch = self
+            .info
+            .inputs
+            .iter()
+            .all(|spec| spec.shape.first() == Some(&-1));
         let rows = values.first().and_then(|v| v.shape().first().copied());
-        let batched =
-            rows.filter(|&rows| values.iter().all(|v| v.rank() >= 1 && v.shape()[0] == rows));
+        let batched = rows.filter(|&rows| {
+            open_batch && values.iter().all(|v| v.rank() >= 1 && v.shape()[0] == rows)
+        });
         let Some(rows) = batched else {
             return self.compute(values).map_err(Stopped::Onnx);
         };
@@ -346,7 +359,12 @@ impl OnnxModel {
                 .map(|v| v.slice(0, start, end))
                 .collect::<TractResult<TVec<Tensor>>>()
                 .map_err(|e| Stopped::Onnx(OnnxError::Compute(format!("{e:#}"))))?;
-            let outputs = self.compute(slice).map_err(Stopped::Onnx)?;
+            let outputs = match self.compute(slice) {
+                Ok(outputs) => outputs,
+                // A model that cannot take a part of the batch: whole.
+                Err(_) if start == 0 => return self.compute(values).map_err(Stopped::Onnx),
+                Err(e) => return Err(Stopped::Onnx(e)),
+            };
             if !outputs
                 .iter()
                 .all(|o| o.rank() >= 1 && o.shape()[0] == end - start)
