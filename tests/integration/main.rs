@@ -8,6 +8,7 @@ mod binary;
 mod bounds;
 mod compat;
 mod hostile;
+mod memory;
 mod monitoring;
 mod onnx;
 mod policy_check;
