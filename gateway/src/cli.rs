@@ -89,8 +89,8 @@ struct ServeArgs {
     /// deadline, then get 503.
     #[arg(long, default_value_t = 4096)]
     max_sandbox_memory_mebibytes: usize,
-    /// Percent of the machine's CPU time shadow calls may use.
-    #[arg(long, default_value_t = 10.0)]
+    /// Percent of the machine's CPU time shadow calls may use (0 to 100).
+    #[arg(long, default_value_t = 10.0, value_parser = percent)]
     shadow_cpu_percent: f64,
     /// Seconds in-flight requests get to finish at shutdown.
     #[arg(long, default_value_t = 10)]
@@ -107,12 +107,20 @@ struct ServeArgs {
     reload_debounce_ms: u64,
 }
 
+/// A percentage from 0 to 100.
+fn percent(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{text:?} is not a percentage from 0 to 100")),
+    }
+}
+
 impl PolicyArgs {
     fn options(&self, listen: SocketAddr) -> ServeOptions {
         let mut options =
             ServeOptions::new(listen, self.policies.clone(), self.plugin_dirs.clone());
         options.runtime.max_instances = self.max_instances;
-        options.runtime.max_memory_bytes = self.max_memory_mebibytes << 20;
+        options.runtime.max_memory_bytes = self.max_memory_mebibytes.saturating_mul(1 << 20);
         options
     }
 }
@@ -165,8 +173,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
     options.server.body_read_timeout = std::time::Duration::from_secs(args.body_read_timeout_secs);
     options.server.max_header_value_bytes = args.max_header_value_bytes;
     options.pipeline = crate::pipeline::PipelineConfig {
-        max_inflight_bytes: args.max_inflight_mebibytes << 20,
-        max_sandbox_memory_bytes: args.max_sandbox_memory_mebibytes << 20,
+        max_inflight_bytes: args.max_inflight_mebibytes.saturating_mul(1 << 20),
+        max_sandbox_memory_bytes: args.max_sandbox_memory_mebibytes.saturating_mul(1 << 20),
         shadow_cpu_percent: args.shadow_cpu_percent,
     };
     options.server.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace_secs);
