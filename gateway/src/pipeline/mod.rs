@@ -102,17 +102,13 @@ impl Pipeline {
     ) -> Result<Call<'a>, Error> {
         let start = Instant::now();
         match snapshot.route(model, pinned, headers) {
-            Ok((model, version, route)) => Ok(Call {
-                pipeline: self,
+            Ok((model, version, route)) => Ok(Call::new(
+                self,
                 model,
                 version,
                 route,
-                start,
-                bytes: budget::Held::none(&self.bytes),
-                pass: Pass::Closed,
-                _busy: Some(Busy::enter(&self.load)),
-                recorded: false,
-            }),
+                Some(Busy::enter(&self.load)),
+            )),
             Err(e) => {
                 let error = Error::from(e);
                 self.telemetry.record_request(
@@ -161,6 +157,28 @@ pub struct Answer {
 }
 
 impl<'a> Call<'a> {
+    /// A call of `version` starting now; `busy` marks a served request in
+    /// flight (shadow copies have none).
+    fn new(
+        pipeline: &'a Arc<Pipeline>,
+        model: &'a Arc<Model>,
+        version: &'a Arc<Version>,
+        route: Route,
+        busy: Option<Busy<'a>>,
+    ) -> Self {
+        Call {
+            pipeline,
+            model,
+            version,
+            route,
+            start: Instant::now(),
+            bytes: budget::Held::none(&pipeline.bytes),
+            pass: Pass::Closed,
+            _busy: busy,
+            recorded: false,
+        }
+    }
+
     /// Whether the version could take the request now: its circuit
     /// breaker is closed (or this is its probe) and its queue has room.
     /// Front ends ask before reading the body, so a version that would
@@ -287,12 +305,7 @@ impl<'a> Call<'a> {
         version
             .metrics
             .plugin_call(&version.model, &version.name, called.elapsed());
-        let outputs = outputs.map_err(|error| Error::Plugin {
-            model: version.model.clone(),
-            version: version.name.clone(),
-            backend: version.backend.describe(),
-            error,
-        })?;
+        let outputs = outputs.map_err(|error| self.plugin_error(error))?;
         self.check_outputs(&outputs)?;
         if let Some(labels) = version
             .label_output
@@ -337,15 +350,18 @@ impl<'a> Call<'a> {
             .schema
             .as_ref()
             .is_some_and(|s| s.allow_nan_outputs);
-        validate::check_outputs(outputs, version.backend.info(), allow_nan).map_err(|e| {
-            Error::Plugin {
-                model: version.model.clone(),
-                version: version.name.clone(),
-                backend: version.backend.describe(),
-                error: crate::runtime::PluginError::MalformedOutput(e),
-            }
-        })?;
+        validate::check_outputs(outputs, version.backend.info(), allow_nan)
+            .map_err(|e| self.plugin_error(crate::runtime::PluginError::MalformedOutput(e)))?;
         self.hold(bytes)
+    }
+
+    fn plugin_error(&self, error: crate::runtime::PluginError) -> Error {
+        Error::Plugin {
+            model: self.version.model.clone(),
+            version: self.version.name.clone(),
+            backend: self.version.backend.describe(),
+            error,
+        }
     }
 
     fn unavailable(&self, why: Unavailable) -> Error {
@@ -364,8 +380,13 @@ impl<'a> Call<'a> {
         if let Ok(answer) = result
             && !matches!(self.route, Route::Pinned | Route::Shadow)
         {
-            let saturated = self._busy.as_ref().is_some_and(Busy::saturated);
-            shadows::dispatch(self.pipeline, self.model, self.version, answer, saturated);
+            shadows::dispatch(
+                self.pipeline,
+                self.model,
+                self.version,
+                answer,
+                self._busy.as_ref(),
+            );
         }
     }
 

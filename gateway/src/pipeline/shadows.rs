@@ -23,53 +23,48 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use super::{Answer, Call, Error, Pipeline, Wait, budget};
-use crate::router::breaker::Pass;
+use super::{Answer, Call, Error, Pipeline, Wait};
 use crate::router::{self, Model, Route, Version};
-use crate::shadow::compare;
+use crate::shadow::{Busy, compare};
 use crate::telemetry::Escaped;
 use crate::validate;
 
 /// Copies an answered request to the model's challengers, if it has any,
 /// the request is sampled and there is room (see the module's doc).
+/// `busy` is the served request's mark in its server's load: saturation
+/// is measured only once a copy is due, so a model without shadows never
+/// starts the probe.
 pub(super) fn dispatch(
     pipeline: &Arc<Pipeline>,
     model: &Arc<Model>,
     answered: &Arc<Version>,
     answer: Answer,
-    saturated: bool,
+    busy: Option<&Busy<'_>>,
 ) {
     let Some(shadow) = &model.shadow else { return };
     if !router::sampled(shadow.sample_percent) {
         return;
     }
+    let saturated = busy.is_some_and(Busy::saturated);
     let answer = Arc::new(answer);
     for challenger in &shadow.versions {
         if Arc::ptr_eq(challenger, answered) {
             continue;
         }
-        let permit = match shadow.slots.clone().try_acquire_owned() {
-            Ok(permit) if !saturated => permit,
-            _ => {
-                challenger.metrics.telemetry().record_shadow(
-                    &model.name,
-                    &challenger.name,
-                    "dropped",
-                );
-                continue;
-            }
-        };
         let estimate = Duration::from_nanos(challenger.shadow_cost_ns.load(Ordering::Relaxed));
-        let running = match pipeline.shadow_cpu.start(estimate) {
-            Some(running) => running,
-            None => {
-                challenger.metrics.telemetry().record_shadow(
-                    &model.name,
-                    &challenger.name,
-                    "dropped",
-                );
-                continue;
-            }
+        let room = match shadow.slots.clone().try_acquire_owned() {
+            Ok(permit) if !saturated => pipeline
+                .shadow_cpu
+                .start(estimate)
+                .map(|running| (permit, running)),
+            _ => None,
+        };
+        let Some((permit, running)) = room else {
+            challenger
+                .metrics
+                .telemetry()
+                .record_shadow(&model.name, &challenger.name, "dropped");
+            continue;
         };
         let job = Job {
             pipeline: pipeline.clone(),
@@ -93,17 +88,13 @@ struct Job {
 
 impl Job {
     async fn run(self) {
-        let mut call = Call {
-            pipeline: &self.pipeline,
-            model: &self.model,
-            version: &self.challenger,
-            route: Route::Shadow,
-            start: Instant::now(),
-            bytes: budget::Held::none(&self.pipeline.bytes),
-            pass: Pass::Closed,
-            _busy: None,
-            recorded: false,
-        };
+        let mut call = Call::new(
+            &self.pipeline,
+            &self.model,
+            &self.challenger,
+            Route::Shadow,
+            None,
+        );
         let budget = &self.pipeline.shadow_cpu;
         let (result, cpu) = Budgeted::new(budget, async {
             call.admissible()?;
