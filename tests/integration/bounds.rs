@@ -14,7 +14,9 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{TestGateway, fp32_request, repo_root, send, single_version_policy};
+use crate::support::{
+    TestGateway, fp32_request, latencies, quantile, repo_root, send, single_version_policy,
+};
 
 fn pr_features(rows: usize) -> serde_json::Value {
     let row = [3.0, 40.0, 12.0, 4.0, 1.0, 2.0];
@@ -524,21 +526,7 @@ async fn post_encoded(
 
 /// The latencies of `n` sequential requests to the healthy model, sorted.
 async fn healthy_latencies(gw: &TestGateway, n: usize) -> Vec<Duration> {
-    let mut client = gw.client().await;
-    let body = pr_features(1);
-    let mut times = Vec::with_capacity(n);
-    for _ in 0..n {
-        let reply = client.post("/v2/models/healthy/infer", &body, &[]).await;
-        assert_eq!(reply.status, 200, "{}", reply.text());
-        times.push(reply.elapsed);
-    }
-    times.sort();
-    times
-}
-
-/// The `q` quantile of sorted latencies.
-fn quantile(times: &[Duration], q: f64) -> Duration {
-    times[((times.len() as f64 * q) as usize).min(times.len() - 1)]
+    latencies(gw, "/v2/models/healthy/infer", &pr_features(1), n).await
 }
 
 async fn healthy_p99(gw: &TestGateway, n: usize) -> Duration {

@@ -493,7 +493,6 @@ fn big_request(
 /// The p99 of `n` sequential requests to the example's trained version
 /// (a plugin running its ONNX model through wasi:nn).
 async fn trained_p99(gw: &TestGateway, n: usize) -> std::time::Duration {
-    let mut client = gw.client().await;
     let body = fp32_request(
         "pr_features",
         &[2, 6],
@@ -501,16 +500,8 @@ async fn trained_p99(gw: &TestGateway, n: usize) -> std::time::Duration {
             3.0, 40.0, 12.0, 4.0, 1.0, 2.0, 8.0, 900.0, 20.0, 9.0, 3.0, 2.0,
         ],
     );
-    let mut times = Vec::with_capacity(n);
-    for _ in 0..n {
-        let reply = client
-            .post("/v2/models/time-to-merge/versions/v2/infer", &body, &[])
-            .await;
-        assert_eq!(reply.status, 200, "{}", reply.text());
-        times.push(reply.elapsed);
-    }
-    times.sort();
-    times[(n * 99 / 100).min(n - 1)]
+    let path = "/v2/models/time-to-merge/versions/v2/infer";
+    crate::support::quantile(&crate::support::latencies(gw, path, &body, n).await, 0.99)
 }
 
 /// Twelve clients computing huge batches on one ONNX-only model take its

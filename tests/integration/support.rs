@@ -326,6 +326,25 @@ impl Reply {
     }
 }
 
+/// The latencies of `n` sequential POSTs of `body` to `path` on one
+/// keep-alive connection, each answered 200, sorted.
+pub async fn latencies(gw: &TestGateway, path: &str, body: &Value, n: usize) -> Vec<Duration> {
+    let mut client = gw.client().await;
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let reply = client.post(path, body, &[]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        times.push(reply.elapsed);
+    }
+    times.sort();
+    times
+}
+
+/// The `q` quantile of sorted latencies.
+pub fn quantile(times: &[Duration], q: f64) -> Duration {
+    times[((times.len() as f64 * q) as usize).min(times.len() - 1)]
+}
+
 /// A V2 request with one FP32 input.
 pub fn fp32_request(name: &str, shape: &[i64], data: &[f32]) -> Value {
     serde_json::json!({"inputs": [{"name": name, "shape": shape, "datatype": "FP32", "data": data}]})
