@@ -332,15 +332,9 @@ impl<'a> Call<'a> {
     /// what passes is held in the byte budget.
     fn check_outputs(&mut self, outputs: &[Tensor]) -> Result<(), Error> {
         let version = self.version;
-        let output_error = |problem| Error::Output {
-            model: version.model.clone(),
-            version: version.name.clone(),
-            backend: version.backend.describe(),
-            problem,
-        };
         let bytes: usize = outputs.iter().map(|t| t.data.len()).sum();
         if bytes > version.limits.max_output_bytes {
-            return Err(output_error(OutputProblem::TooLarge {
+            return Err(self.output_error(OutputProblem::TooLarge {
                 bytes,
                 limit: version.limits.max_output_bytes,
             }));
@@ -353,6 +347,16 @@ impl<'a> Call<'a> {
         validate::check_outputs(outputs, version.backend.info(), allow_nan)
             .map_err(|e| self.plugin_error(crate::runtime::PluginError::MalformedOutput(e)))?;
         self.hold(bytes)
+    }
+
+    /// An answer of this call's version that cannot go to the client.
+    pub fn output_error(&self, problem: OutputProblem) -> Error {
+        Error::Output {
+            model: self.version.model.clone(),
+            version: self.version.name.clone(),
+            backend: self.version.backend.describe(),
+            problem,
+        }
     }
 
     fn plugin_error(&self, error: crate::runtime::PluginError) -> Error {

@@ -349,12 +349,7 @@ async fn serve(
         outputs: &selected,
     }
     .encode()
-    .map_err(|e| Error::Output {
-        model: call.version.model.clone(),
-        version: call.version.name.clone(),
-        backend: call.version.backend.describe(),
-        problem: OutputProblem::Encode(e.to_string()),
-    })?;
+    .map_err(|e| call.output_error(OutputProblem::Encode(e.to_string())))?;
     drop(selected);
     call.hold(body.len())?;
     let mut response = json_ok(body);
@@ -398,11 +393,8 @@ fn select_outputs<'a>(
             let tensor = outputs
                 .iter()
                 .find(|t| t.name == wanted.name)
-                .ok_or_else(|| Error::Output {
-                    model: call.version.model.clone(),
-                    version: call.version.name.clone(),
-                    backend: call.version.backend.describe(),
-                    problem: OutputProblem::MissingRequested(wanted.name.clone()),
+                .ok_or_else(|| {
+                    call.output_error(OutputProblem::MissingRequested(wanted.name.clone()))
                 })?;
             Ok((tensor, binary(tensor, request.wants_binary(&wanted.name))))
         })
