@@ -23,10 +23,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use gateway::contract::CallLimits;
 use gateway::policy::LoadOptions;
 use gateway::protocol::{DecodeLimits, InferResponse, decode_infer_request};
 use gateway::router;
-use gateway::runtime::{CallLimits, Runtime, RuntimeConfig};
+use gateway::runtime::{Runtime, RuntimeConfig};
 use gateway::server;
 use http::{HeaderMap, HeaderValue};
 

@@ -66,18 +66,14 @@ fn main() {
     let built = target_dir.join(TARGET).join("release");
     let published = out_dir.join("plugins");
     fs::create_dir_all(&published).expect("create plugin directory");
-    let mut names = Vec::new();
     for entry in fs::read_dir(&built).expect("read plugin build directory") {
         let path = entry.expect("directory entry").path();
         if path.extension().is_some_and(|e| e == "wasm") {
             let stem = path.file_stem().expect("file stem").to_string_lossy();
             let name = stem.replace('_', "-");
             fs::copy(&path, published.join(format!("{name}.wasm"))).expect("copy plugin");
-            names.push(name);
         }
     }
-    names.sort();
-
     let mut code = String::new();
     writeln!(
         code,
@@ -90,8 +86,6 @@ fn main() {
         published.display().to_string()
     )
     .unwrap();
-    writeln!(code, "/// Names of the plugins in [`BUILT_PLUGIN_DIR`].").unwrap();
-    writeln!(code, "pub const BUILT_PLUGINS: &[&str] = &{names:?};").unwrap();
     fs::write(out_dir.join("plugins.rs"), code).expect("write plugins.rs");
 }
 

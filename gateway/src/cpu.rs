@@ -22,14 +22,14 @@ use std::task::{Context, Poll};
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 
 /// The machine's cores (what `available_parallelism` reports).
-pub fn cores() -> usize {
+pub(crate) fn cores() -> usize {
     static CORES: std::sync::LazyLock<usize> =
         std::sync::LazyLock::new(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     *CORES
 }
 
 /// The default share: half the cores, at least one.
-pub fn default_parallel() -> u32 {
+pub(crate) fn default_parallel() -> u32 {
     (cores() / 2).max(1) as u32
 }
 

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-pub use crate::runtime::bindings::{Datatype, Tensor, TensorSpec};
+pub use crate::contract::{Datatype, Tensor, TensorSpec};
 
 /// Every datatype, in V2 order.
 pub const ALL_DATATYPES: [Datatype; 12] = [

@@ -367,7 +367,7 @@ impl ModelView {
 /// Watches the policy folder and reloads `debounce` after the last change
 /// to a `*.toml` file (editors write a file in several steps). Reloading
 /// stops when the returned watcher is dropped.
-pub fn watch(
+pub(crate) fn watch(
     reloader: Arc<Reloader>,
     debounce: Duration,
 ) -> notify::Result<notify::RecommendedWatcher> {

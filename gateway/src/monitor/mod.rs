@@ -208,7 +208,7 @@ impl Stats {
 
 /// Population stability index of observed counts against expected
 /// proportions: sum of (a - e) ln(a / e), with proportions floored at 1e-4.
-pub fn psi(counts: &[u64], expected: &[f64]) -> f64 {
+pub(crate) fn psi(counts: &[u64], expected: &[f64]) -> f64 {
     let total = counts.iter().sum::<u64>().max(1) as f64;
     counts
         .iter()
@@ -249,7 +249,7 @@ pub struct Histogram {
 }
 
 /// One version's summaries, for rendering.
-pub struct VersionSummaries<'a> {
+pub(crate) struct VersionSummaries<'a> {
     pub model: &'a str,
     pub version: &'a str,
     pub features: Vec<FeatureSummary>,
@@ -258,7 +258,7 @@ pub struct VersionSummaries<'a> {
 /// Appends the Prometheus exposition of every version's features to `out`,
 /// one metric family at a time (the text format wants each family's lines
 /// together).
-pub fn render(out: &mut String, versions: &[VersionSummaries<'_>]) {
+pub(crate) fn render(out: &mut String, versions: &[VersionSummaries<'_>]) {
     let rows: Vec<(String, &FeatureSummary)> = versions
         .iter()
         .flat_map(|v| {

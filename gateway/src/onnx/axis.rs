@@ -40,7 +40,7 @@ struct AlongAxis {
 
 /// The ONNX node, before the input's rank is known.
 #[derive(Clone, Debug)]
-pub struct AlongAxisExpansion {
+pub(super) struct AlongAxisExpansion {
     kind: Kind,
     axis: i64,
     keep_dims: bool,
@@ -50,7 +50,7 @@ pub struct AlongAxisExpansion {
 
 /// `ReduceSum` (opset 13 on, axes as an input) over the one axis a constant
 /// input names, or `None` for other forms.
-pub fn reduce_sum_one_axis(
+pub(super) fn reduce_sum_one_axis(
     ctx: &ParsingContext,
     node: &NodeProto,
 ) -> TractResult<Option<AlongAxisExpansion>> {
@@ -80,7 +80,7 @@ pub fn reduce_sum_one_axis(
 }
 
 /// `ReduceLogSumExp` over one axis.
-pub fn log_sum_exp_one_axis(axis: i64, keep_dims: bool) -> AlongAxisExpansion {
+pub(super) fn log_sum_exp_one_axis(axis: i64, keep_dims: bool) -> AlongAxisExpansion {
     AlongAxisExpansion {
         kind: Kind::LogSumExp,
         axis,
@@ -89,7 +89,7 @@ pub fn log_sum_exp_one_axis(axis: i64, keep_dims: bool) -> AlongAxisExpansion {
     }
 }
 
-pub fn softmax(
+pub(super) fn softmax(
     ctx: &ParsingContext,
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
@@ -115,7 +115,7 @@ pub fn softmax(
     ))
 }
 
-pub fn arg_max_min(
+pub(super) fn arg_max_min(
     _ctx: &ParsingContext,
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
@@ -139,7 +139,7 @@ pub fn arg_max_min(
 }
 
 /// `shape` without the reduced `axes` (or with them as 1 with `keep_dims`).
-pub fn reduced_shape(shape: &[TDim], axes: &[usize], keep_dims: bool) -> TVec<TDim> {
+pub(super) fn reduced_shape(shape: &[TDim], axes: &[usize], keep_dims: bool) -> TVec<TDim> {
     shape
         .iter()
         .enumerate()
@@ -412,7 +412,7 @@ impl Expansion for AlongAxisExpansion {
 /// zip per element; GaussianNB's `[N, 1, F] - [1, C, F]` and friends were
 /// half its time. Other element types go to tract's own operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arith {
+pub(super) enum Arith {
     Sub,
     Mul,
     Div,
@@ -429,7 +429,7 @@ impl Arith {
     }
 }
 
-pub fn arith(kind: Arith) -> Box<dyn InferenceOp> {
+pub(super) fn arith(kind: Arith) -> Box<dyn InferenceOp> {
     expand(ArithExpansion(
         kind,
         tract_onnx::tract_hir::ops::binary::InferenceBinOp(kind.tract()),

@@ -17,7 +17,7 @@ use tract_onnx::tract_hir::internal::*;
 use super::trees::{Labels, PostTransform, apply, tensor2d};
 
 #[derive(Debug)]
-pub struct Linear {
+pub(super) struct Linear {
     /// `[classes or 1][features]`, row-major.
     coefficients: Vec<f32>,
     intercepts: Vec<f32>,
@@ -27,7 +27,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn parse(node: &NodeProto) -> TractResult<Linear> {
+    pub(super) fn parse(node: &NodeProto) -> TractResult<Linear> {
         Self::parse_inner(node).map_err(|e| format_err!("{} `{}`: {e}", node.op_type, node.name))
     }
 
@@ -102,7 +102,7 @@ impl Linear {
 
 /// The tract operator: `[N, F]` in, `label [N]` and `scores [N, C]` out.
 #[derive(Clone, Debug)]
-pub struct LinearOp(pub Arc<Linear>);
+pub(super) struct LinearOp(pub Arc<Linear>);
 
 impl PartialEq for LinearOp {
     fn eq(&self, other: &Self) -> bool {
@@ -159,7 +159,7 @@ impl TypedOp for LinearOp {
 }
 
 #[derive(Clone, Debug)]
-pub struct LinearExpansion(pub LinearOp);
+pub(super) struct LinearExpansion(pub LinearOp);
 
 impl Expansion for LinearExpansion {
     fn name(&self) -> StaticName {

@@ -27,8 +27,7 @@ use tokio::sync::Semaphore;
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
-use crate::runtime::bindings::ModelInfo;
-use crate::runtime::{CallLimits, PluginError};
+use crate::contract::{CallLimits, ModelInfo, PluginError};
 use crate::tensor::{Datatype, Tensor as WireTensor, TensorSpec};
 
 /// ONNX computations that may run on the blocking pool at once in the
@@ -121,7 +120,7 @@ impl OnnxModel {
         Ok(OnnxModel {
             name,
             path: path.to_path_buf(),
-            content_hash: crate::runtime::content_hash(bytes),
+            content_hash: crate::contract::content_hash(bytes),
             plan,
             info,
             input_types,

@@ -19,7 +19,7 @@ use tract_onnx::tract_hir::internal::*;
 use super::linear::{Linear, LinearExpansion, LinearOp};
 use super::trees::{Ensemble, TreeEnsembleExpansion, TreeEnsembleOp};
 
-pub fn register(reg: &mut OnnxOpRegister) {
+pub(super) fn register(reg: &mut OnnxOpRegister) {
     reg.insert("Scaler", scaler);
     reg.insert("Normalizer", normalizer);
     reg.insert("ZipMap", zipmap);

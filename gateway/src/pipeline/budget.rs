@@ -12,13 +12,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Bytes that requests in flight may hold together.
 #[derive(Debug)]
-pub struct Bytes {
+pub(super) struct Bytes {
     used: AtomicUsize,
     limit: usize,
 }
 
 impl Bytes {
-    pub fn new(limit: usize) -> Arc<Self> {
+    pub(super) fn new(limit: usize) -> Arc<Self> {
         Arc::new(Bytes {
             used: AtomicUsize::new(0),
             limit,
@@ -27,20 +27,20 @@ impl Bytes {
 
     /// Bytes held now.
     #[cfg(test)]
-    pub fn used(&self) -> usize {
+    pub(crate) fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
 }
 
 /// What one request holds of a [`Bytes`] budget; given back when dropped.
 #[derive(Debug)]
-pub struct Held {
+pub(super) struct Held {
     budget: Arc<Bytes>,
     bytes: usize,
 }
 
 impl Held {
-    pub fn none(budget: &Arc<Bytes>) -> Self {
+    pub(super) fn none(budget: &Arc<Bytes>) -> Self {
         Held {
             budget: budget.clone(),
             bytes: 0,
@@ -48,7 +48,7 @@ impl Held {
     }
 
     /// Takes `more` bytes of the budget, or none if that would pass it.
-    pub fn grow(&mut self, more: usize) -> Result<(), usize> {
+    pub(super) fn grow(&mut self, more: usize) -> Result<(), usize> {
         let budget = &self.budget;
         let mut used = budget.used.load(Ordering::Relaxed);
         loop {
@@ -70,7 +70,7 @@ impl Held {
     }
 
     /// Gives back `less` of what is held (a body dropped after decoding).
-    pub fn shrink(&mut self, less: usize) {
+    pub(super) fn shrink(&mut self, less: usize) {
         let less = less.min(self.bytes);
         self.bytes -= less;
         self.budget.used.fetch_sub(less, Ordering::AcqRel);
@@ -86,20 +86,20 @@ impl Drop for Held {
 /// Sandbox memory, in MiB: a plugin call holds its version's memory cap
 /// while it runs. A call waits for memory no longer than its deadline.
 #[derive(Debug)]
-pub struct SandboxMemory {
+pub(super) struct SandboxMemory {
     mebibytes: Arc<Semaphore>,
     limit_bytes: usize,
 }
 
 impl SandboxMemory {
-    pub fn new(limit_bytes: usize) -> Self {
+    pub(super) fn new(limit_bytes: usize) -> Self {
         SandboxMemory {
             mebibytes: Arc::new(Semaphore::new((limit_bytes >> 20).max(1))),
             limit_bytes,
         }
     }
 
-    pub fn limit_bytes(&self) -> usize {
+    pub(super) fn limit_bytes(&self) -> usize {
         self.limit_bytes
     }
 
@@ -107,7 +107,7 @@ impl SandboxMemory {
     /// at most; `None` when it cannot be had by then (or ever). `share` is
     /// the calling version's part of the budget, at most half of it: a
     /// flooded version cannot take the memory every other model needs.
-    pub async fn take(
+    pub(super) async fn take(
         &self,
         bytes: usize,
         deadline: Instant,

@@ -8,14 +8,14 @@ use std::fmt;
 
 use http::StatusCode;
 
+use crate::contract::PluginError;
 use crate::protocol::DecodeError;
 use crate::router::{AdmissionError, RouteError};
-use crate::runtime::PluginError;
 use crate::validate::ValidationError;
 
 /// What went wrong with a request, and whose fault it was.
 #[derive(Debug)]
-pub enum Error {
+pub(crate) enum Error {
     /// No endpoint at the path.
     NoEndpoint { path: String },
     /// A known path asked with the wrong method.
@@ -30,11 +30,7 @@ pub enum Error {
     Unauthorized,
     /// A request header breaks a rule (too long, not a number, ...);
     /// `detail` names it.
-    Header {
-        name: &'static str,
-        detail: String,
-        too_large: bool,
-    },
+    Header { detail: String, too_large: bool },
     /// The body could not be read.
     Body(BodyError),
     /// The body's `Content-Encoding` is not one the gateway decodes.
@@ -76,7 +72,7 @@ pub enum Error {
 
 /// Why a version refused a request without running it.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Unavailable {
+pub(crate) enum Unavailable {
     /// Its concurrency limit and queue are full, or the queue timed out.
     Admission(AdmissionError),
     /// Its circuit breaker is open after repeated failures.
@@ -89,7 +85,7 @@ pub enum Unavailable {
 
 /// Why an answer the plugin gave cannot go to the client.
 #[derive(Debug, Clone, PartialEq)]
-pub enum OutputProblem {
+pub(crate) enum OutputProblem {
     /// The outputs are larger than the version's `max_output_mebibytes`.
     TooLarge { bytes: usize, limit: usize },
     /// A requested output is missing from the answer.
@@ -100,7 +96,7 @@ pub enum OutputProblem {
 
 /// Why a request body could not be read.
 #[derive(Debug, Clone, PartialEq)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     TooLarge { limit: usize },
     Timeout { seconds: u64 },
     Read(String),
@@ -109,7 +105,7 @@ pub enum BodyError {
 impl Error {
     /// The HTTP status. 4xx: the client's request; 5xx: the gateway or the
     /// plugin failed, or is overloaded.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             Error::NoEndpoint { .. } | Error::Route(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -147,7 +143,7 @@ impl Error {
     }
 
     /// The `kind` label of the error metrics: a fixed set, never request text.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Error::NoEndpoint { .. } => "no_endpoint",
             Error::MethodNotAllowed { .. } => "method",
@@ -179,7 +175,7 @@ impl Error {
     }
 
     /// Seconds after which a retry may succeed (503s only).
-    pub fn retry_after(&self) -> Option<u32> {
+    pub(crate) fn retry_after(&self) -> Option<u32> {
         match self {
             Error::Unavailable {
                 why: Unavailable::CircuitOpen { retry_in_secs, .. },
@@ -197,7 +193,7 @@ impl Error {
     /// Whether the plugin (or its model) is to blame: counted in
     /// `gateway_plugin_errors_total` and by the circuit breaker when it is
     /// the plugin's own failure (not a request it rejected).
-    pub fn plugin_failure(&self) -> Option<&'static str> {
+    pub(crate) fn plugin_failure(&self) -> Option<&'static str> {
         match self {
             Error::Plugin { error, .. } => Some(plugin_kind(error)),
             Error::Output { .. } => Some(self.kind()),
@@ -207,7 +203,7 @@ impl Error {
 
     /// Whether the connection must close after the response: the body was
     /// not read to its end.
-    pub fn closes_connection(&self) -> bool {
+    pub(crate) fn closes_connection(&self) -> bool {
         matches!(
             self,
             Error::Body(BodyError::TooLarge { .. } | BodyError::Timeout { .. })

@@ -12,7 +12,7 @@
 //! [`Error`]; nothing here knows HTTP beyond the status an error maps to.
 
 mod budget;
-pub mod error;
+pub(crate) mod error;
 mod shadows;
 
 use std::sync::Arc;
@@ -20,13 +20,13 @@ use std::time::Instant;
 
 use http::HeaderMap;
 
-pub use error::{BodyError, Error, OutputProblem, Unavailable};
+pub(crate) use error::{BodyError, Error, OutputProblem, Unavailable};
 
+use crate::contract::{CallLimits, PluginError};
 use crate::policy::Mode;
 use crate::protocol::InferRequest;
 use crate::router::breaker::{Outcome, Pass, Transition};
 use crate::router::{Model, Route, Snapshot, Version};
-use crate::runtime::CallLimits;
 use crate::shadow::{Busy, Load};
 use crate::telemetry::{self, Escaped};
 use crate::tensor::Tensor;
@@ -55,7 +55,7 @@ impl Default for PipelineConfig {
 }
 
 /// What every request of one server shares.
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     /// How busy the server is: shadows only use spare CPU.
     pub(crate) load: Arc<Load>,
     bytes: Arc<budget::Bytes>,
@@ -69,7 +69,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// A pipeline; its saturation probe runs on the current runtime, its
     /// shadow calls on a thread of their own.
-    pub fn new(
+    pub(crate) fn new(
         config: PipelineConfig,
         telemetry: Arc<telemetry::Telemetry>,
     ) -> std::io::Result<Arc<Self>> {
@@ -86,14 +86,14 @@ impl Pipeline {
     }
 
     /// The server's metrics.
-    pub fn telemetry(&self) -> &telemetry::Telemetry {
+    pub(crate) fn telemetry(&self) -> &telemetry::Telemetry {
         &self.telemetry
     }
 
     /// The version that serves a request (pinned, canary or champion) and
     /// the call that will serve it. Unknown model or version: recorded
     /// under `_unknown` and returned.
-    pub fn route<'a>(
+    pub(crate) fn route<'a>(
         self: &'a Arc<Self>,
         snapshot: &'a Snapshot,
         model: &str,
@@ -125,7 +125,7 @@ impl Pipeline {
 }
 
 /// One request (or shadow copy) on its way through the pipeline.
-pub struct Call<'a> {
+pub(crate) struct Call<'a> {
     pipeline: &'a Arc<Pipeline>,
     pub model: &'a Arc<Model>,
     pub version: &'a Arc<Version>,
@@ -151,7 +151,7 @@ impl Drop for Call<'_> {
 }
 
 /// A successful answer, handed to [`Call::finish`] after it was encoded.
-pub struct Answer {
+pub(crate) struct Answer {
     pub inputs: Vec<Tensor>,
     pub outputs: Vec<Tensor>,
 }
@@ -183,7 +183,7 @@ impl<'a> Call<'a> {
     /// breaker is closed (or this is its probe) and its queue has room.
     /// Front ends ask before reading the body, so a version that would
     /// refuse costs no upload.
-    pub fn admissible(&mut self) -> Result<(), Error> {
+    pub(crate) fn admissible(&mut self) -> Result<(), Error> {
         let version = self.version;
         match version.breaker.check() {
             Ok(pass) => self.pass = pass,
@@ -202,7 +202,7 @@ impl<'a> Call<'a> {
 
     /// Holds `bytes` more of the process's budget for requests in flight
     /// (the body as it arrives, decoded tensors, outputs, the answer).
-    pub fn hold(&mut self, bytes: usize) -> Result<(), Error> {
+    pub(crate) fn hold(&mut self, bytes: usize) -> Result<(), Error> {
         self.bytes.grow(bytes).map_err(|budget| {
             let needed = bytes;
             Error::Unavailable {
@@ -215,12 +215,12 @@ impl<'a> Call<'a> {
 
     /// Gives back `bytes` of what [`Call::hold`] took (a body dropped
     /// after decoding).
-    pub fn release(&mut self, bytes: usize) {
+    pub(crate) fn release(&mut self, bytes: usize) {
         self.bytes.shrink(bytes);
     }
 
     /// Validates a decoded request and runs it: the served path.
-    pub async fn infer(&mut self, request: &InferRequest) -> Result<Vec<Tensor>, Error> {
+    pub(crate) async fn infer(&mut self, request: &InferRequest) -> Result<Vec<Tensor>, Error> {
         self.hold(request.inputs.iter().map(|t| t.data.len()).sum())?;
         self.validate(request)?;
         if let Some(monitor) = self.model.monitors.get(&self.version.name) {
@@ -345,12 +345,12 @@ impl<'a> Call<'a> {
             .as_ref()
             .is_some_and(|s| s.allow_nan_outputs);
         validate::check_outputs(outputs, version.backend.info(), allow_nan)
-            .map_err(|e| self.plugin_error(crate::runtime::PluginError::MalformedOutput(e)))?;
+            .map_err(|e| self.plugin_error(PluginError::MalformedOutput(e)))?;
         self.hold(bytes)
     }
 
     /// An answer of this call's version that cannot go to the client.
-    pub fn output_error(&self, problem: OutputProblem) -> Error {
+    pub(crate) fn output_error(&self, problem: OutputProblem) -> Error {
         Error::Output {
             model: self.version.model.clone(),
             version: self.version.name.clone(),
@@ -359,7 +359,7 @@ impl<'a> Call<'a> {
         }
     }
 
-    fn plugin_error(&self, error: crate::runtime::PluginError) -> Error {
+    fn plugin_error(&self, error: PluginError) -> Error {
         Error::Plugin {
             model: self.version.model.clone(),
             version: self.version.name.clone(),
@@ -379,7 +379,7 @@ impl<'a> Call<'a> {
     /// Records how the request ended (see [`Call::record`]) and, for an
     /// answered unpinned request, sends the shadow copies. Call it after
     /// the answer was encoded.
-    pub fn finish(mut self, result: Result<Answer, &Error>) {
+    pub(crate) fn finish(mut self, result: Result<Answer, &Error>) {
         self.record(result.as_ref().map(|_| ()).map_err(|e| *e));
         if let Ok(answer) = result
             && !matches!(self.route, Route::Pinned | Route::Shadow)

@@ -129,14 +129,6 @@ pub enum Serving {
     Onnx(PathBuf),
 }
 
-impl Serving {
-    pub fn path(&self) -> &Path {
-        match self {
-            Serving::Plugin(p) | Serving::Onnx(p) => p,
-        }
-    }
-}
-
 /// An ONNX model a version's plugin may load by name.
 #[derive(Clone, Debug)]
 pub struct ModelFile {

@@ -9,7 +9,7 @@ use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use crate::tensor::Datatype;
 
 /// The typed output buffer and how many elements it holds.
-pub struct ElementSink {
+pub(super) struct ElementSink {
     pub datatype: Datatype,
     pub data: Vec<u8>,
     pub count: usize,
@@ -31,7 +31,7 @@ enum Form {
 }
 
 impl ElementSink {
-    pub fn new(datatype: Datatype, limit: usize, capacity_hint: usize) -> Self {
+    pub(super) fn new(datatype: Datatype, limit: usize, capacity_hint: usize) -> Self {
         let bytes = datatype
             .element_size()
             .unwrap_or(8)
@@ -187,11 +187,11 @@ impl ElementSink {
 
 /// The seed for one JSON value inside `data`: a scalar or a nested array,
 /// at a nesting depth (0: `data` itself).
-pub struct Elements<'s>(pub &'s mut ElementSink, usize);
+pub(super) struct Elements<'s>(pub &'s mut ElementSink, usize);
 
 impl<'s> Elements<'s> {
     /// The seed for `data` itself.
-    pub fn top(sink: &'s mut ElementSink) -> Self {
+    pub(super) fn top(sink: &'s mut ElementSink) -> Self {
         Elements(sink, 0)
     }
 }

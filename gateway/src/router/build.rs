@@ -40,7 +40,7 @@ pub async fn load(
 }
 
 /// Assembles a snapshot from checked policies (see the module docs).
-pub async fn build(
+pub(super) async fn build(
     policies: Vec<ModelPolicy>,
     runtime: &Runtime,
     previous: Option<&Snapshot>,
@@ -140,7 +140,7 @@ fn new_version(model: &str, v: &VersionPolicy, backend: Backend, runtime: &Runti
         backend,
         limits: v.limits,
         label_output,
-        metrics: crate::telemetry::VersionMetrics::new(runtime.telemetry().clone()),
+        metrics: super::VersionMetrics::new(runtime.telemetry().clone()),
         error_log: Default::default(),
         admission: Admission::new(v.limits.max_concurrency, v.limits.max_queue),
         breaker: super::breaker::Breaker::new(v.limits.breaker_failures, v.limits.breaker_cooldown),
@@ -366,7 +366,7 @@ impl<T: ContentHash> FileCache<T> {
                 path.display()
             )),
             Ok(bytes) => match self.previous.get(&key) {
-                Some(old) if old.content_hash() == crate::runtime::content_hash(&bytes) => {
+                Some(old) if old.content_hash() == crate::contract::content_hash(&bytes) => {
                     report.reused.push(path.to_path_buf());
                     Ok(old.clone())
                 }

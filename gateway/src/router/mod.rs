@@ -9,6 +9,7 @@
 mod admission;
 pub mod breaker;
 mod build;
+mod metrics;
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -21,11 +22,13 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use admission::Admission;
 pub use admission::AdmissionError;
-pub use build::{BuildReport, build, load};
+pub use build::load;
+pub use metrics::VersionMetrics;
 
+use crate::contract::{CallLimits, PluginError};
 use crate::policy::{Limits, ModelPolicy};
-use crate::runtime::{Backend, CallLimits, InstancePool, PluginError};
-use crate::telemetry::{LogLimiter, VersionMetrics};
+use crate::runtime::{Backend, InstancePool};
+use crate::telemetry::LogLimiter;
 use crate::tensor::Tensor;
 
 /// All models, ready to serve.
@@ -156,14 +159,6 @@ impl fmt::Display for RouteError {
 }
 
 impl Snapshot {
-    /// An empty snapshot: serves nothing.
-    pub fn empty() -> Self {
-        Snapshot {
-            models: BTreeMap::new(),
-            generation: 0,
-        }
-    }
-
     pub fn models(&self) -> impl Iterator<Item = &Arc<Model>> {
         self.models.values()
     }

@@ -14,6 +14,7 @@ wasmtime::component::bindgen!({
         default: trappable,
     },
     with: {
+        "gateway:plugin/types": crate::contract::gateway::plugin::types,
         "wasi:nn/tensor.tensor": super::nn::NnTensor,
         "wasi:nn/graph.graph": super::nn::NnGraph,
         "wasi:nn/inference.graph-execution-context": super::nn::NnContext,
@@ -21,5 +22,4 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use self::gateway::plugin::types::{Datatype, TensorSpec};
 pub use self::wasi::nn;

@@ -22,13 +22,13 @@ use wasmtime::{
     PoolingAllocationConfig, Trap,
 };
 
+use crate::contract::{CallLimits, Error as GuestError, ModelInfo, PluginError, content_hash};
 use crate::onnx::{ModelSet, OnnxModel};
 use crate::telemetry::escape;
 use crate::tensor::{self, Tensor};
-use bindings::{ModelInfo, ModelPre};
+use bindings::ModelPre;
 pub use reuse::InstancePool;
 use reuse::Tickets;
-pub use sandbox::CallLimits;
 use sandbox::{Host, NotGranted};
 
 /// How often the engine's epoch advances: the granularity of deadlines and
@@ -141,10 +141,6 @@ impl Runtime {
         &self.telemetry
     }
 
-    pub fn config(&self) -> &RuntimeConfig {
-        &self.config
-    }
-
     /// Reads and loads the component at `path` (see [`Runtime::load_plugin_bytes`]).
     pub async fn load_plugin(&self, path: &Path) -> Result<Arc<Plugin>, LoadError> {
         let bytes = std::fs::read(path).map_err(|e| LoadError::Read(e.to_string()))?;
@@ -204,16 +200,6 @@ impl Runtime {
         self.telemetry.record_plugin_compiled();
         Ok(Arc::new(plugin))
     }
-}
-
-/// A fingerprint of a component's bytes: a reload recompiles a plugin only
-/// when it changes.
-pub fn content_hash(bytes: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    // Fixed keys: the same bytes give the same hash for the process's life.
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    hasher.finish()
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
@@ -309,10 +295,10 @@ impl Plugin {
             Ok(Ok(outputs)) => check_outputs(&outputs).map(|()| outputs),
             // A plugin's own words reach clients and logs: a few KiB of
             // them, control characters escaped.
-            Ok(Err(bindings::Error::InvalidInput(message))) => {
+            Ok(Err(GuestError::InvalidInput(message))) => {
                 Err(PluginError::Rejected(escape(&message)))
             }
-            Ok(Err(bindings::Error::Internal(message))) => {
+            Ok(Err(GuestError::Internal(message))) => {
                 return Err(PluginError::Failed(escape(&message)));
             }
             Err(error) => return Err(classify(error, kept.store.data(), limits)),
@@ -373,13 +359,6 @@ impl Backend {
         match self {
             Backend::Plugin { .. } => "wasm-component",
             Backend::Onnx(_) => "onnx",
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        match self {
-            Backend::Plugin { plugin, .. } => plugin.path(),
-            Backend::Onnx(model) => model.path(),
         }
     }
 
@@ -466,75 +445,6 @@ fn log_output(plugin: &str, host: &Host) {
             tracing::debug!(plugin, stream, output = %text, "plugin output");
         }
     }
-}
-
-/// Everything that can make a plugin call fail.
-#[derive(Debug, Clone, PartialEq)]
-pub enum PluginError {
-    /// The plugin's `infer` returned `invalid-input`: the caller's fault.
-    Rejected(String),
-    /// The plugin's `infer` returned `internal`.
-    Failed(String),
-    /// The call ran past its deadline and was interrupted.
-    Deadline { limit: Duration },
-    /// The plugin asked for more linear memory than its cap.
-    MemoryLimit {
-        limit_bytes: usize,
-        requested_bytes: usize,
-    },
-    /// The plugin panicked; the message is what it printed.
-    Panic(String),
-    /// The guest's stack overflowed.
-    StackOverflow,
-    /// The plugin called a host function it is not granted.
-    NotGranted(String),
-    /// Another trap (unreachable, out-of-bounds access, ...).
-    Trap(String),
-    /// The plugin returned tensors that break the layout rules.
-    MalformedOutput(String),
-    /// No sandbox slot was free (the pooling allocator is full).
-    Exhausted(String),
-    /// Anything else wasmtime reported.
-    Internal(String),
-}
-
-impl fmt::Display for PluginError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PluginError::Rejected(m) => write!(f, "rejected the input: {m}"),
-            PluginError::Failed(m) => write!(f, "failed: {m}"),
-            PluginError::Deadline { limit } => {
-                write!(
-                    f,
-                    "did not finish within its deadline of {} ms",
-                    limit.as_millis()
-                )
-            }
-            PluginError::MemoryLimit {
-                limit_bytes,
-                requested_bytes,
-            } => write!(
-                f,
-                "exceeded its memory limit of {} (asked for {})",
-                mebibytes(*limit_bytes),
-                mebibytes(*requested_bytes)
-            ),
-            PluginError::Panic(m) => write!(f, "panicked: {m}"),
-            PluginError::StackOverflow => f.write_str("overflowed its stack"),
-            PluginError::NotGranted(import) => write!(
-                f,
-                "called `{import}`, which plugins are not granted (no clocks, random numbers, files or network)"
-            ),
-            PluginError::Trap(m) => write!(f, "trapped: {m}"),
-            PluginError::MalformedOutput(m) => write!(f, "returned a malformed output: {m}"),
-            PluginError::Exhausted(m) => write!(f, "could not get a sandbox: {m}"),
-            PluginError::Internal(m) => write!(f, "failed in the runtime: {m}"),
-        }
-    }
-}
-
-fn mebibytes(bytes: usize) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// Turns a wasmtime error into the [`PluginError`] that explains it, using

@@ -20,12 +20,12 @@ use std::sync::Arc;
 use tract_onnx::prelude::{DatumType, Tensor};
 use wasmtime::component::Resource;
 
-use super::PluginError;
 use super::bindings::nn::errors::{self, ErrorCode};
 use super::bindings::nn::graph::{self, ExecutionTarget, GraphEncoding};
 use super::bindings::nn::inference;
 use super::bindings::nn::tensor::{self, TensorType};
 use super::sandbox::Host;
+use crate::contract::PluginError;
 use crate::onnx::{ModelSet, OnnxModel, RunError};
 
 /// wasi:nn resources a call may hold at once.

@@ -9,7 +9,7 @@
 //! guest does); calling one fails the call with [`NotGranted`].
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use wasmtime::component::types::ComponentItem;
@@ -22,32 +22,11 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::nn::NnState;
+use crate::contract::CallLimits;
 use crate::onnx::ModelSet;
 
 /// Bytes of stdout and of stderr kept per call; the rest is dropped.
-pub const CAPTURE_BYTES: usize = 4096;
-
-/// Limits a single call runs under.
-#[derive(Clone, Copy, Debug)]
-pub struct CallLimits {
-    /// When the call is interrupted.
-    pub deadline: Instant,
-    /// The time budget the deadline was derived from, for messages.
-    pub timeout: Duration,
-    /// Total bytes of linear memory across all the plugin's memories.
-    pub memory_bytes: usize,
-}
-
-impl CallLimits {
-    /// Limits for a call whose budget starts now.
-    pub fn starting_now(timeout: Duration, memory_bytes: usize) -> Self {
-        CallLimits {
-            deadline: Instant::now() + timeout,
-            timeout,
-            memory_bytes,
-        }
-    }
-}
+pub(super) const CAPTURE_BYTES: usize = 4096;
 
 /// The data of one call's `Store`.
 pub struct Host {
@@ -85,7 +64,7 @@ impl Host {
 
 /// Creates the `Store` for one call: fresh state, memory limiter, deadline.
 /// Every store is made here, so no call can run without its limits.
-pub fn new_store(engine: &Engine, limits: CallLimits, models: Arc<ModelSet>) -> Store<Host> {
+pub(super) fn new_store(engine: &Engine, limits: CallLimits, models: Arc<ModelSet>) -> Store<Host> {
     let stdout = Capture::default();
     let stderr = Capture::default();
     let wasi = WasiCtxBuilder::new()
@@ -142,7 +121,7 @@ const GRANTED_EXACT: [&str; 4] = [
 ];
 
 /// Adds the granted WASI interfaces to `linker`.
-pub fn add_granted_wasi(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
+pub(super) fn add_granted_wasi(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
     use wasmtime_wasi::p2::bindings::{cli, io};
     io::error::add_to_linker::<Host, HasTable>(linker, |h| &mut h.table)?;
     io::poll::add_to_linker::<Host, HasTable>(linker, |h| &mut h.table)?;
@@ -162,7 +141,7 @@ pub fn add_granted_wasi(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
 /// (wasmtime's `define_unknown_imports_as_traps` would also stub the granted
 /// interfaces when the guest imports another 0.2.x version than the linker
 /// defines, because it looks names up exactly.)
-pub fn stub_ungranted_imports(
+pub(super) fn stub_ungranted_imports(
     linker: &mut Linker<Host>,
     engine: &Engine,
     component: &Component,
@@ -232,7 +211,7 @@ fn stub(
 
 /// A plugin called an import it is not granted; the name of the import.
 #[derive(Debug)]
-pub struct NotGranted(pub String);
+pub(super) struct NotGranted(pub String);
 
 impl std::fmt::Display for NotGranted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -252,7 +231,7 @@ impl HasData for HasTable {
 /// `StoreLimits` caps each memory separately) and remembers a refusal, so a
 /// failed call can be reported as "out of memory" rather than as whatever
 /// trap the guest's allocator turned the refusal into.
-pub struct MemoryLimiter {
+pub(super) struct MemoryLimiter {
     max_bytes: usize,
     used_bytes: usize,
     /// The total the plugin asked for when it was refused.
@@ -276,7 +255,7 @@ impl MemoryLimiter {
     }
 
     /// Linear memory currently held by the call, in bytes.
-    pub fn used_bytes(&self) -> usize {
+    pub(super) fn used_bytes(&self) -> usize {
         self.used_bytes
     }
 }
@@ -322,11 +301,11 @@ impl ResourceLimiter for MemoryLimiter {
 /// A bounded in-memory stdout/stderr: keeps the first [`CAPTURE_BYTES`]
 /// bytes, drops the rest, never blocks and never fails the guest.
 #[derive(Clone, Default)]
-pub struct Capture(Arc<Mutex<Vec<u8>>>);
+pub(super) struct Capture(Arc<Mutex<Vec<u8>>>);
 
 impl Capture {
     /// What the guest wrote, lossily decoded, trimmed.
-    pub fn text(&self) -> String {
+    pub(super) fn text(&self) -> String {
         let buf = self.0.lock().unwrap_or_else(|e| e.into_inner());
         String::from_utf8_lossy(&buf).trim().to_string()
     }

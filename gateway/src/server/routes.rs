@@ -23,7 +23,7 @@ use crate::tensor::{self, Datatype, Tensor};
 pub(super) type HttpResponse = Response<Full<Bytes>>;
 
 /// The header naming the version that answered.
-pub const MODEL_VERSION_HEADER: &str = "x-model-version";
+pub(super) const MODEL_VERSION_HEADER: &str = "x-model-version";
 
 /// Dispatches one request. `HEAD` is answered as `GET` (hyper sends the
 /// headers only).
@@ -111,7 +111,6 @@ fn check_headers(headers: &HeaderMap, limit: usize) -> Result<(), Error> {
         Some((name, value)) => {
             let name = static_header_name(name);
             Err(Error::Header {
-                name,
                 detail: format!(
                     "header {name} is {} bytes; the limit is {limit} bytes per header value",
                     value.len()
@@ -422,7 +421,6 @@ fn json_length(headers: &HeaderMap) -> Result<Option<usize>, Error> {
         .and_then(|v| v.trim().parse::<usize>().ok())
         .map(Some)
         .ok_or_else(|| Error::Header {
-            name: "inference-header-content-length",
             detail: format!(
                 "Inference-Header-Content-Length is not a byte count: {:?}",
                 telemetry::escape(&String::from_utf8_lossy(value.as_bytes()))

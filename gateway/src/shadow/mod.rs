@@ -38,7 +38,7 @@ const IDLE_PROBES: u32 = 200;
 /// How busy one server is: inference requests in flight, and how long a
 /// task last waited for its turn on the executor.
 #[derive(Debug, Default)]
-pub struct Load {
+pub(crate) struct Load {
     in_flight: AtomicUsize,
     queue_wait_us: AtomicU64,
     /// Whether the probe runs; it pauses without shadow traffic.
@@ -58,7 +58,7 @@ impl Drop for Load {
 impl Load {
     /// Starts the probe on the current runtime; it measures only while
     /// shadows are being dispatched, and ends when `load` is dropped.
-    pub fn spawn_probe(load: &Arc<Load>) {
+    pub(crate) fn spawn_probe(load: &Arc<Load>) {
         let weak: Weak<Load> = Arc::downgrade(load);
         tokio::spawn(async move {
             // Paused until a saturation check asks for it (or the server
@@ -105,7 +105,7 @@ impl Load {
 
     /// The shortest of the probe's last [`SUSTAINED`] measurements (0
     /// while it pauses); starts the probe if it pauses.
-    pub fn queue_wait(&self) -> Duration {
+    pub(crate) fn queue_wait(&self) -> Duration {
         self.asked.store(true, Ordering::Relaxed);
         if !self.probing.swap(true, Ordering::AcqRel) {
             self.wake.notify_one();
@@ -116,17 +116,17 @@ impl Load {
 
 /// Marks an inference request in flight (in one server's [`Load`]) for as
 /// long as it lives.
-pub struct Busy<'a>(&'a Load);
+pub(crate) struct Busy<'a>(&'a Load);
 
 impl<'a> Busy<'a> {
-    pub fn enter(load: &'a Load) -> Busy<'a> {
+    pub(crate) fn enter(load: &'a Load) -> Busy<'a> {
         load.in_flight.fetch_add(1, Ordering::Relaxed);
         Busy(load)
     }
 
     /// Whether requests in flight (this one included) occupy every core,
     /// or tasks queue for the executor.
-    pub fn saturated(&self) -> bool {
+    pub(crate) fn saturated(&self) -> bool {
         self.0.in_flight.load(Ordering::Relaxed) >= crate::cpu::cores()
             || self.0.queue_wait() >= SATURATED_WAIT
     }
@@ -142,7 +142,7 @@ impl Drop for Busy<'_> {
 /// `output`, else the first BYTES output of the answer (a label, compared
 /// exactly), else every output of the answer (numbers within `tolerance`).
 /// `Err` when the challenger did not produce what is compared.
-pub fn compare(
+pub(crate) fn compare(
     answer: &[Tensor],
     challenger: &[Tensor],
     output: Option<&str>,

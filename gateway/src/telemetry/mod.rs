@@ -12,13 +12,8 @@ use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use metrics::{Counter, Histogram};
-
-use crate::router::Route;
-use crate::tensor::Tensor;
-
 /// Label value for requests that never reached a known model.
-pub const UNKNOWN: &str = "_unknown";
+pub(crate) const UNKNOWN: &str = "_unknown";
 
 const DURATION_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -28,7 +23,7 @@ const DURATION_BUCKETS: &[f64] = &[
 /// The metrics of one server: its own Prometheus recorder, so servers in
 /// one process (tests, an embedding host) never see each other's counts.
 /// Recording goes through its methods; hot-path series are registered once
-/// in [`VersionMetrics`] and then only updated.
+/// in `router::VersionMetrics` and then only updated.
 pub struct Telemetry {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
@@ -62,7 +57,7 @@ impl Telemetry {
     }
 
     /// Runs `f` with this server's recorder as the one `metrics` macros use.
-    fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+    pub(crate) fn with<T>(&self, f: impl FnOnce() -> T) -> T {
         metrics::with_local_recorder(&self.recorder, f)
     }
 
@@ -70,78 +65,6 @@ impl Telemetry {
     pub fn render(&self) -> String {
         self.handle.render()
     }
-}
-
-fn describe() {
-    metrics::describe_counter!(
-        "gateway_requests_total",
-        "Inference requests answered, by model, version, route and HTTP status"
-    );
-    metrics::describe_histogram!(
-        "gateway_request_duration_seconds",
-        metrics::Unit::Seconds,
-        "Time from receiving an inference request to its response, by model, version and route"
-    );
-    metrics::describe_histogram!(
-        "gateway_plugin_duration_seconds",
-        metrics::Unit::Seconds,
-        "Time inside a plugin call (fresh sandbox plus infer), by model and version"
-    );
-    metrics::describe_counter!(
-        "gateway_plugin_errors_total",
-        "Failed plugin calls, by model, version and kind of failure"
-    );
-    metrics::describe_counter!(
-        "gateway_http_errors_total",
-        "Requests refused before reaching a model (bad path, oversized or slow body), by status"
-    );
-    metrics::describe_gauge!(
-        "gateway_build_info",
-        "Always 1; labels carry the gateway version"
-    );
-    metrics::describe_counter!(
-        "gateway_shadow_comparisons_total",
-        "Shadow calls by model, challenger version and result (agree, disagree, error, dropped)"
-    );
-    metrics::describe_counter!(
-        "gateway_predictions_total",
-        "Predicted labels by model, version and label (at most 32 labels per version; more count as _other)"
-    );
-    metrics::describe_counter!(
-        "gateway_validation_failures_total",
-        "Broken input rules (refused, or served in flag mode), by model, version, input, feature and rule"
-    );
-    metrics::describe_counter!(
-        "gateway_policy_reloads_total",
-        "Policy reloads by outcome (success, error) and trigger (file, signal, admin)"
-    );
-    metrics::describe_gauge!(
-        "gateway_policy_generation",
-        "Generation of the policies being served: 1 at start, +1 per applied reload"
-    );
-    metrics::describe_gauge!(
-        "gateway_canary_percent",
-        "Percent of a model's unpinned traffic routed to its canary version"
-    );
-    metrics::describe_gauge!(
-        "gateway_circuit_open",
-        "1 while a version's circuit breaker is open (its requests get a fast 503), else 0"
-    );
-    metrics::describe_counter!(
-        "gateway_circuit_transitions_total",
-        "Circuit breaker transitions by model, version and state entered (open, closed)"
-    );
-    metrics::describe_counter!(
-        "gateway_refused_total",
-        "Requests a version refused without running them, by model, version and reason (queue_full, queue_timeout, circuit_open, sandbox_memory, bytes_in_flight)"
-    );
-    metrics::describe_counter!(
-        "gateway_plugin_compilations_total",
-        "Plugin components compiled (at start, and by reloads for changed files only)"
-    );
-}
-
-impl Telemetry {
     /// Sets the build-info gauge.
     pub fn record_build_info(&self) {
         self.with(|| {
@@ -300,183 +223,83 @@ impl Telemetry {
     }
 }
 
-/// The label value standing for labels past [`MAX_LABELS`].
-pub const OTHER: &str = "_other";
-
-/// Distinct label values one version may add to the metrics.
-pub const MAX_LABELS: usize = 32;
-
-/// The series a version updates on every answered request, registered on
-/// first use and then only updated. Registering allocates every label and
-/// looks the series up in the registry: done per request, it was 4 % of
-/// all CPU at 64 connections (`cargo bench --bench load`).
-pub struct VersionMetrics {
-    /// The server's metrics the handles are registered with.
-    telemetry: Arc<Telemetry>,
-    /// `gateway_requests_total{status="200"}` and the request histogram,
-    /// by route (in [`Route`] order).
-    answered: [OnceLock<(Counter, Histogram)>; 4],
-    plugin_duration: OnceLock<Histogram>,
-    /// `gateway_predictions_total`, by label: the first [`MAX_LABELS`]
-    /// distinct labels, lock-free to read; later ones count as [`OTHER`].
-    labels: arc_swap::ArcSwap<Vec<(Box<str>, Counter)>>,
-    other: OnceLock<Counter>,
-}
-
-impl VersionMetrics {
-    pub fn new(telemetry: Arc<Telemetry>) -> Self {
-        VersionMetrics {
-            telemetry,
-            answered: Default::default(),
-            plugin_duration: OnceLock::new(),
-            labels: Default::default(),
-            other: OnceLock::new(),
-        }
-    }
-
-    /// The server's metrics.
-    pub fn telemetry(&self) -> &Arc<Telemetry> {
-        &self.telemetry
-    }
-
-    /// One request this version answered with `status`: a 200 through the
-    /// version's own handles, anything else through [`record_request`].
-    pub fn request(
-        &self,
-        model: &str,
-        version: &str,
-        route: Route,
-        status: u16,
-        elapsed: Duration,
-    ) {
-        if status != 200 {
-            return self
-                .telemetry
-                .record_request(model, version, route.as_str(), status, elapsed);
-        }
-        let at = match route {
-            Route::Champion => 0,
-            Route::Canary => 1,
-            Route::Pinned => 2,
-            Route::Shadow => 3,
-        };
-        let (count, duration) = self.answered[at].get_or_init(|| {
-            self.telemetry.with(|| {
-                let labels = [
-                    ("model", model.to_string()),
-                    ("version", version.to_string()),
-                    ("route", route.as_str().to_string()),
-                ];
-                let count = metrics::counter!(
-                    "gateway_requests_total",
-                    &[
-                        labels[0].clone(),
-                        labels[1].clone(),
-                        labels[2].clone(),
-                        ("status", status_label(200).to_string()),
-                    ]
-                );
-                (
-                    count,
-                    metrics::histogram!("gateway_request_duration_seconds", &labels),
-                )
-            })
-        });
-        count.increment(1);
-        duration.record(elapsed.as_secs_f64());
-    }
-
-    /// One plugin call's time, successful or not.
-    pub fn plugin_call(&self, model: &str, version: &str, elapsed: Duration) {
-        self.plugin_duration
-            .get_or_init(|| {
-                self.telemetry.with(|| {
-                    metrics::histogram!(
-                        "gateway_plugin_duration_seconds",
-                        "model" => model.to_string(),
-                        "version" => version.to_string()
-                    )
-                })
-            })
-            .record(elapsed.as_secs_f64());
-    }
-
-    /// Counts the predicted labels (a BYTES tensor) by value: linear in the
-    /// rows whatever the plugin returns. At most [`MAX_LABELS`] distinct
-    /// values are told apart per call (the series a version may have);
-    /// the rest count as [`OTHER`] without a lookup.
-    pub fn predictions(&self, model: &str, version: &str, labels: &Tensor) {
-        let mut counts: Vec<(&[u8], u64)> = Vec::new();
-        let mut other = 0u64;
-        for element in crate::tensor::bytes_elements(&labels.data).map_while(Result::ok) {
-            match counts.iter().position(|(l, _)| *l == element) {
-                Some(at) => counts[at].1 += 1,
-                None if counts.len() < MAX_LABELS => counts.push((element, 1)),
-                None => other += 1,
-            }
-        }
-        for (label, n) in counts {
-            self.label_counter(model, version, &String::from_utf8_lossy(label))
-                .increment(n);
-        }
-        if other > 0 {
-            self.other_counter(model, version).increment(other);
-        }
-    }
-
-    fn other_counter(&self, model: &str, version: &str) -> &Counter {
-        self.other.get_or_init(|| {
-            self.telemetry.with(|| {
-                metrics::counter!(
-                    "gateway_predictions_total",
-                    "model" => model.to_string(),
-                    "version" => version.to_string(),
-                    "label" => OTHER
-                )
-            })
-        })
-    }
-
-    fn label_counter(&self, model: &str, version: &str, label: &str) -> Counter {
-        let register = |label: &str| {
-            self.telemetry.with(|| {
-                metrics::counter!(
-                    "gateway_predictions_total",
-                    "model" => model.to_string(),
-                    "version" => version.to_string(),
-                    "label" => label.to_string()
-                )
-            })
-        };
-        let known = self.labels.load();
-        if let Some((_, counter)) = known.iter().find(|(l, _)| &**l == label) {
-            return counter.clone();
-        }
-        if known.len() < MAX_LABELS {
-            let counter = register(label);
-            self.labels.rcu(|old| {
-                let mut next = Vec::clone(old);
-                if next.len() < MAX_LABELS && !next.iter().any(|(l, _)| &**l == label) {
-                    next.push((label.into(), counter.clone()));
-                }
-                next
-            });
-            if let Some((_, counter)) = self.labels.load().iter().find(|(l, _)| &**l == label) {
-                return counter.clone();
-            }
-        }
-        self.other_counter(model, version).clone()
-    }
+fn describe() {
+    metrics::describe_counter!(
+        "gateway_requests_total",
+        "Inference requests answered, by model, version, route and HTTP status"
+    );
+    metrics::describe_histogram!(
+        "gateway_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time from receiving an inference request to its response, by model, version and route"
+    );
+    metrics::describe_histogram!(
+        "gateway_plugin_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time inside a plugin call (fresh sandbox plus infer), by model and version"
+    );
+    metrics::describe_counter!(
+        "gateway_plugin_errors_total",
+        "Failed plugin calls, by model, version and kind of failure"
+    );
+    metrics::describe_counter!(
+        "gateway_http_errors_total",
+        "Requests refused before reaching a model (bad path, oversized or slow body), by status"
+    );
+    metrics::describe_gauge!(
+        "gateway_build_info",
+        "Always 1; labels carry the gateway version"
+    );
+    metrics::describe_counter!(
+        "gateway_shadow_comparisons_total",
+        "Shadow calls by model, challenger version and result (agree, disagree, error, dropped)"
+    );
+    metrics::describe_counter!(
+        "gateway_predictions_total",
+        "Predicted labels by model, version and label (at most 32 labels per version; more count as _other)"
+    );
+    metrics::describe_counter!(
+        "gateway_validation_failures_total",
+        "Broken input rules (refused, or served in flag mode), by model, version, input, feature and rule"
+    );
+    metrics::describe_counter!(
+        "gateway_policy_reloads_total",
+        "Policy reloads by outcome (success, error) and trigger (file, signal, admin)"
+    );
+    metrics::describe_gauge!(
+        "gateway_policy_generation",
+        "Generation of the policies being served: 1 at start, +1 per applied reload"
+    );
+    metrics::describe_gauge!(
+        "gateway_canary_percent",
+        "Percent of a model's unpinned traffic routed to its canary version"
+    );
+    metrics::describe_gauge!(
+        "gateway_circuit_open",
+        "1 while a version's circuit breaker is open (its requests get a fast 503), else 0"
+    );
+    metrics::describe_counter!(
+        "gateway_circuit_transitions_total",
+        "Circuit breaker transitions by model, version and state entered (open, closed)"
+    );
+    metrics::describe_counter!(
+        "gateway_refused_total",
+        "Requests a version refused without running them, by model, version and reason (queue_full, queue_timeout, circuit_open, sandbox_memory, bytes_in_flight)"
+    );
+    metrics::describe_counter!(
+        "gateway_plugin_compilations_total",
+        "Plugin components compiled (at start, and by reloads for changed files only)"
+    );
 }
 
 /// Text from a plugin or a request, made safe for a log line or an error
 /// message: control characters (line breaks included) escaped, at most
 /// [`MAX_ECHOED`] bytes, so nobody can forge a log line or make the
 /// gateway repeat a megabyte.
-pub struct Escaped<'a>(pub &'a str);
+pub(crate) struct Escaped<'a>(pub &'a str);
 
 /// Bytes of outside text echoed in one message or log field.
-pub const MAX_ECHOED: usize = 4096;
+pub(crate) const MAX_ECHOED: usize = 4096;
 
 impl std::fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -503,7 +326,7 @@ impl std::fmt::Display for Escaped<'_> {
 }
 
 /// [`Escaped`] as an owned string (for errors that outlive the text).
-pub fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     Escaped(text).to_string()
 }
 
@@ -549,7 +372,7 @@ fn epoch() -> Instant {
 }
 
 /// Status codes as static strings (no allocation per request).
-fn status_label(status: u16) -> &'static str {
+pub(crate) fn status_label(status: u16) -> &'static str {
     match status {
         200 => "200",
         400 => "400",
@@ -572,21 +395,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prediction_labels_are_bounded() {
-        let m = VersionMetrics::new(Telemetry::new());
-        for i in 0..MAX_LABELS {
-            let _ = m.label_counter("m", "v", &format!("l{i}"));
-        }
-        let _ = m.label_counter("m", "v", "l0");
-        let _ = m.label_counter("m", "v", "one-too-many");
-        let labels = m.labels.load();
-        assert_eq!(labels.len(), MAX_LABELS);
-        assert!(labels.iter().any(|(l, _)| &**l == "l0"));
-        assert!(!labels.iter().any(|(l, _)| &**l == "one-too-many"));
-        assert!(m.other.get().is_some());
-    }
-
-    #[test]
     fn outside_text_is_escaped_and_truncated() {
         assert_eq!(escape("a\nb\r\u{1b}[31m"), "a\\nb\\r\\u{1b}[31m");
         let long = "é".repeat(3000);
@@ -597,25 +405,6 @@ mod tests {
             "{}",
             &shown[shown.len() - 30..]
         );
-    }
-
-    #[test]
-    fn many_distinct_labels_are_counted_in_linear_time() {
-        let m = VersionMetrics::new(Telemetry::new());
-        let mut data = Vec::new();
-        for i in 0..200_000u32 {
-            let label = i.to_string();
-            data.extend_from_slice(&(label.len() as u32).to_le_bytes());
-            data.extend_from_slice(label.as_bytes());
-        }
-        let labels = Tensor {
-            name: "label".into(),
-            datatype: crate::tensor::Datatype::Bytes,
-            shape: vec![200_000],
-            data,
-        };
-        m.predictions("m", "v", &labels);
-        assert_eq!(m.labels.load().len(), MAX_LABELS);
     }
 
     #[test]

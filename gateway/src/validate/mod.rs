@@ -7,9 +7,9 @@
 
 use std::fmt;
 
+use crate::contract::ModelInfo;
 use crate::policy::{Allowed, FeatureRule, InputRule, Schema};
 use crate::protocol::InferRequest;
-use crate::runtime::bindings::ModelInfo;
 use crate::tensor::{self, Datatype, Tensor, TensorSpec};
 
 /// The value rules, which the policy's `flag` mode may let through;
@@ -86,11 +86,6 @@ impl ValidationError {
 
     pub fn is_empty(&self) -> bool {
         self.total == 0
-    }
-
-    /// The described violations, in the order found.
-    pub fn messages(&self) -> &[String] {
-        &self.listed
     }
 
     /// Violations per (input, feature, rule).
@@ -442,7 +437,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(
-            error.messages(),
+            error.listed,
             vec![
                 "input `x` has datatype FP64, the model expects FP32",
                 "input `x` has shape [3], the model expects [-1, 2] (-1: any size)",
@@ -451,7 +446,7 @@ mod tests {
             ]
         );
         let missing = check_request(&request(vec![], None), &info()).unwrap_err();
-        assert_eq!(missing.messages(), ["missing input `x` (FP32 [-1, 2])"]);
+        assert_eq!(missing.listed, ["missing input `x` (FP32 [-1, 2])"]);
         assert_eq!(
             (missing.counts()[0].input.as_str(), missing.counts()[0].rule),
             ("x", "missing_input")
