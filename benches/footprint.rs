@@ -13,19 +13,12 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
 const RUNS: usize = 3;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// One HTTP/1.1 request on a fresh connection; the status code.
 fn request(port: u16, method: &str, path: &str, body: &str) -> Option<u16> {
@@ -40,18 +33,6 @@ fn request(port: u16, method: &str, path: &str, body: &str) -> Option<u16> {
     let mut reply = String::new();
     stream.read_to_string(&mut reply).ok()?;
     reply.split(' ').nth(1)?.parse().ok()
-}
-
-fn rss_kib(child: &Child) -> u64 {
-    std::fs::read_to_string(format!("/proc/{}/status", child.id()))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// A policy folder with `versions` versions of one model, each served by
@@ -75,7 +56,7 @@ struct Sample {
 fn run(versions: usize) -> Sample {
     let dir = tempfile::tempdir().expect("temp dir");
     policies(dir.path(), versions);
-    let port = free_port();
+    let port = common::free_port();
     let start = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args(["serve", "--no-watch", "--listen"])
@@ -97,7 +78,7 @@ fn run(versions: usize) -> Sample {
         std::thread::sleep(Duration::from_millis(1));
     }
     let ready = start.elapsed();
-    let rss_ready_kib = rss_kib(&child);
+    let rss_ready_kib = common::rss_kib(child.id());
     let body = r#"{"inputs":[{"name":"pr_features","shape":[1,6],"datatype":"FP32","data":[3,40,12,2,4,1]}]}"#;
     for v in 0..versions {
         let status = request(
@@ -108,7 +89,7 @@ fn run(versions: usize) -> Sample {
         );
         assert_eq!(status, Some(200), "version v{v}");
     }
-    let rss_served_kib = rss_kib(&child);
+    let rss_served_kib = common::rss_kib(child.id());
     let _ = child.kill();
     let _ = child.wait();
     Sample {

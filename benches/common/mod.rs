@@ -33,16 +33,52 @@ impl Connection {
 
     /// One request; its body, or `None` on any failure or non-200 answer.
     pub async fn send(&mut self, path: &str, body: &Bytes) -> Option<Bytes> {
-        let request = Request::post(path)
-            .header("host", &self.host)
-            .body(Full::new(body.clone()))
-            .ok()?;
+        match self.post(path, &[], body).await {
+            Some((200, bytes)) => Some(bytes),
+            _ => None,
+        }
+    }
+
+    /// One POST with extra `headers`: the status and the body, or `None`
+    /// when the connection failed (it is then unusable).
+    pub async fn post(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &Bytes,
+    ) -> Option<(u16, Bytes)> {
+        let mut request = Request::post(path).header("host", &self.host);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Full::new(body.clone())).ok()?;
         self.sender.ready().await.ok()?;
         let response = self.sender.send_request(request).await.ok()?;
-        let ok = response.status() == 200;
+        let status = response.status().as_u16();
         let bytes = response.into_body().collect().await.ok()?.to_bytes();
-        ok.then_some(bytes)
+        Some((status, bytes))
     }
+}
+
+/// A free loopback port (for a gateway process to listen on).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Resident memory of process `pid`, in KiB (0 if it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Options for an in-process gateway on a free loopback port serving the

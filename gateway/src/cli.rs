@@ -92,6 +92,14 @@ struct ServeArgs {
     /// Percent of the machine's CPU time shadow calls may use (0 to 100).
     #[arg(long, default_value_t = 10.0, value_parser = percent)]
     shadow_cpu_percent: f64,
+    /// Bodies, inputs and outputs larger than this many KiB are decoded,
+    /// validated and encoded on a lower-priority pool, never on the threads
+    /// that answer small requests.
+    #[arg(long, default_value_t = 64)]
+    bulk_kib: usize,
+    /// Large requests waiting for that pool; more get 503.
+    #[arg(long, default_value_t = 256)]
+    bulk_queue: usize,
     /// Seconds in-flight requests get to finish at shutdown.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_secs: u64,
@@ -176,6 +184,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
         max_inflight_bytes: args.max_inflight_mebibytes.saturating_mul(1 << 20),
         max_sandbox_memory_bytes: args.max_sandbox_memory_mebibytes.saturating_mul(1 << 20),
         shadow_cpu_percent: args.shadow_cpu_percent,
+        bulk_bytes: args.bulk_kib.saturating_mul(1 << 10),
+        bulk_queue: args.bulk_queue,
     };
     options.server.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace_secs);
     options.server.admin_token = args.admin_token.filter(|t| !t.is_empty());

@@ -28,6 +28,20 @@ pub(crate) fn cores() -> usize {
     *CORES
 }
 
+/// Lowers the calling thread's scheduling priority to `nice` (Linux; a
+/// no-op elsewhere). Threads of background work call it once at start: an
+/// unprivileged thread can never raise its priority back.
+pub(crate) fn lower_priority(nice: i32) {
+    // SAFETY: setpriority only changes this thread's nice value (Linux:
+    // PRIO_PROCESS with 0 names the calling thread).
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
+}
+
 /// The default share: half the cores, at least one.
 pub(crate) fn default_parallel() -> u32 {
     (cores() / 2).max(1) as u32

@@ -642,3 +642,61 @@ async fn a_slow_challenger_gets_fewer_copies_not_more_cpu() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_requests_do_not_slow_small_ones_of_the_same_model() {
+    let _alone = crate::support::attack_lock().await;
+    let policy = std::fs::read_to_string(repo_root().join("policies/time-to-merge.toml"))
+        .unwrap()
+        .replace("model = \"time-to-merge\"", "model = \"healthy\"");
+    let gw = TestGateway::start_configured(&[("healthy.toml", &policy)], |o| {
+        o.server.max_body_bytes = 16 << 20;
+    })
+    .await;
+    let before = healthy_p99(&gw, 300).await;
+    // Two clients sending 100,000 rows that all break the input rules,
+    // one request after another: decoding and validating each takes tens
+    // of milliseconds of CPU. On the executor's threads that put the small
+    // requests' p99 at 14x (`cargo bench --bench soak`).
+    let mut big = String::from(
+        r#"{"inputs":[{"name":"pr_features","shape":[100000,6],"datatype":"FP32","data":[-1"#,
+    );
+    big.push_str(&",-1".repeat(100_000 * 6 - 1));
+    big.push_str("]}]}");
+    let big = Bytes::from(big);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attackers: Vec<_> = (0..2)
+        .map(|_| {
+            let (addr, big, stop) = (gw.addr, big.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let request = Request::post("/v2/models/healthy/infer")
+                        .header("host", addr.to_string())
+                        .body(Full::new(big.clone()))
+                        .unwrap();
+                    statuses.push(send(addr, request).await.status);
+                }
+                statuses
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let attacked = healthy_p99(&gw, 300).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut refused = 0;
+    for attacker in attackers {
+        for status in attacker.await.unwrap() {
+            assert_eq!(status, 400);
+            refused += 1;
+        }
+    }
+    assert!(refused >= 2, "the attack sent {refused} requests");
+    let quiet = before.max(healthy_p99(&gw, 300).await);
+    eprintln!("small requests' p99: quiet {quiet:?}, beside {refused} large ones {attacked:?}");
+    assert!(
+        attacked <= quiet * 2 + Duration::from_millis(5),
+        "small requests' p99 {attacked:?} beside large ones, {quiet:?} without"
+    );
+    gw.shutdown().await;
+}

@@ -81,6 +81,8 @@ pub(crate) enum Unavailable {
     SandboxMemory { needed: usize, budget: usize },
     /// The process's budget of request and response bytes is taken.
     Bytes { needed: usize, budget: usize },
+    /// The queue of the pool for large requests is full.
+    Bulk { queue: usize },
 }
 
 /// Why an answer the plugin gave cannot go to the client.
@@ -162,6 +164,7 @@ impl Error {
                 Unavailable::CircuitOpen { .. } => "circuit_open",
                 Unavailable::SandboxMemory { .. } => "sandbox_memory",
                 Unavailable::Bytes { .. } => "bytes_in_flight",
+                Unavailable::Bulk { .. } => "bulk_queue",
             },
             Error::Plugin { error, .. } => plugin_kind(error),
             Error::Output { problem, .. } => match problem {
@@ -280,6 +283,10 @@ impl fmt::Display for Error {
                         "cannot take {} more bytes: the gateway's budget of {} for requests in flight is taken",
                         needed,
                         mebibytes(*budget)
+                    ),
+                    Unavailable::Bulk { queue } => write!(
+                        f,
+                        "cannot be served now: {queue} large requests already wait for the pool that decodes and checks them; retry later"
                     ),
                 }
             }

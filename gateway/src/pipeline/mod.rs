@@ -12,6 +12,7 @@
 //! [`Error`]; nothing here knows HTTP beyond the status an error maps to.
 
 mod budget;
+mod bulk;
 pub(crate) mod error;
 mod shadows;
 
@@ -42,6 +43,11 @@ pub struct PipelineConfig {
     pub max_sandbox_memory_bytes: usize,
     /// The share of the machine's CPU time shadow calls may use.
     pub shadow_cpu_percent: f64,
+    /// Bodies, inputs and outputs over this many bytes are decoded,
+    /// validated and encoded on the bulk pool (see `bulk.rs`).
+    pub bulk_bytes: usize,
+    /// Jobs waiting for the bulk pool; more get 503.
+    pub bulk_queue: usize,
 }
 
 impl Default for PipelineConfig {
@@ -50,6 +56,8 @@ impl Default for PipelineConfig {
             max_inflight_bytes: 1 << 30,
             max_sandbox_memory_bytes: 4 << 30,
             shadow_cpu_percent: 10.0,
+            bulk_bytes: 64 << 10,
+            bulk_queue: 256,
         }
     }
 }
@@ -62,6 +70,7 @@ pub(crate) struct Pipeline {
     sandbox_memory: budget::SandboxMemory,
     shadow_cpu: shadows::CpuBudget,
     shadow_executor: shadows::Executor,
+    bulk: bulk::Bulk,
     /// The server's metrics (requests that reached no version).
     telemetry: Arc<telemetry::Telemetry>,
 }
@@ -79,6 +88,7 @@ impl Pipeline {
             sandbox_memory: budget::SandboxMemory::new(config.max_sandbox_memory_bytes),
             shadow_cpu: shadows::CpuBudget::new(config.shadow_cpu_percent),
             shadow_executor: shadows::Executor::start()?,
+            bulk: bulk::Bulk::start(crate::cpu::cores(), config.bulk_queue, config.bulk_bytes)?,
             telemetry,
         });
         Load::spawn_probe(&pipeline.load);
@@ -219,49 +229,48 @@ impl<'a> Call<'a> {
         self.bytes.shrink(bytes);
     }
 
-    /// Validates a decoded request and runs it: the served path.
-    pub(crate) async fn infer(&mut self, request: &InferRequest) -> Result<Vec<Tensor>, Error> {
-        self.hold(request.inputs.iter().map(|t| t.data.len()).sum())?;
-        self.validate(request)?;
-        if let Some(monitor) = self.model.monitors.get(&self.version.name) {
-            monitor.observe(&request.inputs);
-        }
-        self.run(&request.inputs, Wait::UntilDeadline).await
+    /// Whether work on `bytes` belongs on the bulk pool.
+    pub(crate) fn is_bulk(&self, bytes: usize) -> bool {
+        bytes > self.pipeline.bulk.threshold()
     }
 
-    /// The plugin's declaration, then the policy's rules; every violation
-    /// counted. Value violations are served in `flag` mode.
-    fn validate(&self, request: &InferRequest) -> Result<(), Error> {
-        let (model, version) = (self.model, self.version);
-        let violations = match validate::check_request(request, version.backend.info()) {
-            Err(e) => e,
-            Ok(()) => match &model.schema {
-                Some(schema) => validate::schema_violations(schema, &request.inputs),
-                None => return Ok(()),
-            },
+    /// Runs `f` on the bulk pool (see `bulk.rs`): a full queue is a 503
+    /// naming the version.
+    pub(crate) async fn offload<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        self.pipeline.bulk.run(f).await.map_err(|e| match e {
+            bulk::BulkError::Full { queue } => self.unavailable(Unavailable::Bulk { queue }),
+            bulk::BulkError::Panicked => Error::Internal("a bulk job panicked".into()),
+        })
+    }
+
+    /// Validates a decoded request and runs it: the served path. Large
+    /// inputs are validated and monitored on the bulk pool. The request
+    /// comes back with the outputs.
+    pub(crate) async fn infer(
+        &mut self,
+        request: InferRequest,
+    ) -> Result<(InferRequest, Vec<Tensor>), Error> {
+        let bytes = request.inputs.iter().map(|t| t.data.len()).sum();
+        self.hold(bytes)?;
+        let request = if self.is_bulk(bytes) {
+            let (model, version) = (self.model.clone(), self.version.clone());
+            let (request, checked) = self
+                .offload(move || {
+                    let checked = check(&model, &version, &request);
+                    (request, checked)
+                })
+                .await?;
+            checked?;
+            request
+        } else {
+            check(self.model, self.version, &request)?;
+            request
         };
-        if violations.is_empty() {
-            return Ok(());
-        }
-        for c in violations.counts() {
-            version.metrics.telemetry().record_validation_failure(
-                &version.model,
-                &version.name,
-                &c.input,
-                &c.feature,
-                c.rule,
-                c.n,
-            );
-        }
-        let flagged = model.schema.as_ref().is_some_and(|s| s.mode == Mode::Flag)
-            && violations.value_rules_only();
-        if flagged {
-            if let Some(suppressed) = version.error_log.check() {
-                tracing::warn!(model = %version.model, version = %version.name, suppressed, "served a request that breaks the input rules (flag mode): {violations}");
-            }
-            return Ok(());
-        }
-        Err(violations.into())
+        let outputs = self.run(&request.inputs, Wait::UntilDeadline).await?;
+        Ok((request, outputs))
     }
 
     /// Admission, sandbox memory, the call, and the checks of its outputs.
@@ -494,4 +503,46 @@ fn log_transition(version: &Version, transition: Transition) {
             tracing::info!(model = %version.model, version = %version.name, "circuit breaker closed: a probe succeeded");
         }
     }
+}
+
+/// The plugin's declaration, then the policy's rules (every violation
+/// counted; value violations served in `flag` mode), then the data monitor.
+fn check(model: &Model, version: &Version, request: &InferRequest) -> Result<(), Error> {
+    validate_inputs(model, version, request)?;
+    if let Some(monitor) = model.monitors.get(&version.name) {
+        monitor.observe(&request.inputs);
+    }
+    Ok(())
+}
+
+fn validate_inputs(model: &Model, version: &Version, request: &InferRequest) -> Result<(), Error> {
+    let violations = match validate::check_request(request, version.backend.info()) {
+        Err(e) => e,
+        Ok(()) => match &model.schema {
+            Some(schema) => validate::schema_violations(schema, &request.inputs),
+            None => return Ok(()),
+        },
+    };
+    if violations.is_empty() {
+        return Ok(());
+    }
+    for c in violations.counts() {
+        version.metrics.telemetry().record_validation_failure(
+            &version.model,
+            &version.name,
+            &c.input,
+            &c.feature,
+            c.rule,
+            c.n,
+        );
+    }
+    let flagged = model.schema.as_ref().is_some_and(|s| s.mode == Mode::Flag)
+        && violations.value_rules_only();
+    if flagged {
+        if let Some(suppressed) = version.error_log.check() {
+            tracing::warn!(model = %version.model, version = %version.name, suppressed, "served a request that breaks the input rules (flag mode): {violations}");
+        }
+        return Ok(());
+    }
+    Err(violations.into())
 }

@@ -321,12 +321,7 @@ impl Executor {
         std::thread::Builder::new()
             .name("shadows".into())
             .spawn(move || {
-                // SAFETY: setpriority only changes this thread's nice
-                // value (Linux: PRIO_PROCESS with 0 names the caller).
-                #[cfg(target_os = "linux")]
-                unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-                }
+                crate::cpu::lower_priority(19);
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_time()
                     .build();

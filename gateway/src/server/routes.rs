@@ -326,30 +326,34 @@ async fn serve(
         }
     };
     let body = read_body(call, request, limit, state.config.body_read_timeout).await?;
-    let body = match coding {
-        Coding::Identity => body,
-        coding => {
-            let decoded = decompress(&body, coding, limit)?;
-            call.hold(decoded.len())?;
-            decoded
-        }
+    let received = body.len();
+    let decode = state.config.decode;
+    // A large or compressed body is inflated and decoded on the bulk pool;
+    // while it is, the inflated bytes are bounded by the pool's threads.
+    let request = if coding == Coding::Identity && !call.is_bulk(received) {
+        decode_body(body, coding, json_length, limit, decode)?
+    } else {
+        call.offload(move || decode_body(body, coding, json_length, limit, decode))
+            .await??
     };
-    let request = protocol::decode_infer_request(&body, json_length, state.config.decode)
-        .map_err(Error::from)?;
-    call.release(body.len());
-    drop(body);
-    let outputs = call.infer(&request).await?;
+    call.release(received);
+    let (request, outputs) = call.infer(request).await?;
 
-    let selected = select_outputs(&outputs, &request, call)?;
-    let (body, json_length) = InferResponse {
-        model_name: &call.version.model,
-        model_version: &call.version.name,
-        id: request.id.as_deref(),
-        outputs: &selected,
-    }
-    .encode()
-    .map_err(|e| call.output_error(OutputProblem::Encode(e.to_string())))?;
-    drop(selected);
+    let selection = select_outputs(&outputs, &request, call)?;
+    let output_bytes = selection.iter().map(|&(i, _)| outputs[i].data.len()).sum();
+    let (encoded, outputs, request) = if call.is_bulk(output_bytes) {
+        let version = call.version.clone();
+        call.offload(move || {
+            let encoded = encode(&version, &request, &outputs, &selection);
+            (encoded, outputs, request)
+        })
+        .await?
+    } else {
+        let encoded = encode(call.version, &request, &outputs, &selection);
+        (encoded, outputs, request)
+    };
+    let (body, json_length) =
+        encoded.map_err(|e| call.output_error(OutputProblem::Encode(e.to_string())))?;
     call.hold(body.len())?;
     let mut response = json_ok(body);
     if let Some(n) = json_length {
@@ -374,30 +378,67 @@ async fn serve(
 /// `binary_data` says, the others as `binary_data_output` says. A BYTES
 /// output that is not UTF-8 text, which JSON cannot carry, always goes in
 /// binary: the plugin's answer is valid, only JSON is too narrow for it.
-fn select_outputs<'a>(
-    outputs: &'a [Tensor],
+fn select_outputs(
+    outputs: &[Tensor],
     request: &InferRequest,
     call: &Call<'_>,
-) -> Result<Vec<(&'a Tensor, bool)>, Error> {
+) -> Result<Vec<(usize, bool)>, Error> {
     let binary = |t: &Tensor, wanted: bool| wanted || !json_can_carry(t);
     let Some(requested) = &request.outputs else {
         return Ok(outputs
             .iter()
-            .map(|t| (t, binary(t, request.binary_outputs)))
+            .enumerate()
+            .map(|(i, t)| (i, binary(t, request.binary_outputs)))
             .collect());
     };
     requested
         .iter()
         .map(|wanted| {
-            let tensor = outputs
+            let at = outputs
                 .iter()
-                .find(|t| t.name == wanted.name)
+                .position(|t| t.name == wanted.name)
                 .ok_or_else(|| {
                     call.output_error(OutputProblem::MissingRequested(wanted.name.clone()))
                 })?;
-            Ok((tensor, binary(tensor, request.wants_binary(&wanted.name))))
+            Ok((at, binary(&outputs[at], request.wants_binary(&wanted.name))))
         })
         .collect()
+}
+
+/// A request body, inflated if it was compressed, decoded.
+fn decode_body(
+    body: Bytes,
+    coding: Coding,
+    json_length: Option<usize>,
+    limit: usize,
+    decode: protocol::DecodeLimits,
+) -> Result<InferRequest, Error> {
+    let body = match coding {
+        Coding::Identity => body,
+        coding => decompress(&body, coding, limit)?,
+    };
+    Ok(protocol::decode_infer_request(&body, json_length, decode)?)
+}
+
+/// The response body of the `selection` of `outputs` (indices, and
+/// whether each goes in binary), and its JSON part's length.
+fn encode(
+    version: &Version,
+    request: &InferRequest,
+    outputs: &[Tensor],
+    selection: &[(usize, bool)],
+) -> Result<(Vec<u8>, Option<usize>), serde_json::Error> {
+    let selected: Vec<(&Tensor, bool)> = selection
+        .iter()
+        .map(|&(i, binary)| (&outputs[i], binary))
+        .collect();
+    InferResponse {
+        model_name: &version.model,
+        model_version: &version.name,
+        id: request.id.as_deref(),
+        outputs: &selected,
+    }
+    .encode()
 }
 
 /// Whether a tensor can be written as JSON: BYTES elements must be UTF-8.
