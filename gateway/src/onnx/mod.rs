@@ -7,7 +7,7 @@
 //! [`trees`] the tree-ensemble evaluator.
 //!
 //! Inference is CPU work that cannot be interrupted: [`OnnxModel::infer`]
-//! runs it on the blocking pool, at most [`COMPUTE_SLOTS`] at a time across
+//! runs it on threads of its own at a lower priority, at most [`COMPUTE_SLOTS`] at a time across
 //! the process (a call waits for a slot, bounded by the version's admission
 //! before it), and stops waiting at the call's deadline. tract's errors (anyhow-based) stop at this module:
 //! callers see [`OnnxError`] and [`PluginError`].
@@ -30,7 +30,7 @@ use tract_onnx::prelude::*;
 use crate::contract::{CallLimits, ModelInfo, PluginError};
 use crate::tensor::{Datatype, Tensor as WireTensor, TensorSpec};
 
-/// ONNX computations that may run on the blocking pool at once in the
+/// ONNX computations that may run on the compute threads at once in the
 /// process. Each holds a thread until its current chunk returns.
 pub static COMPUTE_SLOTS: LazyLock<usize> = LazyLock::new(|| {
     std::thread::available_parallelism()
@@ -42,6 +42,14 @@ pub static COMPUTE_SLOTS: LazyLock<usize> = LazyLock::new(|| {
 
 static RUNNING: LazyLock<Arc<Semaphore>> =
     LazyLock::new(|| Arc::new(Semaphore::new(*COMPUTE_SLOTS)));
+
+/// The threads larger computations run on, one per slot, at nice 10 (see
+/// [`crate::cpu::Pool`]): when small requests want the cores, the kernel
+/// gives them the cores first. On tokio's blocking pool, at the priority
+/// of everything else, two clients sending 100,000-row batches to one
+/// model had put another model's p99 at 5x (`cargo bench --bench soak`).
+static POOL: LazyLock<Option<crate::cpu::Pool>> =
+    LazyLock::new(|| crate::cpu::Pool::start("onnx", *COMPUTE_SLOTS, 10, *COMPUTE_SLOTS).ok());
 
 type Plan = TypedSimplePlan;
 
@@ -241,8 +249,8 @@ impl OnnxModel {
 
     /// Runs the plan. A small computation (at most [`INLINE_ELEMENTS`]
     /// input elements, a few microseconds) runs on the calling task: a hop
-    /// to the blocking pool costs more than it does. A larger one runs on
-    /// the blocking pool once one of the [`COMPUTE_SLOTS`] is free, in
+    /// to another thread costs more than it does. A larger one runs on
+    /// the compute threads ([`POOL`]) once one of the [`COMPUTE_SLOTS`] is free, in
     /// chunks of rows with the deadline checked between them, so a
     /// computation nobody waits for any more stops at the next chunk.
     /// `gate` (the version's share of the cores) bounds both.
@@ -299,15 +307,21 @@ impl OnnxModel {
         let abandoned = Arc::new(AtomicBool::new(false));
         let _abandon_on_drop = Abandon(abandoned.clone());
         let deadline = limits.deadline;
-        let task = tokio::task::spawn_blocking(move || {
+        let Some(pool) = POOL.as_ref() else {
+            return Err(RunError::Limit(PluginError::Exhausted(
+                "the ONNX compute threads could not be started".into(),
+            )));
+        };
+        let task = pool.run(move || {
             let _permits = (permit, share);
             model.compute_in_chunks(values, deadline, &abandoned)
         });
         match tokio::time::timeout_at(until, task).await {
             Err(_) => Err(deadline_error()),
-            Ok(Err(join)) => Err(RunError::Onnx(OnnxError::Compute(format!(
-                "the computation failed: {join}"
-            )))),
+            Ok(Err(crate::cpu::PoolError::Full { .. })) => Err(busy("ONNX compute thread")),
+            Ok(Err(crate::cpu::PoolError::Panicked)) => Err(RunError::Onnx(OnnxError::Compute(
+                "the computation panicked".into(),
+            ))),
             Ok(Ok(Ok(outputs))) => Ok(outputs),
             Ok(Ok(Err(Stopped::Onnx(e)))) => Err(RunError::Onnx(e)),
             Ok(Ok(Err(Stopped::Deadline))) => Err(deadline_error()),

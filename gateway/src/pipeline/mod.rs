@@ -12,7 +12,6 @@
 //! [`Error`]; nothing here knows HTTP beyond the status an error maps to.
 
 mod budget;
-mod bulk;
 pub(crate) mod error;
 mod shadows;
 
@@ -44,7 +43,7 @@ pub struct PipelineConfig {
     /// The share of the machine's CPU time shadow calls may use.
     pub shadow_cpu_percent: f64,
     /// Bodies, inputs and outputs over this many bytes are decoded,
-    /// validated and encoded on the bulk pool (see `bulk.rs`).
+    /// validated and encoded on the bulk pool (a `cpu::Pool` at nice 10).
     pub bulk_bytes: usize,
     /// Jobs waiting for the bulk pool; more get 503.
     pub bulk_queue: usize,
@@ -70,7 +69,13 @@ pub(crate) struct Pipeline {
     sandbox_memory: budget::SandboxMemory,
     shadow_cpu: shadows::CpuBudget,
     shadow_executor: shadows::Executor,
-    bulk: bulk::Bulk,
+    /// Decodes, validates and encodes what is larger than `bulk_bytes`:
+    /// synchronous work that, on the executor's threads, held every small
+    /// request behind it (two clients sending 100,000-row requests had cut
+    /// the same model's small requests to 7 % of their throughput, p99 14x,
+    /// in `cargo bench --bench soak`).
+    bulk: crate::cpu::Pool,
+    bulk_bytes: usize,
     /// The server's metrics (requests that reached no version).
     telemetry: Arc<telemetry::Telemetry>,
 }
@@ -88,7 +93,8 @@ impl Pipeline {
             sandbox_memory: budget::SandboxMemory::new(config.max_sandbox_memory_bytes),
             shadow_cpu: shadows::CpuBudget::new(config.shadow_cpu_percent),
             shadow_executor: shadows::Executor::start()?,
-            bulk: bulk::Bulk::start(crate::cpu::cores(), config.bulk_queue, config.bulk_bytes)?,
+            bulk: crate::cpu::Pool::start("bulk", crate::cpu::cores(), 10, config.bulk_queue)?,
+            bulk_bytes: config.bulk_bytes,
             telemetry,
         });
         Load::spawn_probe(&pipeline.load);
@@ -231,18 +237,18 @@ impl<'a> Call<'a> {
 
     /// Whether work on `bytes` belongs on the bulk pool.
     pub(crate) fn is_bulk(&self, bytes: usize) -> bool {
-        bytes > self.pipeline.bulk.threshold()
+        bytes > self.pipeline.bulk_bytes
     }
 
-    /// Runs `f` on the bulk pool (see `bulk.rs`): a full queue is a 503
-    /// naming the version.
+    /// Runs `f` on the bulk pool (see [`crate::cpu::Pool`]): a full queue
+    /// is a 503 naming the version.
     pub(crate) async fn offload<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Error> {
         self.pipeline.bulk.run(f).await.map_err(|e| match e {
-            bulk::BulkError::Full { queue } => self.unavailable(Unavailable::Bulk { queue }),
-            bulk::BulkError::Panicked => Error::Internal("a bulk job panicked".into()),
+            crate::cpu::PoolError::Full { queue } => self.unavailable(Unavailable::Bulk { queue }),
+            crate::cpu::PoolError::Panicked => Error::Internal("a bulk job panicked".into()),
         })
     }
 

@@ -3,7 +3,7 @@
 //! Exports are async so that a plugin call can yield to the executor at each
 //! epoch tick: a long call never holds a worker thread for more than a tick.
 //! The wasi:nn imports may trap (a plugin past its host-memory budget), and
-//! `compute` is async: it waits for the blocking pool, never blocks a worker.
+//! `compute` is async: it waits for the ONNX compute threads, never blocks a worker.
 
 wasmtime::component::bindgen!({
     path: "../wit",

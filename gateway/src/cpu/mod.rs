@@ -13,6 +13,10 @@
 //! looping calls queued on the executor ahead of every other request and
 //! pushed another model's p99 from 1.3 ms to over 200 ms.
 
+mod pool;
+
+pub(crate) use pool::{Pool, PoolError};
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;

@@ -1,20 +1,11 @@
-//! Work that grows with a request's size, done away from the executor.
-//!
-//! Decoding a large body, validating and monitoring large inputs, and
-//! encoding a large output are synchronous: on an executor worker, a
-//! 1 MB request holds the thread for tens of milliseconds while every
-//! small request queued behind it waits. In the soak benchmark two clients
-//! sending 100,000-row requests that break the input rules cut the good
-//! traffic of the same model to 7 % of its quiet throughput, its p99 14x.
-//!
-//! So above a size (`--bulk-kib`, 64 KiB by default) that work runs here: a
-//! pool of one thread per core at a lower scheduling priority (nice 10),
-//! fed by a bounded queue. When small requests want the cores the kernel
-//! gives them most of the time (a nice-10 thread weighs about a tenth of a
-//! nice-0 one) and the executor never stops answering; without them, large
-//! requests use the whole machine. A full queue is a 503 with Retry-After.
-//! A job whose caller went away (the client disconnected) before it
-//! started is skipped, so the queue never holds work nobody waits for.
+//! A pool of threads at a lower scheduling priority, fed by a bounded
+//! queue, for CPU work that must not hold the executor's workers: large
+//! requests' decoding, validation and encoding (the pipeline's bulk pool),
+//! and large ONNX computations. When the executor's threads want the cores
+//! the kernel gives them most of the time (a nice-10 thread weighs about a
+//! tenth of a nice-0 one); when they do not, the pool uses the whole
+//! machine. A job whose caller went away before it started is skipped, so
+//! the queue never holds work nobody waits for.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -24,7 +15,7 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// Why a job did not run.
 #[derive(Debug)]
-pub(crate) enum BulkError {
+pub(crate) enum PoolError {
     /// The queue is full.
     Full { queue: usize },
     /// The job panicked (a bug of the gateway).
@@ -32,45 +23,40 @@ pub(crate) enum BulkError {
 }
 
 /// The pool; its threads end when it is dropped.
-pub(crate) struct Bulk {
+pub(crate) struct Pool {
     jobs: SyncSender<Job>,
     queue: usize,
-    threshold: usize,
 }
 
-impl Bulk {
-    /// `threads` threads at nice 10, `queue` jobs waiting at most; work on
-    /// more than `threshold` bytes belongs here.
-    pub(crate) fn start(threads: usize, queue: usize, threshold: usize) -> std::io::Result<Self> {
+impl Pool {
+    /// `threads` threads named `{name}-{i}` at `nice`, `queue` jobs waiting
+    /// at most.
+    pub(crate) fn start(
+        name: &str,
+        threads: usize,
+        nice: i32,
+        queue: usize,
+    ) -> std::io::Result<Self> {
         let queue = queue.max(1);
         let (jobs, receiver) = std::sync::mpsc::sync_channel::<Job>(queue);
         let receiver = Arc::new(Mutex::new(receiver));
         for i in 0..threads.max(1) {
             let receiver = receiver.clone();
             std::thread::Builder::new()
-                .name(format!("bulk-{i}"))
+                .name(format!("{name}-{i}"))
                 .spawn(move || {
-                    crate::cpu::lower_priority(10);
+                    super::lower_priority(nice);
                     work(&receiver);
                 })?;
         }
-        Ok(Bulk {
-            jobs,
-            queue,
-            threshold,
-        })
-    }
-
-    /// Bytes above which work runs here.
-    pub(crate) fn threshold(&self) -> usize {
-        self.threshold
+        Ok(Pool { jobs, queue })
     }
 
     /// Runs `f` on the pool and waits for it without blocking the executor.
     pub(crate) async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, BulkError> {
+    ) -> Result<T, PoolError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
             if tx.is_closed() {
@@ -81,12 +67,12 @@ impl Bulk {
         });
         match self.jobs.try_send(job) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(BulkError::Full { queue: self.queue }),
-            Err(TrySendError::Disconnected(_)) => return Err(BulkError::Panicked),
+            Err(TrySendError::Full(_)) => return Err(PoolError::Full { queue: self.queue }),
+            Err(TrySendError::Disconnected(_)) => return Err(PoolError::Panicked),
         }
         match rx.await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(_)) | Err(_) => Err(BulkError::Panicked),
+            Ok(Err(_)) | Err(_) => Err(PoolError::Panicked),
         }
     }
 }
@@ -111,11 +97,11 @@ mod tests {
 
     #[tokio::test]
     async fn runs_jobs_refuses_past_the_queue_and_survives_a_panic() {
-        let bulk = Bulk::start(1, 1, 0).unwrap();
+        let bulk = Pool::start("test", 1, 10, 1).unwrap();
         assert_eq!(bulk.run(|| 6 * 7).await.unwrap(), 42);
         assert!(matches!(
             bulk.run(|| -> () { panic!("a bug") }).await,
-            Err(BulkError::Panicked)
+            Err(PoolError::Panicked)
         ));
         // One job running (blocked), one queued: the third is refused.
         let (started, has_started) = std::sync::mpsc::channel();
@@ -130,7 +116,7 @@ mod tests {
         assert!(poll_once(&mut queued).await.is_none());
         assert!(matches!(
             bulk.run(|| 2).await,
-            Err(BulkError::Full { queue: 1 })
+            Err(PoolError::Full { queue: 1 })
         ));
         release.send(()).unwrap();
         assert!(running.await.unwrap());
