@@ -360,3 +360,43 @@ fn sighup_reloads_the_real_binary() {
     let exit = child.wait().unwrap();
     assert!(exit.success(), "the gateway exited with {exit} on SIGTERM");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_whose_info_never_returns_is_refused_while_the_rest_serves() {
+    let gw = TestGateway::start(&[("live.toml", &policy("v1", None))]).await;
+    gw.write_policy(
+        "stuck.toml",
+        "model = \"stuck\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"info-loop\"\n",
+    );
+    let reload = {
+        let gw_addr = gw.addr;
+        tokio::spawn(async move {
+            let request = http::Request::post("/admin/reload")
+                .header("host", gw_addr.to_string())
+                .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            send(gw_addr, request).await
+        })
+    };
+    // While info() loops, until its load deadline, the old policies serve.
+    let mut served = 0;
+    while !reload.is_finished() {
+        let answer = gw.infer("live", &request()).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        served += 1;
+    }
+    assert!(served > 10, "only {served} requests while the reload ran");
+    let reply = reload.await.unwrap();
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    let problem = reply.json()["problems"][0].as_str().unwrap().to_string();
+    assert!(
+        problem.contains("stuck.toml")
+            && problem
+                .contains("failed in info(): it did not finish within its deadline of 5000 ms"),
+        "{problem}"
+    );
+    assert_eq!(gw.infer("live", &request()).await.status, 200);
+    assert_eq!(gw.infer("stuck", &request()).await.status, 404);
+    gw.shutdown().await;
+}
