@@ -115,6 +115,13 @@ pub enum StartError {
     },
     #[error("cannot start the WebAssembly runtime: {0}")]
     Runtime(String),
+    #[error(
+        "the largest memory cap a policy may set ({cap_mebibytes} MiB, --max-memory-mebibytes) exceeds the sandbox memory of the whole gateway ({budget_mebibytes} MiB, --max-sandbox-memory-mebibytes): a version with that cap could never run"
+    )]
+    MemoryCapOverBudget {
+        cap_mebibytes: usize,
+        budget_mebibytes: usize,
+    },
 }
 
 fn list(errors: &[PolicyError]) -> String {
@@ -178,6 +185,12 @@ impl RunningServer {
 /// Loads the policies (compiling every plugin), binds the listener and starts
 /// serving. Nothing is served unless every policy is valid.
 pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
+    if options.runtime.max_memory_bytes > options.pipeline.max_sandbox_memory_bytes {
+        return Err(StartError::MemoryCapOverBudget {
+            cap_mebibytes: options.runtime.max_memory_bytes >> 20,
+            budget_mebibytes: options.pipeline.max_sandbox_memory_bytes >> 20,
+        });
+    }
     let runtime = Arc::new(
         Runtime::new(options.runtime.clone()).map_err(|e| StartError::Runtime(format!("{e:#}")))?,
     );
