@@ -13,8 +13,11 @@
 //! answered request is also shadowed to a slow challenger (`slow-ttm`).
 //!
 //! Phases: `quiet` (good traffic alone), `soak` (good traffic and every
-//! attack below at once), `recovery` (no traffic at all, then one last
-//! RSS reading). Attacks, each a few clients sending one request after
+//! attack below at once), `recovery` (good traffic alone again; the last
+//! RSS reading at its end). Good clients and attackers run on threads of
+//! their own, on the same cores as the gateway. The clients are closed-loop
+//! (each sends its next request once answered): a stall shows as lost
+//! throughput more than as p99. Attacks, each a few clients sending one request after
 //! another: calls that loop until their deadline, calls that allocate
 //! without bound, 1 MiB error texts, outputs over the version's cap, 100,000
 //! rows that all break the input rules, 100,000-row batches for an
@@ -197,8 +200,32 @@ fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-/// Statuses by attack (0: the connection failed).
-type Tally = Arc<Mutex<BTreeMap<(&'static str, u16), u64>>>;
+/// What the attacks got: answers by attack and status (0: no answer), and
+/// each attack's latencies (µs).
+#[derive(Default)]
+struct Outcomes {
+    statuses: BTreeMap<(&'static str, u16), u64>,
+    latencies: BTreeMap<&'static str, Vec<u32>>,
+}
+
+type Tally = Arc<Mutex<Outcomes>>;
+
+fn record(tally: &Tally, attack: &'static str, status: u16, took: Duration) {
+    let mut outcomes = tally.lock().expect("tally");
+    *outcomes.statuses.entry((attack, status)).or_default() += 1;
+    outcomes
+        .latencies
+        .entry(attack)
+        .or_default()
+        .push(micros(took));
+}
+
+fn micros(took: Duration) -> u32 {
+    took.as_micros().min(u32::MAX as u128) as u32
+}
+
+/// Every request of the benchmark gives up after this long.
+const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Good traffic's outcome: per second of the run, latencies (µs) of the
 /// 200s, and the other statuses.
@@ -218,7 +245,10 @@ async fn good_client(
     let mut connection = Connection::open(addr).await;
     while !stop.load(Ordering::Relaxed) {
         let sent = Instant::now();
-        let result = connection.post(GOOD_PATH, &[], &body).await;
+        let result = tokio::time::timeout(PATIENCE, connection.post(GOOD_PATH, &[], &body))
+            .await
+            .ok()
+            .flatten();
         let took = sent.elapsed();
         let failed = {
             let mut good = good.lock().expect("good traffic");
@@ -227,7 +257,7 @@ async fn good_client(
                     good.latencies
                         .entry(sent.duration_since(start).as_secs())
                         .or_default()
-                        .push(took.as_micros().min(u32::MAX as u128) as u32);
+                        .push(micros(took));
                     false
                 }
                 Some((status, _)) => {
@@ -263,15 +293,13 @@ async fn attacker(addr: SocketAddr, attack: Arc<Attack>, stop: Arc<AtomicBool>, 
         .collect();
     let mut connection = Connection::open(addr).await;
     while !stop.load(Ordering::Relaxed) {
-        let status = match connection.post(attack.path, &headers, &attack.body).await {
-            Some((status, _)) => status,
-            None => 0,
+        let sent = Instant::now();
+        let reply = connection.post(attack.path, &headers, &attack.body);
+        let status = match tokio::time::timeout(PATIENCE, reply).await {
+            Ok(Some((status, _))) => status,
+            _ => 0,
         };
-        *tally
-            .lock()
-            .expect("tally")
-            .entry((attack.name, status))
-            .or_default() += 1;
+        record(&tally, attack.name, status, sent.elapsed());
         if status == 0 || status >= 400 {
             // Refusals may close the connection; start afresh.
             connection = Connection::open(addr).await;
@@ -283,6 +311,7 @@ async fn attacker(addr: SocketAddr, attack: Arc<Attack>, stop: Arc<AtomicBool>, 
 /// then nothing until the gateway gives up (408).
 async fn trickler(addr: SocketAddr, stop: Arc<AtomicBool>, tally: Tally) {
     while !stop.load(Ordering::Relaxed) {
+        let sent = Instant::now();
         let status = async {
             let mut stream = TcpStream::connect(addr).await.ok()?;
             let head = format!(
@@ -302,11 +331,7 @@ async fn trickler(addr: SocketAddr, stop: Arc<AtomicBool>, tally: Tally) {
         }
         .await
         .unwrap_or(0);
-        *tally
-            .lock()
-            .expect("tally")
-            .entry(("slow-body", status))
-            .or_default() += 1;
+        record(&tally, "slow-body", status, sent.elapsed());
     }
 }
 
@@ -483,10 +508,18 @@ fn main() {
     policies(dir.path());
     let gateway = Gateway::start(dir.path());
     let addr = gateway.addr;
+    // Good clients and attackers on threads of their own: reading a
+    // multi-MB answer for an attacker never delays a good client's request.
     let client = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("client runtime");
+    let attackers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("attackers")
+        .enable_all()
+        .build()
+        .expect("attackers' runtime");
 
     let good = Arc::new(Mutex::new(Good::default()));
     let tally: Tally = Arc::default();
@@ -496,6 +529,7 @@ fn main() {
     let mut rss: Vec<(u64, u64)> = Vec::new();
     let quiet_end = args.quiet_seconds;
     let soak_end = quiet_end + args.seconds;
+    let recovery_end = soak_end + args.recovery_seconds;
     eprintln!(
         "soak: {} s quiet, {} s soak, {} s recovery, gateway on {addr}",
         args.quiet_seconds, args.seconds, args.recovery_seconds
@@ -527,7 +561,7 @@ fn main() {
         for (attack, clients) in attacks().into_iter().filter(|(a, _)| chosen(a.name)) {
             let attack = Arc::new(attack);
             for _ in 0..clients {
-                tasks.push(tokio::spawn(attacker(
+                tasks.push(attackers.spawn(attacker(
                     addr,
                     attack.clone(),
                     stop_hostile.clone(),
@@ -536,11 +570,7 @@ fn main() {
             }
         }
         for _ in 0..if chosen("slow-body") { 8 } else { 0 } {
-            tasks.push(tokio::spawn(trickler(
-                addr,
-                stop_hostile.clone(),
-                tally.clone(),
-            )));
+            tasks.push(attackers.spawn(trickler(addr, stop_hostile.clone(), tally.clone())));
         }
         while start.elapsed() < Duration::from_secs(soak_end) {
             tick.tick().await;
@@ -550,30 +580,35 @@ fn main() {
                 eprintln!("soak: {now} s, RSS {:.0} MiB", mib(gateway.rss_kib()));
             }
         }
+        // Recovery: the good traffic alone again.
         stop_hostile.store(true, Ordering::Relaxed);
-        stop_good.store(true, Ordering::Relaxed);
-        for task in tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
-        }
-        let recovery_end = start.elapsed().as_secs() + args.recovery_seconds;
         while start.elapsed() < Duration::from_secs(recovery_end) {
             tick.tick().await;
             sample(&mut rss);
         }
+        stop_good.store(true, Ordering::Relaxed);
+        for task in tasks {
+            let _ = tokio::time::timeout(PATIENCE, task).await;
+        }
         rss_start
     });
-    let rss_end = gateway.rss_kib();
+    let rss_end = rss.last().map_or(0, |(_, kib)| *kib);
     let rss_peak = rss.iter().map(|(_, k)| *k).max().unwrap_or(0);
     let metrics = get(addr, "/metrics").map(|(_, b)| b).unwrap_or_default();
     drop(gateway);
 
     let good = good.lock().expect("good traffic");
-    let tally = tally.lock().expect("tally");
+    let mut tally = tally.lock().expect("tally");
+    let Outcomes {
+        statuses,
+        latencies,
+    } = &mut *tally;
     // The first seconds of each phase warm up (connections, the attacks'
     // first calls); they are left out of the summaries.
     let warm = 5.min(args.quiet_seconds / 2);
     let (quiet_rps, quiet_p99, _) = summary(&good, warm, quiet_end);
     let (soak_rps, soak_p99, _) = summary(&good, quiet_end + warm, soak_end);
+    let (after_rps, after_p99, _) = summary(&good, soak_end + warm, recovery_end);
     let served: usize = good.latencies.values().map(Vec::len).sum();
     let failed: u64 = good.failures.values().sum();
 
@@ -581,7 +616,8 @@ fn main() {
         "Soak: {} s of good and hostile traffic (quiet baseline {} s, recovery {} s), {} good connections.\n\n\
          | good traffic | requests/s | p99 |\n|---|---:|---:|\n\
          | quiet | {quiet_rps:.0} | {quiet_p99:.2} ms |\n\
-         | during the attacks | {soak_rps:.0} ({:.2} of quiet) | {soak_p99:.2} ms ({:.2}x quiet) |\n\n\
+         | during the attacks | {soak_rps:.0} ({:.2} of quiet) | {soak_p99:.2} ms ({:.2}x quiet) |\n\
+         | after them | {after_rps:.0} ({:.2} of quiet) | {after_p99:.2} ms ({:.2}x quiet) |\n\n\
          Good requests served: {served}; failed: {failed} {:?}.\n\n\
          RSS: {:.0} MiB at the start of the attacks, {:.0} MiB at the peak, {:.0} MiB after {} s of recovery ({:+.0} %).\n\n",
         args.seconds,
@@ -590,6 +626,8 @@ fn main() {
         args.connections,
         soak_rps / quiet_rps.max(1e-9),
         soak_p99 / quiet_p99.max(1e-9),
+        after_rps / quiet_rps.max(1e-9),
+        after_p99 / quiet_p99.max(1e-9),
         good.failures,
         mib(rss_start),
         mib(rss_peak),
@@ -597,9 +635,9 @@ fn main() {
         args.recovery_seconds,
         (rss_end as f64 / rss_start.max(1) as f64 - 1.0) * 100.0,
     );
-    md += "| attack | answers by status |\n|---|---|\n";
+    md += "| attack | answers by status | median latency |\n|---|---|---:|\n";
     let mut by_attack: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for ((name, status), n) in tally.iter() {
+    for ((name, status), n) in statuses.iter() {
         let status = if *status == 0 {
             "no answer".to_string()
         } else {
@@ -611,7 +649,13 @@ fn main() {
             .push(format!("{status}: {n}"));
     }
     for (name, statuses) in &by_attack {
-        md += &format!("| {name} | {} |\n", statuses.join(", "));
+        let times = latencies.entry(name).or_default();
+        times.sort_unstable();
+        md += &format!(
+            "| {name} | {} | {:.1} ms |\n",
+            statuses.join(", "),
+            quantile(times, 0.5)
+        );
     }
     let refused = by_label(&metrics, "gateway_refused_total", "reason");
     let plugin_errors = by_label(&metrics, "gateway_plugin_errors_total", "kind");
@@ -651,7 +695,8 @@ fn main() {
         "soak": { "requests_per_second": soak_rps, "p99_ms": soak_p99 },
         "good_served": served,
         "good_failed": good.failures.iter().map(|(s, n)| (s.to_string(), *n)).collect::<BTreeMap<_, _>>(),
-        "attacks": tally.iter().map(|((a, s), n)| (format!("{a} {s}"), *n)).collect::<BTreeMap<_, _>>(),
+        "after": { "requests_per_second": after_rps, "p99_ms": after_p99 },
+        "attacks": statuses.iter().map(|((a, s), n)| (format!("{a} {s}"), *n)).collect::<BTreeMap<_, _>>(),
         "refused": refused,
         "plugin_errors": plugin_errors,
         "rss_kib": { "start": rss_start, "peak": rss_peak, "end": rss_end },

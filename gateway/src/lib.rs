@@ -7,7 +7,7 @@
 //! trained models it calls, or that serve a version alone), `telemetry`
 //! records what happened. `policy` reads the operators' TOML files.
 
-#![warn(unreachable_pub)]
+#![deny(unreachable_pub)]
 
 pub(crate) mod admin;
 pub mod cli;

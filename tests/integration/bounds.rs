@@ -343,7 +343,10 @@ async fn past_the_sandbox_memory_budget_calls_wait_then_get_503() {
                 ),
             ),
         ],
-        |o| o.pipeline.max_sandbox_memory_bytes = 64 << 20,
+        |o| {
+            o.pipeline.max_sandbox_memory_bytes = 64 << 20;
+            o.runtime.max_memory_bytes = 64 << 20;
+        },
     )
     .await;
     let spinning = gw.spawn_infer("hog", &fp32_request("x", &[1], &[-1.0]));
@@ -698,5 +701,72 @@ async fn large_requests_do_not_slow_small_ones_of_the_same_model() {
         attacked <= quiet * 2 + Duration::from_millis(5),
         "small requests' p99 {attacked:?} beside large ones, {quiet:?} without"
     );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_memory_cap_no_call_could_ever_get_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = gateway::server::ServeOptions::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().to_path_buf(),
+        vec![],
+    );
+    options.pipeline.max_sandbox_memory_bytes = 512 << 20;
+    options.runtime.max_memory_bytes = 1 << 30;
+    let error = match gateway::server::start(options).await {
+        Ok(_) => panic!("started with a cap over the budget"),
+        Err(e) => e.to_string(),
+    };
+    assert_eq!(
+        error,
+        "the largest memory cap a policy may set (1024 MiB, --max-memory-mebibytes) exceeds the sandbox memory of the whole gateway (512 MiB, --max-sandbox-memory-mebibytes): a version with that cap could never run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_version_fills_at_most_half_of_the_bulk_queue() {
+    let policy = std::fs::read_to_string(repo_root().join("policies/time-to-merge.toml"))
+        .unwrap()
+        .replace("model = \"time-to-merge\"", "model = \"bulky\"");
+    let gw = TestGateway::start_configured(&[("bulky.toml", &policy)], |o| {
+        o.server.max_body_bytes = 16 << 20;
+        // Half of a queue of two: one large request of the version at a time.
+        o.pipeline.bulk_queue = 2;
+    })
+    .await;
+    let mut big = String::from(
+        r#"{"inputs":[{"name":"pr_features","shape":[100000,6],"datatype":"FP32","data":[-1"#,
+    );
+    big.push_str(&",-1".repeat(100_000 * 6 - 1));
+    big.push_str("]}]}");
+    let big = serde_json::from_str::<serde_json::Value>(&big).unwrap();
+    let replies: Vec<_> = (0..8).map(|_| gw.spawn_infer("bulky", &big)).collect();
+    let mut statuses = Vec::new();
+    for reply in replies {
+        let reply = reply.await.unwrap();
+        if reply.status == 503 {
+            reply.assert_error(503, &["model `bulky` version `v1` cannot be served now: the pool that decodes and checks large requests (queue of 2, at most half of it per version) has no room for it, or did not start its work within 5 s; retry later"]);
+            assert!(reply.header("retry-after").is_some());
+        } else {
+            assert_eq!(reply.status, 400, "{}", reply.text());
+        }
+        statuses.push(reply.status);
+    }
+    assert!(
+        statuses.contains(&503) && statuses.contains(&400),
+        "{statuses:?}"
+    );
+    let m = gw.metrics().await;
+    let refused = m.value(
+        "gateway_refused_total",
+        &[("model", "bulky"), ("reason", "bulk_queue")],
+    );
+    assert_eq!(
+        refused,
+        statuses.iter().filter(|s| **s == 503).count() as f64
+    );
+    // Small requests never touch the pool.
+    assert_eq!(gw.infer("bulky", &pr_features(1)).await.status, 200);
     gw.shutdown().await;
 }

@@ -35,12 +35,18 @@ pub(crate) fn cores() -> usize {
 /// Lowers the calling thread's scheduling priority to `nice` (Linux; a
 /// no-op elsewhere). Threads of background work call it once at start: an
 /// unprivileged thread can never raise its priority back.
+/// Threads inherit their creator's nice value: create them from a thread
+/// that was never lowered.
 pub(crate) fn lower_priority(nice: i32) {
     // SAFETY: setpriority only changes this thread's nice value (Linux:
     // PRIO_PROCESS with 0 names the calling thread).
     #[cfg(target_os = "linux")]
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        tracing::warn!(
+            nice,
+            error = %std::io::Error::last_os_error(),
+            "cannot lower a background thread's priority; it competes with requests"
+        );
     }
     #[cfg(not(target_os = "linux"))]
     let _ = nice;

@@ -10,6 +10,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -17,7 +18,9 @@ type Job = Box<dyn FnOnce() + Send>;
 #[derive(Debug)]
 pub(crate) enum PoolError {
     /// The queue is full.
-    Full { queue: usize },
+    Full,
+    /// The job was not started by its deadline.
+    Late,
     /// The job panicked (a bug of the gateway).
     Panicked,
 }
@@ -25,7 +28,6 @@ pub(crate) enum PoolError {
 /// The pool; its threads end when it is dropped.
 pub(crate) struct Pool {
     jobs: SyncSender<Job>,
-    queue: usize,
 }
 
 impl Pool {
@@ -49,29 +51,36 @@ impl Pool {
                     work(&receiver);
                 })?;
         }
-        Ok(Pool { jobs, queue })
+        Ok(Pool { jobs })
     }
 
     /// Runs `f` on the pool and waits for it without blocking the executor.
+    /// A job not started by `start_by` is skipped ([`PoolError::Late`]); a
+    /// started one runs to its end (its work is bounded by its input).
     pub(crate) async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
+        start_by: Instant,
     ) -> Result<T, PoolError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
             if tx.is_closed() {
                 return;
             }
-            let result = catch_unwind(AssertUnwindSafe(f));
+            if Instant::now() > start_by {
+                let _ = tx.send(Ok(Err(PoolError::Late)));
+                return;
+            }
+            let result = catch_unwind(AssertUnwindSafe(f)).map(Ok);
             let _ = tx.send(result);
         });
         match self.jobs.try_send(job) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(PoolError::Full { queue: self.queue }),
+            Err(TrySendError::Full(_)) => return Err(PoolError::Full),
             Err(TrySendError::Disconnected(_)) => return Err(PoolError::Panicked),
         }
         match rx.await {
-            Ok(Ok(value)) => Ok(value),
+            Ok(Ok(result)) => result,
             Ok(Err(_)) | Err(_) => Err(PoolError::Panicked),
         }
     }
@@ -94,33 +103,70 @@ fn work(receiver: &Mutex<Receiver<Job>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    /// Occupies the pool's one thread until the returned sender is used.
+    async fn block(
+        pool: &Pool,
+    ) -> (
+        impl std::future::Future<Output = bool> + '_,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (started, has_started) = std::sync::mpsc::channel();
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let mut running = Box::pin(pool.run(
+            move || {
+                let _ = started.send(());
+                wait.recv().is_ok()
+            },
+            later(),
+        ));
+        assert!(poll_once(&mut running).await.is_none());
+        has_started.recv().unwrap();
+        (async move { running.await.unwrap() }, release)
+    }
 
     #[tokio::test]
     async fn runs_jobs_refuses_past_the_queue_and_survives_a_panic() {
-        let bulk = Pool::start("test", 1, 10, 1).unwrap();
-        assert_eq!(bulk.run(|| 6 * 7).await.unwrap(), 42);
+        let pool = Pool::start("test", 1, 10, 1).unwrap();
+        assert_eq!(pool.run(|| 6 * 7, later()).await.unwrap(), 42);
         assert!(matches!(
-            bulk.run(|| -> () { panic!("a bug") }).await,
+            pool.run(|| -> () { panic!("a bug") }, later()).await,
             Err(PoolError::Panicked)
         ));
         // One job running (blocked), one queued: the third is refused.
-        let (started, has_started) = std::sync::mpsc::channel();
-        let (release, wait) = std::sync::mpsc::channel::<()>();
-        let mut running = Box::pin(bulk.run(move || {
-            let _ = started.send(());
-            wait.recv().is_ok()
-        }));
-        assert!(poll_once(&mut running).await.is_none());
-        has_started.recv().unwrap();
-        let mut queued = Box::pin(bulk.run(|| 1));
+        let (running, release) = block(&pool).await;
+        let mut queued = Box::pin(pool.run(|| 1, later()));
         assert!(poll_once(&mut queued).await.is_none());
         assert!(matches!(
-            bulk.run(|| 2).await,
-            Err(PoolError::Full { queue: 1 })
+            pool.run(|| 2, later()).await,
+            Err(PoolError::Full)
         ));
         release.send(()).unwrap();
-        assert!(running.await.unwrap());
+        assert!(running.await);
         assert_eq!(queued.await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_job_not_started_by_its_deadline_is_skipped() {
+        let pool = Pool::start("test", 1, 10, 1).unwrap();
+        let (running, release) = block(&pool).await;
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        let mut late = Box::pin(pool.run(
+            move || flag.store(true, std::sync::atomic::Ordering::Relaxed),
+            Instant::now() + Duration::from_millis(1),
+        ));
+        assert!(poll_once(&mut late).await.is_none());
+        std::thread::sleep(Duration::from_millis(5));
+        release.send(()).unwrap();
+        assert!(running.await);
+        assert!(matches!(late.await, Err(PoolError::Late)));
+        assert!(!ran.load(std::sync::atomic::Ordering::Relaxed));
     }
 
     /// Polls once: `Some` if the future finished.

@@ -60,6 +60,9 @@ struct Stats {
     in_slice: usize,
 }
 
+/// Values recorded per acquisition of a feature's lock.
+const PER_LOCK: usize = 256;
+
 impl Monitor {
     /// Monitors for every named feature of `schema`; `None` when there are none.
     pub fn new(schema: &Schema, config: &Monitoring) -> Option<Self> {
@@ -97,22 +100,40 @@ impl Monitor {
         })
     }
 
-    /// Records the values of a served request.
+    /// Records the values of a served request. A feature's lock is held
+    /// for at most [`PER_LOCK`] values at a time: a large request is
+    /// observed on a low-priority thread (the bulk pool), which must not
+    /// keep the lock from the small requests' threads for long.
     pub fn observe(&self, inputs: &[Tensor]) {
         let slice_size = (self.config.window / SLICES).max(1);
         for f in &self.features {
             let Some(t) = inputs.iter().find(|t| t.name == f.input) else {
                 continue;
             };
-            let mut stats = f.stats.lock().unwrap_or_else(|e| e.into_inner());
+            let record = |values: &[f64]| {
+                let mut stats = f.stats.lock().unwrap_or_else(|e| e.into_inner());
+                for &v in values {
+                    stats.observe(
+                        v,
+                        f.reference.as_ref(),
+                        self.config.outlier_sigma,
+                        slice_size,
+                    );
+                }
+            };
+            let mut buffer = [0.0; PER_LOCK];
+            let mut held = 0;
             tensor::each_number(t, f.column, f.columns, |_, v| {
-                stats.observe(
-                    v,
-                    f.reference.as_ref(),
-                    self.config.outlier_sigma,
-                    slice_size,
-                );
+                buffer[held] = v;
+                held += 1;
+                if held == PER_LOCK {
+                    record(&buffer);
+                    held = 0;
+                }
             });
+            if held > 0 {
+                record(&buffer[..held]);
+            }
         }
     }
 

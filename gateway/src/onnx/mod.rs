@@ -48,8 +48,20 @@ static RUNNING: LazyLock<Arc<Semaphore>> =
 /// gives them the cores first. On tokio's blocking pool, at the priority
 /// of everything else, two clients sending 100,000-row batches to one
 /// model had put another model's p99 at 5x (`cargo bench --bench soak`).
-static POOL: LazyLock<Option<crate::cpu::Pool>> =
-    LazyLock::new(|| crate::cpu::Pool::start("onnx", *COMPUTE_SLOTS, 10, *COMPUTE_SLOTS).ok());
+/// Started by [`start_compute_threads`] when a server starts, from a thread
+/// at normal priority (threads inherit their creator's: started from a
+/// nice-19 shadow thread, they would stay there).
+static POOL: LazyLock<std::io::Result<crate::cpu::Pool>> =
+    LazyLock::new(|| crate::cpu::Pool::start("onnx", *COMPUTE_SLOTS, 10, *COMPUTE_SLOTS));
+
+/// Starts the compute threads once per process; an error means none can
+/// run (the server should not start).
+pub(crate) fn start_compute_threads() -> std::io::Result<()> {
+    match &*POOL {
+        Ok(_) => Ok(()),
+        Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+    }
+}
 
 type Plan = TypedSimplePlan;
 
@@ -307,18 +319,22 @@ impl OnnxModel {
         let abandoned = Arc::new(AtomicBool::new(false));
         let _abandon_on_drop = Abandon(abandoned.clone());
         let deadline = limits.deadline;
-        let Some(pool) = POOL.as_ref() else {
+        let Ok(pool) = POOL.as_ref() else {
             return Err(RunError::Limit(PluginError::Exhausted(
                 "the ONNX compute threads could not be started".into(),
             )));
         };
-        let task = pool.run(move || {
-            let _permits = (permit, share);
-            model.compute_in_chunks(values, deadline, &abandoned)
-        });
+        let task = pool.run(
+            move || {
+                let _permits = (permit, share);
+                model.compute_in_chunks(values, deadline, &abandoned)
+            },
+            deadline,
+        );
         match tokio::time::timeout_at(until, task).await {
             Err(_) => Err(deadline_error()),
-            Ok(Err(crate::cpu::PoolError::Full { .. })) => Err(busy("ONNX compute thread")),
+            Ok(Err(crate::cpu::PoolError::Full)) => Err(busy("ONNX compute thread")),
+            Ok(Err(crate::cpu::PoolError::Late)) => Err(deadline_error()),
             Ok(Err(crate::cpu::PoolError::Panicked)) => Err(RunError::Onnx(OnnxError::Compute(
                 "the computation panicked".into(),
             ))),

@@ -81,7 +81,9 @@ pub(crate) enum Unavailable {
     SandboxMemory { needed: usize, budget: usize },
     /// The process's budget of request and response bytes is taken.
     Bytes { needed: usize, budget: usize },
-    /// The queue of the pool for large requests is full.
+    /// The pool for large requests has no room for the version (it may
+    /// fill half the queue), or did not start its job within the version's
+    /// timeout.
     Bulk { queue: usize },
 }
 
@@ -286,7 +288,7 @@ impl fmt::Display for Error {
                     ),
                     Unavailable::Bulk { queue } => write!(
                         f,
-                        "cannot be served now: {queue} large requests already wait for the pool that decodes and checks them; retry later"
+                        "cannot be served now: the pool that decodes and checks large requests (queue of {queue}, at most half of it per version) has no room for it, or did not start its work within 5 s; retry later"
                     ),
                 }
             }

@@ -61,6 +61,11 @@ impl Default for PipelineConfig {
     }
 }
 
+/// How long a large request waits for the bulk pool to start its work
+/// before it gets 503 (once started, the work runs to its end: it is
+/// bounded by the request's size).
+const BULK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What every request of one server shares.
 pub(crate) struct Pipeline {
     /// How busy the server is: shadows only use spare CPU.
@@ -76,6 +81,7 @@ pub(crate) struct Pipeline {
     /// in `cargo bench --bench soak`).
     bulk: crate::cpu::Pool,
     bulk_bytes: usize,
+    bulk_queue: usize,
     /// The server's metrics (requests that reached no version).
     telemetry: Arc<telemetry::Telemetry>,
 }
@@ -87,6 +93,7 @@ impl Pipeline {
         config: PipelineConfig,
         telemetry: Arc<telemetry::Telemetry>,
     ) -> std::io::Result<Arc<Self>> {
+        crate::onnx::start_compute_threads()?;
         let pipeline = Arc::new(Pipeline {
             load: Arc::default(),
             bytes: budget::Bytes::new(config.max_inflight_bytes),
@@ -95,6 +102,7 @@ impl Pipeline {
             shadow_executor: shadows::Executor::start()?,
             bulk: crate::cpu::Pool::start("bulk", crate::cpu::cores(), 10, config.bulk_queue)?,
             bulk_bytes: config.bulk_bytes,
+            bulk_queue: config.bulk_queue.max(1),
             telemetry,
         });
         Load::spawn_probe(&pipeline.load);
@@ -235,6 +243,11 @@ impl<'a> Call<'a> {
         self.bytes.shrink(bytes);
     }
 
+    /// Bytes above which work belongs on the bulk pool.
+    pub(crate) fn bulk_bytes(&self) -> usize {
+        self.pipeline.bulk_bytes
+    }
+
     /// Whether work on `bytes` belongs on the bulk pool.
     pub(crate) fn is_bulk(&self, bytes: usize) -> bool {
         bytes > self.pipeline.bulk_bytes
@@ -246,10 +259,24 @@ impl<'a> Call<'a> {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Error> {
-        self.pipeline.bulk.run(f).await.map_err(|e| match e {
-            crate::cpu::PoolError::Full { queue } => self.unavailable(Unavailable::Bulk { queue }),
-            crate::cpu::PoolError::Panicked => Error::Internal("a bulk job panicked".into()),
-        })
+        let queue = self.pipeline.bulk_queue;
+        let full = || self.unavailable(Unavailable::Bulk { queue });
+        // One version may fill half the queue; a job not started within
+        // BULK_WAIT is skipped.
+        let _share = self
+            .version
+            .bulk_share
+            .get_or_init(|| Arc::new(tokio::sync::Semaphore::new((queue / 2).max(1))))
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| full())?;
+        match self.pipeline.bulk.run(f, Instant::now() + BULK_WAIT).await {
+            Ok(value) => Ok(value),
+            Err(crate::cpu::PoolError::Full | crate::cpu::PoolError::Late) => Err(full()),
+            Err(crate::cpu::PoolError::Panicked) => {
+                Err(Error::Internal("a bulk job panicked".into()))
+            }
+        }
     }
 
     /// Validates a decoded request and runs it: the served path. Large
@@ -299,13 +326,19 @@ impl<'a> Call<'a> {
                 ))
             })?,
         };
+        // A shadow copy never waits: memory that is not free now is the
+        // served requests'.
+        let memory_until = match wait {
+            Wait::UntilDeadline => limits.deadline,
+            Wait::No => Instant::now(),
+        };
         let memory = self.sandbox_memory_needed();
         let _memory = match memory {
             0 => None,
             needed => Some(
                 self.pipeline
                     .sandbox_memory
-                    .take(needed, limits.deadline, &version.memory_share)
+                    .take(needed, memory_until, &version.memory_share)
                     .await
                     .ok_or_else(|| {
                         self.unavailable(Unavailable::SandboxMemory {

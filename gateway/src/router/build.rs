@@ -145,6 +145,7 @@ fn new_version(model: &str, v: &VersionPolicy, backend: Backend, runtime: &Runti
         admission: Admission::new(v.limits.max_concurrency, v.limits.max_queue),
         breaker: super::breaker::Breaker::new(v.limits.breaker_failures, v.limits.breaker_cooldown),
         memory_share: Default::default(),
+        bulk_share: Default::default(),
         shadow_cost_ns: Default::default(),
         gate: crate::cpu::Gate::new(v.limits.max_parallel),
         instances: runtime.instance_pool(v.limits.calls_per_instance),

@@ -95,6 +95,8 @@ pub struct Version {
     /// Its share of the process's sandbox memory budget (half of it, set
     /// on first use by the pipeline that owns the budget).
     pub memory_share: std::sync::OnceLock<Arc<Semaphore>>,
+    /// Its share of the bulk pool's queue (half of it, set on first use).
+    pub bulk_share: std::sync::OnceLock<Arc<Semaphore>>,
     /// The expected CPU time of a shadow copy to this version (a moving
     /// average, nanoseconds), reserved from the shadow budget at dispatch.
     pub shadow_cost_ns: std::sync::atomic::AtomicU64,

@@ -327,15 +327,8 @@ async fn serve(
     };
     let body = read_body(call, request, limit, state.config.body_read_timeout).await?;
     let received = body.len();
-    let decode = state.config.decode;
-    // A large or compressed body is inflated and decoded on the bulk pool;
-    // while it is, the inflated bytes are bounded by the pool's threads.
-    let request = if coding == Coding::Identity && !call.is_bulk(received) {
-        decode_body(body, coding, json_length, limit, decode)?
-    } else {
-        call.offload(move || decode_body(body, coding, json_length, limit, decode))
-            .await??
-    };
+    let request =
+        decode_request(call, body, coding, json_length, limit, state.config.decode).await?;
     call.release(received);
     let (request, outputs) = call.infer(request).await?;
 
@@ -403,6 +396,43 @@ fn select_outputs(
             Ok((at, binary(&outputs[at], request.wants_binary(&wanted.name))))
         })
         .collect()
+}
+
+/// Decodes a body on the request's task when it is small, on the bulk pool
+/// when it is large. A small compressed body is inflated here up to the
+/// bulk size; one that inflates past it, on the bulk pool within the body
+/// limit. What inflating holds is in the budget of bytes in flight.
+async fn decode_request(
+    call: &mut Call<'_>,
+    body: Bytes,
+    coding: Coding,
+    json_length: Option<usize>,
+    limit: usize,
+    decode: protocol::DecodeLimits,
+) -> Result<InferRequest, Error> {
+    if !call.is_bulk(body.len()) {
+        if coding == Coding::Identity {
+            return decode_body(body, coding, json_length, limit, decode);
+        }
+        let small = call.bulk_bytes();
+        call.hold(small)?;
+        match decompress(&body, coding, small) {
+            Ok(inflated) => {
+                let request = protocol::decode_infer_request(&inflated, json_length, decode);
+                call.release(small);
+                return Ok(request?);
+            }
+            Err(Error::Body(BodyError::TooLarge { .. })) => call.release(small),
+            Err(e) => return Err(e),
+        }
+    }
+    let inflating = if coding == Coding::Identity { 0 } else { limit };
+    call.hold(inflating)?;
+    let request = call
+        .offload(move || decode_body(body, coding, json_length, limit, decode))
+        .await?;
+    call.release(inflating);
+    request
 }
 
 /// A request body, inflated if it was compressed, decoded.

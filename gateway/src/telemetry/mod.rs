@@ -284,7 +284,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         "gateway_refused_total",
-        "Requests a version refused without running them, by model, version and reason (queue_full, queue_timeout, circuit_open, sandbox_memory, bytes_in_flight)"
+        "Requests a version refused without running them, by model, version and reason (queue_full, queue_timeout, circuit_open, sandbox_memory, bytes_in_flight, bulk_queue)"
     );
     metrics::describe_counter!(
         "gateway_plugin_compilations_total",
