@@ -8,9 +8,9 @@
 //! the queue never holds work nobody waits for.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -86,24 +86,43 @@ impl Pool {
     }
 }
 
+/// How long a thread waits for work before it gives its freed memory back.
+const IDLE: Duration = Duration::from_secs(1);
+
 fn work(receiver: &Mutex<Receiver<Job>>) {
+    let mut worked = false;
     loop {
         // The lock is held only while waiting for the next job.
         let job = match receiver.lock() {
-            Ok(receiver) => receiver.recv(),
+            Ok(receiver) => receiver.recv_timeout(IDLE),
             Err(_) => return,
         };
         match job {
-            Ok(job) => job(),
-            Err(_) => return,
+            Ok(job) => {
+                job();
+                worked = true;
+            }
+            Err(RecvTimeoutError::Timeout) if std::mem::take(&mut worked) => release_memory(),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
         }
     }
+}
+
+/// Returns what this thread freed to the system. mimalloc keeps the
+/// memory a thread allocated (a job's outputs, freed later by the thread
+/// that sent them) in that thread's heap until the thread allocates again:
+/// an idle pool thread never does, and after 100,000-row ONNX batches the
+/// gateway stayed 97 % above its baseline (soak benchmark).
+fn release_memory() {
+    // SAFETY: mi_collect has no preconditions; without mimalloc as the
+    // global allocator (the tests) it collects an empty heap.
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn later() -> Instant {
         Instant::now() + Duration::from_secs(60)
