@@ -24,6 +24,23 @@ fn pr_features(rows: usize) -> serde_json::Value {
     fp32_request("pr_features", &[rows as i64, 6], &data)
 }
 
+/// The example policy (input rules, monitoring), for a model named `model`.
+fn example_policy_as(model: &str) -> String {
+    std::fs::read_to_string(repo_root().join("policies/time-to-merge.toml"))
+        .unwrap()
+        .replace("model = \"time-to-merge\"", &format!("model = \"{model}\""))
+}
+
+/// A request of `rows` rows whose every value breaks the example's `min = 0`.
+fn rule_breaking_rows(rows: usize) -> String {
+    let mut body = format!(
+        r#"{{"inputs":[{{"name":"pr_features","shape":[{rows},6],"datatype":"FP32","data":[-1"#
+    );
+    body.push_str(&",-1".repeat(rows * 6 - 1));
+    body.push_str("]}]}");
+    body
+}
+
 /// Sends raw bytes on a new connection and reads what comes back within
 /// `wait` (until the server closes, or the time is up).
 async fn raw(gw: &TestGateway, bytes: &[u8], wait: Duration) -> String {
@@ -39,9 +56,7 @@ async fn raw(gw: &TestGateway, bytes: &[u8], wait: Duration) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_of_a_million_bad_values_is_refused_with_bounded_work() {
-    let policy = std::fs::read_to_string(repo_root().join("policies/time-to-merge.toml"))
-        .unwrap()
-        .replace("model = \"time-to-merge\"", "model = \"amplified\"");
+    let policy = example_policy_as("amplified");
     let gw = TestGateway::start_configured(&[("amplified.toml", &policy)], |o| {
         o.server.max_body_bytes = 16 << 20;
     })
@@ -49,13 +64,7 @@ async fn a_request_of_a_million_bad_values_is_refused_with_bounded_work() {
     // 340,000 rows of six values that all break `min = 0` (the issue's
     // 6 MB attack): 2,040,000 violations.
     let rows = 340_000;
-    let mut body = String::with_capacity(rows * 20);
-    body.push_str(r#"{"inputs":[{"name":"pr_features","shape":["#);
-    body.push_str(&format!("{rows},6],\"datatype\":\"FP32\",\"data\":["));
-    for i in 0..rows * 6 {
-        body.push_str(if i == 0 { "-1" } else { ",-1" });
-    }
-    body.push_str("]}]}");
+    let body = rule_breaking_rows(rows);
     let reply = gw.post("/v2/models/amplified/infer", body).await;
     reply.assert_error(
         400,
@@ -649,9 +658,7 @@ async fn a_slow_challenger_gets_fewer_copies_not_more_cpu() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_requests_do_not_slow_small_ones_of_the_same_model() {
     let _alone = crate::support::attack_lock().await;
-    let policy = std::fs::read_to_string(repo_root().join("policies/time-to-merge.toml"))
-        .unwrap()
-        .replace("model = \"time-to-merge\"", "model = \"healthy\"");
+    let policy = example_policy_as("healthy");
     let gw = TestGateway::start_configured(&[("healthy.toml", &policy)], |o| {
         o.server.max_body_bytes = 16 << 20;
     })
@@ -661,12 +668,7 @@ async fn large_requests_do_not_slow_small_ones_of_the_same_model() {
     // one request after another: decoding and validating each takes tens
     // of milliseconds of CPU. On the executor's threads that put the small
     // requests' p99 at 14x (`cargo bench --bench soak`).
-    let mut big = String::from(
-        r#"{"inputs":[{"name":"pr_features","shape":[100000,6],"datatype":"FP32","data":[-1"#,
-    );
-    big.push_str(&",-1".repeat(100_000 * 6 - 1));
-    big.push_str("]}]}");
-    let big = Bytes::from(big);
+    let big = Bytes::from(rule_breaking_rows(100_000));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let attackers: Vec<_> = (0..2)
         .map(|_| {
@@ -726,21 +728,14 @@ async fn a_memory_cap_no_call_could_ever_get_is_refused_at_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_version_fills_at_most_half_of_the_bulk_queue() {
-    let policy = std::fs::read_to_string(repo_root().join("policies/time-to-merge.toml"))
-        .unwrap()
-        .replace("model = \"time-to-merge\"", "model = \"bulky\"");
+    let policy = example_policy_as("bulky");
     let gw = TestGateway::start_configured(&[("bulky.toml", &policy)], |o| {
         o.server.max_body_bytes = 16 << 20;
         // Half of a queue of two: one large request of the version at a time.
         o.pipeline.bulk_queue = 2;
     })
     .await;
-    let mut big = String::from(
-        r#"{"inputs":[{"name":"pr_features","shape":[100000,6],"datatype":"FP32","data":[-1"#,
-    );
-    big.push_str(&",-1".repeat(100_000 * 6 - 1));
-    big.push_str("]}]}");
-    let big = serde_json::from_str::<serde_json::Value>(&big).unwrap();
+    let big: serde_json::Value = serde_json::from_str(&rule_breaking_rows(100_000)).unwrap();
     let replies: Vec<_> = (0..8).map(|_| gw.spawn_infer("bulky", &big)).collect();
     let mut statuses = Vec::new();
     for reply in replies {
