@@ -22,6 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 
@@ -30,6 +31,32 @@ pub(crate) fn cores() -> usize {
     static CORES: std::sync::LazyLock<usize> =
         std::sync::LazyLock::new(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     *CORES
+}
+
+tokio::task_local! {
+    /// CPU time (ns) that [`Pool`] jobs started by the current task used,
+    /// for a task whose CPU time is budgeted (shadow copies): the job adds
+    /// to it when it ends.
+    pub(crate) static OFFLOADED_NANOS: Arc<std::sync::atomic::AtomicU64>;
+}
+
+/// The CPU time the calling thread has used. Wall time would charge a
+/// shadow for the time the kernel gave the CPU to served requests (the
+/// shadow thread runs at the lowest priority, so that is often).
+pub(crate) fn thread_cpu_time() -> Duration {
+    #[cfg(target_os = "linux")]
+    {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec through a valid pointer.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } == 0 {
+            return Duration::new(now.tv_sec as u64, now.tv_nsec as u32);
+        }
+    }
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed()
 }
 
 /// Lowers the calling thread's scheduling priority to `nice` (Linux; a

@@ -63,6 +63,7 @@ impl Pool {
         start_by: Instant,
     ) -> Result<T, PoolError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let charge = super::OFFLOADED_NANOS.try_with(Arc::clone).ok();
         let job: Job = Box::new(move || {
             if tx.is_closed() {
                 return;
@@ -71,7 +72,15 @@ impl Pool {
                 let _ = tx.send(Ok(Err(PoolError::Late)));
                 return;
             }
+            let started = charge.as_ref().map(|_| super::thread_cpu_time());
             let result = catch_unwind(AssertUnwindSafe(f)).map(Ok);
+            if let (Some(charge), Some(started)) = (charge, started) {
+                let used = super::thread_cpu_time().saturating_sub(started);
+                charge.fetch_add(
+                    used.as_nanos().min(u64::MAX as u128) as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
             let _ = tx.send(result);
         });
         match self.jobs.try_send(job) {
@@ -186,6 +195,25 @@ mod tests {
         assert!(running.await);
         assert!(matches!(late.await, Err(PoolError::Late)));
         assert!(!ran.load(std::sync::atomic::Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn a_budgeted_task_is_charged_for_its_jobs_cpu_time() {
+        let pool = Pool::start("test", 1, 10, 1).unwrap();
+        let charged = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let spin = || {
+            let start = super::super::thread_cpu_time();
+            while super::super::thread_cpu_time() - start < Duration::from_millis(20) {}
+        };
+        super::super::OFFLOADED_NANOS
+            .scope(charged.clone(), pool.run(spin, later()))
+            .await
+            .unwrap();
+        let nanos = charged.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(nanos >= 20_000_000, "{nanos} ns charged");
+        // Outside a budgeted task nothing is charged anywhere.
+        pool.run(spin, later()).await.unwrap();
+        assert_eq!(charged.load(std::sync::atomic::Ordering::Relaxed), nanos);
     }
 
     /// Polls once: `Some` if the future finished.

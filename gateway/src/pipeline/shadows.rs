@@ -11,9 +11,9 @@
 //! admission have room without queueing, and (3) shadows have CPU time
 //! left in their budget: a share of the machine (`--shadow-cpu-percent`,
 //! 10 % by default) measured as the CPU time shadow calls spend being
-//! polled, each copy's expected cost reserved when it starts. Shadow calls
-//! run on their own
-//! lowest-priority thread ([`Executor`]). A slow challenger therefore gets
+//! polled plus what their jobs on pool threads (large ONNX computations)
+//! use, each copy's expected cost reserved when it starts. Shadow calls
+//! run on their own lowest-priority thread ([`Executor`]). A slow challenger therefore gets
 //! fewer copies, never more CPU, and never the CPU a served request wants.
 
 use std::future::Future;
@@ -24,6 +24,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use super::{Answer, Call, Error, Pipeline, Wait};
+use crate::cpu;
 use crate::router::{self, Model, Route, Version};
 use crate::shadow::{Busy, compare};
 use crate::telemetry::Escaped;
@@ -257,16 +258,21 @@ impl CpuBudget {
 
 /// A shadow call charged to the [`CpuBudget`] poll by poll for the CPU
 /// time its polls took on the shadow thread, not the time it waited.
-struct Budgeted<'b, F> {
-    inner: Pin<Box<F>>,
+/// What the call's work on pool threads used (large ONNX computations)
+/// is charged too, when the job that did it ends.
+struct Budgeted<'b, F: Future> {
+    inner: Pin<Box<tokio::task::futures::TaskLocalFuture<Arc<AtomicU64>, F>>>,
+    offloaded: Arc<AtomicU64>,
     budget: &'b CpuBudget,
     spent: Duration,
 }
 
 impl<'b, F: Future> Budgeted<'b, F> {
     fn new(budget: &'b CpuBudget, future: F) -> Self {
+        let offloaded = Arc::new(AtomicU64::new(0));
         Budgeted {
-            inner: Box::pin(future),
+            inner: Box::pin(cpu::OFFLOADED_NANOS.scope(offloaded.clone(), future)),
+            offloaded,
             budget,
             spent: Duration::ZERO,
         }
@@ -277,32 +283,14 @@ impl<F: Future> Future for Budgeted<'_, F> {
     type Output = (F::Output, Duration);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let start = thread_cpu_time();
+        let start = cpu::thread_cpu_time();
         let result = self.inner.as_mut().poll(cx);
-        let took = thread_cpu_time().saturating_sub(start);
+        let took = cpu::thread_cpu_time().saturating_sub(start)
+            + Duration::from_nanos(self.offloaded.swap(0, Ordering::Relaxed));
         self.budget.spend(took);
         self.spent += took;
         result.map(|output| (output, self.spent))
     }
-}
-
-/// The CPU time the calling thread has used. Wall time would charge a
-/// shadow for the time the kernel gave the CPU to served requests (the
-/// shadow thread runs at the lowest priority, so that is often).
-fn thread_cpu_time() -> Duration {
-    #[cfg(target_os = "linux")]
-    {
-        let mut now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes one timespec through a valid pointer.
-        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } == 0 {
-            return Duration::new(now.tv_sec as u64, now.tv_nsec as u32);
-        }
-    }
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed()
 }
 
 /// Runs shadow calls on a thread of their own at the lowest scheduling
