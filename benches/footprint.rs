@@ -10,8 +10,6 @@
 //! stops the process. Three runs per case; the median is reported.
 //! Results: stdout and `$CARGO_TARGET_DIR/footprint.{md,json}`.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,19 +18,9 @@ mod common;
 
 const RUNS: usize = 3;
 
-/// One HTTP/1.1 request on a fresh connection; the status code.
+/// The status of one request to the gateway on `port`.
 fn request(port: u16, method: &str, path: &str, body: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).ok()?;
-    reply.split(' ').nth(1)?.parse().ok()
+    common::once(([127, 0, 0, 1], port).into(), method, path, body).map(|(status, _)| status)
 }
 
 /// A policy folder with `versions` versions of one model, each served by

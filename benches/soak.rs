@@ -162,7 +162,7 @@ impl Gateway {
             .expect("start the gateway");
         let gateway = Gateway { child, addr };
         let start = Instant::now();
-        while get(addr, "/v2/health/ready").map(|(s, _)| s) != Some(200) {
+        while common::once(addr, "GET", "/v2/health/ready", "").map(|(s, _)| s) != Some(200) {
             assert!(start.elapsed() < Duration::from_secs(120), "not ready");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -179,25 +179,6 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A GET on a fresh connection: the status and the body.
-fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use std::io::Read as _;
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).ok()?;
-    let status = reply.split(' ').nth(1)?.parse().ok()?;
-    let body = reply.split_once("\r\n\r\n")?.1.to_string();
-    Some((status, body))
 }
 
 /// What the attacks got: answers by attack and status (0: no answer), and
@@ -594,7 +575,9 @@ fn main() {
     });
     let rss_end = rss.last().map_or(0, |(_, kib)| *kib);
     let rss_peak = rss.iter().map(|(_, k)| *k).max().unwrap_or(0);
-    let metrics = get(addr, "/metrics").map(|(_, b)| b).unwrap_or_default();
+    let metrics = common::once(addr, "GET", "/metrics", "")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
     drop(gateway);
 
     let good = good.lock().expect("good traffic");

@@ -416,14 +416,10 @@ async fn decode_request(
         }
         let small = call.bulk_bytes();
         call.hold(small)?;
-        match decompress(&body, coding, small) {
-            Ok(inflated) => {
-                let request = protocol::decode_infer_request(&inflated, json_length, decode);
-                call.release(small);
-                return Ok(request?);
-            }
-            Err(Error::Body(BodyError::TooLarge { .. })) => call.release(small),
-            Err(e) => return Err(e),
+        let decoded = decode_body(body.clone(), coding, json_length, small, decode);
+        call.release(small);
+        if !matches!(decoded, Err(Error::Body(BodyError::TooLarge { .. }))) {
+            return decoded;
         }
     }
     let inflating = if coding == Coding::Identity { 0 } else { limit };
