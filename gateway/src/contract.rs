@@ -52,6 +52,11 @@ pub enum PluginError {
     Failed(String),
     /// The call ran past its deadline and was interrupted.
     Deadline { limit: Duration },
+    /// The deadline passed while the call waited for its turn on the
+    /// cores (the version's share, or the compute threads): it had run
+    /// for `ran`, less than half of `limit`. The load's doing, not the
+    /// plugin's: 503, never counted against it.
+    Starved { limit: Duration, ran: Duration },
     /// The plugin asked for more linear memory than its cap.
     MemoryLimit {
         limit_bytes: usize,
@@ -73,6 +78,20 @@ pub enum PluginError {
     Internal(String),
 }
 
+impl PluginError {
+    /// A call whose deadline `limit` passed after it had run for `ran`: the
+    /// plugin's failure ([`PluginError::Deadline`]) when it ran for at least
+    /// half of it; otherwise it mostly waited for the cores, which is the
+    /// load's doing ([`PluginError::Starved`]).
+    pub fn past_deadline(limit: Duration, ran: Duration) -> Self {
+        if ran * 2 >= limit {
+            PluginError::Deadline { limit }
+        } else {
+            PluginError::Starved { limit, ran }
+        }
+    }
+}
+
 impl fmt::Display for PluginError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -85,6 +104,13 @@ impl fmt::Display for PluginError {
                     limit.as_millis()
                 )
             }
+            PluginError::Starved { limit, ran } => write!(
+                f,
+                "did not get the CPU time it needed within its deadline of {} ms: it ran {} ms \
+                 and waited for its share of the cores the rest of the time",
+                limit.as_millis(),
+                ran.as_millis()
+            ),
             PluginError::MemoryLimit {
                 limit_bytes,
                 requested_bytes,

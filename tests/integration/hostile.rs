@@ -85,7 +85,9 @@ async fn an_endless_loop_is_stopped_at_its_deadline() {
 /// a running plugin yields to the executor at every epoch tick.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endless_loops_do_not_stall_other_models() {
-    let gw = gateway_with("spin", "spin-loop", "timeout_ms = 1500").await;
+    // Both loops run at once (each on a core, yielding at every epoch
+    // tick), so each runs its whole deadline: 504, the plugin's failure.
+    let gw = gateway_with("spin", "spin-loop", "timeout_ms = 1500\nmax_parallel = 2").await;
     let loops: Vec<_> = (0..2).map(|_| gw.spawn_infer("spin", &x(-1.0))).collect();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let healthy = gw
@@ -103,6 +105,56 @@ async fn endless_loops_do_not_stall_other_models() {
     for l in loops {
         assert_eq!(l.await.unwrap().status, 504);
     }
+    gw.shutdown().await;
+}
+
+/// A call whose deadline passes while it waits for its turn on the
+/// version's share of the cores is the load's doing, not the plugin's: a
+/// 503 with `Retry-After`, counted as `starved`, and the circuit breaker
+/// does not count it. The same loop alone runs its whole deadline: 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_spent_waiting_for_the_cores_is_a_503() {
+    let gw = gateway_with(
+        "spin",
+        "spin-loop",
+        "timeout_ms = 400\nmax_parallel = 1\nbreaker_failures = 2",
+    )
+    .await;
+    gw.infer("spin", &x(-1.0))
+        .await
+        .assert_error(504, &["did not finish within its deadline of 400 ms"]);
+    // Eight loops on one slot: each runs about an eighth of its deadline.
+    let calls: Vec<_> = (0..8).map(|_| gw.spawn_infer("spin", &x(-1.0))).collect();
+    for call in calls {
+        let reply = call.await.unwrap();
+        reply.assert_error(
+            503,
+            &[
+                "model `spin` version `v1`: plugin `spin-loop` did not get the CPU time it needed within its deadline of 400 ms",
+                "waited for its share of the cores",
+            ],
+        );
+        assert_eq!(reply.header("retry-after"), Some("1"));
+    }
+    // Two plugin failures would open the breaker; one 504 and eight 503s
+    // do not.
+    let finite = gw.infer("spin", &x(1.0)).await;
+    assert_eq!(finite.status, 200, "{}", finite.text());
+    let m = gw.metrics().await;
+    let errors = |kind| {
+        m.value(
+            "gateway_plugin_errors_total",
+            &[("model", "spin"), ("kind", kind)],
+        )
+    };
+    assert_eq!((errors("deadline"), errors("starved")), (1.0, 8.0));
+    assert_eq!(
+        m.value(
+            "gateway_circuit_open",
+            &[("model", "spin"), ("version", "v1")]
+        ),
+        0.0
+    );
     gw.shutdown().await;
 }
 

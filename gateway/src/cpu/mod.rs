@@ -59,6 +59,84 @@ pub(crate) fn thread_cpu_time() -> Duration {
     START.get_or_init(std::time::Instant::now).elapsed()
 }
 
+/// A thread's CPU clock, readable from any thread: how much CPU time the
+/// thread that started it has used since. The compute threads start one
+/// per job, so a request that gives up on a job can tell whether the job
+/// ran or waited for the CPU. Read it only while that thread lives (the
+/// pools' threads live as long as their pool).
+pub(crate) struct ThreadClock {
+    #[cfg(target_os = "linux")]
+    id: libc::clockid_t,
+    #[cfg(not(target_os = "linux"))]
+    wall: std::time::Instant,
+    start: Duration,
+}
+
+impl ThreadClock {
+    /// Starts on the calling thread.
+    pub(crate) fn start() -> Self {
+        #[cfg(target_os = "linux")]
+        {
+            let mut id: libc::clockid_t = 0;
+            // SAFETY: pthread_getcpuclockid writes one clockid_t for the
+            // calling thread through a valid pointer.
+            if unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut id) } != 0 {
+                id = libc::CLOCK_THREAD_CPUTIME_ID;
+            }
+            let mut clock = ThreadClock {
+                id,
+                start: Duration::ZERO,
+            };
+            clock.start = clock.read();
+            clock
+        }
+        #[cfg(not(target_os = "linux"))]
+        ThreadClock {
+            wall: std::time::Instant::now(),
+            start: Duration::ZERO,
+        }
+    }
+
+    /// CPU time used since [`ThreadClock::start`].
+    pub(crate) fn elapsed(&self) -> Duration {
+        #[cfg(target_os = "linux")]
+        return self.read().saturating_sub(self.start);
+        #[cfg(not(target_os = "linux"))]
+        return self.wall.elapsed();
+    }
+
+    #[cfg(target_os = "linux")]
+    fn read(&self) -> Duration {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec through a valid pointer;
+        // an invalid clock id is an error, not undefined behaviour.
+        if unsafe { libc::clock_gettime(self.id, &mut now) } == 0 {
+            Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+        } else {
+            self.start
+        }
+    }
+}
+
+/// `future`'s output and the time spent polling it: how long it ran, not
+/// how long it waited for a turn on the cores (see [`Gate`]) or for
+/// another thread. Two clock reads per poll.
+pub(crate) async fn timed<F: Future>(future: F) -> (F::Output, Duration) {
+    let mut future = std::pin::pin!(future);
+    let mut running = Duration::ZERO;
+    let output = std::future::poll_fn(|cx| {
+        let start = std::time::Instant::now();
+        let poll = future.as_mut().poll(cx);
+        running += start.elapsed();
+        poll
+    })
+    .await;
+    (output, running)
+}
+
 /// Lowers the calling thread's scheduling priority to `nice` (Linux; a
 /// no-op elsewhere). Threads of background work call it once at start: an
 /// unprivileged thread can never raise its priority back.

@@ -22,6 +22,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tract_onnx::pb;
@@ -252,7 +253,11 @@ impl OnnxModel {
         gate: &crate::cpu::Gate,
     ) -> Result<Vec<WireTensor>, PluginError> {
         let values = self.prepare(inputs).map_err(plugin_error)?;
-        match self.compute_async(values, limits, Some(gate)).await {
+        let mut offloaded = Duration::ZERO;
+        match self
+            .compute_async(values, limits, Some(gate), &mut offloaded)
+            .await
+        {
             Ok(outputs) => self.to_wire(outputs).map_err(plugin_error),
             Err(RunError::Onnx(e)) => Err(plugin_error(e)),
             Err(RunError::Limit(e)) => Err(e),
@@ -265,18 +270,17 @@ impl OnnxModel {
     /// the compute threads ([`POOL`]) once one of the [`COMPUTE_SLOTS`] is free, in
     /// chunks of rows with the deadline checked between them, so a
     /// computation nobody waits for any more stops at the next chunk.
-    /// `gate` (the version's share of the cores) bounds both.
+    /// `gate` (the version's share of the cores) bounds both. The compute
+    /// threads' CPU time for it is added to `offloaded`; past the deadline,
+    /// it tells the model's failure (504) from a computation starved of
+    /// the CPU (503, see [`PluginError::past_deadline`]).
     pub(crate) async fn compute_async(
         self: &Arc<Self>,
         values: TVec<Tensor>,
         limits: CallLimits,
         gate: Option<&crate::cpu::Gate>,
+        offloaded: &mut Duration,
     ) -> Result<TVec<Tensor>, RunError> {
-        let deadline_error = || {
-            RunError::Limit(PluginError::Deadline {
-                limit: limits.timeout,
-            })
-        };
         let until = limits.deadline.into();
         // Waiting for a slot until the deadline is the version's (or the
         // process's) load, not the model's failure: 503, not 504.
@@ -318,6 +322,7 @@ impl OnnxModel {
         let model = self.clone();
         let abandoned = Arc::new(AtomicBool::new(false));
         let _abandon_on_drop = Abandon(abandoned.clone());
+        let progress = Arc::new(Progress::default());
         let deadline = limits.deadline;
         let Ok(pool) = POOL.as_ref() else {
             return Err(RunError::Limit(PluginError::Exhausted(
@@ -325,22 +330,32 @@ impl OnnxModel {
             )));
         };
         let task = pool.run(
-            move || {
-                let _permits = (permit, share);
-                model.compute_in_chunks(values, deadline, &abandoned)
+            {
+                let progress = progress.clone();
+                move || {
+                    let _permits = (permit, share);
+                    let clock = progress.clock.get_or_init(crate::cpu::ThreadClock::start);
+                    let result = model.compute_in_chunks(values, deadline, &abandoned);
+                    let _ = progress.done.set(clock.elapsed());
+                    result
+                }
             },
             deadline,
         );
-        match tokio::time::timeout_at(until, task).await {
-            Err(_) => Err(deadline_error()),
+        let result = tokio::time::timeout_at(until, task).await;
+        let ran = progress.ran();
+        *offloaded += ran;
+        let past_deadline = || RunError::Limit(PluginError::past_deadline(limits.timeout, ran));
+        match result {
+            Err(_) => Err(past_deadline()),
             Ok(Err(crate::cpu::PoolError::Full)) => Err(busy("ONNX compute thread")),
-            Ok(Err(crate::cpu::PoolError::Late)) => Err(deadline_error()),
+            Ok(Err(crate::cpu::PoolError::Late)) => Err(past_deadline()),
             Ok(Err(crate::cpu::PoolError::Panicked)) => Err(RunError::Onnx(OnnxError::Compute(
                 "the computation panicked".into(),
             ))),
             Ok(Ok(Ok(outputs))) => Ok(outputs),
             Ok(Ok(Err(Stopped::Onnx(e)))) => Err(RunError::Onnx(e)),
-            Ok(Ok(Err(Stopped::Deadline))) => Err(deadline_error()),
+            Ok(Ok(Err(Stopped::Deadline))) => Err(past_deadline()),
         }
     }
 
@@ -421,6 +436,25 @@ pub const INLINE_ELEMENTS: usize = 1024;
 /// Input elements per chunk of a large batch: a few milliseconds of work
 /// for the example models, so a computation past its deadline stops soon.
 pub const CHUNK_ELEMENTS: usize = 1 << 16;
+
+/// How far a computation on the compute threads got: the CPU time it has
+/// used, readable while it runs.
+#[derive(Default)]
+struct Progress {
+    clock: std::sync::OnceLock<crate::cpu::ThreadClock>,
+    /// The CPU time it used, once it ended.
+    done: std::sync::OnceLock<Duration>,
+}
+
+impl Progress {
+    fn ran(&self) -> Duration {
+        match (self.done.get(), self.clock.get()) {
+            (Some(ran), _) => *ran,
+            (None, Some(clock)) => clock.elapsed(),
+            (None, None) => Duration::ZERO,
+        }
+    }
+}
 
 /// Why a chunked computation stopped.
 enum Stopped {

@@ -131,7 +131,9 @@ impl Error {
             Error::Plugin { error, .. } => match error {
                 PluginError::Rejected(_) => StatusCode::BAD_REQUEST,
                 PluginError::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
-                PluginError::Exhausted(_) => StatusCode::SERVICE_UNAVAILABLE,
+                PluginError::Exhausted(_) | PluginError::Starved { .. } => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
                 PluginError::Failed(_)
                 | PluginError::MemoryLimit { .. }
                 | PluginError::Panic(_)
@@ -188,7 +190,7 @@ impl Error {
             } => Some((*retry_in_secs).max(1)),
             Error::Unavailable { .. }
             | Error::Plugin {
-                error: PluginError::Exhausted(_),
+                error: PluginError::Exhausted(_) | PluginError::Starved { .. },
                 ..
             } => Some(1),
             _ => None,
@@ -221,6 +223,7 @@ fn plugin_kind(error: &PluginError) -> &'static str {
         PluginError::Rejected(_) => "rejected",
         PluginError::Deadline { .. } => "deadline",
         PluginError::Exhausted(_) => "exhausted",
+        PluginError::Starved { .. } => "starved",
         PluginError::Failed(_) => "failed",
         PluginError::MemoryLimit { .. } => "memory",
         PluginError::Panic(_) => "panic",
@@ -384,6 +387,19 @@ mod tests {
             504
         );
         assert_eq!(plugin(PluginError::Trap("t".into())).status(), 500);
+        // A deadline that passed while the call waited for the cores.
+        let ms = std::time::Duration::from_millis;
+        let starved = plugin(PluginError::past_deadline(ms(100), ms(49)));
+        assert_eq!(
+            (
+                starved.status().as_u16(),
+                starved.retry_after(),
+                starved.kind()
+            ),
+            (503, Some(1), "starved")
+        );
+        let late = plugin(PluginError::past_deadline(ms(100), ms(50)));
+        assert_eq!((late.status().as_u16(), late.kind()), (504, "deadline"));
         let open = Error::Unavailable {
             model: "m".into(),
             version: "v".into(),

@@ -269,6 +269,10 @@ impl Plugin {
         pool: &InstancePool,
     ) -> Result<Vec<Tensor>, PluginError> {
         let mut _sandbox = None;
+        // How long the call ran (was polled, plus its wasi:nn computations
+        // elsewhere): a deadline is the plugin's failure only if it ran for
+        // most of it, not if it waited for its turn on the cores.
+        let mut ran = Duration::ZERO;
         let mut kept = match pool.take() {
             Some(mut kept) => {
                 kept.store.data_mut().next_call(limits);
@@ -283,13 +287,18 @@ impl Plugin {
                     )
                 })?);
                 let mut store = sandbox::new_store(&self.engine, limits, models.clone());
-                match self.pre.instantiate_async(&mut store).await {
+                let (instance, took) =
+                    crate::cpu::timed(self.pre.instantiate_async(&mut store)).await;
+                ran += took;
+                match instance {
                     Ok(model) => reuse::Kept::new(store, model),
-                    Err(error) => return Err(classify(error, store.data(), limits)),
+                    Err(error) => return Err(classify(error, store.data(), limits, ran)),
                 }
             }
         };
-        let result = kept.model.call_infer(&mut kept.store, inputs).await;
+        let (result, took) =
+            crate::cpu::timed(kept.model.call_infer(&mut kept.store, inputs)).await;
+        ran += took;
         log_output(&self.name, kept.store.data());
         let result = match result {
             Ok(Ok(outputs)) => check_outputs(&outputs).map(|()| outputs),
@@ -301,7 +310,7 @@ impl Plugin {
             Ok(Err(GuestError::Internal(message))) => {
                 return Err(PluginError::Failed(escape(&message)));
             }
-            Err(error) => return Err(classify(error, kept.store.data(), limits)),
+            Err(error) => return Err(classify(error, kept.store.data(), limits, ran)),
         };
         if matches!(result, Ok(_) | Err(PluginError::Rejected(_))) {
             pool.give_back(kept);
@@ -314,14 +323,14 @@ impl Plugin {
     /// baseline for what `infer` adds.
     pub async fn call_info(&self, limits: CallLimits) -> Result<(ModelInfo, usize), PluginError> {
         let mut store = sandbox::new_store(&self.engine, limits, Arc::default());
-        let result = async {
+        let (result, ran) = crate::cpu::timed(async {
             let model = self.pre.instantiate_async(&mut store).await?;
             model.call_info(&mut store).await
-        }
+        })
         .await;
         match result {
             Ok(info) => Ok((info, store.data().limiter.used_bytes())),
-            Err(error) => Err(classify(error, store.data(), limits)),
+            Err(error) => Err(classify(error, store.data(), limits, ran)),
         }
     }
 }
@@ -449,12 +458,11 @@ fn log_output(plugin: &str, host: &Host) {
 
 /// Turns a wasmtime error into the [`PluginError`] that explains it, using
 /// what the sandbox recorded: wasmtime reports an interrupted call and a
-/// refused `memory.grow` as generic traps.
-fn classify(error: wasmtime::Error, host: &Host, limits: CallLimits) -> PluginError {
+/// refused `memory.grow` as generic traps. `ran` is how long the call was
+/// polled.
+fn classify(error: wasmtime::Error, host: &Host, limits: CallLimits, ran: Duration) -> PluginError {
     if host.timed_out {
-        return PluginError::Deadline {
-            limit: limits.timeout,
-        };
+        return PluginError::past_deadline(limits.timeout, ran + host.offloaded);
     }
     if let Some(requested_bytes) = host.limiter.refused {
         return PluginError::MemoryLimit {

@@ -16,6 +16,7 @@
 //!   [`HostLimit`], reported as exceeding its memory limit.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tract_onnx::prelude::{DatumType, Tensor};
 use wasmtime::component::Resource;
@@ -258,7 +259,12 @@ impl inference::HostGraphExecutionContext for Host {
                 return Ok(Err(self.nn_error(ErrorCode::InvalidArgument, message)?));
             }
         };
-        let outputs = match model.compute_async(values, self.limits, None).await {
+        let mut offloaded = Duration::ZERO;
+        let computed = model
+            .compute_async(values, self.limits, None, &mut offloaded)
+            .await;
+        self.offloaded += offloaded;
+        let outputs = match computed {
             Ok(outputs) => outputs,
             Err(RunError::Onnx(e)) => {
                 let message = format!("ONNX model {}: {e}", model.name());

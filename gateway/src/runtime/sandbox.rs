@@ -9,7 +9,7 @@
 //! guest does); calling one fails the call with [`NotGranted`].
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use wasmtime::component::types::ComponentItem;
@@ -35,6 +35,9 @@ pub struct Host {
     pub(super) limiter: MemoryLimiter,
     pub(super) limits: CallLimits,
     pub(super) timed_out: bool,
+    /// CPU time the call's wasi:nn computations used on the compute
+    /// threads: running time that polling the call does not see.
+    pub(super) offloaded: Duration,
     /// The models the call may run through wasi:nn, and its budget there.
     pub(super) nn: NnState,
     pub(super) stdout: Capture,
@@ -56,6 +59,7 @@ impl Host {
     pub(super) fn next_call(&mut self, limits: CallLimits) {
         self.limits = limits;
         self.timed_out = false;
+        self.offloaded = Duration::ZERO;
         self.limiter.refused = None;
         self.stdout.clear();
         self.stderr.clear();
@@ -77,6 +81,7 @@ pub(super) fn new_store(engine: &Engine, limits: CallLimits, models: Arc<ModelSe
         limiter: MemoryLimiter::new(limits.memory_bytes),
         limits,
         timed_out: false,
+        offloaded: Duration::ZERO,
         nn: NnState::new(models, limits.memory_bytes),
         stdout,
         stderr,
