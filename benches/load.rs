@@ -131,8 +131,8 @@ where
     let config = gateway::server::ServerConfig::default();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .max_buf_size(config.max_header_bytes.max(8192))
+        .header_read_timeout(config.connections.header_read_timeout)
+        .max_buf_size((config.connections.max_header_bytes * 2).max(8192))
         .keep_alive(true);
     tokio::spawn(async move {
         loop {

@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Load the policies and serve them over HTTP until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check a policy folder as serving would, compiling every plugin; exit
     /// non-zero listing every problem.
     Check(PolicyArgs),
@@ -55,9 +55,71 @@ struct ServeArgs {
     /// Largest request body, in bytes; larger gets 413.
     #[arg(long, default_value_t = 8 << 20)]
     max_body_bytes: usize,
-    /// Connections served at once; more wait in the listen backlog.
-    #[arg(long, default_value_t = 1024)]
+    /// Connections open at once per listener; past it a new connection is
+    /// closed at once. Lowered to what the process's file limit allows.
+    #[arg(long, default_value_t = 20_000)]
     max_connections: usize,
+    /// Connections open at once from one IP address (0: no limit; raise
+    /// it behind a proxy or load balancer that connects for many clients).
+    #[arg(long, default_value_t = 1_000)]
+    max_connections_per_peer: usize,
+    /// Milliseconds a new connection has to send its first byte (cleartext).
+    #[arg(long, default_value_t = 2_000)]
+    first_byte_timeout_ms: u64,
+    /// Milliseconds a TLS handshake may take.
+    #[arg(long, default_value_t = 5_000)]
+    tls_handshake_timeout_ms: u64,
+    /// Seconds a connection with no request in flight stays open.
+    #[arg(long, default_value_t = 60)]
+    idle_timeout_secs: u64,
+    /// Seconds a response write may make no progress (a client that does
+    /// not read) before the connection is closed.
+    #[arg(long, default_value_t = 30)]
+    write_timeout_secs: u64,
+    /// Seconds a client has to send a request head.
+    #[arg(long, default_value_t = 10)]
+    header_read_timeout_secs: u64,
+    /// Bytes of a request's headers together; more gets 431.
+    #[arg(long, default_value_t = 64 << 10)]
+    max_header_bytes: usize,
+    /// Headers per request; more gets 431.
+    #[arg(long, default_value_t = 100)]
+    max_headers: usize,
+    /// HTTP/2 streams a client may open at once on one connection.
+    #[arg(long, default_value_t = 100)]
+    h2_max_concurrent_streams: u32,
+    /// PEM certificate chain: serve inference over TLS (with --tls-key).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_key",
+        env = "GATEWAY_TLS_CERT"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_cert",
+        env = "GATEWAY_TLS_KEY"
+    )]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle: inference clients must present a certificate it signed.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Address of the admin listener (/metrics and /admin/*); without it
+    /// /metrics is served with inference and the admin API is off.
+    #[arg(long, value_name = "ADDR", env = "GATEWAY_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// PEM certificate chain of the admin listener (with --admin-tls-key).
+    #[arg(long, value_name = "FILE", requires_all = ["admin_tls_key", "admin_listen"])]
+    admin_tls_cert: Option<PathBuf>,
+    /// PEM private key of --admin-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "admin_tls_cert")]
+    admin_tls_key: Option<PathBuf>,
+    /// PEM CA bundle: admin clients must present a certificate it signed.
+    #[arg(long, value_name = "FILE", requires = "admin_tls_cert")]
+    admin_tls_client_ca: Option<PathBuf>,
     /// Inputs per inference request; more gets 413.
     #[arg(long, default_value_t = 64)]
     max_inputs: usize,
@@ -100,13 +162,18 @@ struct ServeArgs {
     /// Large requests waiting for that pool; more get 503.
     #[arg(long, default_value_t = 256)]
     bulk_queue: usize,
-    /// Seconds in-flight requests get to finish at shutdown.
+    /// Seconds after SIGTERM during which readiness answers 503 while
+    /// connections are still accepted, before the listeners close.
+    #[arg(long, default_value_t = 5)]
+    drain_delay_secs: u64,
+    /// Seconds in-flight requests get to finish once the listeners closed.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_secs: u64,
-    /// Bearer token that unlocks /admin/reload, /admin/policies and
-    /// /admin/monitoring; without it the admin API is off.
-    #[arg(long, env = "GATEWAY_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
+    /// File holding the bearer token of /admin/reload, /admin/policies and
+    /// /admin/monitoring (or set GATEWAY_ADMIN_TOKEN); without a token the
+    /// admin API is off. Never a flag value: the process list shows those.
+    #[arg(long, value_name = "FILE", env = "GATEWAY_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     /// Do not watch the policy folder (reload with SIGHUP or POST /admin/reload).
     #[arg(long)]
     no_watch: bool,
@@ -149,7 +216,7 @@ pub fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Check(args) => check(args).await,
         }
     })
@@ -170,7 +237,40 @@ fn init_logging() {
 async fn serve(args: ServeArgs) -> ExitCode {
     let mut options = args.policy.options(args.listen);
     options.server.max_body_bytes = args.max_body_bytes;
-    options.server.max_connections = args.max_connections;
+    let secs = std::time::Duration::from_secs;
+    let millis = std::time::Duration::from_millis;
+    options.server.connections = server::ConnectionLimits {
+        max_connections: fit_file_limit(args.max_connections),
+        max_connections_per_peer: args.max_connections_per_peer,
+        first_byte_timeout: millis(args.first_byte_timeout_ms),
+        tls_handshake_timeout: millis(args.tls_handshake_timeout_ms),
+        idle_timeout: secs(args.idle_timeout_secs),
+        write_timeout: secs(args.write_timeout_secs),
+        header_read_timeout: secs(args.header_read_timeout_secs),
+        max_header_bytes: args.max_header_bytes,
+        max_headers: args.max_headers,
+        http2: server::Http2Limits {
+            max_concurrent_streams: args.h2_max_concurrent_streams,
+            ..server::Http2Limits::default()
+        },
+    };
+    let tls = |cert: &Option<PathBuf>, key: &Option<PathBuf>, ca: &Option<PathBuf>| {
+        Some(server::TlsConfig {
+            cert: cert.clone()?,
+            key: key.clone()?,
+            client_ca: ca.clone(),
+        })
+    };
+    options.server.tls = tls(&args.tls_cert, &args.tls_key, &args.tls_client_ca);
+    options.server.admin = args.admin_listen.map(|listen| server::AdminConfig {
+        listen,
+        tls: tls(
+            &args.admin_tls_cert,
+            &args.admin_tls_key,
+            &args.admin_tls_client_ca,
+        ),
+    });
+    options.server.drain_delay = secs(args.drain_delay_secs);
     options.server.decode = crate::protocol::DecodeLimits {
         max_inputs: args.max_inputs,
         max_elements: args.max_tensor_elements,
@@ -188,7 +288,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
         bulk_queue: args.bulk_queue,
     };
     options.server.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace_secs);
-    options.server.admin_token = args.admin_token.filter(|t| !t.is_empty());
+    options.server.admin_token = match admin_token(args.admin_token_file.as_deref()) {
+        Ok(token) => token,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     options.watch_debounce =
         (!args.no_watch).then(|| std::time::Duration::from_millis(args.reload_debounce_ms));
     let server = match server::start(options).await {
@@ -200,8 +306,12 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     let stop = server.shutdown_handle();
     tokio::spawn(async move {
+        // The first signal drains; a second one ends the drain at once.
         shutdown_signal().await;
-        let _ = stop.send(true);
+        tracing::info!("signal: draining (a second signal stops at once)");
+        stop.drain();
+        shutdown_signal().await;
+        stop.stop();
     });
     #[cfg(unix)]
     {
@@ -221,6 +331,68 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
     server.wait().await;
     ExitCode::SUCCESS
+}
+
+/// The admin token: the file's first line, or `GATEWAY_ADMIN_TOKEN`.
+fn admin_token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
+    let token = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string(),
+        None => std::env::var("GATEWAY_ADMIN_TOKEN").unwrap_or_default(),
+    };
+    if file.is_some() && token.is_empty() {
+        return Err("the admin token file is empty".into());
+    }
+    if !token.is_empty() && token.len() < 16 {
+        return Err("the admin token is shorter than 16 characters".into());
+    }
+    Ok((!token.is_empty()).then_some(token))
+}
+
+/// Raises the open-file limit to its hard maximum and returns `wanted`
+/// connections, or fewer if the limit cannot hold them (with room for
+/// plugins, models and the policy files).
+fn fit_file_limit(wanted: usize) -> usize {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit read and write one rlimit through a
+        // valid pointer.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return wanted;
+            }
+            if limit.rlim_cur < limit.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: limit.rlim_max,
+                    rlim_max: limit.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    limit = raised;
+                }
+            }
+        }
+        // Two listeners may each hold their cap.
+        let room = (limit.rlim_cur as usize).saturating_sub(1024) / 2;
+        if room < wanted {
+            tracing::warn!(
+                wanted,
+                allowed = room,
+                open_files = limit.rlim_cur,
+                "--max-connections lowered to what the open-file limit allows"
+            );
+            return room.max(1);
+        }
+    }
+    wanted
 }
 
 async fn shutdown_signal() {

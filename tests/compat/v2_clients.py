@@ -1,6 +1,6 @@
 """Drives a running gateway with the V2 clients users already have.
 
-Usage: python3 v2_clients.py http://127.0.0.1:PORT [MODEL]
+Usage: python3 v2_clients.py http://127.0.0.1:PORT [MODEL [METRICS_URL]]
 
 Expects the example time-to-merge policy (versions v1 and v2), served as
 MODEL (default `time-to-merge`) by a gateway no one else is calling.
@@ -16,6 +16,8 @@ import numpy as np
 BASE = sys.argv[1].rstrip("/")
 HOSTPORT = BASE.split("://", 1)[1]
 MODEL = sys.argv[2] if len(sys.argv) > 2 else "time-to-merge"
+# /metrics: on the admin listener when the gateway has one.
+METRICS = sys.argv[3] if len(sys.argv) > 3 else f"{BASE}/metrics"
 # files, additions, deletions, commits, comments, reviews: see api.rs
 ROWS = np.array([[1, 10, 5, 1, 0, 1], [9, 600, 300, 5, 25, 2]], dtype=np.float32)
 V1_LABELS = ["within_hour", "within_month"]
@@ -117,7 +119,7 @@ def metrics_checks():
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = urllib.request.urlopen(f"{BASE}/metrics").read().decode()
+    text = urllib.request.urlopen(METRICS).read().decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     check("gateway_requests" in families and families["gateway_requests"].type == "counter", "metrics: requests counter parses")
     check(families["gateway_request_duration_seconds"].type == "histogram", "metrics: latency is a histogram")

@@ -32,11 +32,13 @@ async fn real_v2_clients() {
     let gw = TestGateway::start(&[("ttm-compat.toml", &policy)]).await;
     let script = repo_root().join("tests/compat/v2_clients.py");
     let url = format!("http://{}", gw.addr);
+    let metrics = format!("http://{}/metrics", gw.admin);
     let output = tokio::task::spawn_blocking(move || {
         Command::new(&python)
             .arg(script)
             .arg(url)
             .arg("ttm-compat")
+            .arg(metrics)
             .output()
     })
     .await

@@ -108,7 +108,7 @@ async fn monitoring(gw: &TestGateway) -> Value {
         .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
-    let reply = send(gw.addr, request).await;
+    let reply = send(gw.admin, request).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     reply.json()
 }

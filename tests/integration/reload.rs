@@ -230,7 +230,7 @@ async fn the_admin_api_shows_routing_and_needs_its_token() {
                 request = request.header("authorization", auth);
             }
             let reply = send(
-                gw.addr,
+                gw.admin,
                 request
                     .body(http_body_util::Full::new(bytes::Bytes::new()))
                     .unwrap(),
@@ -291,6 +291,8 @@ fn sighup_reloads_the_real_binary() {
             "--listen",
             "127.0.0.1:0",
             "--no-watch",
+            "--drain-delay-secs",
+            "0",
             "--policies",
         ])
         .arg(dir.path())
@@ -369,7 +371,7 @@ async fn a_plugin_whose_info_never_returns_is_refused_while_the_rest_serves() {
         "model = \"stuck\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"info-loop\"\n",
     );
     let reload = {
-        let gw_addr = gw.addr;
+        let gw_addr = gw.admin;
         tokio::spawn(async move {
             let request = http::Request::post("/admin/reload")
                 .header("host", gw_addr.to_string())

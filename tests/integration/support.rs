@@ -46,6 +46,8 @@ pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub struct TestGateway {
     server: Option<RunningServer>,
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/admin/*`).
+    pub admin: SocketAddr,
     /// Holds the policy folder for as long as the gateway runs.
     _policies: tempfile::TempDir,
 }
@@ -66,6 +68,21 @@ impl TestGateway {
         let dir = tempfile::tempdir().expect("temp dir");
         copy_dir(&repo_root().join("policies"), dir.path());
         Self::start_in(dir).await
+    }
+
+    /// Serves the example policies with options changed by `configure`.
+    pub async fn example_configured(configure: impl FnOnce(&mut ServeOptions)) -> TestGateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        copy_dir(&repo_root().join("policies"), dir.path());
+        Self::start_full(dir, false, configure).await
+    }
+
+    /// Starts and ends drains, as the signal handlers do.
+    pub fn shutdown_handle(&self) -> server::ShutdownHandle {
+        self.server
+            .as_ref()
+            .expect("a running gateway")
+            .shutdown_handle()
     }
 
     /// Restarts on the same policy folder: a new process image in all but
@@ -94,7 +111,7 @@ impl TestGateway {
             .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
             .body(Full::new(Bytes::new()))
             .expect("request");
-        send(self.addr, request).await
+        send(self.admin, request).await
     }
 
     /// `GET /admin/policies` with the admin token, as JSON.
@@ -104,7 +121,7 @@ impl TestGateway {
             .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
             .body(Full::new(Bytes::new()))
             .expect("request");
-        let reply = send(self.addr, request).await;
+        let reply = send(self.admin, request).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
         reply.json()
     }
@@ -162,6 +179,12 @@ impl TestGateway {
         options.server.max_body_bytes = 1 << 20;
         options.server.body_read_timeout = Duration::from_secs(2);
         options.server.admin_token = Some(ADMIN_TOKEN.to_string());
+        options.server.admin = Some(server::AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: None,
+        });
+        // Test gateways stop at once (no drain delay, short grace).
+        options.server.drain_delay = Duration::ZERO;
         // Tests reload explicitly unless they test the watcher.
         options.watch_debounce = watch.then_some(Duration::from_millis(200));
         configure(&mut options);
@@ -170,6 +193,7 @@ impl TestGateway {
             .unwrap_or_else(|e| panic!("gateway did not start: {e}"));
         TestGateway {
             addr: server.local_addr(),
+            admin: server.admin_addr().expect("an admin listener"),
             server: Some(server),
             _policies: dir,
         }
@@ -212,7 +236,11 @@ impl TestGateway {
 
     /// The current `/metrics` page, parsed.
     pub async fn metrics(&self) -> Metrics {
-        let reply = self.get("/metrics").await;
+        let request = Request::get("/metrics")
+            .header("host", self.admin.to_string())
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let reply = send(self.admin, request).await;
         assert_eq!(reply.status, 200);
         Metrics::parse(&reply.text())
     }
@@ -250,6 +278,31 @@ impl Client {
             .body(Full::new(Bytes::from(body.to_string())))
             .expect("request");
         self.send(request).await
+    }
+
+    /// GETs `path` on this connection.
+    pub async fn get(&mut self, path: &str) -> Reply {
+        self.try_get(path).await.expect("response")
+    }
+
+    /// GETs `path` on this connection; an error if the connection is gone.
+    pub async fn try_get(&mut self, path: &str) -> hyper::Result<Reply> {
+        let request = Request::get(path)
+            .header("host", self.addr.to_string())
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        self.sender.ready().await?;
+        let started = Instant::now();
+        let response = self.sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body,
+            elapsed: started.elapsed(),
+        })
     }
 
     /// Sends a request on this connection and reads the whole response.

@@ -28,6 +28,11 @@ pub(crate) enum Error {
     AdminDisabled,
     /// The admin API needs the bearer token.
     Unauthorized,
+    /// Too many wrong tokens from this peer lately.
+    TooManyAttempts { retry_in_secs: u32 },
+    /// An admin path asked on the inference listener while the admin
+    /// API has a listener of its own (or none).
+    AdminNotHere { path: String },
     /// A request header breaks a rule (too long, not a number, ...);
     /// `detail` names it.
     Header { detail: String, too_large: bool },
@@ -111,7 +116,10 @@ impl Error {
     /// plugin failed, or is overloaded.
     pub(crate) fn status(&self) -> StatusCode {
         match self {
-            Error::NoEndpoint { .. } | Error::Route(_) => StatusCode::NOT_FOUND,
+            Error::NoEndpoint { .. } | Error::AdminNotHere { .. } | Error::Route(_) => {
+                StatusCode::NOT_FOUND
+            }
+            Error::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Error::AdminDisabled => StatusCode::FORBIDDEN,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -151,7 +159,8 @@ impl Error {
     /// The `kind` label of the error metrics: a fixed set, never request text.
     pub(crate) fn kind(&self) -> &'static str {
         match self {
-            Error::NoEndpoint { .. } => "no_endpoint",
+            Error::NoEndpoint { .. } | Error::AdminNotHere { .. } => "no_endpoint",
+            Error::TooManyAttempts { .. } => "unauthorized",
             Error::MethodNotAllowed { .. } => "method",
             Error::AdminDisabled | Error::Unauthorized => "unauthorized",
             Error::Header { .. } => "header",
@@ -184,6 +193,7 @@ impl Error {
     /// Seconds after which a retry may succeed (503s only).
     pub(crate) fn retry_after(&self) -> Option<u32> {
         match self {
+            Error::TooManyAttempts { retry_in_secs } => Some((*retry_in_secs).max(1)),
             Error::Unavailable {
                 why: Unavailable::CircuitOpen { retry_in_secs, .. },
                 ..
@@ -245,7 +255,15 @@ impl fmt::Display for Error {
                 allow,
             } => write!(f, "{method} is not allowed on {path}; use {allow}"),
             Error::AdminDisabled => f.write_str(
-                "the admin API is disabled: start the gateway with --admin-token or GATEWAY_ADMIN_TOKEN",
+                "the admin API is off: give the gateway a token with --admin-token-file or GATEWAY_ADMIN_TOKEN",
+            ),
+            Error::AdminNotHere { path } => write!(
+                f,
+                "no endpoint at {path} on this listener: the admin API is served on the admin listener (--admin-listen)"
+            ),
+            Error::TooManyAttempts { retry_in_secs } => write!(
+                f,
+                "too many wrong admin tokens from this address; try again in {retry_in_secs} s"
             ),
             Error::Unauthorized => {
                 f.write_str("the admin API needs `Authorization: Bearer <admin token>`")

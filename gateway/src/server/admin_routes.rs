@@ -1,34 +1,93 @@
-//! `/admin/*`: reload the policies and show the effective routing. Every
-//! admin endpoint needs `Authorization: Bearer <--admin-token>`; without a
-//! configured token the admin API is off.
+//! `/admin/*`: reload the policies and show the effective routing, on the
+//! admin listener only. Every admin endpoint needs
+//! `Authorization: Bearer <token>` (the scheme in any case, RFC 9110); the
+//! token is compared in constant time, and a peer that sends too many
+//! wrong ones is refused for a while (429), before its token is looked at.
 
-use http::{HeaderMap, header};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::{Request, header};
 use serde::Serialize;
+use subtle::ConstantTimeEq;
 
 use super::State;
 use super::routes::{HttpResponse, to_json};
 use crate::pipeline::Error;
 
-/// Checks the bearer token in constant time; the scheme is
-/// case-insensitive (RFC 9110).
-pub(super) fn authorize(state: &State, headers: &HeaderMap) -> Result<(), Error> {
-    let Some(token) = &state.config.admin_token else {
-        return Err(Error::AdminDisabled);
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    match given {
-        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => Ok(()),
-        _ => Err(Error::Unauthorized),
+/// Wrong tokens a peer may send per window.
+const MAX_FAILURES: u32 = 10;
+/// The window: a peer's count restarts this long after its first failure.
+const WINDOW: Duration = Duration::from_secs(60);
+/// Peers remembered at most; past it the oldest windows are forgotten.
+const MAX_PEERS: usize = 10_000;
+
+/// Recent failed logins per peer address.
+#[derive(Default)]
+pub(crate) struct Failures(Mutex<HashMap<IpAddr, (Instant, u32)>>);
+
+impl Failures {
+    /// Seconds until `ip` may try again, if it is over its failures.
+    fn blocked(&self, ip: IpAddr, now: Instant) -> Option<u32> {
+        let failures = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (since, count) = failures.get(&ip)?;
+        let left = WINDOW.checked_sub(now.duration_since(*since))?;
+        (*count >= MAX_FAILURES).then(|| left.as_secs_f64().ceil() as u32)
+    }
+
+    fn failed(&self, ip: IpAddr, now: Instant) {
+        let mut failures = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if failures.len() >= MAX_PEERS {
+            failures.retain(|_, (since, _)| now.duration_since(*since) < WINDOW);
+            if failures.len() >= MAX_PEERS {
+                failures.clear();
+            }
+        }
+        let entry = failures.entry(ip).or_insert((now, 0));
+        if now.duration_since(entry.0) >= WINDOW {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Checks the bearer token of `request` from `peer`.
+pub(super) fn authorize<B>(
+    state: &State,
+    peer: SocketAddr,
+    request: &Request<B>,
+) -> Result<(), Error> {
+    let Some(token) = &state.config.admin_token else {
+        return Err(Error::AdminDisabled);
+    };
+    let now = Instant::now();
+    if let Some(retry_in_secs) = state.admin_failures.blocked(peer.ip(), now) {
+        state
+            .pipeline
+            .telemetry()
+            .record_admin_auth_failure("rate_limited");
+        return Err(Error::TooManyAttempts { retry_in_secs });
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    match given {
+        Some(given) if bool::from(given.as_bytes().ct_eq(token.as_bytes())) => Ok(()),
+        _ => {
+            state.admin_failures.failed(peer.ip(), now);
+            state
+                .pipeline
+                .telemetry()
+                .record_admin_auth_failure("wrong_token");
+            Err(Error::Unauthorized)
+        }
+    }
 }
 
 /// `POST /admin/reload`: what changed, or 422 with every problem.

@@ -1,25 +1,27 @@
-//! The HTTP front: accepts connections (bounded), enforces header and body
-//! limits, dispatches to the V2 endpoints (`routes`, the REST front end of
-//! the pipeline), and drains in-flight requests on shutdown. Errors become
-//! responses only in `error`.
+//! The HTTP front: the inference listener and the optional admin
+//! listener (`listener`: connection caps, timeouts, TLS, HTTP/1.1 and
+//! HTTP/2), the endpoints (`routes`, the REST front end of the pipeline;
+//! `admin_routes`), and the drain at shutdown. Errors become responses
+//! only in `error`.
 
 mod admin_routes;
 mod error;
+mod io;
+mod listener;
 mod routes;
+mod tls;
 
-use std::convert::Infallible;
+pub use listener::{ConnectionLimits, Http2Limits};
+pub use tls::{TlsConfig, TlsError};
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, Reloader};
@@ -27,40 +29,54 @@ use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::policy::{LoadOptions, PolicyError};
 use crate::protocol::DecodeLimits;
 use crate::runtime::{Runtime, RuntimeConfig};
+use listener::{Connections, Listener, Role};
 
 /// Limits and timeouts of the HTTP front.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// Largest request body accepted; larger gets 413 without being read.
     pub max_body_bytes: usize,
-    /// Open connections; further clients wait in the kernel's backlog.
-    pub max_connections: usize,
-    /// Time a client has to send the request head.
-    pub header_read_timeout: Duration,
     /// Time a client has to send the request body.
     pub body_read_timeout: Duration,
-    /// Largest request head (request line and headers).
-    pub max_header_bytes: usize,
-    /// How long shutdown waits for in-flight requests.
+    /// Connections, timeouts, header caps and HTTP/2 settings of each
+    /// listener.
+    pub connections: ConnectionLimits,
+    /// TLS on the inference listener.
+    pub tls: Option<TlsConfig>,
+    /// After SIGTERM, how long readiness answers 503 while connections
+    /// are still accepted (so that load balancers stop sending first).
+    pub drain_delay: Duration,
+    /// How long shutdown then waits for in-flight requests.
     pub shutdown_grace: Duration,
     pub decode: DecodeLimits,
     /// Largest value of any one request header (431 above).
     pub max_header_value_bytes: usize,
+    /// The admin listener (`/metrics`, `/admin/*`); without it `/metrics`
+    /// is served on the inference listener and the admin API is off.
+    pub admin: Option<AdminConfig>,
     /// Bearer token for `/admin/*`; `None` disables the admin API.
     pub admin_token: Option<String>,
+}
+
+/// The admin listener.
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_body_bytes: 8 << 20,
-            max_connections: 1024,
-            header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
-            max_header_bytes: 64 << 10,
+            connections: ConnectionLimits::default(),
+            tls: None,
+            drain_delay: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             decode: DecodeLimits::default(),
             max_header_value_bytes: 8 << 10,
+            admin: None,
             admin_token: None,
         }
     }
@@ -115,6 +131,8 @@ pub enum StartError {
     },
     #[error("cannot start the WebAssembly runtime: {0}")]
     Runtime(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
     #[error(
         "the largest memory cap a policy may set ({cap_mebibytes} MiB, --max-memory-mebibytes) exceeds the sandbox memory of the whole gateway ({budget_mebibytes} MiB, --max-sandbox-memory-mebibytes): a version with that cap could never run"
     )]
@@ -137,15 +155,76 @@ pub(crate) struct State {
     /// The snapshot being served, and reloads.
     pub reloader: Arc<Reloader>,
     pub config: ServerConfig,
+    /// Set when the drain starts: readiness answers 503.
     pub shutting_down: AtomicBool,
     /// The request path every inference request takes.
     pub pipeline: Arc<Pipeline>,
+    /// Failed admin logins per peer.
+    pub admin_failures: admin_routes::Failures,
+}
+
+/// Where shutdown stands; only moves forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Phase {
+    Serving,
+    /// Readiness 503, connections still accepted, for the drain delay.
+    Draining,
+    /// Listeners closed; connections asked to end after their request;
+    /// in-flight requests get the grace period.
+    Closing,
+    /// Done waiting.
+    Stopped,
+}
+
+/// Starts and ends a drain from another task (signal handlers).
+#[derive(Clone)]
+pub struct ShutdownHandle(watch::Sender<Phase>);
+
+impl ShutdownHandle {
+    fn advance(&self, to: Phase) {
+        self.0.send_if_modified(|phase| {
+            let later = *phase < to;
+            if later {
+                *phase = to;
+            }
+            later
+        });
+    }
+
+    /// The first SIGTERM: readiness 503 at once, the listeners keep
+    /// accepting for the drain delay, then close; in-flight requests get
+    /// the grace period.
+    pub fn drain(&self) {
+        self.advance(Phase::Draining);
+    }
+
+    /// Skips the drain delay: the listeners close now, in-flight
+    /// requests get the grace period.
+    pub fn close(&self) {
+        self.advance(Phase::Closing);
+    }
+
+    /// A second signal: stop waiting for anything.
+    pub fn stop(&self) {
+        self.advance(Phase::Stopped);
+    }
+
+    /// Whether a drain has started.
+    pub fn draining(&self) -> bool {
+        *self.0.borrow() >= Phase::Draining
+    }
+}
+
+/// Returns once `phase` is at `at` or later (or its sender is gone).
+pub(crate) async fn reached(phase: &mut watch::Receiver<Phase>, at: Phase) {
+    let _ = phase.wait_for(|p| *p >= at).await;
 }
 
 /// A gateway that is accepting connections.
 pub struct RunningServer {
     local_addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
+    admin_addr: Option<SocketAddr>,
+    phase: ShutdownHandle,
     task: JoinHandle<()>,
     state: Arc<State>,
     /// Reloads on policy file changes while it lives.
@@ -153,27 +232,33 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// The bound address (useful with port 0).
+    /// The inference listener's address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
-    /// Stops accepting, lets in-flight requests finish (up to the grace
-    /// period) and returns when the server is gone.
+    /// The admin listener's address, if there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Closes the listeners at once (no drain delay), lets in-flight
+    /// requests finish (up to the grace period) and returns when the
+    /// server is gone.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
+        self.phase.close();
         let _ = self.task.await;
     }
 
-    /// Waits until the server stops (after [`RunningServer::shutdown`] from
-    /// elsewhere, or never).
+    /// Waits until the server stops (after a drain started from a
+    /// [`ShutdownHandle`], or never).
     pub async fn wait(self) {
         let _ = self.task.await;
     }
 
-    /// A handle that can trigger shutdown while another task waits.
-    pub fn shutdown_handle(&self) -> watch::Sender<bool> {
-        self.shutdown.clone()
+    /// A handle that drains or stops the server while another task waits.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.phase.clone()
     }
 
     /// The reloader, e.g. to reload on SIGHUP.
@@ -182,8 +267,15 @@ impl RunningServer {
     }
 }
 
-/// Loads the policies (compiling every plugin), binds the listener and starts
-/// serving. Nothing is served unless every policy is valid.
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bind_error = |source| StartError::Bind { addr, source };
+    let socket = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = socket.local_addr().map_err(bind_error)?;
+    Ok((socket, local))
+}
+
+/// Loads the policies (compiling every plugin), binds the listeners and
+/// starts serving. Nothing is served unless every policy is valid.
 pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
     if options.runtime.max_memory_bytes > options.pipeline.max_sandbox_memory_bytes {
         return Err(StartError::MemoryCapOverBudget {
@@ -194,6 +286,16 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
     let runtime = Arc::new(
         Runtime::new(options.runtime.clone()).map_err(|e| StartError::Runtime(format!("{e:#}")))?,
     );
+    let telemetry = runtime.telemetry().clone();
+    // TLS files are checked before the (slower) policies load.
+    let tls = match &options.server.tls {
+        Some(config) => Some(tls::acceptor(config, &telemetry)?),
+        None => None,
+    };
+    let admin_tls = match options.server.admin.as_ref().and_then(|a| a.tls.as_ref()) {
+        Some(config) => Some(tls::acceptor(config, &telemetry)?),
+        None => None,
+    };
     let reloader = Arc::new(
         Reloader::start(&options.policies, options.load_options(), runtime.clone())
             .await
@@ -211,16 +313,12 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
             "model loaded"
         );
     }
-    let listener = TcpListener::bind(options.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: options.listen,
-            source,
-        })?;
-    let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: options.listen,
-        source,
-    })?;
+    let (socket, local_addr) = bind(options.listen).await?;
+    let admin = match &options.server.admin {
+        Some(config) => Some(bind(config.listen).await?),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().map(|(_, addr)| *addr);
 
     let watcher = match options.watch_debounce {
         None => None,
@@ -236,81 +334,91 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
         reloader,
         config: options.server.clone(),
         shutting_down: AtomicBool::new(false),
-        pipeline: Pipeline::new(options.pipeline, runtime.telemetry().clone())
+        pipeline: Pipeline::new(options.pipeline, telemetry)
             .map_err(|e| StartError::Runtime(format!("cannot start the shadow executor: {e}")))?,
+        admin_failures: admin_routes::Failures::default(),
     });
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let task = tokio::spawn(accept_loop(listener, state.clone(), shutdown_rx));
-    tracing::info!(address = %local_addr, "serving the V2 inference protocol");
+    let phase = ShutdownHandle(watch::channel(Phase::Serving).0);
+    let mut listeners = vec![Listener {
+        socket,
+        tls,
+        role: Role::Inference {
+            metrics: admin.is_none(),
+        },
+        name: "inference",
+    }];
+    if let Some((socket, _)) = admin {
+        listeners.push(Listener {
+            socket,
+            tls: admin_tls,
+            role: Role::Admin,
+            name: "admin",
+        });
+    }
+    let task = tokio::spawn(run(listeners, state.clone(), phase.clone()));
+    tracing::info!(tls = options.server.tls.is_some(), address = %local_addr, "serving the V2 inference protocol");
+    if let Some(addr) = admin_addr {
+        tracing::info!(address = %addr, "serving /metrics and the admin API");
+    }
     Ok(RunningServer {
         local_addr,
-        shutdown,
+        admin_addr,
+        phase,
         task,
         state,
         _watcher: watcher,
     })
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    state: Arc<State>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// Serves until the phase says otherwise, then drains: readiness 503,
+/// the drain delay (still accepting), the listeners closed, connections
+/// asked to end, in-flight requests given the grace period.
+async fn run(listeners: Vec<Listener>, state: Arc<State>, handle: ShutdownHandle) {
     let config = state.config.clone();
-    let connections = Arc::new(Semaphore::new(config.max_connections));
-    let graceful = GracefulShutdown::new();
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .max_buf_size(config.max_header_bytes.max(8192))
-        .keep_alive(true);
-
-    loop {
-        // At the connection limit, stop accepting: new clients wait in the
-        // kernel's backlog instead of costing us memory.
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            _ = shutdown.changed() => break,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
-                Err(e) => {
-                    // Usually EMFILE: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let service = service_fn(move |request| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(routes::handle(&state, request).await) }
-        });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-            drop(permit);
-        });
+    let mut phase = handle.0.subscribe();
+    let mut accepting = Vec::new();
+    let mut connections = Vec::new();
+    for listener in listeners {
+        let open = Arc::new(Connections::new(config.connections.max_connections));
+        connections.push(open.clone());
+        accepting.push(tokio::spawn(listener::accept_loop(
+            listener,
+            open,
+            state.clone(),
+            phase.clone(),
+        )));
     }
-
+    reached(&mut phase, Phase::Draining).await;
     state
         .shutting_down
         .store(true, std::sync::atomic::Ordering::Release);
-    drop(listener);
-    tracing::info!("shutting down: draining in-flight requests");
-    if tokio::time::timeout(config.shutdown_grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(grace = ?config.shutdown_grace, "requests still in flight after the grace period; closing");
+    if *phase.borrow() == Phase::Draining {
+        tracing::info!(delay = ?config.drain_delay, "draining: readiness answers 503, still accepting");
+        tokio::select! {
+            _ = tokio::time::sleep(config.drain_delay) => {}
+            _ = reached(&mut phase, Phase::Closing) => {}
+        }
+    }
+    handle.close();
+    // The accept loops end at `Closing`, dropping their sockets: new
+    // connections are refused from here on.
+    for task in accepting {
+        let _ = task.await;
+    }
+    tracing::info!("shutting down: listeners closed, draining in-flight requests");
+    let all_closed = async {
+        for open in &connections {
+            open.all_closed().await;
+        }
+    };
+    tokio::select! {
+        result = tokio::time::timeout(config.shutdown_grace, all_closed) => {
+            if result.is_err() {
+                tracing::warn!(grace = ?config.shutdown_grace, "requests still in flight after the grace period; closing");
+            }
+        }
+        _ = reached(&mut phase, Phase::Stopped) => {
+            tracing::warn!("second signal: stopping without waiting for requests in flight");
+        }
     }
 }

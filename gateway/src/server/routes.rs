@@ -4,6 +4,7 @@
 //! and decode the body, run the pipeline, encode the answer, finish.
 
 use std::io::Read as _;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -13,7 +14,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use super::error::{json_response, respond};
-use super::{State, admin_routes};
+use super::listener::Role;
+use super::{ServerConfig, State, admin_routes};
 use crate::pipeline::{Answer, BodyError, Call, Error, OutputProblem};
 use crate::protocol::{self, InferRequest, InferResponse, ModelMetadata, ServerMetadata, SpecJson};
 use crate::router::{Model, Version};
@@ -25,10 +27,15 @@ pub(super) type HttpResponse = Response<Full<Bytes>>;
 /// The header naming the version that answered.
 pub(super) const MODEL_VERSION_HEADER: &str = "x-model-version";
 
-/// Dispatches one request. `HEAD` is answered as `GET` (hyper sends the
-/// headers only).
-pub(super) async fn handle(state: &State, request: Request<Incoming>) -> HttpResponse {
-    if let Err(e) = check_headers(request.headers(), state.config.max_header_value_bytes) {
+/// Dispatches one request from `peer` on a listener with `role`. `HEAD`
+/// is answered as `GET` (hyper sends the headers only).
+pub(super) async fn handle(
+    state: &State,
+    role: Role,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> HttpResponse {
+    if let Err(e) = check_headers(request.headers(), &state.config) {
         state
             .pipeline
             .telemetry()
@@ -39,40 +46,43 @@ pub(super) async fn handle(state: &State, request: Request<Incoming>) -> HttpRes
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let get = matches!(*request.method(), Method::GET | Method::HEAD);
     let post = request.method() == Method::POST;
+    let inference = matches!(role, Role::Inference { .. });
+    let metrics_here = matches!(role, Role::Admin | Role::Inference { metrics: true });
     let result = match segments.as_slice() {
-        ["v2", "models", model, "infer"] if post => {
+        ["v2", "models", model, "infer"] if post && inference => {
             return infer(state, model, None, request).await;
         }
-        ["v2", "models", model, "versions", version, "infer"] if post => {
+        ["v2", "models", model, "versions", version, "infer"] if post && inference => {
             return infer(state, model, Some(version), request).await;
         }
-        ["v2"] if get => server_metadata(),
+        ["v2"] if get && inference => server_metadata(),
         ["v2", "health", "live"] if get => Ok(json_ok(br#"{"live":true}"#.to_vec())),
         ["v2", "health", "ready"] if get => Ok(server_ready(state)),
-        ["v2", "models", model] if get => model_metadata(state, model, None),
-        ["v2", "models", model, "ready"] if get => model_ready(state, model, None),
-        ["v2", "models", model, "versions", version] if get => {
+        ["v2", "models", model] if get && inference => model_metadata(state, model, None),
+        ["v2", "models", model, "ready"] if get && inference => model_ready(state, model, None),
+        ["v2", "models", model, "versions", version] if get && inference => {
             model_metadata(state, model, Some(version))
         }
-        ["v2", "models", model, "versions", version, "ready"] if get => {
+        ["v2", "models", model, "versions", version, "ready"] if get && inference => {
             model_ready(state, model, Some(version))
         }
-        ["metrics"] if get => Ok(metrics(state)),
-        ["admin", "reload"] if post => match admin_routes::authorize(state, request.headers()) {
+        ["metrics"] if get && metrics_here => Ok(metrics(state)),
+        ["admin", ..] if inference => Err(Error::AdminNotHere { path: path.clone() }),
+        ["admin", "reload"] if post => match admin_routes::authorize(state, peer, &request) {
             Ok(()) => admin_routes::reload(state).await,
             Err(e) => Err(e),
         },
-        ["admin", "policies"] if get => admin_routes::authorize(state, request.headers())
+        ["admin", "policies"] if get => admin_routes::authorize(state, peer, &request)
             .and_then(|()| admin_routes::policies(state)),
-        ["admin", "monitoring"] if get => admin_routes::authorize(state, request.headers())
+        ["admin", "monitoring"] if get => admin_routes::authorize(state, peer, &request)
             .and_then(|()| admin_routes::monitoring(state)),
         other => Err(match allowed_method(other) {
-            Some(allow) => Error::MethodNotAllowed {
+            Some(allow) if on_this_listener(other, role) => Error::MethodNotAllowed {
                 method: request.method().to_string(),
                 path: path.clone(),
                 allow,
             },
-            None => Error::NoEndpoint { path: path.clone() },
+            _ => Error::NoEndpoint { path: path.clone() },
         }),
     };
     result.unwrap_or_else(|e| {
@@ -82,6 +92,16 @@ pub(super) async fn handle(state: &State, request: Request<Incoming>) -> HttpRes
             .record_http_error(e.status().as_u16());
         respond(&e)
     })
+}
+
+/// Whether a known path is served on a listener with `role`.
+fn on_this_listener(segments: &[&str], role: Role) -> bool {
+    match (segments, role) {
+        (["v2", "health", ..], _) => true,
+        (["metrics"], Role::Inference { metrics }) => metrics,
+        (["v2", ..], Role::Inference { .. }) | (["metrics" | "admin", ..], Role::Admin) => true,
+        _ => false,
+    }
 }
 
 /// The methods a known path takes (the `Allow` header of a 405); `None`
@@ -104,21 +124,41 @@ fn allowed_method(segments: &[&str]) -> Option<&'static str> {
     }
 }
 
-/// Every header value within `limit` bytes (431 naming the header).
-fn check_headers(headers: &HeaderMap, limit: usize) -> Result<(), Error> {
-    match headers.iter().find(|(_, v)| v.len() > limit) {
-        None => Ok(()),
-        Some((name, value)) => {
-            let name = static_header_name(name);
-            Err(Error::Header {
-                detail: format!(
-                    "header {name} is {} bytes; the limit is {limit} bytes per header value",
-                    value.len()
-                ),
-                too_large: true,
-            })
-        }
+/// The request head within its caps: the number of headers, their
+/// total size (names, values and 4 bytes of separators each, as on the
+/// wire) and each value's size. 431 naming the cap.
+fn check_headers(headers: &HeaderMap, config: &ServerConfig) -> Result<(), Error> {
+    let too_large = |detail: String| Error::Header {
+        detail,
+        too_large: true,
+    };
+    let limits = &config.connections;
+    if headers.len() > limits.max_headers {
+        return Err(too_large(format!(
+            "the request has {} headers; the limit is {}",
+            headers.len(),
+            limits.max_headers
+        )));
     }
+    let mut total = 0usize;
+    for (name, value) in headers {
+        if value.len() > config.max_header_value_bytes {
+            return Err(too_large(format!(
+                "header {} is {} bytes; the limit is {} bytes per header value",
+                static_header_name(name),
+                value.len(),
+                config.max_header_value_bytes
+            )));
+        }
+        total += name.as_str().len() + value.len() + 4;
+    }
+    if total > limits.max_header_bytes {
+        return Err(too_large(format!(
+            "the request headers are {total} bytes; the limit is {} bytes",
+            limits.max_header_bytes
+        )));
+    }
+    Ok(())
 }
 
 /// A header's name for a message: the standard ones by name, any other

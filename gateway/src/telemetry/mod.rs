@@ -214,6 +214,43 @@ impl Telemetry {
         })
     }
 
+    /// A connection closed at accept: `reason` is the cap it was over.
+    pub fn record_connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.with(|| {
+            metrics::counter!(
+                "gateway_connections_refused_total",
+                "listener" => listener,
+                "reason" => reason
+            )
+            .increment(1);
+        })
+    }
+
+    /// A TLS handshake that failed or timed out.
+    pub fn record_tls_handshake_failure(&self) {
+        self.with(|| {
+            metrics::counter!("gateway_tls_handshake_failures_total").increment(1);
+        })
+    }
+
+    /// A certificate reload, loaded or refused.
+    pub fn record_tls_reload(&self, ok: bool) {
+        self.with(|| {
+            metrics::counter!(
+                "gateway_tls_reloads_total",
+                "outcome" => if ok { "loaded" } else { "refused" }
+            )
+            .increment(1);
+        })
+    }
+
+    /// A refused admin request: `wrong_token` or `rate_limited`.
+    pub fn record_admin_auth_failure(&self, reason: &'static str) {
+        self.with(|| {
+            metrics::counter!("gateway_admin_auth_failures_total", "reason" => reason).increment(1);
+        })
+    }
+
     /// A request refused before it reached a model.
     pub fn record_http_error(&self, status: u16) {
         self.with(|| {
@@ -224,6 +261,22 @@ impl Telemetry {
 }
 
 fn describe() {
+    metrics::describe_counter!(
+        "gateway_connections_refused_total",
+        "Connections closed at accept, by listener and the cap they were over"
+    );
+    metrics::describe_counter!(
+        "gateway_tls_handshake_failures_total",
+        "TLS handshakes that failed or timed out"
+    );
+    metrics::describe_counter!(
+        "gateway_tls_reloads_total",
+        "Certificate reloads after their files changed, by outcome"
+    );
+    metrics::describe_counter!(
+        "gateway_admin_auth_failures_total",
+        "Admin requests refused for a wrong or missing token, or rate-limited"
+    );
     metrics::describe_counter!(
         "gateway_requests_total",
         "Inference requests answered, by model, version, route and HTTP status"

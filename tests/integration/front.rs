@@ -1,0 +1,787 @@
+//! The front door: TLS (rustls's client and Python's), HTTP/2 over TLS by
+//! ALPN and in cleartext by prior knowledge, client certificates,
+//! certificate rotation under load, connection floods and caps, header
+//! caps, clients that never read, the admin listener, and the drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::support::{ADMIN_TOKEN, TestGateway, fp32_request, repo_root};
+
+// ---- certificates ----------------------------------------------------
+
+/// A CA, and leaf certificates it signs, as PEM files in a folder.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let pki = Pki {
+            dir: tempfile::tempdir().unwrap(),
+            ca,
+        };
+        std::fs::write(pki.ca_path(), pki.ca.pem()).unwrap();
+        pki
+    }
+
+    fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn ca_pem(&self) -> Vec<u8> {
+        self.ca.pem().into_bytes()
+    }
+
+    /// A certificate for `localhost` named `name`: (chain PEM, key PEM).
+    fn leaf(&self, name: &str, client: bool) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Writes a server certificate named `name` to `cert.pem`/`key.pem`.
+    fn write_server(&self, name: &str) -> gateway::server::TlsConfig {
+        let (cert, key) = self.leaf(name, false);
+        // Key first, then the chain: the reloader sees a complete pair
+        // once the certificate changes (and retries on the next change).
+        std::fs::write(self.dir.path().join("key.pem"), key).unwrap();
+        std::fs::write(self.dir.path().join("cert.pem"), cert).unwrap();
+        gateway::server::TlsConfig {
+            cert: self.dir.path().join("cert.pem"),
+            key: self.dir.path().join("key.pem"),
+            client_ca: None,
+        }
+    }
+}
+
+/// A TLS connection to `addr` trusting `ca_pem`, offering `alpn`, with a
+/// client certificate when given.
+async fn tls_connect(
+    addr: SocketAddr,
+    ca_pem: &[u8],
+    alpn: &[&[u8]],
+    client: Option<&(String, String)>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let stream = TcpStream::connect(addr).await?;
+    TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), stream)
+        .await
+}
+
+fn infer_request(addr: SocketAddr) -> Request<Full<Bytes>> {
+    let body = fp32_request("pr_features", &[1, 6], &[3.0, 40.0, 12.0, 4.0, 1.0, 2.0]);
+    Request::post("/v2/models/time-to-merge/infer")
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+/// One request over HTTP/1.1 on `io`: the status and body.
+async fn http1<I>(io: I, request: Request<Full<Bytes>>) -> hyper::Result<(u16, Bytes)>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    Ok((status, response.into_body().collect().await?.to_bytes()))
+}
+
+/// One request over HTTP/2 on `io`.
+async fn http2<I>(io: I, request: Request<Full<Bytes>>) -> hyper::Result<(u16, Bytes)>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    Ok((status, response.into_body().collect().await?.to_bytes()))
+}
+
+async fn tls_gateway(tls: gateway::server::TlsConfig) -> TestGateway {
+    TestGateway::example_configured(|o| o.server.tls = Some(tls)).await
+}
+
+// ---- TLS and HTTP/2 --------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_speaks_http2_and_http1_by_alpn() {
+    let pki = Pki::new("test CA");
+    let gw = tls_gateway(pki.write_server("gateway")).await;
+    let ca = pki.ca_pem();
+
+    let h2 = tls_connect(gw.addr, &ca, &[b"h2", b"http/1.1"], None)
+        .await
+        .unwrap();
+    assert_eq!(h2.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (status, body) = http2(h2, infer_request(gw.addr)).await.unwrap();
+    assert_eq!(status, 200, "{body:?}");
+
+    let h1 = tls_connect(gw.addr, &ca, &[b"http/1.1"], None)
+        .await
+        .unwrap();
+    assert_eq!(h1.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (status, _) = http1(h1, infer_request(gw.addr)).await.unwrap();
+    assert_eq!(status, 200);
+
+    // No ALPN at all: HTTP/1.1.
+    let plain_alpn = tls_connect(gw.addr, &ca, &[], None).await.unwrap();
+    assert_eq!(
+        http1(plain_alpn, infer_request(gw.addr)).await.unwrap().0,
+        200
+    );
+
+    // A client that does not trust the CA, and cleartext on the TLS port.
+    let other = Pki::new("another CA");
+    assert!(
+        tls_connect(gw.addr, &other.ca_pem(), &[b"h2"], None)
+            .await
+            .is_err()
+    );
+    let plain = TcpStream::connect(gw.addr).await.unwrap();
+    assert!(http1(plain, infer_request(gw.addr)).await.is_err());
+    let m = gw.metrics().await;
+    assert!(m.value("gateway_tls_handshake_failures_total", &[]) >= 2.0);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleartext_http2_by_prior_knowledge() {
+    let gw = TestGateway::example().await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (status, body) = http2(stream, infer_request(gw.addr)).await.unwrap();
+    assert_eq!(status, 200, "{body:?}");
+    // Errors over HTTP/2 are the same JSON.
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let bad = Request::post("/v2/models/time-to-merge/infer")
+        .header("host", "x")
+        .body(Full::new(Bytes::from_static(b"{")))
+        .unwrap();
+    let (status, body) = http2(stream, bad).await.unwrap();
+    assert_eq!(status, 400);
+    assert!(String::from_utf8_lossy(&body).contains("\"error\""));
+    gw.shutdown().await;
+}
+
+/// Many streams on one HTTP/2 connection, more than it may open at once:
+/// every one is answered (the client queues past the server's limit).
+/// A flood of streams each reset at once ends in GOAWAY for that
+/// connection, and the gateway keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_stream_floods_and_resets() {
+    let gw = TestGateway::example_configured(|o| {
+        o.server.connections.http2.max_concurrent_streams = 8;
+    })
+    .await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    // One answer first: the client then knows the server's SETTINGS (a
+    // stream opened before them, past the limit, is refused, as RFC 9113
+    // allows, and safe to retry).
+    let mut first = sender.clone();
+    first.ready().await.unwrap();
+    assert_eq!(
+        first
+            .send_request(infer_request(gw.addr))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let calls: Vec<_> = (0..64)
+        .map(|_| {
+            let mut sender = sender.clone();
+            let request = infer_request(gw.addr);
+            tokio::spawn(async move {
+                sender.ready().await.unwrap();
+                sender
+                    .send_request(request)
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), 200);
+    }
+
+    // Rapid reset: open streams and drop them before their answer.
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    for _ in 0..2_000 {
+        let mut sender = sender.clone();
+        if sender.ready().await.is_err() {
+            break;
+        }
+        // Dropping the response future resets the stream.
+        let pending = sender.send_request(infer_request(gw.addr));
+        drop(pending);
+    }
+    drop(sender);
+    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    // Other clients are served.
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    assert_eq!(http2(stream, infer_request(gw.addr)).await.unwrap().0, 200);
+    assert_eq!(gw.get("/v2/health/ready").await.status, 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_are_required_when_configured() {
+    let pki = Pki::new("test CA");
+    let mut tls = pki.write_server("gateway");
+    tls.client_ca = Some(pki.ca_path());
+    let gw = tls_gateway(tls).await;
+    let ca = pki.ca_pem();
+
+    let good = pki.leaf("a client", true);
+    let stream = tls_connect(gw.addr, &ca, &[b"h2"], Some(&good))
+        .await
+        .unwrap();
+    assert_eq!(http2(stream, infer_request(gw.addr)).await.unwrap().0, 200);
+
+    // Without a certificate, or with one another CA signed: refused (with
+    // TLS 1.3 the client learns it at its first read).
+    let stranger = Pki::new("another CA").leaf("a stranger", true);
+    for client in [None, Some(&stranger)] {
+        let refused = match tls_connect(gw.addr, &ca, &[b"http/1.1"], client).await {
+            Err(_) => true,
+            Ok(stream) => http1(stream, infer_request(gw.addr)).await.is_err(),
+        };
+        assert!(refused, "a client without a trusted certificate was served");
+    }
+    gw.shutdown().await;
+}
+
+/// A new certificate written over the old one is served to new
+/// handshakes within seconds, while requests keep succeeding, on
+/// connections opened before and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_load_without_a_failed_request() {
+    let pki = Pki::new("test CA");
+    let gw = tls_gateway(pki.write_server("first")).await;
+    let ca = Arc::new(pki.ca_pem());
+    let addr = gw.addr;
+    let leaf_of = |stream: &TlsStream<TcpStream>| {
+        stream.get_ref().1.peer_certificates().unwrap()[0]
+            .as_ref()
+            .to_vec()
+    };
+    let first = leaf_of(&tls_connect(addr, &ca, &[b"h2"], None).await.unwrap());
+
+    // A keep-alive HTTP/2 connection opened before the rotation.
+    let before = tls_connect(addr, &ca, &[b"h2"], None).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(before))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let load: Vec<_> = (0..3)
+        .map(|_| {
+            let (ca, stop, served) = (ca.clone(), stop.clone(), served.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let stream = tls_connect(addr, &ca, &[b"http/1.1"], None)
+                        .await
+                        .expect("handshake during the rotation");
+                    let (status, _) = http1(stream, infer_request(addr)).await.unwrap();
+                    assert_eq!(status, 200);
+                    served.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pki.write_server("second");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = leaf_of(&tls_connect(addr, &ca, &[b"h2"], None).await.unwrap());
+        if now != first {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.expect("no request failed during the rotation");
+    }
+    assert!(served.load(Ordering::Relaxed) > 10);
+    let mut sender = sender;
+    let response = sender.send_request(infer_request(addr)).await.unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "the connection from before stays served"
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.value("gateway_tls_reloads_total", &[("outcome", "loaded")]),
+        1.0
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_clients_over_tls_and_http2() {
+    let python = std::env::var("GATEWAY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let pki = Pki::new("test CA");
+    let tls = tls_gateway(pki.write_server("gateway")).await;
+    let plain = TestGateway::example().await;
+    let script = repo_root().join("tests/compat/tls_clients.py");
+    let args = [
+        script.display().to_string(),
+        format!("localhost:{}", tls.addr.port()),
+        pki.ca_path().display().to_string(),
+        plain.addr.to_string(),
+        "time-to-merge".to_string(),
+    ];
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&python).args(args).output()
+    })
+    .await
+    .unwrap()
+    .expect("run python");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "TLS/HTTP2 client checks failed:\n{stdout}\n{stderr}"
+    );
+    tls.shutdown().await;
+    plain.shutdown().await;
+}
+
+// ---- connections -----------------------------------------------------
+
+/// A connection from `source` (another loopback address) to `addr`.
+async fn connect_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((source, 0))).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Median time of `n` requests, each on a new connection from 127.0.0.1.
+async fn probe_median(gw: &TestGateway, n: usize) -> Duration {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        assert_eq!(gw.get("/v2/health/ready").await.status, 200);
+        times.push(started.elapsed());
+    }
+    times.sort();
+    times[n / 2]
+}
+
+/// 1,100 connections that never send a byte (from 127.0.0.2) do not
+/// delay a client on a new connection (from 127.0.0.1), and are closed
+/// once their time for a first byte is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_do_not_delay_other_clients() {
+    let _attack = crate::support::attack_lock().await;
+    let gw = TestGateway::example_configured(|o| {
+        o.server.connections.first_byte_timeout = Duration::from_millis(1500);
+        o.server.connections.max_connections_per_peer = 0;
+    })
+    .await;
+    let quiet = probe_median(&gw, 30).await;
+    let mut silent = Vec::with_capacity(1100);
+    for _ in 0..1100 {
+        silent.push(connect_from([127, 0, 0, 2], gw.addr).await);
+    }
+    let flooded = probe_median(&gw, 30).await;
+    eprintln!(
+        "new-connection request: quiet {quiet:?}, beside 1,100 silent connections {flooded:?}"
+    );
+    assert!(
+        flooded <= quiet * 2 + Duration::from_millis(5),
+        "quiet {quiet:?}, flooded {flooded:?}"
+    );
+    // Past the first-byte time each is closed by the gateway.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let mut closed = 0;
+    for stream in silent.iter_mut().take(50) {
+        let mut byte = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_secs(2), stream.read(&mut byte)).await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 50, "silent connections were left open");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_gets_at_most_its_connections() {
+    let gw = TestGateway::example_configured(|o| {
+        o.server.connections.max_connections_per_peer = 4;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect_from([127, 0, 0, 3], gw.addr).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut fifth = connect_from([127, 0, 0, 3], gw.addr).await;
+    let _ = fifth
+        .write_all(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(2), fifth.read(&mut buf))
+        .await
+        .expect("closed at once");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the fifth connection was served"
+    );
+    // Another peer is served.
+    assert_eq!(gw.get("/v2/health/live").await.status, 200);
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.value(
+            "gateway_connections_refused_total",
+            &[
+                ("listener", "inference"),
+                ("reason", "max_connections_per_peer")
+            ]
+        ),
+        1.0
+    );
+    // Once one closes, the peer may connect again.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut again = connect_from([127, 0, 0, 3], gw.addr).await;
+    again
+        .write_all(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = again.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    gw.shutdown().await;
+}
+
+/// Sends a raw request head and returns the status line's code.
+async fn status_of_head(addr: SocketAddr, head: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_caps_are_enforced_with_431() {
+    let gw = TestGateway::example().await;
+    let head = |headers: String| {
+        format!("GET /v2/health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{headers}\r\n")
+    };
+    // One 70 KiB header.
+    let one = format!("x-big: {}\r\n", "a".repeat(70 << 10));
+    let reply = status_of_head(gw.addr, &head(one)).await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply:.200}");
+    // 60 headers of 1.5 KiB: 90 KiB in all, each under the value cap.
+    let many: String = (0..60)
+        .map(|i| format!("x-h{i}: {}\r\n", "b".repeat(1536)))
+        .collect();
+    let reply = status_of_head(gw.addr, &head(many)).await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply:.200}");
+    assert!(reply.contains("the request headers are"), "{reply:.400}");
+    // 150 small headers.
+    let count: String = (0..150).map(|i| format!("x-c{i}: 1\r\n")).collect();
+    let reply = status_of_head(gw.addr, &head(count)).await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply:.200}");
+    // Within the caps: served.
+    let fine: String = (0..30)
+        .map(|i| format!("x-f{i}: {}\r\n", "c".repeat(1024)))
+        .collect();
+    let reply = status_of_head(gw.addr, &head(fine)).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply:.200}");
+    gw.shutdown().await;
+}
+
+/// A client that asks for a large answer and never reads it is cut off
+/// after the write timeout instead of holding its connection forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_cut_off() {
+    let policy = crate::support::single_version_policy("echo", "echo", "");
+    let gw = TestGateway::start_configured(&[("echo.toml", &policy)], |o| {
+        o.server.max_body_bytes = 8 << 20;
+        o.server.connections.write_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // 4 Mi UINT8 values in binary, answered in JSON: about 8 MiB.
+    let n = 4usize << 20;
+    // The echo plugin takes one input of each datatype: small ones in
+    // JSON, the large UINT8 one in binary.
+    let mut inputs: Vec<serde_json::Value> = [
+        ("bool", "BOOL", serde_json::json!([true])),
+        ("int8", "INT8", serde_json::json!([1])),
+        ("int16", "INT16", serde_json::json!([1])),
+        ("int32", "INT32", serde_json::json!([1])),
+        ("int64", "INT64", serde_json::json!([1])),
+        ("uint16", "UINT16", serde_json::json!([1])),
+        ("uint32", "UINT32", serde_json::json!([1])),
+        ("uint64", "UINT64", serde_json::json!([1])),
+        ("fp64", "FP64", serde_json::json!([1.0])),
+        ("bytes", "BYTES", serde_json::json!(["a"])),
+    ]
+    .into_iter()
+    .map(|(name, datatype, data)| {
+        serde_json::json!({"name": name, "shape": [1], "datatype": datatype, "data": data})
+    })
+    .collect();
+    inputs.push(
+        serde_json::json!({"name": "fp32", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}),
+    );
+    inputs.push(serde_json::json!({"name": "uint8", "shape": [n], "datatype": "UINT8", "parameters": {"binary_data_size": n}}));
+    let header = serde_json::json!({ "inputs": inputs }).to_string();
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v2/models/echo/infer HTTP/1.1\r\nhost: x\r\ninference-header-content-length: {}\r\ncontent-length: {}\r\n\r\n",
+        header.len(),
+        header.len() + n
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(header.as_bytes()).await.unwrap();
+    stream.write_all(&vec![7u8; n]).await.unwrap();
+    // Not reading, for longer than the write timeout.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut received = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(k)) => received.extend_from_slice(&chunk[..k]),
+            Err(_) => panic!(
+                "the connection is still open after the write timeout, {} bytes received: {}",
+                received.len(),
+                String::from_utf8_lossy(&received[..received.len().min(300)])
+            ),
+        }
+    }
+    let text = String::from_utf8_lossy(&received[..received.len().min(512)]).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let declared: usize = text
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("a content-length");
+    assert!(
+        received.len() < declared,
+        "the whole answer arrived ({} of {declared} bytes): the write timeout did not cut it",
+        received.len()
+    );
+    gw.shutdown().await;
+}
+
+// ---- the admin listener ------------------------------------------------
+
+async fn admin_get(addr: SocketAddr, path: &str, auth: Option<&str>) -> crate::support::Reply {
+    let mut request = Request::get(path).header("host", "x");
+    if let Some(auth) = auth {
+        request = request.header("authorization", auth);
+    }
+    crate::support::send(addr, request.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_lives_on_its_own_listener() {
+    let gw = TestGateway::example().await;
+    // Not on the inference listener.
+    admin_get(
+        gw.addr,
+        "/admin/policies",
+        Some(&format!("Bearer {ADMIN_TOKEN}")),
+    )
+    .await
+    .assert_error(404, &["served on the admin listener"]);
+    assert_eq!(admin_get(gw.addr, "/metrics", None).await.status, 404);
+    // Inference is not on the admin listener; health is on both.
+    assert_eq!(
+        admin_get(gw.admin, "/v2/models/time-to-merge", None)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        admin_get(gw.admin, "/v2/health/ready", None).await.status,
+        200
+    );
+    // The scheme in any case (RFC 9110).
+    let lower = admin_get(
+        gw.admin,
+        "/admin/policies",
+        Some(&format!("bearer {ADMIN_TOKEN}")),
+    )
+    .await;
+    assert_eq!(lower.status, 200, "{}", lower.text());
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_admin_tokens_are_rate_limited_per_peer() {
+    let gw = TestGateway::example().await;
+    for _ in 0..10 {
+        admin_get(
+            gw.admin,
+            "/admin/policies",
+            Some("Bearer wrong-wrong-wrong"),
+        )
+        .await
+        .assert_error(401, &["needs `Authorization: Bearer"]);
+    }
+    // Past ten, even the right token waits.
+    let refused = admin_get(
+        gw.admin,
+        "/admin/policies",
+        Some(&format!("Bearer {ADMIN_TOKEN}")),
+    )
+    .await;
+    refused.assert_error(429, &["too many wrong admin tokens"]);
+    let retry: u32 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.value(
+            "gateway_admin_auth_failures_total",
+            &[("reason", "wrong_token")]
+        ),
+        10.0
+    );
+    assert_eq!(
+        m.value(
+            "gateway_admin_auth_failures_total",
+            &[("reason", "rate_limited")]
+        ),
+        1.0
+    );
+    gw.shutdown().await;
+}
+
+// ---- the drain ---------------------------------------------------------
+
+/// SIGTERM's sequence as a client sees it: readiness 503 at once while
+/// new connections are still accepted, then refused; a request in flight
+/// is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_kubernetes_understands() {
+    let policy = "model = \"slow\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"slow-ttm\"\nlimits = { timeout_ms = 5000 }\n";
+    let gw = TestGateway::start_configured(&[("slow.toml", policy)], |o| {
+        o.server.drain_delay = Duration::from_millis(1500);
+    })
+    .await;
+    let addr = gw.addr;
+    // An idle keep-alive connection opened before.
+    let mut idle = gw.client().await;
+    assert_eq!(idle.get("/v2/health/ready").await.status, 200);
+    let in_flight = gw.spawn_infer(
+        "slow",
+        &fp32_request("pr_features", &[1, 6], &[3.0, 40.0, 12.0, 4.0, 1.0, 2.0]),
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let handle = gw.shutdown_handle();
+    let started = Instant::now();
+    handle.drain();
+    // Still accepting, but not ready.
+    let ready = gw.get("/v2/health/ready").await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(gw.get("/v2/health/live").await.status, 200);
+    assert_eq!(in_flight.await.unwrap().status, 200);
+    // After the delay the listener is closed.
+    loop {
+        if TcpStream::connect(addr).await.is_err() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still accepting long after the drain delay"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "the listener closed before the drain delay: {:?}",
+        started.elapsed()
+    );
+    // The idle keep-alive connection was closed too.
+    assert!(idle.try_get("/v2/health/ready").await.is_err());
+    gw.shutdown().await;
+}
