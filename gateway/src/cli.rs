@@ -64,20 +64,20 @@ struct ServeArgs {
     #[arg(long, default_value_t = 1_000)]
     max_connections_per_peer: usize,
     /// Milliseconds a new connection has to send its first byte (cleartext).
-    #[arg(long, default_value_t = 2_000)]
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     first_byte_timeout_ms: u64,
     /// Milliseconds a TLS handshake may take.
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     tls_handshake_timeout_ms: u64,
     /// Seconds a connection with no request in flight stays open.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     idle_timeout_secs: u64,
     /// Seconds a response write may make no progress (a client that does
     /// not read) before the connection is closed.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     write_timeout_secs: u64,
     /// Seconds a client has to send a request head.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     header_read_timeout_secs: u64,
     /// Bytes of a request's headers together; more gets 431.
     #[arg(long, default_value_t = 64 << 10)]
@@ -177,6 +177,10 @@ struct ServeArgs {
     /// Do not watch the policy folder (reload with SIGHUP or POST /admin/reload).
     #[arg(long)]
     no_watch: bool,
+    /// Allow a reload that unloads every model (by default a policy folder
+    /// emptied, or synced halfway, is refused and the models keep serving).
+    #[arg(long)]
+    allow_empty_policies: bool,
     /// Milliseconds after the last policy file change before reloading.
     #[arg(long, default_value_t = 500)]
     reload_debounce_ms: u64,
@@ -297,6 +301,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     options.watch_debounce =
         (!args.no_watch).then(|| std::time::Duration::from_millis(args.reload_debounce_ms));
+    options.allow_empty_policies = args.allow_empty_policies;
     let server = match server::start(options).await {
         Ok(server) => server,
         Err(e) => {

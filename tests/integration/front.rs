@@ -558,7 +558,10 @@ async fn header_caps_are_enforced_with_431() {
         .collect();
     let reply = status_of_head(gw.addr, &head(many)).await;
     assert!(reply.starts_with("HTTP/1.1 431"), "{reply:.200}");
-    assert!(reply.contains("the request headers are"), "{reply:.400}");
+    assert!(
+        reply.contains("the request line and headers are"),
+        "{reply:.400}"
+    );
     // 150 small headers.
     let count: String = (0..150).map(|i| format!("x-c{i}: 1\r\n")).collect();
     let reply = status_of_head(gw.addr, &head(count)).await;
@@ -783,5 +786,48 @@ async fn a_drain_kubernetes_understands() {
     );
     // The idle keep-alive connection was closed too.
     assert!(idle.try_get("/v2/health/ready").await.is_err());
+    gw.shutdown().await;
+}
+
+/// A keep-alive connection waits for its next request for the idle time,
+/// not the (shorter) header time, and is closed once it has been idle
+/// that long; a head that starts must end within the header time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_connections_get_the_idle_time_and_heads_the_header_time() {
+    let gw = TestGateway::example_configured(|o| {
+        o.server.connections.header_read_timeout = Duration::from_millis(300);
+        o.server.connections.idle_timeout = Duration::from_millis(1500);
+    })
+    .await;
+    let mut client = gw.client().await;
+    assert_eq!(client.get("/v2/health/live").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        client
+            .try_get("/v2/health/live")
+            .await
+            .map(|r| r.status)
+            .ok(),
+        Some(200),
+        "closed before its idle time"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        client.try_get("/v2/health/live").await.is_err(),
+        "still open after its idle time"
+    );
+    // Half a head, then nothing: closed after the header time.
+    let mut slow = TcpStream::connect(gw.addr).await.unwrap();
+    slow.write_all(b"GET /v2/health/live HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a stalled head was kept {:?}",
+        started.elapsed()
+    );
     gw.shutdown().await;
 }

@@ -256,3 +256,28 @@ fn help_is_available_everywhere() {
     let bad = gateway(&["serve", "--no-such-flag"]);
     assert_eq!(bad.status.code(), Some(2));
 }
+
+/// Every problem of every file in one run: a file that does not parse
+/// does not hide another file's plugin that does not exist.
+#[test]
+fn every_problem_of_every_file_is_reported() {
+    let dir = folder(&[
+        (
+            "a.toml",
+            "model = \"a\"\nchampion = \"v1\"\nspeed = 3\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n",
+        ),
+        (
+            "b.toml",
+            &GOOD
+                .replace("\"m\"", "\"b\"")
+                .replace("ttm-rules-v1", "no-such-plugin"),
+        ),
+    ]);
+    let (code, _, stderr) = check(dir.path());
+    assert_eq!(code, 1);
+    assert!(stderr.contains("a.toml"), "{stderr}");
+    assert!(stderr.contains("speed"), "{stderr}");
+    assert!(stderr.contains("b.toml"), "{stderr}");
+    assert!(stderr.contains("no-such-plugin"), "{stderr}");
+    assert!(stderr.contains("2 problem(s)"), "{stderr}");
+}

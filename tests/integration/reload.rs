@@ -402,3 +402,149 @@ async fn a_plugin_whose_info_never_returns_is_refused_while_the_rest_serves() {
     assert_eq!(gw.infer("stuck", &request()).await.status, 404);
     gw.shutdown().await;
 }
+
+/// Waits until the champion answering `live` is `version`.
+async fn until_serving(gw: &TestGateway, version: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while gw.infer("live", &request()).await.header("x-model-version") != Some(version) {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What Kubernetes does to a mounted ConfigMap: the files are symlinks
+/// into `..data`, itself a symlink to a timestamped folder, and an update
+/// writes a new folder and renames a new `..data` link over the old one.
+/// No event names a `*.toml`; the watcher reloads anyway.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_update_is_picked_up() {
+    use std::os::unix::fs::symlink;
+    let dir = crate::support::policy_folder();
+    let root = dir.path();
+    std::fs::create_dir(root.join("..2026_12_02_first")).unwrap();
+    std::fs::write(
+        root.join("..2026_12_02_first/live.toml"),
+        policy("v1", None),
+    )
+    .unwrap();
+    symlink("..2026_12_02_first", root.join("..data")).unwrap();
+    symlink("..data/live.toml", root.join("live.toml")).unwrap();
+    let gw = TestGateway::start_watching_in(dir).await;
+    until_serving(&gw, "v1", "the first version was not served").await;
+
+    let root = gw.policy_dir().to_path_buf();
+    std::fs::create_dir(root.join("..2026_12_02_second")).unwrap();
+    std::fs::write(
+        root.join("..2026_12_02_second/live.toml"),
+        policy("v3", None),
+    )
+    .unwrap();
+    symlink("..2026_12_02_second", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    std::fs::remove_dir_all(root.join("..2026_12_02_first")).unwrap();
+    until_serving(&gw, "v3", "the ConfigMap update was not picked up").await;
+    gw.shutdown().await;
+}
+
+/// The policy folder deleted: the watcher says so (a metric and a log
+/// line), the last good policies keep serving; the folder recreated: it
+/// is watched and read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_survives_its_folder_being_deleted_and_recreated() {
+    let gw = TestGateway::start_watching(&[("live.toml", &policy("v1", None))]).await;
+    let dir = gw.policy_dir().to_path_buf();
+    assert_eq!(
+        gw.metrics().await.value("gateway_policy_watch_up", &[]),
+        1.0
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.metrics().await.value("gateway_policy_watch_up", &[]) != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "a folder that is gone was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        gw.infer("live", &request()).await.header("x-model-version"),
+        Some("v1"),
+        "the last good policies stop serving"
+    );
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("live.toml"), policy("v2", None)).unwrap();
+    until_serving(&gw, "v2", "the recreated folder was not read").await;
+    assert_eq!(
+        gw.metrics().await.value("gateway_policy_watch_up", &[]),
+        1.0
+    );
+    // And it is watched again.
+    std::fs::write(dir.join("live.toml"), policy("v3", None)).unwrap();
+    until_serving(&gw, "v3", "an edit after the recreation was not picked up").await;
+    gw.shutdown().await;
+}
+
+/// A folder emptied (or synced halfway) would unload every model: that
+/// reload is refused, by the watcher and by the admin API alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emptying_the_policy_folder_unloads_nothing() {
+    let gw = TestGateway::start_watching(&[("live.toml", &policy("v1", None))]).await;
+    std::fs::remove_file(gw.policy_dir().join("live.toml")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.metrics().await.value(
+        "gateway_policy_reloads_total",
+        &[("outcome", "error"), ("trigger", "file")],
+    ) < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the emptied folder was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = gw.reload().await;
+    assert_eq!(refused.status, 422);
+    assert!(
+        refused.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("has no policy files left"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(gw.infer("live", &request()).await.status, 200);
+    gw.shutdown().await;
+}
+
+/// A plugin file a policy names is watched: replacing it reloads (and
+/// recompiles) without any policy file changing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_plugin_file_is_reloaded() {
+    let plugins = tempfile::tempdir().unwrap();
+    let file = plugins.path().join("live.wasm");
+    let built = std::path::Path::new(gateway::artifacts::BUILT_PLUGIN_DIR);
+    std::fs::copy(built.join("ttm-rules-v1.wasm"), &file).unwrap();
+    let text = format!(
+        "model = \"live\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"{}\"\n",
+        file.display()
+    );
+    let gw = TestGateway::start_watching(&[("live.toml", &text)]).await;
+    let compiled = |m: &crate::support::Metrics| m.value("gateway_plugin_compilations_total", &[]);
+    let before = compiled(&gw.metrics().await);
+    // Written to a new name and renamed over the old one, as deploy tools do.
+    let staged = plugins.path().join(".live.wasm.tmp");
+    std::fs::copy(built.join("ttm-rules-v2.wasm"), &staged).unwrap();
+    std::fs::rename(&staged, &file).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while compiled(&gw.metrics().await) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the new plugin file was not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let view = gw.policies_view().await;
+    assert_eq!(view["generation"], 2, "{view}");
+    gw.shutdown().await;
+}

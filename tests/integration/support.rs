@@ -145,6 +145,11 @@ impl TestGateway {
         Self::start_with(dir, true).await
     }
 
+    /// Serves a prepared policy folder and reloads when its files change.
+    pub async fn start_watching_in(dir: tempfile::TempDir) -> TestGateway {
+        Self::start_with(dir, true).await
+    }
+
     /// Serves the given policies with options changed by `configure`.
     pub async fn start_configured(
         policies: &[(&str, &str)],

@@ -1,4 +1,5 @@
 //! Live policy changes: owns the snapshot being served and replaces it.
+//! The file watcher is `watch`.
 //!
 //! A reload reads, checks and loads the whole policy folder first (reusing
 //! unchanged plugins and versions), then swaps the snapshot atomically:
@@ -11,16 +12,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use notify::Watcher as _;
 use serde::Serialize;
 
 use crate::policy::{LoadOptions, PolicyError};
 use crate::router::{self, Model, Snapshot};
 use crate::runtime::{Backend, Runtime};
 use crate::telemetry::Telemetry;
+
+mod watch;
+pub(crate) use watch::PolicyWatch;
 
 /// The policies being served, and how to load them again.
 pub struct Reloader {
@@ -30,6 +32,9 @@ pub struct Reloader {
     runtime: Arc<Runtime>,
     /// One reload at a time: two concurrent ones could swap in the older.
     lock: tokio::sync::Mutex<()>,
+    /// Whether a reload may unload every model (a folder emptied, or
+    /// synced halfway, is refused otherwise).
+    pub(crate) allow_empty: bool,
 }
 
 /// What a successful reload changed.
@@ -59,6 +64,7 @@ impl Reloader {
             options,
             runtime,
             lock: tokio::sync::Mutex::new(()),
+            allow_empty: false,
         })
     }
 
@@ -72,12 +78,51 @@ impl Reloader {
         &self.dir
     }
 
+    pub(crate) fn telemetry(&self) -> &Arc<Telemetry> {
+        self.runtime.telemetry()
+    }
+
+    /// The plugin and model files the served policies name.
+    pub(crate) fn artifact_files(&self) -> BTreeSet<PathBuf> {
+        let snapshot = self.snapshot();
+        let mut files = BTreeSet::new();
+        for model in snapshot.models() {
+            for version in model.versions.values() {
+                match &version.backend {
+                    Backend::Plugin { plugin, models } => {
+                        files.insert(plugin.path().to_path_buf());
+                        files.extend(models.iter().map(|(_, m)| m.path().to_path_buf()));
+                    }
+                    Backend::Onnx(model) => {
+                        files.insert(model.path().to_path_buf());
+                    }
+                }
+            }
+        }
+        files
+    }
+
     /// Loads the folder again and, if it is valid and differs, serves it.
     /// `trigger` (`file`, `signal`, `admin`) labels the metric and the log.
     pub async fn reload(&self, trigger: &'static str) -> Result<ReloadReport, Vec<PolicyError>> {
         let _one_at_a_time = self.lock.lock().await;
         let previous = self.current.load_full();
-        match router::load(&self.dir, &self.options, &self.runtime, Some(&previous)).await {
+        let loaded = router::load(&self.dir, &self.options, &self.runtime, Some(&previous))
+            .await
+            .and_then(|(next, built)| {
+                let unloads_all =
+                    next.models().next().is_none() && previous.models().next().is_some();
+                if unloads_all && !self.allow_empty {
+                    return Err(vec![PolicyError::file(
+                        &self.dir,
+                        "has no policy files left: a reload that would unload every model is refused \
+                         (a folder emptied or synced halfway?); start the gateway with \
+                         --allow-empty-policies to allow it",
+                    )]);
+                }
+                Ok((next, built))
+            });
+        match loaded {
             Err(errors) => {
                 self.runtime.telemetry().record_reload("error", trigger);
                 tracing::error!(
@@ -362,36 +407,4 @@ impl ModelView {
                 .collect(),
         }
     }
-}
-
-/// Watches the policy folder and reloads `debounce` after the last change
-/// to a `*.toml` file (editors write a file in several steps). Reloading
-/// stops when the returned watcher is dropped.
-pub(crate) fn watch(
-    reloader: Arc<Reloader>,
-    debounce: Duration,
-) -> notify::Result<notify::RecommendedWatcher> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let relevant = event.is_ok_and(|e| {
-            !e.kind.is_access()
-                && e.paths
-                    .iter()
-                    .any(|p| p.extension().is_some_and(|x| x == "toml"))
-        });
-        if relevant {
-            // Full means a reload is already pending: nothing is lost.
-            let _ = tx.try_send(());
-        }
-    })?;
-    watcher.watch(reloader.dir(), notify::RecursiveMode::NonRecursive)?;
-    tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            tokio::time::sleep(debounce).await;
-            while rx.try_recv().is_ok() {}
-            // Errors are logged and counted by `reload`.
-            let _ = reloader.reload("file").await;
-        }
-    });
-    Ok(watcher)
 }

@@ -159,7 +159,7 @@ pub struct PolicyError {
 }
 
 impl PolicyError {
-    fn file(file: &Path, message: impl Into<String>) -> Self {
+    pub(crate) fn file(file: &Path, message: impl Into<String>) -> Self {
         PolicyError {
             file: file.to_path_buf(),
             line: None,
@@ -292,14 +292,17 @@ struct LimitsTable {
 
 /// Reads every `*.toml` file in `dir`, checks each and all of them together,
 /// and returns the policies or every error found.
-pub fn load_dir(dir: &Path, options: &LoadOptions) -> Result<Vec<ModelPolicy>, Vec<PolicyError>> {
+pub fn load_dir(dir: &Path, options: &LoadOptions) -> (Vec<ModelPolicy>, Vec<PolicyError>) {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => {
-            return Err(vec![PolicyError::file(
-                dir,
-                format!("cannot read the policy folder: {e}"),
-            )]);
+            return (
+                Vec::new(),
+                vec![PolicyError::file(
+                    dir,
+                    format!("cannot read the policy folder: {e}"),
+                )],
+            );
         }
     };
     let mut files: Vec<PathBuf> = entries
@@ -320,7 +323,8 @@ pub fn load_dir(dir: &Path, options: &LoadOptions) -> Result<Vec<ModelPolicy>, V
         }
     }
 
-    // One model, one file.
+    // One model, one file: the second one is dropped with its error.
+    let mut duplicates = Vec::new();
     for (i, policy) in policies.iter().enumerate() {
         if let Some(first) = policies[..i].iter().find(|p| p.model == policy.model) {
             errors.push(PolicyError {
@@ -334,13 +338,13 @@ pub fn load_dir(dir: &Path, options: &LoadOptions) -> Result<Vec<ModelPolicy>, V
                     ),
                 )
             });
+            duplicates.push(i);
         }
     }
-    if errors.is_empty() {
-        Ok(policies)
-    } else {
-        Err(errors)
+    for i in duplicates.into_iter().rev() {
+        policies.remove(i);
     }
+    (policies, errors)
 }
 
 /// Parses and checks one policy file.

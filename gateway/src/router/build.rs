@@ -35,8 +35,17 @@ pub async fn load(
     runtime: &Runtime,
     previous: Option<&Snapshot>,
 ) -> Result<(Snapshot, BuildReport), Vec<PolicyError>> {
-    let policies = policy::load_dir(dir, options)?;
-    build(policies, runtime, previous).await
+    // Every problem of every file: the files that parse are built (their
+    // plugins compiled) even when others do not, so one run lists all.
+    let (policies, mut errors) = policy::load_dir(dir, options);
+    match build(policies, runtime, previous).await {
+        Ok(built) if errors.is_empty() => Ok(built),
+        Ok(_) => Err(errors),
+        Err(mut more) => {
+            errors.append(&mut more);
+            Err(errors)
+        }
+    }
 }
 
 /// Assembles a snapshot from checked policies (see the module docs).

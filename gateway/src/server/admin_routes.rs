@@ -21,36 +21,68 @@ use crate::pipeline::Error;
 const MAX_FAILURES: u32 = 10;
 /// The window: a peer's count restarts this long after its first failure.
 const WINDOW: Duration = Duration::from_secs(60);
-/// Peers remembered at most; past it the oldest windows are forgotten.
+/// Peers remembered at most. Past it, expired windows are dropped, and
+/// if none has expired every peer shares the global count below.
 const MAX_PEERS: usize = 10_000;
+/// Wrong tokens from all peers together per window: many addresses (an
+/// IPv6 range, a botnet) cannot guess faster than this.
+const MAX_FAILURES_ALL: u32 = 1_000;
 
-/// Recent failed logins per peer address.
+/// Recent failed logins per peer (an IPv4 address or an IPv6 /64), and
+/// from all peers.
 #[derive(Default)]
-pub(crate) struct Failures(Mutex<HashMap<IpAddr, (Instant, u32)>>);
+pub(crate) struct Failures(Mutex<FailureCounts>);
+
+#[derive(Default)]
+pub(crate) struct FailureCounts {
+    peers: HashMap<IpAddr, (Instant, u32)>,
+    all: Option<(Instant, u32)>,
+}
+
+/// Seconds left of a window that started at `since`, if it is over its
+/// `limit`.
+fn over(window: Option<&(Instant, u32)>, limit: u32, now: Instant) -> Option<u32> {
+    let (since, count) = window?;
+    let left = WINDOW.checked_sub(now.duration_since(*since))?;
+    (*count >= limit).then(|| left.as_secs_f64().ceil() as u32)
+}
+
+fn count(window: &mut (Instant, u32), now: Instant) {
+    if now.duration_since(window.0) >= WINDOW {
+        *window = (now, 0);
+    }
+    window.1 += 1;
+}
 
 impl Failures {
-    /// Seconds until `ip` may try again, if it is over its failures.
-    fn blocked(&self, ip: IpAddr, now: Instant) -> Option<u32> {
+    /// Seconds until `peer` may try again, if it is over its failures.
+    fn blocked(&self, peer: IpAddr, now: Instant) -> Option<u32> {
         let failures = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let (since, count) = failures.get(&ip)?;
-        let left = WINDOW.checked_sub(now.duration_since(*since))?;
-        (*count >= MAX_FAILURES).then(|| left.as_secs_f64().ceil() as u32)
+        over(failures.peers.get(&peer), MAX_FAILURES, now)
+            .or_else(|| over(failures.all.as_ref(), MAX_FAILURES_ALL, now))
     }
 
-    fn failed(&self, ip: IpAddr, now: Instant) {
+    fn failed(&self, peer: IpAddr, now: Instant) {
         let mut failures = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if failures.len() >= MAX_PEERS {
-            failures.retain(|_, (since, _)| now.duration_since(*since) < WINDOW);
-            if failures.len() >= MAX_PEERS {
-                failures.clear();
+        count(failures.all.get_or_insert((now, 0)), now);
+        if failures.peers.len() >= MAX_PEERS && !failures.peers.contains_key(&peer) {
+            failures
+                .peers
+                .retain(|_, (since, _)| now.duration_since(*since) < WINDOW);
+            if failures.peers.len() >= MAX_PEERS {
+                // Not remembered alone: the global count holds it.
+                return;
             }
         }
-        let entry = failures.entry(ip).or_insert((now, 0));
-        if now.duration_since(entry.0) >= WINDOW {
-            *entry = (now, 0);
-        }
-        entry.1 += 1;
+        count(failures.peers.entry(peer).or_insert((now, 0)), now);
     }
+}
+
+/// Compares tokens in constant time, lengths included: their SHA-256
+/// digests are compared.
+fn same_token(given: &str, token: &str) -> bool {
+    let digest = |t: &str| ring::digest::digest(&ring::digest::SHA256, t.as_bytes());
+    bool::from(digest(given).as_ref().ct_eq(digest(token).as_ref()))
 }
 
 /// Checks the bearer token of `request` from `peer`.
@@ -63,7 +95,8 @@ pub(super) fn authorize<B>(
         return Err(Error::AdminDisabled);
     };
     let now = Instant::now();
-    if let Some(retry_in_secs) = state.admin_failures.blocked(peer.ip(), now) {
+    let peer = super::listener::peer_key(peer.ip());
+    if let Some(retry_in_secs) = state.admin_failures.blocked(peer, now) {
         state
             .pipeline
             .telemetry()
@@ -78,9 +111,9 @@ pub(super) fn authorize<B>(
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
     match given {
-        Some(given) if bool::from(given.as_bytes().ct_eq(token.as_bytes())) => Ok(()),
+        Some(given) if same_token(given, token) => Ok(()),
         _ => {
-            state.admin_failures.failed(peer.ip(), now);
+            state.admin_failures.failed(peer, now);
             state
                 .pipeline
                 .telemetry()

@@ -1,14 +1,17 @@
 //! The timeouts of one connection's byte stream, which hyper does not
-//! have: the first bytes must come soon after the connection opens, a
-//! connection with no request in flight is closed after an idle time, and
-//! a client that stops reading its response is cut off after a write
-//! timeout. Each of them fails the stream's next read or write with
-//! `TimedOut`, which ends the connection.
+//! have (or has only in part): the first bytes must come soon after the
+//! connection opens; an HTTP/1 request head must be complete within the
+//! header timeout of its first byte; a connection with no request in
+//! flight is closed after the idle time, counted from the end of its last
+//! response, whatever bytes (HTTP/2 pings) move meanwhile; and a client
+//! that stops reading is cut off after the write timeout. Each of them
+//! fails the stream's next read or write with `TimedOut`, which ends the
+//! connection.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,37 +23,115 @@ use tokio::time::{Instant, Sleep};
 pub(crate) struct StreamTimeouts {
     /// From the connection's start to its first byte.
     pub first_byte: Duration,
-    /// With no request in flight, between two reads.
+    /// HTTP/1: from the first byte of a request head to its end.
+    pub head: Duration,
+    /// With no request in flight, from the end of the last response (or
+    /// the connection's start).
     pub idle: Duration,
     /// A write that makes no progress.
     pub write: Duration,
 }
 
-/// Requests of one connection being answered: while there are any, the
-/// connection is not idle (a plugin call may take seconds without a byte
-/// moving).
-#[derive(Clone, Debug, Default)]
-pub(crate) struct InFlight(Arc<AtomicUsize>);
+/// Requests of one connection being answered, and since when there have
+/// been none: while there are any, the connection is not idle (a plugin
+/// call may take seconds without a byte moving). A request counts until
+/// its response body is dropped (sent, or abandoned).
+#[derive(Clone, Debug)]
+pub(crate) struct InFlight(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    count: AtomicUsize,
+    /// Nanoseconds after `base` at which the count last fell to zero.
+    idle_since: AtomicU64,
+    base: Instant,
+    /// Whether the connection speaks HTTP/2 (no HTTP/1 head timeout).
+    http2: AtomicBool,
+}
 
 impl InFlight {
+    pub(crate) fn new() -> Self {
+        InFlight(Arc::new(Shared {
+            count: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            base: Instant::now(),
+            http2: AtomicBool::new(false),
+        }))
+    }
+
     /// Counts a request until the guard is dropped.
     pub(crate) fn enter(&self) -> InFlightGuard {
-        self.0.fetch_add(1, Ordering::AcqRel);
+        self.0.count.fetch_add(1, Ordering::AcqRel);
         InFlightGuard(self.0.clone())
     }
 
+    /// The connection speaks HTTP/2 (ALPN said so, or its preface).
+    pub(crate) fn set_http2(&self) {
+        self.0.http2.store(true, Ordering::Release);
+    }
+
     fn any(&self) -> bool {
-        self.0.load(Ordering::Acquire) > 0
+        self.0.count.load(Ordering::Acquire) > 0
+    }
+
+    fn idle_since(&self) -> Instant {
+        self.0.base + Duration::from_nanos(self.0.idle_since.load(Ordering::Acquire))
+    }
+
+    fn http2(&self) -> bool {
+        self.0.http2.load(Ordering::Acquire)
     }
 }
 
-pub(crate) struct InFlightGuard(Arc<AtomicUsize>);
+pub(crate) struct InFlightGuard(Arc<Shared>);
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let nanos = self.0.base.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+            self.0.idle_since.store(nanos, Ordering::Release);
+        }
     }
 }
+
+/// A response body that keeps its request counted in flight until it is
+/// dropped.
+pub(crate) struct CountedBody<B> {
+    inner: B,
+    _guard: InFlightGuard,
+}
+
+impl<B> CountedBody<B> {
+    pub(crate) fn new(inner: B, guard: InFlightGuard) -> Self {
+        CountedBody {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The HTTP/2 connection preface's first bytes.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 /// A stream with [`StreamTimeouts`]. One timer per connection, armed for
 /// the earliest deadline that applies: the connection's future is one
@@ -60,43 +141,71 @@ pub(crate) struct Guarded<S> {
     timeouts: StreamTimeouts,
     in_flight: InFlight,
     timer: Pin<Box<Sleep>>,
+    started: Instant,
     /// Whether a byte was ever read.
-    started: bool,
-    /// When the last read returned bytes (or the connection started).
-    last_read: Instant,
+    read_any: bool,
+    /// Whether to look for the HTTP/2 preface in the first bytes
+    /// (cleartext; under TLS, ALPN tells).
+    sniff: bool,
+    /// When the first byte read since the connection went idle came: a
+    /// request head in progress (HTTP/1).
+    head_since: Option<Instant>,
     /// When the pending write started waiting.
     write_blocked: Option<Instant>,
 }
 
+/// `at + after`, or far in the future if that does not fit.
+fn later(at: Instant, after: Duration) -> Instant {
+    at.checked_add(after)
+        .unwrap_or_else(|| at + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 impl<S> Guarded<S> {
-    pub(crate) fn new(inner: S, timeouts: StreamTimeouts, in_flight: InFlight) -> Self {
+    /// `sniff`: whether the stream is cleartext HTTP (the first bytes say
+    /// whether it is HTTP/2).
+    pub(crate) fn new(
+        inner: S,
+        timeouts: StreamTimeouts,
+        in_flight: InFlight,
+        sniff: bool,
+    ) -> Self {
         let now = Instant::now();
         Guarded {
             inner,
             timeouts,
             in_flight,
-            timer: Box::pin(tokio::time::sleep_until(now + timeouts.first_byte)),
-            started: false,
-            last_read: now,
+            timer: Box::pin(tokio::time::sleep_until(later(now, timeouts.first_byte))),
+            started: now,
+            read_any: false,
+            sniff,
+            head_since: None,
             write_blocked: None,
         }
     }
 
     /// When an idle reader times out, if it does.
     fn read_deadline(&self) -> Option<Instant> {
-        if !self.started {
-            Some(self.last_read + self.timeouts.first_byte)
-        } else if self.in_flight.any() {
-            None
-        } else {
-            Some(self.last_read + self.timeouts.idle)
+        if !self.read_any {
+            return Some(later(self.started, self.timeouts.first_byte));
+        }
+        if self.in_flight.any() {
+            return None;
+        }
+        let idle_since = self.in_flight.idle_since().max(self.started);
+        match self.head_since {
+            Some(head) if head >= idle_since && !self.in_flight.http2() => {
+                Some(later(head, self.timeouts.head))
+            }
+            _ => Some(later(idle_since, self.timeouts.idle)),
         }
     }
 
     /// Arms the timer for `deadline` (and the write deadline, if earlier);
     /// whether `deadline` has passed already.
     fn arm(&mut self, cx: &mut Context<'_>, deadline: Option<Instant>) -> bool {
-        let write = self.write_blocked.map(|since| since + self.timeouts.write);
+        let write = self
+            .write_blocked
+            .map(|since| later(since, self.timeouts.write));
         let Some(at) = [deadline, write].into_iter().flatten().min() else {
             return false;
         };
@@ -122,19 +231,33 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(result) => {
-                if buf.filled().len() > before {
-                    this.started = true;
-                    this.last_read = Instant::now();
+                let filled = &buf.filled()[before..];
+                if !filled.is_empty() {
+                    if !this.read_any && this.sniff && filled.starts_with(H2_PREFACE) {
+                        this.in_flight.set_http2();
+                    }
+                    this.read_any = true;
+                    let now = Instant::now();
+                    let idle_since = this.in_flight.idle_since();
+                    if !this.in_flight.any() && this.head_since.is_none_or(|h| h < idle_since) {
+                        this.head_since = Some(now);
+                    }
                 }
                 Poll::Ready(result)
             }
             Poll::Pending => {
                 let deadline = this.read_deadline();
                 if this.arm(cx, deadline) && deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Poll::Ready(Err(timed_out(if this.started {
-                        "the connection was idle for too long"
-                    } else {
+                    return Poll::Ready(Err(timed_out(if !this.read_any {
                         "the client sent nothing in time"
+                    } else if this
+                        .head_since
+                        .is_some_and(|h| h >= this.in_flight.idle_since())
+                        && !this.in_flight.http2()
+                    {
+                        "the request head did not arrive in time"
+                    } else {
+                        "the connection was idle for too long"
                     })));
                 }
                 Poll::Pending
@@ -201,7 +324,7 @@ impl<S> Guarded<S> {
         let since = *self.write_blocked.get_or_insert_with(Instant::now);
         let deadline = self.read_deadline();
         self.arm(cx, deadline);
-        if Instant::now() >= since + self.timeouts.write {
+        if Instant::now() >= later(since, self.timeouts.write) {
             return Poll::Ready(Err(timed_out(
                 "the client did not read its response in time",
             )));
@@ -218,39 +341,84 @@ mod tests {
     fn timeouts() -> StreamTimeouts {
         StreamTimeouts {
             first_byte: Duration::from_millis(50),
-            idle: Duration::from_millis(100),
+            head: Duration::from_millis(80),
+            idle: Duration::from_millis(150),
             write: Duration::from_millis(50),
         }
     }
 
     #[tokio::test]
-    async fn a_silent_peer_times_out_then_an_idle_one() {
-        let (client, server) = tokio::io::duplex(64);
-        let mut guarded = Guarded::new(server, timeouts(), InFlight::default());
-        let mut buf = [0u8; 8];
-        let err = guarded.read(&mut buf).await.unwrap_err();
+    async fn a_silent_peer_times_out() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut guarded = Guarded::new(server, timeouts(), InFlight::new(), true);
+        let err = guarded.read(&mut [0u8; 8]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(err.to_string().contains("sent nothing"));
+    }
 
-        let (mut client2, server) = tokio::io::duplex(64);
-        let in_flight = InFlight::default();
-        let mut guarded = Guarded::new(server, timeouts(), in_flight.clone());
-        client2.write_all(b"x").await.unwrap();
+    #[tokio::test]
+    async fn a_head_has_its_time_and_idle_counts_from_the_last_response() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let in_flight = InFlight::new();
+        let mut guarded = Guarded::new(server, timeouts(), in_flight.clone(), true);
+        let mut buf = [0u8; 8];
+        client.write_all(b"G").await.unwrap();
         assert_eq!(guarded.read(&mut buf).await.unwrap(), 1);
-        // A request in flight: no idle timeout however long it takes.
+        // The rest of the head never comes.
+        let err = guarded.read(&mut buf).await.unwrap_err();
+        assert!(err.to_string().contains("request head"), "{err}");
+
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut guarded = Guarded::new(server, timeouts(), in_flight.clone(), true);
+        client.write_all(b"GET").await.unwrap();
+        assert_eq!(guarded.read(&mut buf).await.unwrap(), 3);
+        // A request in flight: no timeout however long it takes.
         let guard = in_flight.enter();
         let read = tokio::time::timeout(Duration::from_millis(400), guarded.read(&mut buf)).await;
         assert!(read.is_err(), "timed out with a request in flight");
+        // Idle from the end of the response, not from the last read.
         drop(guard);
+        let ended = std::time::Instant::now();
         let err = guarded.read(&mut buf).await.unwrap_err();
-        assert!(err.to_string().contains("idle"));
-        drop(client);
+        assert!(err.to_string().contains("idle"), "{err}");
+        assert!(ended.elapsed() >= Duration::from_millis(140));
+    }
+
+    #[tokio::test]
+    async fn http2_pings_do_not_keep_an_idle_connection() {
+        let (mut client, server) = tokio::io::duplex(256);
+        let in_flight = InFlight::new();
+        let mut guarded = Guarded::new(server, timeouts(), in_flight.clone(), true);
+        let mut buf = [0u8; 64];
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(guarded.read(&mut buf).await.unwrap() > 0);
+        let started = std::time::Instant::now();
+        let pinging = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if client.write_all(b"p").await.is_err() {
+                    return;
+                }
+            }
+        });
+        let err = loop {
+            match guarded.read(&mut buf).await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert!(err.to_string().contains("idle"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        pinging.abort();
     }
 
     #[tokio::test]
     async fn a_peer_that_does_not_read_is_cut_off() {
         let (_client, server) = tokio::io::duplex(16);
-        let mut guarded = Guarded::new(server, timeouts(), InFlight::default());
+        let mut guarded = Guarded::new(server, timeouts(), InFlight::new(), true);
         let err = guarded.write_all(&[0u8; 1024]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(err.to_string().contains("did not read"));

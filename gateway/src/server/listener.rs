@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use super::io::{Guarded, InFlight, StreamTimeouts};
+use super::io::{CountedBody, Guarded, InFlight, StreamTimeouts};
 use super::{Phase, State, routes};
 
 /// What a listener serves.
@@ -110,6 +110,19 @@ impl Default for Http2Limits {
     }
 }
 
+/// The address a peer's connections are counted under: an IPv4 address
+/// (also when written IPv4-mapped), or an IPv6 /64, the block one host
+/// usually has to itself.
+pub(super) fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
 /// Open connections per peer address.
 #[derive(Default)]
 struct Peers(Mutex<HashMap<IpAddr, usize>>);
@@ -180,7 +193,9 @@ fn builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // The head timeout is `io::Guarded`'s: hyper's also runs while a
+        // keep-alive connection waits, which would make it the idle time.
+        .header_read_timeout(None)
         .max_buf_size((limits.max_header_bytes * 2).max(8192))
         .max_headers(limits.max_headers * 2)
         .keep_alive(true);
@@ -189,7 +204,13 @@ fn builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(h2.max_concurrent_streams)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // h2 counts 32 bytes per field beyond name and value, and the
+        // pseudo-headers: the exact check with its JSON 431 is ours, this
+        // is the backstop (twice it, as for HTTP/1).
+        .max_header_list_size(
+            u32::try_from(limits.max_header_bytes * 2 + 32 * limits.max_headers)
+                .unwrap_or(u32::MAX),
+        )
         .initial_stream_window_size(h2.stream_window_bytes)
         .initial_connection_window_size(h2.connection_window_bytes)
         .keep_alive_interval(h2.keep_alive_interval)
@@ -215,9 +236,13 @@ pub(crate) async fn accept_loop(
             accepted = listener.socket.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    // Usually EMFILE: back off instead of spinning.
-                    tracing::warn!(listener = listener.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of descriptors or memory: back off instead of
+                    // spinning. Anything else (a connection reset before
+                    // it was accepted) concerns that connection only.
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) {
+                        tracing::warn!(listener = listener.name, error = %e, "accept failed; pausing 50 ms");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                     continue;
                 }
             },
@@ -230,7 +255,8 @@ pub(crate) async fn accept_loop(
             telemetry.record_connection_refused(listener.name, "max_connections");
             continue;
         };
-        let Some(peer_slot) = peers.enter(peer.ip(), limits.max_connections_per_peer) else {
+        let Some(peer_slot) = peers.enter(peer_key(peer.ip()), limits.max_connections_per_peer)
+        else {
             telemetry.record_connection_refused(listener.name, "max_connections_per_peer");
             continue;
         };
@@ -260,22 +286,35 @@ async fn connection(
     phase: watch::Receiver<Phase>,
 ) {
     let limits = &state.config.connections;
-    let in_flight = InFlight::default();
+    let in_flight = InFlight::new();
     let timeouts = StreamTimeouts {
         first_byte: limits.first_byte_timeout,
+        head: limits.header_read_timeout,
         idle: limits.idle_timeout,
         write: limits.write_timeout,
     };
-    let io = Guarded::new(stream, timeouts, in_flight.clone());
+    let io = Guarded::new(stream, timeouts, in_flight.clone(), tls.is_none());
     let service = {
         let state = state.clone();
+        let in_flight = in_flight.clone();
         service_fn(move |request| {
             let state = state.clone();
             let guard = in_flight.enter();
             async move {
-                let response = routes::handle(&state, role, peer, request).await;
-                drop(guard);
-                Ok::<_, Infallible>(response)
+                let mut response = routes::handle(&state, role, peer, request).await;
+                if state
+                    .shutting_down
+                    .load(std::sync::atomic::Ordering::Acquire)
+                {
+                    // Draining: HTTP/1 clients reconnect (elsewhere, once
+                    // the endpoint is gone); HTTP/2 drops the header.
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                // Counted until the body is sent or dropped.
+                Ok::<_, Infallible>(response.map(|body| CountedBody::new(body, guard)))
             }
         })
     };
@@ -285,7 +324,12 @@ async fn connection(
             let handshake =
                 tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(io)).await;
             match handshake {
-                Ok(Ok(tls)) => serve(&builder, tls, service, phase).await,
+                Ok(Ok(tls)) => {
+                    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        in_flight.set_http2();
+                    }
+                    serve(&builder, tls, service, phase).await
+                }
                 Ok(Err(e)) => {
                     state.pipeline.telemetry().record_tls_handshake_failure();
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -311,7 +355,7 @@ async fn serve<I, S>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
-            Response = routes::HttpResponse,
+            Response = http::Response<CountedBody<http_body_util::Full<bytes::Bytes>>>,
             Error = Infallible,
         > + Send
         + 'static,
@@ -323,7 +367,11 @@ async fn serve<I, S>(
         result = connection.as_mut() => result,
         _ = super::reached(&mut phase, Phase::Closing) => {
             connection.as_mut().graceful_shutdown();
-            connection.await
+            tokio::select! {
+                result = connection.as_mut() => result,
+                // Past the grace period: dropped with what it was doing.
+                _ = super::reached(&mut phase, Phase::Stopped) => Ok(()),
+            }
         }
     };
     if let Err(e) = result {

@@ -94,6 +94,8 @@ pub struct ServeOptions {
     /// Reload this long after the last change to a policy file; `None`
     /// disables watching (SIGHUP and `POST /admin/reload` still work).
     pub watch_debounce: Option<Duration>,
+    /// Whether a reload may unload every model.
+    pub allow_empty_policies: bool,
 }
 
 impl ServeOptions {
@@ -108,6 +110,7 @@ impl ServeOptions {
             runtime: RuntimeConfig::default(),
             pipeline: PipelineConfig::default(),
             watch_debounce: Some(Duration::from_millis(500)),
+            allow_empty_policies: false,
         }
     }
 
@@ -227,8 +230,8 @@ pub struct RunningServer {
     phase: ShutdownHandle,
     task: JoinHandle<()>,
     state: Arc<State>,
-    /// Reloads on policy file changes while it lives.
-    _watcher: Option<notify::RecommendedWatcher>,
+    /// Reloads on policy, plugin and model file changes while it lives.
+    _watcher: Option<admin::PolicyWatch>,
 }
 
 impl RunningServer {
@@ -296,11 +299,11 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
         Some(config) => Some(tls::acceptor(config, &telemetry)?),
         None => None,
     };
-    let reloader = Arc::new(
-        Reloader::start(&options.policies, options.load_options(), runtime.clone())
-            .await
-            .map_err(StartError::Policies)?,
-    );
+    let mut reloader = Reloader::start(&options.policies, options.load_options(), runtime.clone())
+        .await
+        .map_err(StartError::Policies)?;
+    reloader.allow_empty = options.allow_empty_policies;
+    let reloader = Arc::new(reloader);
     let snapshot = reloader.snapshot();
     if snapshot.models().next().is_none() {
         tracing::warn!(folder = %options.policies.display(), "no policy files: serving no models");
@@ -320,16 +323,9 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
     };
     let admin_addr = admin.as_ref().map(|(_, addr)| *addr);
 
-    let watcher = match options.watch_debounce {
-        None => None,
-        Some(debounce) => match admin::watch(reloader.clone(), debounce) {
-            Ok(watcher) => Some(watcher),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the policy folder; reload with SIGHUP or POST /admin/reload");
-                None
-            }
-        },
-    };
+    let watcher = options
+        .watch_debounce
+        .map(|debounce| admin::PolicyWatch::start(reloader.clone(), debounce));
     let state = Arc::new(State {
         reloader,
         config: options.server.clone(),
@@ -421,4 +417,6 @@ async fn run(listeners: Vec<Listener>, state: Arc<State>, handle: ShutdownHandle
             tracing::warn!("second signal: stopping without waiting for requests in flight");
         }
     }
+    // Whatever is left is dropped.
+    handle.stop();
 }

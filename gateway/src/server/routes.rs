@@ -35,7 +35,13 @@ pub(super) async fn handle(
     peer: SocketAddr,
     request: Request<Incoming>,
 ) -> HttpResponse {
-    if let Err(e) = check_headers(request.headers(), &state.config) {
+    // The request line counts towards the head's size too.
+    let line = request.method().as_str().len()
+        + request
+            .uri()
+            .path_and_query()
+            .map_or(0, |p| p.as_str().len());
+    if let Err(e) = check_headers(request.headers(), line, &state.config) {
         state
             .pipeline
             .telemetry()
@@ -127,7 +133,7 @@ fn allowed_method(segments: &[&str]) -> Option<&'static str> {
 /// The request head within its caps: the number of headers, their
 /// total size (names, values and 4 bytes of separators each, as on the
 /// wire) and each value's size. 431 naming the cap.
-fn check_headers(headers: &HeaderMap, config: &ServerConfig) -> Result<(), Error> {
+fn check_headers(headers: &HeaderMap, line: usize, config: &ServerConfig) -> Result<(), Error> {
     let too_large = |detail: String| Error::Header {
         detail,
         too_large: true,
@@ -140,7 +146,7 @@ fn check_headers(headers: &HeaderMap, config: &ServerConfig) -> Result<(), Error
             limits.max_headers
         )));
     }
-    let mut total = 0usize;
+    let mut total = line;
     for (name, value) in headers {
         if value.len() > config.max_header_value_bytes {
             return Err(too_large(format!(
@@ -154,7 +160,7 @@ fn check_headers(headers: &HeaderMap, config: &ServerConfig) -> Result<(), Error
     }
     if total > limits.max_header_bytes {
         return Err(too_large(format!(
-            "the request headers are {total} bytes; the limit is {} bytes",
+            "the request line and headers are {total} bytes; the limit is {} bytes",
             limits.max_header_bytes
         )));
     }

@@ -94,6 +94,8 @@ pub(crate) fn acceptor(
     config: &TlsConfig,
     telemetry: &Arc<Telemetry>,
 ) -> Result<TlsAcceptor, TlsError> {
+    // Stamped before loading: a change while loading is seen next poll.
+    let seen = stamp(config);
     let resolver = Arc::new(Resolver {
         current: ArcSwap::from_pointee(load_key_pair(config)?),
     });
@@ -122,6 +124,7 @@ pub(crate) fn acceptor(
     tokio::spawn(watch(
         Arc::downgrade(&resolver),
         config.clone(),
+        seen,
         telemetry.clone(),
     ));
     Ok(TlsAcceptor::from(Arc::new(server)))
@@ -142,8 +145,12 @@ fn stamp(config: &TlsConfig) -> Option<[(SystemTime, u64); 2]> {
 
 /// Reloads the certificate when its files change, until the listener is
 /// gone. A pair that does not load keeps the old one in force.
-async fn watch(resolver: Weak<Resolver>, config: TlsConfig, telemetry: Arc<Telemetry>) {
-    let mut seen = stamp(&config);
+async fn watch(
+    resolver: Weak<Resolver>,
+    config: TlsConfig,
+    mut seen: Option<[(SystemTime, u64); 2]>,
+    telemetry: Arc<Telemetry>,
+) {
     loop {
         tokio::time::sleep(POLL).await;
         let Some(resolver) = resolver.upgrade() else {

@@ -244,6 +244,13 @@ impl Telemetry {
         })
     }
 
+    /// Whether the policy folder is being watched.
+    pub fn record_watching(&self, up: bool) {
+        self.with(|| {
+            metrics::gauge!("gateway_policy_watch_up").set(if up { 1.0 } else { 0.0 });
+        })
+    }
+
     /// A refused admin request: `wrong_token` or `rate_limited`.
     pub fn record_admin_auth_failure(&self, reason: &'static str) {
         self.with(|| {
@@ -261,6 +268,10 @@ impl Telemetry {
 }
 
 fn describe() {
+    metrics::describe_gauge!(
+        "gateway_policy_watch_up",
+        "1 while the policy folder is watched for changes, 0 while it cannot be"
+    );
     metrics::describe_counter!(
         "gateway_connections_refused_total",
         "Connections closed at accept, by listener and the cap they were over"
