@@ -385,8 +385,9 @@ fn fit_file_limit(wanted: usize) -> usize {
                 }
             }
         }
-        // Two listeners may each hold their cap.
-        let room = (limit.rlim_cur as usize).saturating_sub(1024) / 2;
+        // Room for the admin listener's connections, plugins, models and
+        // policy files beside the inference connections.
+        let room = (limit.rlim_cur as usize).saturating_sub(server::ADMIN_CONNECTIONS + 1024);
         if room < wanted {
             tracing::warn!(
                 wanted,

@@ -33,8 +33,9 @@ pub(crate) enum Role {
 /// Connection limits of a listener.
 #[derive(Clone, Debug)]
 pub struct ConnectionLimits {
-    /// Connections open at once; past it, a new connection is closed at
-    /// once (counted), never left waiting in the backlog.
+    /// Connections open at once on the inference listener (the admin
+    /// listener: at most `ADMIN_CONNECTIONS`); past it, a new connection
+    /// is closed at once (counted), never left waiting in the backlog.
     pub max_connections: usize,
     /// Connections open at once from one IP address (0: no limit).
     pub max_connections_per_peer: usize,

@@ -153,6 +153,9 @@ fn list(errors: &[PolicyError]) -> String {
         .join("\n")
 }
 
+/// Connections the admin listener holds at most.
+pub const ADMIN_CONNECTIONS: usize = 1024;
+
 /// Shared by every request.
 pub(crate) struct State {
     /// The snapshot being served, and reloads.
@@ -375,7 +378,12 @@ async fn run(listeners: Vec<Listener>, state: Arc<State>, handle: ShutdownHandle
     let mut accepting = Vec::new();
     let mut connections = Vec::new();
     for listener in listeners {
-        let open = Arc::new(Connections::new(config.connections.max_connections));
+        // The admin listener's budget is its own, and small.
+        let capacity = match listener.role {
+            Role::Admin => config.connections.max_connections.min(ADMIN_CONNECTIONS),
+            Role::Inference { .. } => config.connections.max_connections,
+        };
+        let open = Arc::new(Connections::new(capacity));
         connections.push(open.clone());
         accepting.push(tokio::spawn(listener::accept_loop(
             listener,
