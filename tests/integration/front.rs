@@ -575,20 +575,10 @@ async fn header_caps_are_enforced_with_431() {
     gw.shutdown().await;
 }
 
-/// A client that asks for a large answer and never reads it is cut off
-/// after the write timeout instead of holding its connection forever.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_never_reads_is_cut_off() {
-    let policy = crate::support::single_version_policy("echo", "echo", "");
-    let gw = TestGateway::start_configured(&[("echo.toml", &policy)], |o| {
-        o.server.max_body_bytes = 8 << 20;
-        o.server.connections.write_timeout = Duration::from_millis(300);
-    })
-    .await;
-    // 4 Mi UINT8 values in binary, answered in JSON: about 8 MiB.
-    let n = 4usize << 20;
-    // The echo plugin takes one input of each datatype: small ones in
-    // JSON, the large UINT8 one in binary.
+/// The JSON head of a request to the echo plugin: one input of each
+/// datatype, the small ones in JSON, a UINT8 one of `n` values in binary
+/// after the head.
+fn echo_header(n: usize) -> String {
     let mut inputs: Vec<serde_json::Value> = [
         ("bool", "BOOL", serde_json::json!([true])),
         ("int8", "INT8", serde_json::json!([1])),
@@ -610,7 +600,105 @@ async fn a_client_that_never_reads_is_cut_off() {
         serde_json::json!({"name": "fp32", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}),
     );
     inputs.push(serde_json::json!({"name": "uint8", "shape": [n], "datatype": "UINT8", "parameters": {"binary_data_size": n}}));
-    let header = serde_json::json!({ "inputs": inputs }).to_string();
+    serde_json::json!({ "inputs": inputs }).to_string()
+}
+
+fn echo_request(n: usize) -> Request<Full<Bytes>> {
+    let header = echo_header(n);
+    let mut body = header.clone().into_bytes();
+    body.extend(std::iter::repeat_n(7u8, n));
+    Request::post("/v2/models/echo/infer")
+        .header("host", "x")
+        .header("inference-header-content-length", header.len().to_string())
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+/// An HTTP/2 client that never opens its streams' windows cannot make
+/// the gateway hold answers outside the budget of bytes in flight: each
+/// answer it does not take stays counted until its stream goes, so the
+/// budget fills (503) instead of the memory, and empties when the client
+/// leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_client_does_not_take_stay_in_the_byte_budget() {
+    let policy = crate::support::single_version_policy("echo", "echo", "");
+    let gw = TestGateway::start_configured(&[("echo.toml", &policy)], |o| {
+        o.pipeline.max_inflight_bytes = 12 << 20;
+    })
+    .await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    // Answers of about 1.5 MiB each, whose bodies can never be sent.
+    let mut stalled = Vec::new();
+    let mut refused = None;
+    for _ in 0..32 {
+        let mut sender = sender.clone();
+        sender.ready().await.unwrap();
+        let response = sender.send_request(echo_request(512 << 10)).await.unwrap();
+        if response.status() == 503 {
+            // Its body cannot come either (the window is shut).
+            refused = Some(response);
+            break;
+        }
+        assert_eq!(response.status(), 200);
+        stalled.push(response);
+    }
+    let refused = refused.expect("32 answers held outside the budget of bytes in flight");
+    assert_eq!(
+        refused.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    assert!(
+        stalled.len() >= 2,
+        "refused after {} answers",
+        stalled.len()
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.value(
+            "gateway_refused_total",
+            &[("model", "echo"), ("reason", "bytes_in_flight")]
+        ),
+        1.0
+    );
+    drop(refused);
+    // The client goes: its answers leave the budget.
+    drop(stalled);
+    drop(sender);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = crate::support::send(gw.addr, echo_request(512 << 10)).await;
+        if reply.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the budget was not given back: {}",
+            reply.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.shutdown().await;
+}
+
+/// A client that asks for a large answer and never reads it is cut off
+/// after the write timeout instead of holding its connection forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_cut_off() {
+    let policy = crate::support::single_version_policy("echo", "echo", "");
+    let gw = TestGateway::start_configured(&[("echo.toml", &policy)], |o| {
+        o.server.max_body_bytes = 8 << 20;
+        o.server.connections.write_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // 4 Mi UINT8 values in binary, answered in JSON: about 8 MiB.
+    let n = 4usize << 20;
+    let header = echo_header(n);
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(gw.addr).await.unwrap();

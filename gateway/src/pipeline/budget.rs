@@ -69,6 +69,17 @@ impl Held {
         }
     }
 
+    /// Moves `n` of what is held (or all of it, if less) into a `Held` of
+    /// its own, which gives it back when dropped.
+    pub(super) fn split(&mut self, n: usize) -> Held {
+        let n = n.min(self.bytes);
+        self.bytes -= n;
+        Held {
+            budget: self.budget.clone(),
+            bytes: n,
+        }
+    }
+
     /// Gives back `less` of what is held (a body dropped after decoding).
     pub(super) fn shrink(&mut self, less: usize) {
         let less = less.min(self.bytes);

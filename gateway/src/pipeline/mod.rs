@@ -148,6 +148,13 @@ impl Pipeline {
     }
 }
 
+/// An answer's bytes, still counted in the budget of bytes in flight
+/// while its response is being sent (see [`Call::keep_for_answer`]).
+#[derive(Clone, Debug)]
+pub(crate) struct AnswerBytes {
+    _held: Arc<budget::Held>,
+}
+
 /// One request (or shadow copy) on its way through the pipeline.
 pub(crate) struct Call<'a> {
     pipeline: &'a Arc<Pipeline>,
@@ -235,6 +242,16 @@ impl<'a> Call<'a> {
                 why: Unavailable::Bytes { needed, budget },
             }
         })
+    }
+
+    /// Keeps `bytes` of what the request holds (its encoded answer) in
+    /// the budget after the call ends, until the returned guard is
+    /// dropped with the response body: a client that does not take its
+    /// answer (an HTTP/2 stream whose window stays shut) keeps it counted.
+    pub(crate) fn keep_for_answer(&mut self, bytes: usize) -> AnswerBytes {
+        AnswerBytes {
+            _held: Arc::new(self.bytes.split(bytes)),
+        }
     }
 
     /// Gives back `bytes` of what [`Call::hold`] took (a body dropped

@@ -94,18 +94,24 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// A response body that keeps its request counted in flight until it is
-/// dropped.
+/// A response body that keeps its request counted in flight, and its
+/// bytes in the budget of bytes in flight, until it is dropped.
 pub(crate) struct CountedBody<B> {
     inner: B,
     _guard: InFlightGuard,
+    _bytes: Option<crate::pipeline::AnswerBytes>,
 }
 
 impl<B> CountedBody<B> {
-    pub(crate) fn new(inner: B, guard: InFlightGuard) -> Self {
+    pub(crate) fn new(
+        inner: B,
+        guard: InFlightGuard,
+        bytes: Option<crate::pipeline::AnswerBytes>,
+    ) -> Self {
         CountedBody {
             inner,
             _guard: guard,
+            _bytes: bytes,
         }
     }
 }

@@ -315,7 +315,10 @@ async fn connection(
                     );
                 }
                 // Counted until the body is sent or dropped.
-                Ok::<_, Infallible>(response.map(|body| CountedBody::new(body, guard)))
+                let bytes = response
+                    .extensions_mut()
+                    .remove::<crate::pipeline::AnswerBytes>();
+                Ok::<_, Infallible>(response.map(|body| CountedBody::new(body, guard, bytes)))
             }
         })
     };

@@ -301,7 +301,14 @@ async fn infer(
     };
     let version = call.version.name.clone();
     let mut response = match serve(state, &mut call, request).await {
-        Ok((response, answer)) => {
+        Ok((mut response, answer)) => {
+            // The answer stays counted until its body is sent or dropped
+            // (`listener` moves this into the body).
+            let length = hyper::body::Body::size_hint(response.body())
+                .exact()
+                .map_or(0, |n| n as usize);
+            let kept = call.keep_for_answer(length);
+            response.extensions_mut().insert(kept);
             call.finish(Ok(answer));
             response
         }
