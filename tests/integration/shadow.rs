@@ -303,3 +303,42 @@ async fn shadows_are_shed_while_requests_occupy_every_core() {
     assert!(shadows(&m, "busy", "same", "dropped") >= 1.0, "none shed");
     gw.shutdown().await;
 }
+
+/// A challenger that runs a trained model (the ONNX classifier through
+/// its wasi:nn plugin) shadows like any other: batches large enough for
+/// the compute threads are compared, or dropped when over the shadow CPU
+/// budget, never counted as errors, and the champion answers meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trained_challenger_shadows_on_the_compute_threads() {
+    let text = "model = \"trained\"\nchampion = \"v1\"\n\
+         [versions.v1]\nplugin = \"ttm-rules-v1\"\n\
+         [versions.v2]\nplugin = \"ttm-onnx\"\nmodels = { classifier = \"models/ttm-v2.onnx\" }\n\
+         [shadow]\nversions = [\"v2\"]\nsample_percent = 100\n";
+    let gw = TestGateway::start(&[("trained.toml", text)]).await;
+    // 400 rows: 2,400 elements, past what runs inline.
+    let rows = 400usize;
+    let data: Vec<f32> = (0..rows * 6).map(|i| (i % 17) as f32).collect();
+    let body = crate::support::fp32_request("pr_features", &[rows as i64, 6], &data);
+    let n = 12;
+    for _ in 0..n {
+        let reply = gw.infer("trained", &body).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.header("x-model-version"), Some("v1"));
+    }
+    let m = wait_for(&gw, |m| {
+        ["agree", "disagree", "dropped", "error"]
+            .iter()
+            .map(|r| shadows(m, "trained", "v2", r))
+            .sum::<f64>()
+            >= n as f64
+    })
+    .await;
+    let compared = shadows(&m, "trained", "v2", "agree") + shadows(&m, "trained", "v2", "disagree");
+    assert!(
+        compared >= 1.0,
+        "no trained shadow call was compared: {:?}",
+        m.samples_of("gateway_shadow_comparisons_total")
+    );
+    assert_eq!(shadows(&m, "trained", "v2", "error"), 0.0);
+    gw.shutdown().await;
+}
