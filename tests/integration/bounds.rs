@@ -98,6 +98,66 @@ async fn a_request_of_a_million_bad_values_is_refused_with_bounded_work() {
     gw.shutdown().await;
 }
 
+/// The breaker's probe goes to a call that is ready to run: a client
+/// still uploading its body when the cooldown ends does not hold it, so a
+/// good request meanwhile probes and closes the breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_does_not_hold_the_breakers_probe() {
+    let gw = TestGateway::start(&[(
+        "broken.toml",
+        &single_version_policy(
+            "broken",
+            "panic",
+            "breaker_failures = 2\nbreaker_cooldown_ms = 200",
+        ),
+    )])
+    .await;
+    let bad = fp32_request("x", &[1], &[-1.0]);
+    for _ in 0..2 {
+        gw.infer("broken", &bad)
+            .await
+            .assert_error(500, &["panicked"]);
+    }
+    gw.infer("broken", &bad)
+        .await
+        .assert_error(503, &["circuit breaker open"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Headers and half a body, then nothing (for less than the body time).
+    let body = fp32_request("x", &[1], &[1.0]).to_string();
+    let mut slow = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v2/models/broken/infer HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&body.as_bytes()[..body.len() / 2])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let probe = gw.infer("broken", &fp32_request("x", &[1], &[1.0])).await;
+    assert_eq!(probe.status, 200, "{}", probe.text());
+    let m = gw.metrics().await;
+    assert_eq!(
+        m.value(
+            "gateway_circuit_open",
+            &[("model", "broken"), ("version", "v1")]
+        ),
+        0.0
+    );
+    // The slow upload, finished, is served too.
+    slow.write_all(&body.as_bytes()[body.len() / 2..])
+        .await
+        .unwrap();
+    let mut response = vec![0u8; 1024];
+    let n = slow.read(&mut response).await.unwrap();
+    assert!(
+        response[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&response[..n])
+    );
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_circuit_breaker_takes_a_failing_version_out_and_probes_it() {
     let gw = TestGateway::start(&[

@@ -216,14 +216,11 @@ impl<'a> Call<'a> {
     /// refuse costs no upload.
     pub(crate) fn admissible(&mut self) -> Result<(), Error> {
         let version = self.version;
-        match version.breaker.check() {
-            Ok(pass) => self.pass = pass,
-            Err(retry_in_secs) => {
-                return Err(self.unavailable(Unavailable::CircuitOpen {
-                    failures: version.breaker.threshold(),
-                    retry_in_secs,
-                }));
-            }
+        if let Err(retry_in_secs) = version.breaker.peek() {
+            return Err(self.unavailable(Unavailable::CircuitOpen {
+                failures: version.breaker.threshold(),
+                retry_in_secs,
+            }));
         }
         if let Some(full) = version.queue_full() {
             return Err(self.unavailable(Unavailable::Admission(full)));
@@ -365,6 +362,18 @@ impl<'a> Call<'a> {
                     })?,
             ),
         };
+        // The breaker's verdict, and its probe, are taken only now: a call
+        // that was still uploading, queued or failing validation held
+        // nothing of it.
+        match version.breaker.check() {
+            Ok(pass) => self.pass = pass,
+            Err(retry_in_secs) => {
+                return Err(self.unavailable(Unavailable::CircuitOpen {
+                    failures: version.breaker.threshold(),
+                    retry_in_secs,
+                }));
+            }
+        }
         let called = Instant::now();
         let outputs = version.infer(inputs, limits).await;
         version

@@ -86,6 +86,22 @@ impl Breaker {
         Err((until.saturating_sub(now).div_ceil(1000)).max(1) as u32)
     }
 
+    /// What [`Breaker::check`] would answer, without claiming the probe:
+    /// front ends ask before reading a body, and the probe is claimed
+    /// only when the call is about to run (a slow upload must not hold
+    /// it).
+    pub fn peek(&self) -> Result<(), u32> {
+        let until = self.open_until_ms.load(Ordering::Acquire);
+        if until == 0 {
+            return Ok(());
+        }
+        let now = now_ms();
+        if now >= until && !self.probing.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        Err((until.saturating_sub(now).div_ceil(1000)).max(1) as u32)
+    }
+
     /// Records how a call that `check` let through ended.
     pub fn record(&self, pass: Pass, outcome: Outcome) -> Option<Transition> {
         if self.threshold == 0 {
@@ -170,10 +186,15 @@ mod tests {
             Some(Transition::Opened { failures: 3 })
         );
         assert!(b.check().is_err());
+        assert!(b.peek().is_err());
         std::thread::sleep(Duration::from_millis(40));
+        // Peeking claims nothing.
+        assert_eq!(b.peek(), Ok(()));
+        assert_eq!(b.peek(), Ok(()));
         assert_eq!(b.check(), Ok(Pass::Probe));
         // One probe at a time.
         assert!(b.check().is_err());
+        assert!(b.peek().is_err());
         b.record(Pass::Probe, Outcome::Failure);
         assert!(b.check().is_err());
         std::thread::sleep(Duration::from_millis(40));
