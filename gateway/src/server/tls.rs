@@ -162,9 +162,11 @@ async fn watch(
         }
         match load_key_pair(&config) {
             Ok(pair) => {
+                // Counted first: whoever sees the new certificate sees it
+                // counted.
+                telemetry.record_tls_reload(true);
                 resolver.current.store(Arc::new(pair));
                 seen = now;
-                telemetry.record_tls_reload(true);
                 tracing::info!(cert = %config.cert.display(), "TLS certificate reloaded");
             }
             Err(e) => {
