@@ -45,15 +45,8 @@ tokio::task_local! {
 /// shadow thread runs at the lowest priority, so that is often).
 pub(crate) fn thread_cpu_time() -> Duration {
     #[cfg(target_os = "linux")]
-    {
-        let mut now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes one timespec through a valid pointer.
-        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } == 0 {
-            return Duration::new(now.tv_sec as u64, now.tv_nsec as u32);
-        }
+    if let Some(now) = clock_time(libc::CLOCK_THREAD_CPUTIME_ID) {
+        return now;
     }
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     START.get_or_init(std::time::Instant::now).elapsed()
@@ -107,18 +100,21 @@ impl ThreadClock {
 
     #[cfg(target_os = "linux")]
     fn read(&self) -> Duration {
-        let mut now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes one timespec through a valid pointer;
-        // an invalid clock id is an error, not undefined behaviour.
-        if unsafe { libc::clock_gettime(self.id, &mut now) } == 0 {
-            Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
-        } else {
-            self.start
-        }
+        clock_time(self.id).unwrap_or(self.start)
     }
+}
+
+/// The time of clock `id`, if it can be read.
+#[cfg(target_os = "linux")]
+fn clock_time(id: libc::clockid_t) -> Option<Duration> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer;
+    // an invalid clock id is an error, not undefined behaviour.
+    (unsafe { libc::clock_gettime(id, &mut now) } == 0)
+        .then(|| Duration::new(now.tv_sec as u64, now.tv_nsec as u32))
 }
 
 /// `future`'s output and the time spent polling it: how long it ran, not

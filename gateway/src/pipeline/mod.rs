@@ -217,15 +217,20 @@ impl<'a> Call<'a> {
     pub(crate) fn admissible(&mut self) -> Result<(), Error> {
         let version = self.version;
         if let Err(retry_in_secs) = version.breaker.peek() {
-            return Err(self.unavailable(Unavailable::CircuitOpen {
-                failures: version.breaker.threshold(),
-                retry_in_secs,
-            }));
+            return Err(self.circuit_open(retry_in_secs));
         }
         if let Some(full) = version.queue_full() {
             return Err(self.unavailable(Unavailable::Admission(full)));
         }
         Ok(())
+    }
+
+    /// The 503 of an open circuit breaker.
+    fn circuit_open(&self, retry_in_secs: u32) -> Error {
+        self.unavailable(Unavailable::CircuitOpen {
+            failures: self.version.breaker.threshold(),
+            retry_in_secs,
+        })
     }
 
     /// Holds `bytes` more of the process's budget for requests in flight
@@ -365,15 +370,10 @@ impl<'a> Call<'a> {
         // The breaker's verdict, and its probe, are taken only now: a call
         // that was still uploading, queued or failing validation held
         // nothing of it.
-        match version.breaker.check() {
-            Ok(pass) => self.pass = pass,
-            Err(retry_in_secs) => {
-                return Err(self.unavailable(Unavailable::CircuitOpen {
-                    failures: version.breaker.threshold(),
-                    retry_in_secs,
-                }));
-            }
-        }
+        self.pass = version
+            .breaker
+            .check()
+            .map_err(|retry_in_secs| self.circuit_open(retry_in_secs))?;
         let called = Instant::now();
         let outputs = version.infer(inputs, limits).await;
         version

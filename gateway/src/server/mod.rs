@@ -214,11 +214,6 @@ impl ShutdownHandle {
     pub fn stop(&self) {
         self.advance(Phase::Stopped);
     }
-
-    /// Whether a drain has started.
-    pub fn draining(&self) -> bool {
-        *self.0.borrow() >= Phase::Draining
-    }
 }
 
 /// Returns once `phase` is at `at` or later (or its sender is gone).
