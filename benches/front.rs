@@ -63,6 +63,31 @@ fn request() -> Request<Full<Bytes>> {
         .unwrap()
 }
 
+/// A connection's request sender, either protocol.
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    /// One request, answered 200, its body read.
+    async fn call(&mut self) {
+        let response = match self {
+            Sender::Http1(sender) => {
+                sender.ready().await.expect("ready");
+                sender.send_request(request()).await
+            }
+            Sender::Http2(sender) => {
+                sender.ready().await.expect("ready");
+                sender.send_request(request()).await
+            }
+        }
+        .expect("response");
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.expect("body");
+    }
+}
+
 /// Requests per second and p99 (µs) with `in_flight` requests at once for
 /// `seconds`: HTTP/1.1 on that many connections, HTTP/2 as that many
 /// streams on one connection.
@@ -90,34 +115,23 @@ async fn throughput(
             let target = target.clone();
             let h2 = h2.clone();
             tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                match h2 {
-                    Some(mut sender) => {
-                        while Instant::now() < end {
-                            let start = Instant::now();
-                            sender.ready().await.expect("ready");
-                            let response = sender.send_request(request()).await.expect("response");
-                            assert_eq!(response.status(), 200);
-                            response.into_body().collect().await.expect("body");
-                            latencies.push(start.elapsed().as_micros() as u64);
-                        }
-                    }
+                let mut sender = match h2 {
+                    Some(sender) => Sender::Http2(sender),
                     None => {
-                        let (mut sender, connection) = hyper::client::conn::http1::handshake(
+                        let (sender, connection) = hyper::client::conn::http1::handshake(
                             TokioIo::new(open(&target).await),
                         )
                         .await
                         .expect("h1 handshake");
                         tokio::spawn(connection);
-                        while Instant::now() < end {
-                            let start = Instant::now();
-                            sender.ready().await.expect("ready");
-                            let response = sender.send_request(request()).await.expect("response");
-                            assert_eq!(response.status(), 200);
-                            response.into_body().collect().await.expect("body");
-                            latencies.push(start.elapsed().as_micros() as u64);
-                        }
+                        Sender::Http1(sender)
                     }
+                };
+                let mut latencies = Vec::new();
+                while Instant::now() < end {
+                    let start = Instant::now();
+                    sender.call().await;
+                    latencies.push(start.elapsed().as_micros() as u64);
                 }
                 latencies
             })
@@ -140,14 +154,13 @@ async fn connections(target: &Target, seconds: f64) -> f64 {
     let started = Instant::now();
     let mut n = 0u64;
     while Instant::now() < end {
-        let (mut sender, connection) =
+        let (sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(open(target).await))
                 .await
                 .expect("h1 handshake");
         let connection = tokio::spawn(connection);
-        let response = sender.send_request(request()).await.expect("response");
-        assert_eq!(response.status(), 200);
-        response.into_body().collect().await.expect("body");
+        let mut sender = Sender::Http1(sender);
+        sender.call().await;
         drop(sender);
         let _ = connection.await;
         n += 1;

@@ -15,7 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::{
-    TestGateway, fp32_request, latencies, quantile, repo_root, send, single_version_policy,
+    TestGateway, echo_inputs, fp32_request, latencies, quantile, repo_root, send,
+    single_version_policy,
 };
 
 fn pr_features(rows: usize) -> serde_json::Value {
@@ -553,33 +554,6 @@ async fn bytes_json_cannot_carry_come_back_in_binary() {
         .unwrap();
     assert_eq!(uint8["data"], json!([]));
     gw.shutdown().await;
-}
-
-/// The echo plugin's twelve inputs, empty but for `input`.
-fn echo_inputs(input: serde_json::Value) -> serde_json::Value {
-    let mut inputs: Vec<serde_json::Value> = [
-        ("bool", "BOOL"),
-        ("int8", "INT8"),
-        ("int16", "INT16"),
-        ("int32", "INT32"),
-        ("int64", "INT64"),
-        ("uint8", "UINT8"),
-        ("uint16", "UINT16"),
-        ("uint32", "UINT32"),
-        ("uint64", "UINT64"),
-        ("fp32", "FP32"),
-        ("fp64", "FP64"),
-        ("bytes", "BYTES"),
-    ]
-    .into_iter()
-    .filter(|(name, _)| *name != input["name"])
-    .map(|(name, datatype)| {
-        let shape: &[i64] = if name == "fp32" { &[0, 0] } else { &[0] };
-        json!({"name": name, "shape": shape, "datatype": datatype, "data": []})
-    })
-    .collect();
-    inputs.push(input);
-    json!({ "inputs": inputs })
 }
 
 async fn post_encoded(

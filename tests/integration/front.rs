@@ -597,32 +597,11 @@ async fn header_caps_are_enforced_with_431() {
     gw.shutdown().await;
 }
 
-/// The JSON head of a request to the echo plugin: one input of each
-/// datatype, the small ones in JSON, a UINT8 one of `n` values in binary
-/// after the head.
+/// The JSON head of a request to the echo plugin whose UINT8 input has
+/// `n` values in binary after the head (its other inputs empty).
 fn echo_header(n: usize) -> String {
-    let mut inputs: Vec<serde_json::Value> = [
-        ("bool", "BOOL", serde_json::json!([true])),
-        ("int8", "INT8", serde_json::json!([1])),
-        ("int16", "INT16", serde_json::json!([1])),
-        ("int32", "INT32", serde_json::json!([1])),
-        ("int64", "INT64", serde_json::json!([1])),
-        ("uint16", "UINT16", serde_json::json!([1])),
-        ("uint32", "UINT32", serde_json::json!([1])),
-        ("uint64", "UINT64", serde_json::json!([1])),
-        ("fp64", "FP64", serde_json::json!([1.0])),
-        ("bytes", "BYTES", serde_json::json!(["a"])),
-    ]
-    .into_iter()
-    .map(|(name, datatype, data)| {
-        serde_json::json!({"name": name, "shape": [1], "datatype": datatype, "data": data})
-    })
-    .collect();
-    inputs.push(
-        serde_json::json!({"name": "fp32", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}),
-    );
-    inputs.push(serde_json::json!({"name": "uint8", "shape": [n], "datatype": "UINT8", "parameters": {"binary_data_size": n}}));
-    serde_json::json!({ "inputs": inputs }).to_string()
+    crate::support::echo_inputs(serde_json::json!({"name": "uint8", "shape": [n], "datatype": "UINT8", "parameters": {"binary_data_size": n}}))
+        .to_string()
 }
 
 fn echo_request(n: usize) -> Request<Full<Bytes>> {

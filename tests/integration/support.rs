@@ -537,3 +537,30 @@ pub fn policy_folder() -> tempfile::TempDir {
     );
     dir
 }
+
+/// The echo plugin's twelve inputs, empty but for `input`.
+pub fn echo_inputs(input: serde_json::Value) -> serde_json::Value {
+    let mut inputs: Vec<serde_json::Value> = [
+        ("bool", "BOOL"),
+        ("int8", "INT8"),
+        ("int16", "INT16"),
+        ("int32", "INT32"),
+        ("int64", "INT64"),
+        ("uint8", "UINT8"),
+        ("uint16", "UINT16"),
+        ("uint32", "UINT32"),
+        ("uint64", "UINT64"),
+        ("fp32", "FP32"),
+        ("fp64", "FP64"),
+        ("bytes", "BYTES"),
+    ]
+    .into_iter()
+    .filter(|(name, _)| *name != input["name"])
+    .map(|(name, datatype)| {
+        let shape: &[i64] = if name == "fp32" { &[0, 0] } else { &[0] };
+        serde_json::json!({"name": name, "shape": shape, "datatype": datatype, "data": []})
+    })
+    .collect();
+    inputs.push(input);
+    serde_json::json!({ "inputs": inputs })
+}
