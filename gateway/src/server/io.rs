@@ -47,6 +47,9 @@ struct Shared {
     base: Instant,
     /// Whether the connection speaks HTTP/2 (no HTTP/1 head timeout).
     http2: AtomicBool,
+    /// The reader that found requests in flight and so armed no idle
+    /// timer: woken when the last one ends, to arm it.
+    reader: std::sync::Mutex<Option<std::task::Waker>>,
 }
 
 impl InFlight {
@@ -56,6 +59,7 @@ impl InFlight {
             idle_since: AtomicU64::new(0),
             base: Instant::now(),
             http2: AtomicBool::new(false),
+            reader: std::sync::Mutex::new(None),
         }))
     }
 
@@ -68,6 +72,17 @@ impl InFlight {
     /// The connection speaks HTTP/2 (ALPN said so, or its preface).
     pub(crate) fn set_http2(&self) {
         self.0.http2.store(true, Ordering::Release);
+    }
+
+    /// Wakes `cx`'s task when the last request in flight ends.
+    fn wait_for_idle(&self, cx: &Context<'_>) {
+        if let Ok(mut reader) = self.0.reader.lock() {
+            *reader = Some(cx.waker().clone());
+        }
+        // Ended meanwhile: look again at once.
+        if !self.any() {
+            cx.waker().wake_by_ref();
+        }
     }
 
     fn any(&self) -> bool {
@@ -90,6 +105,12 @@ impl Drop for InFlightGuard {
         if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
             let nanos = self.0.base.elapsed().as_nanos().min(u64::MAX as u128) as u64;
             self.0.idle_since.store(nanos, Ordering::Release);
+            // The connection may be waiting to read with no timer armed
+            // (it was busy when it last looked): it arms the idle one now.
+            let reader = self.0.reader.lock().map(|mut r| r.take()).unwrap_or(None);
+            if let Some(reader) = reader {
+                reader.wake();
+            }
         }
     }
 }
@@ -253,6 +274,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
             }
             Poll::Pending => {
                 let deadline = this.read_deadline();
+                if deadline.is_none() {
+                    this.in_flight.wait_for_idle(cx);
+                }
                 if this.arm(cx, deadline) && deadline.is_some_and(|d| Instant::now() >= d) {
                     return Poll::Ready(Err(timed_out(if !this.read_any {
                         "the client sent nothing in time"
@@ -388,6 +412,29 @@ mod tests {
         let err = guarded.read(&mut buf).await.unwrap_err();
         assert!(err.to_string().contains("idle"), "{err}");
         assert!(ended.elapsed() >= Duration::from_millis(140));
+    }
+
+    /// A read already waiting when the last request ends (it saw the
+    /// request in flight and armed no timer) still times out as idle.
+    #[tokio::test]
+    async fn a_waiting_reader_learns_that_the_last_request_ended() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let in_flight = InFlight::new();
+        let mut guarded = Guarded::new(server, timeouts(), in_flight.clone(), true);
+        client.write_all(b"GET").await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(guarded.read(&mut buf).await.unwrap(), 3);
+        let guard = in_flight.enter();
+        let reader = tokio::spawn(async move { guarded.read(&mut [0u8; 8]).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(guard);
+        let read = tokio::time::timeout(Duration::from_secs(2), reader).await;
+        let err = read
+            .expect("the reader was never woken")
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("idle"), "{err}");
+        drop(client);
     }
 
     #[tokio::test]
