@@ -4,8 +4,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
 
+use std::time::Duration;
+
+use crate::config::{self, Settings};
 use crate::router;
 use crate::runtime::Runtime;
 use crate::server::{self, ServeOptions};
@@ -22,153 +26,172 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Load the policies and serve them over HTTP until SIGINT or SIGTERM.
+    ///
+    /// Settings come from their defaults, then the configuration file
+    /// (--config; `gateway.toml` in the repository lists every key with its
+    /// default), then these flags and their environment variables.
     Serve(Box<ServeArgs>),
-    /// Check a policy folder as serving would, compiling every plugin; exit
+    /// Check a configuration file (with the TLS and token files it names)
+    /// and a policy folder as serving would, compiling every plugin; exit
     /// non-zero listing every problem.
     Check(PolicyArgs),
 }
 
+/// A numeric flag within the bounds the configuration file has.
+macro_rules! bounded {
+    ($t:ty, $range:expr) => {
+        clap::value_parser!(i64)
+            .range($range)
+            .map(|v| <$t>::try_from(v).unwrap_or(<$t>::MAX))
+    };
+}
+
 #[derive(Args, Debug)]
 struct PolicyArgs {
-    /// Folder of policy files (`*.toml`, one per model).
-    #[arg(long, default_value = "policies", env = "GATEWAY_POLICIES")]
-    policies: PathBuf,
+    /// Configuration file (TOML; see `gateway.toml`).
+    #[arg(long, value_name = "FILE", env = "GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Folder of policy files (`*.toml`, one per model) [default: policies].
+    #[arg(long, value_name = "DIR", env = "GATEWAY_POLICIES")]
+    policies: Option<PathBuf>,
     /// Folder where bare plugin names are looked up as `<name>.wasm`; may be
     /// repeated. The plugins built with the gateway are always searched last.
     #[arg(long = "plugin-dir", value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
-    /// Sandboxes that may run at once across all models.
-    #[arg(long, default_value_t = 256)]
-    max_instances: u32,
-    /// Largest memory cap a policy may set, in MiB.
-    #[arg(long, default_value_t = 1024)]
-    max_memory_mebibytes: usize,
+    /// Sandboxes that may run at once across all models [default: 256].
+    #[arg(long, value_name = "N", value_parser = bounded!(u32, config::INSTANCES))]
+    max_instances: Option<u32>,
+    /// Largest memory cap a policy may set, in MiB [default: 1024].
+    #[arg(long, value_name = "MIB", value_parser = bounded!(usize, config::MEBIBYTES))]
+    max_memory_mebibytes: Option<usize>,
 }
 
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8080", env = "GATEWAY_LISTEN")]
-    listen: SocketAddr,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR", env = "GATEWAY_LISTEN")]
+    listen: Option<SocketAddr>,
     #[command(flatten)]
     policy: PolicyArgs,
-    /// Largest request body, in bytes; larger gets 413.
-    #[arg(long, default_value_t = 8 << 20)]
-    max_body_bytes: usize,
+    /// Largest request body, in bytes; larger gets 413 [default: 8388608].
+    #[arg(long, value_name = "BYTES", value_parser = bounded!(usize, config::BODY_BYTES))]
+    max_body_bytes: Option<usize>,
     /// Connections open at once per listener; past it a new connection is
-    /// closed at once. Lowered to what the process's file limit allows.
-    #[arg(long, default_value_t = 20_000)]
-    max_connections: usize,
+    /// closed at once. Lowered to what the process's file limit allows
+    /// [default: 20000].
+    #[arg(long, value_name = "N", value_parser = bounded!(usize, config::CONNECTIONS))]
+    max_connections: Option<usize>,
     /// Connections open at once from one IP address (0: no limit; raise
-    /// it behind a proxy or load balancer that connects for many clients).
-    #[arg(long, default_value_t = 1_000)]
-    max_connections_per_peer: usize,
-    /// Milliseconds a new connection has to send its first byte (cleartext).
-    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
-    first_byte_timeout_ms: u64,
-    /// Milliseconds a TLS handshake may take.
-    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
-    tls_handshake_timeout_ms: u64,
-    /// Seconds a connection with no request in flight stays open.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    idle_timeout_secs: u64,
+    /// it behind a proxy or load balancer that connects for many clients)
+    /// [default: 1000].
+    #[arg(long, value_name = "N", value_parser = bounded!(usize, config::CONNECTIONS_PER_PEER))]
+    max_connections_per_peer: Option<usize>,
+    /// Milliseconds a new connection has to send its first byte (cleartext)
+    /// [default: 2000].
+    #[arg(long, value_name = "MS", value_parser = bounded!(u64, config::TIMEOUT_MS))]
+    first_byte_timeout_ms: Option<u64>,
+    /// Milliseconds a TLS handshake may take [default: 5000].
+    #[arg(long, value_name = "MS", value_parser = bounded!(u64, config::TIMEOUT_MS))]
+    tls_handshake_timeout_ms: Option<u64>,
+    /// Seconds a connection with no request in flight stays open
+    /// [default: 60].
+    #[arg(long, value_name = "SECS", value_parser = bounded!(u64, config::TIMEOUT_SECS))]
+    idle_timeout_secs: Option<u64>,
     /// Seconds a response write may make no progress (a client that does
-    /// not read) before the connection is closed.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    write_timeout_secs: u64,
-    /// Seconds a client has to send a request head.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    header_read_timeout_secs: u64,
-    /// Bytes of a request's headers together; more gets 431.
-    #[arg(long, default_value_t = 64 << 10)]
-    max_header_bytes: usize,
-    /// Headers per request; more gets 431.
-    #[arg(long, default_value_t = 100)]
-    max_headers: usize,
-    /// HTTP/2 streams a client may open at once on one connection.
-    #[arg(long, default_value_t = 100)]
-    h2_max_concurrent_streams: u32,
+    /// not read) before the connection is closed [default: 30].
+    #[arg(long, value_name = "SECS", value_parser = bounded!(u64, config::TIMEOUT_SECS))]
+    write_timeout_secs: Option<u64>,
+    /// Seconds a client has to send a request head [default: 10].
+    #[arg(long, value_name = "SECS", value_parser = bounded!(u64, config::TIMEOUT_SECS))]
+    header_read_timeout_secs: Option<u64>,
+    /// Bytes of a request's headers together; more gets 431
+    /// [default: 65536].
+    #[arg(long, value_name = "BYTES", value_parser = bounded!(usize, config::HEADER_BYTES))]
+    max_header_bytes: Option<usize>,
+    /// Headers per request; more gets 431 [default: 100].
+    #[arg(long, value_name = "N", value_parser = bounded!(usize, config::HEADERS))]
+    max_headers: Option<usize>,
+    /// HTTP/2 streams a client may open at once on one connection
+    /// [default: 100].
+    #[arg(long, value_name = "N", value_parser = bounded!(u32, config::H2_STREAMS))]
+    h2_max_concurrent_streams: Option<u32>,
     /// PEM certificate chain: serve inference over TLS (with --tls-key).
-    #[arg(
-        long,
-        value_name = "FILE",
-        requires = "tls_key",
-        env = "GATEWAY_TLS_CERT"
-    )]
+    #[arg(long, value_name = "FILE", env = "GATEWAY_TLS_CERT")]
     tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
-    #[arg(
-        long,
-        value_name = "FILE",
-        requires = "tls_cert",
-        env = "GATEWAY_TLS_KEY"
-    )]
+    #[arg(long, value_name = "FILE", env = "GATEWAY_TLS_KEY")]
     tls_key: Option<PathBuf>,
     /// PEM CA bundle: inference clients must present a certificate it signed.
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
     /// Address of the admin listener (/metrics and /admin/*); without it
     /// /metrics is served with inference and the admin API is off.
     #[arg(long, value_name = "ADDR", env = "GATEWAY_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
     /// PEM certificate chain of the admin listener (with --admin-tls-key).
-    #[arg(long, value_name = "FILE", requires_all = ["admin_tls_key", "admin_listen"])]
+    #[arg(long, value_name = "FILE")]
     admin_tls_cert: Option<PathBuf>,
     /// PEM private key of --admin-tls-cert.
-    #[arg(long, value_name = "FILE", requires = "admin_tls_cert")]
+    #[arg(long, value_name = "FILE")]
     admin_tls_key: Option<PathBuf>,
     /// PEM CA bundle: admin clients must present a certificate it signed.
-    #[arg(long, value_name = "FILE", requires = "admin_tls_cert")]
+    #[arg(long, value_name = "FILE")]
     admin_tls_client_ca: Option<PathBuf>,
-    /// Inputs per inference request; more gets 413.
-    #[arg(long, default_value_t = 64)]
-    max_inputs: usize,
-    /// Elements per input tensor; more gets 413.
-    #[arg(long, default_value_t = 16 << 20)]
-    max_tensor_elements: usize,
-    /// Bytes per BYTES element; more gets 400.
-    #[arg(long, default_value_t = 1 << 20)]
-    max_bytes_element: usize,
-    /// Seconds a client has to send a request body; slower gets 408.
-    #[arg(long, default_value_t = 30)]
-    body_read_timeout_secs: u64,
-    /// Bytes of any one request header's value; more gets 431.
-    #[arg(long, default_value_t = 8 << 10)]
-    max_header_value_bytes: usize,
-    /// Bytes of a request's `id`; more gets 400.
-    #[arg(long, default_value_t = 1024)]
-    max_id_bytes: usize,
+    /// Inputs per inference request; more gets 413 [default: 64].
+    #[arg(long, value_name = "N", value_parser = bounded!(usize, config::COUNT))]
+    max_inputs: Option<usize>,
+    /// Elements per input tensor; more gets 413 [default: 16777216].
+    #[arg(long, value_name = "N", value_parser = bounded!(usize, config::COUNT))]
+    max_tensor_elements: Option<usize>,
+    /// Bytes per BYTES element; more gets 400 [default: 1048576].
+    #[arg(long, value_name = "BYTES", value_parser = bounded!(usize, config::BODY_BYTES))]
+    max_bytes_element: Option<usize>,
+    /// Seconds a client has to send a request body; slower gets 408
+    /// [default: 30].
+    #[arg(long, value_name = "SECS", value_parser = bounded!(u64, config::TIMEOUT_SECS))]
+    body_read_timeout_secs: Option<u64>,
+    /// Bytes of any one request header's value; more gets 431
+    /// [default: 8192].
+    #[arg(long, value_name = "BYTES", value_parser = bounded!(usize, config::HEADER_BYTES))]
+    max_header_value_bytes: Option<usize>,
+    /// Bytes of a request's `id`; more gets 400 [default: 1024].
+    #[arg(long, value_name = "BYTES", value_parser = bounded!(usize, config::BODY_BYTES))]
+    max_id_bytes: Option<usize>,
     /// Bytes of each `parameters` object (the request's, an input's, an
-    /// output's), as written; more gets 400.
-    #[arg(long, default_value_t = 64 << 10)]
-    max_parameters_bytes: usize,
+    /// output's), as written; more gets 400 [default: 65536].
+    #[arg(long, value_name = "BYTES", value_parser = bounded!(usize, config::BODY_BYTES))]
+    max_parameters_bytes: Option<usize>,
     /// MiB that requests in flight may hold together (bodies, decoded
-    /// inputs, outputs, answers); past it, 503 with Retry-After.
-    #[arg(long, default_value_t = 1024)]
-    max_inflight_mebibytes: usize,
+    /// inputs, outputs, answers); past it, 503 with Retry-After
+    /// [default: 1024].
+    #[arg(long, value_name = "MIB", value_parser = bounded!(usize, config::MEBIBYTES))]
+    max_inflight_mebibytes: Option<usize>,
     /// MiB of sandbox memory that running plugin calls may reserve together
     /// (each its version's memory cap); calls wait for it until their
-    /// deadline, then get 503.
-    #[arg(long, default_value_t = 4096)]
-    max_sandbox_memory_mebibytes: usize,
-    /// Percent of the machine's CPU time shadow calls may use (0 to 100).
-    #[arg(long, default_value_t = 10.0, value_parser = percent)]
-    shadow_cpu_percent: f64,
+    /// deadline, then get 503 [default: 4096].
+    #[arg(long, value_name = "MIB", value_parser = bounded!(usize, config::MEBIBYTES))]
+    max_sandbox_memory_mebibytes: Option<usize>,
+    /// Percent of the machine's CPU time shadow calls may use (0 to 100)
+    /// [default: 10].
+    #[arg(long, value_name = "PERCENT", value_parser = percent)]
+    shadow_cpu_percent: Option<f64>,
     /// Bodies, inputs and outputs larger than this many KiB are decoded,
     /// validated and encoded on a lower-priority pool, never on the threads
-    /// that answer small requests.
-    #[arg(long, default_value_t = 64)]
-    bulk_kib: usize,
-    /// Large requests waiting for that pool; more get 503.
-    #[arg(long, default_value_t = 256)]
-    bulk_queue: usize,
+    /// that answer small requests [default: 64].
+    #[arg(long, value_name = "KIB", value_parser = bounded!(usize, config::MEBIBYTES))]
+    bulk_kib: Option<usize>,
+    /// Large requests waiting for that pool; more get 503 [default: 256].
+    #[arg(long, value_name = "N", value_parser = bounded!(usize, config::QUEUE))]
+    bulk_queue: Option<usize>,
     /// Seconds after SIGTERM during which readiness answers 503 while
-    /// connections are still accepted, before the listeners close.
-    #[arg(long, default_value_t = 5)]
-    drain_delay_secs: u64,
-    /// Seconds in-flight requests get to finish once the listeners closed.
-    #[arg(long, default_value_t = 10)]
-    shutdown_grace_secs: u64,
+    /// connections are still accepted, before the listeners close
+    /// [default: 5].
+    #[arg(long, value_name = "SECS", value_parser = bounded!(u64, config::DRAIN_SECS))]
+    drain_delay_secs: Option<u64>,
+    /// Seconds in-flight requests get to finish once the listeners closed
+    /// [default: 10].
+    #[arg(long, value_name = "SECS", value_parser = bounded!(u64, config::DRAIN_SECS))]
+    shutdown_grace_secs: Option<u64>,
     /// File holding the bearer token of /admin/reload, /admin/policies and
     /// /admin/monitoring (or set GATEWAY_ADMIN_TOKEN); without a token the
     /// admin API is off. Never a flag value: the process list shows those.
@@ -181,26 +204,138 @@ struct ServeArgs {
     /// emptied, or synced halfway, is refused and the models keep serving).
     #[arg(long)]
     allow_empty_policies: bool,
-    /// Milliseconds after the last policy file change before reloading.
-    #[arg(long, default_value_t = 500)]
-    reload_debounce_ms: u64,
+    /// Milliseconds after the last policy file change before reloading
+    /// [default: 500].
+    #[arg(long, value_name = "MS", value_parser = bounded!(u64, config::DEBOUNCE_MS))]
+    reload_debounce_ms: Option<u64>,
 }
 
 /// A percentage from 0 to 100.
 fn percent(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
-        _ => Err(format!("{text:?} is not a percentage from 0 to 100")),
-    }
+    let p = text
+        .parse::<f64>()
+        .map_err(|_| format!("{text:?} is not a percentage from 0 to 100"))?;
+    config::percent(p)
+}
+
+/// Sets `$target` to the flag's value, converted, when the flag was given.
+macro_rules! flag {
+    ($target:expr, $flag:expr) => {
+        flag!($target, $flag, |v| v)
+    };
+    ($target:expr, $flag:expr, $convert:expr) => {
+        if let Some(v) = $flag {
+            $target = $convert(v);
+        }
+    };
 }
 
 impl PolicyArgs {
-    fn options(&self, listen: SocketAddr) -> ServeOptions {
-        let mut options =
-            ServeOptions::new(listen, self.policies.clone(), self.plugin_dirs.clone());
-        options.runtime.max_instances = self.max_instances;
-        options.runtime.max_memory_bytes = self.max_memory_mebibytes.saturating_mul(1 << 20);
-        options
+    /// The defaults, then the configuration file, then these flags.
+    fn settings(&self) -> Result<Settings, Vec<String>> {
+        let mut settings = Settings::default();
+        if let Some(file) = &self.config {
+            settings
+                .read_file(file)
+                .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        }
+        flag!(settings.options.policies, self.policies.clone());
+        if !self.plugin_dirs.is_empty() {
+            settings.plugin_dirs = self.plugin_dirs.clone();
+        }
+        flag!(settings.options.runtime.max_instances, self.max_instances);
+        flag!(
+            settings.options.runtime.max_memory_bytes,
+            self.max_memory_mebibytes,
+            mebibytes
+        );
+        Ok(settings)
+    }
+}
+
+fn mebibytes(m: usize) -> usize {
+    m.saturating_mul(1 << 20)
+}
+
+impl ServeArgs {
+    /// The options `serve` runs with: defaults, file, flags.
+    fn options(self) -> Result<ServeOptions, Vec<String>> {
+        let mut s = self.policy.settings()?;
+        let secs = Duration::from_secs;
+        let millis = Duration::from_millis;
+        flag!(s.options.listen, self.listen);
+        let server = &mut s.options.server;
+        flag!(server.max_body_bytes, self.max_body_bytes);
+        flag!(server.body_read_timeout, self.body_read_timeout_secs, secs);
+        flag!(server.max_header_value_bytes, self.max_header_value_bytes);
+        flag!(server.drain_delay, self.drain_delay_secs, secs);
+        flag!(server.shutdown_grace, self.shutdown_grace_secs, secs);
+        let limits = &mut server.connections;
+        flag!(limits.max_connections, self.max_connections);
+        flag!(
+            limits.max_connections_per_peer,
+            self.max_connections_per_peer
+        );
+        flag!(
+            limits.first_byte_timeout,
+            self.first_byte_timeout_ms,
+            millis
+        );
+        flag!(
+            limits.tls_handshake_timeout,
+            self.tls_handshake_timeout_ms,
+            millis
+        );
+        flag!(limits.idle_timeout, self.idle_timeout_secs, secs);
+        flag!(limits.write_timeout, self.write_timeout_secs, secs);
+        flag!(
+            limits.header_read_timeout,
+            self.header_read_timeout_secs,
+            secs
+        );
+        flag!(limits.max_header_bytes, self.max_header_bytes);
+        flag!(limits.max_headers, self.max_headers);
+        flag!(
+            limits.http2.max_concurrent_streams,
+            self.h2_max_concurrent_streams
+        );
+        let decode = &mut server.decode;
+        flag!(decode.max_inputs, self.max_inputs);
+        flag!(decode.max_elements, self.max_tensor_elements);
+        flag!(decode.max_bytes_element, self.max_bytes_element);
+        flag!(decode.max_id_bytes, self.max_id_bytes);
+        flag!(decode.max_parameters_bytes, self.max_parameters_bytes);
+        let pipeline = &mut s.options.pipeline;
+        flag!(
+            pipeline.max_inflight_bytes,
+            self.max_inflight_mebibytes,
+            mebibytes
+        );
+        flag!(
+            pipeline.max_sandbox_memory_bytes,
+            self.max_sandbox_memory_mebibytes,
+            mebibytes
+        );
+        flag!(pipeline.shadow_cpu_percent, self.shadow_cpu_percent);
+        flag!(pipeline.bulk_bytes, self.bulk_kib, |k: usize| k
+            .saturating_mul(1 << 10));
+        flag!(pipeline.bulk_queue, self.bulk_queue);
+        flag!(s.tls.cert, self.tls_cert, Some);
+        flag!(s.tls.key, self.tls_key, Some);
+        flag!(s.tls.client_ca, self.tls_client_ca, Some);
+        flag!(s.admin_listen, self.admin_listen, Some);
+        flag!(s.admin_tls.cert, self.admin_tls_cert, Some);
+        flag!(s.admin_tls.key, self.admin_tls_key, Some);
+        flag!(s.admin_tls.client_ca, self.admin_tls_client_ca, Some);
+        flag!(s.admin_token_file, self.admin_token_file, Some);
+        flag!(s.reload_debounce, self.reload_debounce_ms, millis);
+        if self.no_watch {
+            s.watch = false;
+        }
+        if self.allow_empty_policies {
+            s.options.allow_empty_policies = true;
+        }
+        s.finish().map_err(|e| vec![e])
     }
 }
 
@@ -239,69 +374,17 @@ fn init_logging() {
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
-    let mut options = args.policy.options(args.listen);
-    options.server.max_body_bytes = args.max_body_bytes;
-    let secs = std::time::Duration::from_secs;
-    let millis = std::time::Duration::from_millis;
-    options.server.connections = server::ConnectionLimits {
-        max_connections: fit_file_limit(args.max_connections),
-        max_connections_per_peer: args.max_connections_per_peer,
-        first_byte_timeout: millis(args.first_byte_timeout_ms),
-        tls_handshake_timeout: millis(args.tls_handshake_timeout_ms),
-        idle_timeout: secs(args.idle_timeout_secs),
-        write_timeout: secs(args.write_timeout_secs),
-        header_read_timeout: secs(args.header_read_timeout_secs),
-        max_header_bytes: args.max_header_bytes,
-        max_headers: args.max_headers,
-        http2: server::Http2Limits {
-            max_concurrent_streams: args.h2_max_concurrent_streams,
-            ..server::Http2Limits::default()
-        },
-    };
-    let tls = |cert: &Option<PathBuf>, key: &Option<PathBuf>, ca: &Option<PathBuf>| {
-        Some(server::TlsConfig {
-            cert: cert.clone()?,
-            key: key.clone()?,
-            client_ca: ca.clone(),
-        })
-    };
-    options.server.tls = tls(&args.tls_cert, &args.tls_key, &args.tls_client_ca);
-    options.server.admin = args.admin_listen.map(|listen| server::AdminConfig {
-        listen,
-        tls: tls(
-            &args.admin_tls_cert,
-            &args.admin_tls_key,
-            &args.admin_tls_client_ca,
-        ),
-    });
-    options.server.drain_delay = secs(args.drain_delay_secs);
-    options.server.decode = crate::protocol::DecodeLimits {
-        max_inputs: args.max_inputs,
-        max_elements: args.max_tensor_elements,
-        max_bytes_element: args.max_bytes_element,
-        max_id_bytes: args.max_id_bytes,
-        max_parameters_bytes: args.max_parameters_bytes,
-    };
-    options.server.body_read_timeout = std::time::Duration::from_secs(args.body_read_timeout_secs);
-    options.server.max_header_value_bytes = args.max_header_value_bytes;
-    options.pipeline = crate::pipeline::PipelineConfig {
-        max_inflight_bytes: args.max_inflight_mebibytes.saturating_mul(1 << 20),
-        max_sandbox_memory_bytes: args.max_sandbox_memory_mebibytes.saturating_mul(1 << 20),
-        shadow_cpu_percent: args.shadow_cpu_percent,
-        bulk_bytes: args.bulk_kib.saturating_mul(1 << 10),
-        bulk_queue: args.bulk_queue,
-    };
-    options.server.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace_secs);
-    options.server.admin_token = match admin_token(args.admin_token_file.as_deref()) {
-        Ok(token) => token,
-        Err(e) => {
-            eprintln!("error: {e}");
+    let mut options = match args.options() {
+        Ok(options) => options,
+        Err(errors) => {
+            for error in errors {
+                eprintln!("error: {error}");
+            }
             return ExitCode::FAILURE;
         }
     };
-    options.watch_debounce =
-        (!args.no_watch).then(|| std::time::Duration::from_millis(args.reload_debounce_ms));
-    options.allow_empty_policies = args.allow_empty_policies;
+    let limits = &mut options.server.connections;
+    limits.max_connections = fit_file_limit(limits.max_connections);
     let server = match server::start(options).await {
         Ok(server) => server,
         Err(e) => {
@@ -336,27 +419,6 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
     server.wait().await;
     ExitCode::SUCCESS
-}
-
-/// The admin token: the file's first line, or `GATEWAY_ADMIN_TOKEN`.
-fn admin_token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
-    let token = match file {
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?
-            .lines()
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_string(),
-        None => std::env::var("GATEWAY_ADMIN_TOKEN").unwrap_or_default(),
-    };
-    if file.is_some() && token.is_empty() {
-        return Err("the admin token file is empty".into());
-    }
-    if !token.is_empty() && token.len() < 16 {
-        return Err("the admin token is shorter than 16 characters".into());
-    }
-    Ok((!token.is_empty()).then_some(token))
 }
 
 /// Raises the open-file limit to its hard maximum and returns `wanted`
@@ -425,7 +487,39 @@ async fn shutdown_signal() {
 }
 
 async fn check(args: PolicyArgs) -> ExitCode {
-    let options = args.options(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let fail = |errors: &[String], what: &str| {
+        for error in errors {
+            eprintln!("error: {error}");
+        }
+        eprintln!("{} problem(s) in {what}", errors.len());
+        ExitCode::FAILURE
+    };
+    let config = args
+        .config
+        .as_ref()
+        .map_or_else(String::new, |f| f.display().to_string());
+    let options = match args
+        .settings()
+        .and_then(|s| s.finish().map_err(|e| vec![e]))
+    {
+        Ok(options) => options,
+        Err(errors) => return fail(&errors, &config),
+    };
+    if args.config.is_some() {
+        let listeners = [
+            options.server.tls.as_ref(),
+            options.server.admin.as_ref().and_then(|a| a.tls.as_ref()),
+        ];
+        let errors: Vec<String> = listeners
+            .into_iter()
+            .flatten()
+            .filter_map(|tls| server::check_tls(tls).err().map(|e| e.to_string()))
+            .collect();
+        if !errors.is_empty() {
+            return fail(&errors, &config);
+        }
+        println!("ok: configuration {config}");
+    }
     let runtime = match Runtime::new(options.runtime.clone()) {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -467,6 +561,78 @@ async fn check(args: PolicyArgs) -> ExitCode {
                 options.policies.display()
             );
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from(["gateway", "serve"].iter().chain(args)).unwrap();
+        match cli.command {
+            Command::Serve(args) => *args,
+            Command::Check(_) => unreachable!(),
+        }
+    }
+
+    /// Every `[default: X]` in `gateway serve --help`, given as a flag,
+    /// yields the defaults the gateway runs with: the help tells the truth.
+    #[test]
+    fn the_defaults_in_the_help_are_the_defaults() {
+        let mut command = Cli::command();
+        let serve = command.find_subcommand_mut("serve").unwrap();
+        let mut flags = Vec::new();
+        for arg in serve.get_arguments() {
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            let Some(at) = help.find("[default: ") else {
+                continue;
+            };
+            let rest = &help[at + "[default: ".len()..];
+            let value = &rest[..rest.find(']').unwrap()];
+            flags.push(format!("--{}", arg.get_long().unwrap()));
+            flags.push(value.to_string());
+        }
+        assert!(flags.len() >= 2 * 30, "{flags:?}");
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let given = serve_args(&flags).options().unwrap();
+        let defaults = Settings::default().finish().unwrap();
+        assert_eq!(format!("{given:?}"), format!("{defaults:?}"));
+        let none = serve_args(&[]).options().unwrap();
+        assert_eq!(format!("{none:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(
+            &file,
+            "[connections]\nmax = 5\nmax_headers = 50\n[policies]\nwatch = true\n",
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+        let options = serve_args(&["--config", file, "--max-headers", "7", "--no-watch"])
+            .options()
+            .unwrap();
+        assert_eq!(options.server.connections.max_connections, 5);
+        assert_eq!(options.server.connections.max_headers, 7);
+        assert_eq!(options.watch_debounce, None);
+    }
+
+    #[test]
+    fn flags_have_the_bounds_of_the_file() {
+        for (flag, value) in [
+            ("--max-connections", "0"),
+            ("--first-byte-timeout-ms", "0"),
+            ("--shadow-cpu-percent", "101"),
+            ("--max-headers", "-1"),
+        ] {
+            let parsed = Cli::try_parse_from(["gateway", "serve", flag, value]);
+            assert!(parsed.is_err(), "{flag} {value} accepted");
         }
     }
 }

@@ -11,6 +11,7 @@
 
 pub(crate) mod admin;
 pub mod cli;
+pub(crate) mod config;
 pub mod contract;
 pub(crate) mod cpu;
 pub(crate) mod monitor;

@@ -7,6 +7,7 @@ mod bad_input;
 mod binary;
 mod bounds;
 mod compat;
+mod config;
 mod front;
 mod hostile;
 mod memory;

@@ -3,15 +3,13 @@
 //! folder is refused while the old routing keeps serving, unchanged plugins
 //! are not recompiled, and the admin API needs its token.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{ADMIN_TOKEN, TestGateway, fp32_request, send};
+use crate::support::{ADMIN_TOKEN, Binary, TestGateway, fp32_request, send};
 
 fn policy(champion: &str, canary: Option<(&str, f64)>) -> String {
     let mut text = format!(
@@ -285,8 +283,8 @@ async fn editing_a_policy_file_reloads_it() {
 fn sighup_reloads_the_real_binary() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("live.toml"), policy("v1", None)).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args([
+    let mut gateway = Binary::start(
+        [
             "serve",
             "--listen",
             "127.0.0.1:0",
@@ -294,34 +292,16 @@ fn sighup_reloads_the_real_binary() {
             "--drain-delay-secs",
             "0",
             "--policies",
-        ])
-        .arg(dir.path())
-        .env("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start gateway");
-    // Read the log on a thread of its own, so a gateway that never says
-    // where it listens fails the test instead of hanging it.
-    let stderr = child.stderr.take().unwrap();
-    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let addr = loop {
-        let line = lines_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the gateway did not log its address");
-        if let Some(at) = line.find("address=") {
-            break line[at + "address=".len()..].trim().to_string();
-        }
-    };
+            dir.path().to_str().unwrap(),
+        ],
+        &[("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)],
+        1,
+    );
+    let addr = gateway.addresses[0];
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let addr: std::net::SocketAddr = addr.parse().expect("address");
     let version = |rt: &tokio::runtime::Runtime| {
         rt.block_on(async {
             let request = http::Request::post("/v2/models/live/infer")
@@ -344,22 +324,14 @@ fn sighup_reloads_the_real_binary() {
         Some("v1"),
         "--no-watch still reloaded"
     );
-    let status = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    gateway.signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
     while version(&rt).as_deref() != Some("v2") {
         assert!(Instant::now() < deadline, "SIGHUP did not reload");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = child.wait().unwrap();
+    gateway.signal("TERM");
+    let exit = gateway.child.wait().unwrap();
     assert!(exit.success(), "the gateway exited with {exit} on SIGTERM");
 }
 

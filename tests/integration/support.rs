@@ -564,3 +564,70 @@ pub fn echo_inputs(input: serde_json::Value) -> serde_json::Value {
     inputs.push(input);
     serde_json::json!({ "inputs": inputs })
 }
+
+/// The real `gateway serve` binary, stopped (SIGKILL) when dropped.
+pub struct Binary {
+    pub child: std::process::Child,
+    /// The addresses it logged, in the order it logged them: the inference
+    /// listener, then the admin listener if there is one.
+    pub addresses: Vec<SocketAddr>,
+}
+
+impl Binary {
+    /// Starts `gateway` with `args` (and `env`) and waits until it logs
+    /// the addresses of `listeners` listeners.
+    pub fn start<S: AsRef<std::ffi::OsStr>>(
+        args: impl IntoIterator<Item = S>,
+        env: &[(&str, &str)],
+        listeners: usize,
+    ) -> Binary {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(args)
+            .envs(env.iter().copied())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start gateway");
+        // Read the log on a thread of its own, so a gateway that never says
+        // where it listens fails the test instead of hanging it.
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = lines_tx.send(line);
+            }
+        });
+        let mut binary = Binary {
+            child,
+            addresses: Vec::new(),
+        };
+        while binary.addresses.len() < listeners {
+            let line = lines_rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the gateway did not log its addresses");
+            if let Some(at) = line.find("address=") {
+                let addr = line[at + "address=".len()..].split_whitespace().next();
+                binary
+                    .addresses
+                    .push(addr.and_then(|a| a.parse().ok()).expect("an address"));
+            }
+        }
+        binary
+    }
+
+    /// Sends `signal` (`"TERM"`, `"HUP"`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

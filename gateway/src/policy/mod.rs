@@ -354,16 +354,7 @@ pub fn parse(
     options: &LoadOptions,
 ) -> Result<ModelPolicy, Vec<PolicyError>> {
     let at = |span: std::ops::Range<usize>, key: &str| locate(file, text, span.start, key);
-    let raw: PolicyFile = toml::from_str(text).map_err(|e| {
-        let (line, column) = e.span().map(|s| line_column(text, s.start)).unzip();
-        vec![PolicyError {
-            file: file.to_path_buf(),
-            line,
-            column,
-            key: None,
-            message: e.message().trim().to_string(),
-        }]
-    })?;
+    let raw: PolicyFile = toml::from_str(text).map_err(|e| vec![syntax_error(file, text, &e)])?;
 
     let mut errors = Vec::new();
     let model = raw.model.get_ref().clone();
@@ -744,7 +735,20 @@ fn resolve_plugin(
     ))
 }
 
-fn locate(file: &Path, text: &str, offset: usize, key: &str) -> Location {
+/// A TOML file that does not parse, or does not fit its schema (an
+/// unknown key, a wrong type), at the place the parser names.
+pub(crate) fn syntax_error(file: &Path, text: &str, e: &toml::de::Error) -> PolicyError {
+    let (line, column) = e.span().map(|s| line_column(text, s.start)).unzip();
+    PolicyError {
+        file: file.to_path_buf(),
+        line,
+        column,
+        key: None,
+        message: e.message().trim().to_string(),
+    }
+}
+
+pub(crate) fn locate(file: &Path, text: &str, offset: usize, key: &str) -> Location {
     let (line, column) = line_column(text, offset);
     Location {
         file: file.to_path_buf(),

@@ -15,9 +15,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio_rustls::TlsAcceptor;
 
 use super::io::{CountedBody, Guarded, InFlight, StreamTimeouts};
+use super::tls::Tls;
 use super::{Phase, State, routes};
 
 /// What a listener serves.
@@ -163,7 +163,7 @@ impl Drop for PeerSlot {
 /// A bound listener and what it serves.
 pub(crate) struct Listener {
     pub socket: TcpListener,
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<Arc<Tls>>,
     pub role: Role,
     pub name: &'static str,
 }
@@ -280,7 +280,7 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     _slots: (OwnedSemaphorePermit, PeerSlot),
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<Tls>>,
     role: Role,
     builder: Arc<auto::Builder<TokioExecutor>>,
     state: Arc<State>,
@@ -324,9 +324,9 @@ async fn connection(
     };
     match tls {
         None => serve(&builder, io, service, phase).await,
-        Some(acceptor) => {
+        Some(tls) => {
             let handshake =
-                tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(io)).await;
+                tokio::time::timeout(limits.tls_handshake_timeout, tls.acceptor().accept(io)).await;
             match handshake {
                 Ok(Ok(tls)) => {
                     if tls.get_ref().1.alpn_protocol() == Some(b"h2") {

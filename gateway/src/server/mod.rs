@@ -12,7 +12,7 @@ mod routes;
 mod tls;
 
 pub use listener::{ConnectionLimits, Http2Limits};
-pub use tls::{TlsConfig, TlsError};
+pub use tls::{TlsConfig, TlsError, check as check_tls};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -290,11 +290,11 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
     let telemetry = runtime.telemetry().clone();
     // TLS files are checked before the (slower) policies load.
     let tls = match &options.server.tls {
-        Some(config) => Some(tls::acceptor(config, &telemetry)?),
+        Some(config) => Some(tls::load(config, &telemetry)?),
         None => None,
     };
     let admin_tls = match options.server.admin.as_ref().and_then(|a| a.tls.as_ref()) {
-        Some(config) => Some(tls::acceptor(config, &telemetry)?),
+        Some(config) => Some(tls::load(config, &telemetry)?),
         None => None,
     };
     let mut reloader = Reloader::start(&options.policies, options.load_options(), runtime.clone())

@@ -1,17 +1,17 @@
 //! TLS through rustls: TLS 1.3 and 1.2 only, ALPN `h2` then `http/1.1`,
-//! an optional client-certificate requirement (a CA bundle), and a
-//! certificate that is reloaded when its files change (a Kubernetes
-//! secret update, a renewal) without touching open connections: each new
-//! handshake picks the certificate in force.
+//! an optional client-certificate requirement (a CA bundle), and files
+//! that are reloaded when they change (a Kubernetes secret update, a
+//! renewal, a new CA in the bundle) without touching open connections:
+//! each new handshake uses the configuration in force.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 
@@ -49,16 +49,57 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Reads and checks a certificate chain and its key.
-fn load_key_pair(config: &TlsConfig) -> Result<CertifiedKey, TlsError> {
-    let certs = CertificateDer::pem_file_iter(&config.cert)
-        .map_err(|e| file_error(&config.cert, e))?
+/// Bytes read from a file at most (certificates, keys and CA bundles
+/// are a few KiB; a bundle of every public CA is under 300 KiB).
+const MAX_FILE_BYTES: u64 = 4 << 20;
+
+/// The contents of a listener's TLS files, read together: what a reload
+/// compares (the bytes, so a rewrite within the file system's timestamp
+/// granularity counts) and what the configuration is built from (the same
+/// bytes, so nothing changes between the look and the load).
+#[derive(PartialEq, Eq)]
+struct Files {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| file_error(path, e))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| file_error(path, e))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(file_error(
+            path,
+            format_args!("larger than {} MiB", MAX_FILE_BYTES >> 20),
+        ));
+    }
+    Ok(bytes)
+}
+
+impl Files {
+    /// Follows symlinks, so a swapped Kubernetes `..data` link counts.
+    fn read(config: &TlsConfig) -> Result<Files, TlsError> {
+        Ok(Files {
+            cert: read(&config.cert)?,
+            key: read(&config.key)?,
+            client_ca: config.client_ca.as_deref().map(read).transpose()?,
+        })
+    }
+}
+
+/// A certificate chain and its key, checked to match.
+fn key_pair(config: &TlsConfig, files: &Files) -> Result<CertifiedKey, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(&files.cert)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_error(&config.cert, e))?;
     if certs.is_empty() {
         return Err(file_error(&config.cert, "no PEM certificate in the file"));
     }
-    let key = PrivateKeyDer::from_pem_file(&config.key).map_err(|e| file_error(&config.key, e))?;
+    let key = PrivateKeyDer::from_pem_slice(&files.key).map_err(|e| file_error(&config.key, e))?;
     let signing = provider()
         .key_provider
         .load_private_key(key)
@@ -76,37 +117,16 @@ fn load_key_pair(config: &TlsConfig) -> Result<CertifiedKey, TlsError> {
     Ok(pair)
 }
 
-/// The certificate in force; swapped by [`watch`].
-#[derive(Debug)]
-struct Resolver {
-    current: ArcSwap<CertifiedKey>,
-}
-
-impl ResolvesServerCert for Resolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
-    }
-}
-
-/// A listener's TLS: the acceptor, and the task that reloads its
-/// certificate (ends with the acceptor).
-pub(crate) fn acceptor(
-    config: &TlsConfig,
-    telemetry: &Arc<Telemetry>,
-) -> Result<TlsAcceptor, TlsError> {
-    // Stamped before loading: a change while loading is seen next poll.
-    let seen = stamp(config);
-    let resolver = Arc::new(Resolver {
-        current: ArcSwap::from_pointee(load_key_pair(config)?),
-    });
+/// The rustls configuration the files describe.
+fn server_config(config: &TlsConfig, files: &Files) -> Result<rustls::ServerConfig, TlsError> {
+    let pair = key_pair(config, files)?;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let builder = match &config.client_ca {
-        None => builder.with_no_client_auth(),
-        Some(path) => {
+    let builder = match (&config.client_ca, &files.client_ca) {
+        (Some(path), Some(bundle)) => {
             let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(path).map_err(|e| file_error(path, e))? {
+            for cert in CertificateDer::pem_slice_iter(bundle) {
                 let cert = cert.map_err(|e| file_error(path, e))?;
                 roots.add(cert).map_err(|e| file_error(path, e))?;
             }
@@ -118,63 +138,87 @@ pub(crate) fn acceptor(
                 .map_err(|e| file_error(path, e))?;
             builder.with_client_cert_verifier(verifier)
         }
+        _ => builder.with_no_client_auth(),
     };
-    let mut server = builder.with_cert_resolver(resolver.clone());
+    let mut server =
+        builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(pair)));
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(server)
+}
+
+/// A listener's TLS: the configuration in force, swapped by [`watch`].
+pub(crate) struct Tls {
+    current: ArcSwap<rustls::ServerConfig>,
+}
+
+impl Tls {
+    /// An acceptor for one new connection, with the configuration in force.
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.load_full())
+    }
+}
+
+/// A listener's TLS, and the task that reloads its files (it ends with
+/// the listener).
+pub(crate) fn load(config: &TlsConfig, telemetry: &Arc<Telemetry>) -> Result<Arc<Tls>, TlsError> {
+    let files = Files::read(config)?;
+    let tls = Arc::new(Tls {
+        current: ArcSwap::from_pointee(server_config(config, &files)?),
+    });
     tokio::spawn(watch(
-        Arc::downgrade(&resolver),
+        Arc::downgrade(&tls),
         config.clone(),
-        seen,
+        files,
         telemetry.clone(),
     ));
-    Ok(TlsAcceptor::from(Arc::new(server)))
+    Ok(tls)
 }
 
-/// How often the certificate files are looked at.
+/// Checks a listener's TLS files as [`load`] reads them (`gateway
+/// check`): the chain, its key, that they match, the client CA bundle.
+pub fn check(config: &TlsConfig) -> Result<(), TlsError> {
+    server_config(config, &Files::read(config)?).map(drop)
+}
+
+/// How often the files are looked at.
 const POLL: Duration = Duration::from_secs(1);
 
-/// What identifies a version of the files: their modification times and
-/// sizes (through symlinks, so a swapped Kubernetes `..data` link counts).
-fn stamp(config: &TlsConfig) -> Option<[(SystemTime, u64); 2]> {
-    let one = |path: &Path| {
-        let meta = std::fs::metadata(path).ok()?;
-        Some((meta.modified().ok()?, meta.len()))
-    };
-    Some([one(&config.cert)?, one(&config.key)?])
-}
-
-/// Reloads the certificate when its files change, until the listener is
-/// gone. A pair that does not load keeps the old one in force.
-async fn watch(
-    resolver: Weak<Resolver>,
-    config: TlsConfig,
-    mut seen: Option<[(SystemTime, u64); 2]>,
-    telemetry: Arc<Telemetry>,
-) {
+/// Reloads the configuration when its files change, until the listener is
+/// gone. Files that do not load keep the old configuration in force.
+async fn watch(tls: Weak<Tls>, config: TlsConfig, mut seen: Files, telemetry: Arc<Telemetry>) {
     loop {
         tokio::time::sleep(POLL).await;
-        let Some(resolver) = resolver.upgrade() else {
+        let Some(tls) = tls.upgrade() else {
             return;
         };
-        let now = stamp(&config);
-        if now == seen || now.is_none() {
+        // A file missing for a moment (a swap in progress) is looked at
+        // again next poll.
+        let Ok(now) = Files::read(&config) else {
+            continue;
+        };
+        if now == seen {
             continue;
         }
-        match load_key_pair(&config) {
-            Ok(pair) => {
-                // Counted first: whoever sees the new certificate sees it
-                // counted.
+        let loaded = server_config(&config, &now);
+        // Tried again at the next change; a half-written pair usually
+        // completes within a poll or two.
+        seen = now;
+        match loaded {
+            Ok(mut server) => {
+                // The tickets and the session cache of the configuration
+                // before: clients resume across a reload.
+                let before = tls.current.load();
+                server.session_storage = before.session_storage.clone();
+                server.ticketer = before.ticketer.clone();
+                // Counted first: whoever sees the new files in force sees
+                // them counted.
                 telemetry.record_tls_reload(true);
-                resolver.current.store(Arc::new(pair));
-                seen = now;
-                tracing::info!(cert = %config.cert.display(), "TLS certificate reloaded");
+                tls.current.store(Arc::new(server));
+                tracing::info!(cert = %config.cert.display(), "TLS files reloaded");
             }
             Err(e) => {
-                // Tried again at the next change; a half-written pair
-                // usually completes within a poll or two.
-                seen = now;
                 telemetry.record_tls_reload(false);
-                tracing::warn!(error = %e, "TLS certificate not reloaded; the previous one stays in force");
+                tracing::warn!(error = %e, "TLS files not reloaded; the previous ones stay in force");
             }
         }
     }
