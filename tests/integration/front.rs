@@ -279,24 +279,47 @@ async fn http2_stream_floods_and_resets() {
         assert_eq!(call.await.unwrap().unwrap(), 200);
     }
 
-    // Rapid reset: open streams and drop them before their answer.
+    // Rapid reset (CVE-2023-44487): streams opened and reset at once,
+    // before the server has accepted them. Past 20 such resets (or 256
+    // streams the server had to reset itself) the connection gets GOAWAY
+    // with ENHANCE_YOUR_CALM and is closed; the client may see the close
+    // (a reset socket) before it reads the GOAWAY. hyper's client hides its
+    // resets; h2's sends them as told. The connection is driven in the
+    // flooding task, so each stream's HEADERS and RST_STREAM leave in one
+    // write.
     let stream = TcpStream::connect(gw.addr).await.unwrap();
-    let (sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    let connection = tokio::spawn(connection);
-    for _ in 0..2_000 {
-        let mut sender = sender.clone();
-        if sender.ready().await.is_err() {
-            break;
+    let (client, connection) = h2::client::handshake(stream).await.unwrap();
+    let uri = format!("http://{}/v2/models/time-to-merge/infer", gw.addr);
+    let flood = async move {
+        let mut sent = 0;
+        let mut ready = Some(client);
+        while sent < 2_000
+            && let Some(client) = ready.take()
+        {
+            let Ok(mut client) = client.ready().await else {
+                break;
+            };
+            let request = Request::post(uri.as_str()).body(()).unwrap();
+            let Ok((_response, mut body)) = client.send_request(request, false) else {
+                break;
+            };
+            body.send_reset(h2::Reason::CANCEL);
+            sent += 1;
+            ready = Some(client);
         }
-        // Dropping the response future resets the stream.
-        let pending = sender.send_request(infer_request(gw.addr));
-        drop(pending);
-    }
-    drop(sender);
-    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+        // The handle is kept: without it the client would close the
+        // connection itself once its streams are gone.
+        (sent, ready)
+    };
+    let ((sent, _client), ended) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(flood, connection)
+    })
+    .await
+    .expect("the connection is open 20 s after the resets began");
+    let err = ended.expect_err("the connection ended without an error");
+    let calm =
+        err.is_go_away() && err.is_remote() && err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+    assert!(calm || err.is_io(), "{err} after {sent} resets");
     // Other clients are served.
     let stream = TcpStream::connect(gw.addr).await.unwrap();
     assert_eq!(http2(stream, infer_request(gw.addr)).await.unwrap().0, 200);
@@ -328,6 +351,52 @@ async fn client_certificates_are_required_when_configured() {
         };
         assert!(refused, "a client without a trusted certificate was served");
     }
+
+    // The bundle is reloaded when it changes: with the other CA added,
+    // its clients are served too, and the first CA's still are.
+    let other = Pki::new("another CA");
+    let newcomer = other.leaf("a newcomer", true);
+    let mut bundle = pki.ca_pem();
+    bundle.extend(other.ca_pem());
+    std::fs::write(pki.ca_path(), bundle).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let served = match tls_connect(gw.addr, &ca, &[b"http/1.1"], Some(&newcomer)).await {
+            Err(_) => false,
+            Ok(stream) => http1(stream, infer_request(gw.addr)).await.is_ok(),
+        };
+        if served {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new CA bundle was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stream = tls_connect(gw.addr, &ca, &[b"h2"], Some(&good))
+        .await
+        .unwrap();
+    assert_eq!(http2(stream, infer_request(gw.addr)).await.unwrap().0, 200);
+    // A bundle that does not load keeps the one in force.
+    std::fs::write(pki.ca_path(), b"not a certificate").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while gw
+        .metrics()
+        .await
+        .value("gateway_tls_reloads_total", &[("outcome", "refused")])
+        < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the broken bundle was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stream = tls_connect(gw.addr, &ca, &[b"h2"], Some(&newcomer))
+        .await
+        .unwrap();
+    assert_eq!(http2(stream, infer_request(gw.addr)).await.unwrap().0, 200);
     gw.shutdown().await;
 }
 
@@ -619,9 +688,18 @@ fn echo_request(n: usize) -> Request<Full<Bytes>> {
 /// the gateway hold answers outside the budget of bytes in flight: each
 /// answer it does not take stays counted until its stream goes, so the
 /// budget fills (503) instead of the memory, and empties when the client
-/// leaves.
+/// leaves. With a window of one byte, hyper hands a whole body frame to
+/// the connection (and drops the body) as soon as one byte of it may be
+/// sent: the gateway's bodies yield 64 KiB frames so the rest stays
+/// counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_a_client_does_not_take_stay_in_the_byte_budget() {
+    for window in [0, 1] {
+        answers_stay_in_the_byte_budget(window).await;
+    }
+}
+
+async fn answers_stay_in_the_byte_budget(window: u32) {
     let policy = crate::support::single_version_policy("echo", "echo", "");
     let gw = TestGateway::start_configured(&[("echo.toml", &policy)], |o| {
         o.pipeline.max_inflight_bytes = 12 << 20;
@@ -629,7 +707,8 @@ async fn answers_a_client_does_not_take_stay_in_the_byte_budget() {
     .await;
     let stream = TcpStream::connect(gw.addr).await.unwrap();
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(0)
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(64 << 20)
         .handshake(TokioIo::new(stream))
         .await
         .unwrap();
@@ -649,7 +728,9 @@ async fn answers_a_client_does_not_take_stay_in_the_byte_budget() {
         assert_eq!(response.status(), 200);
         stalled.push(response);
     }
-    let refused = refused.expect("32 answers held outside the budget of bytes in flight");
+    let refused = refused.unwrap_or_else(|| {
+        panic!("32 answers held outside the budget of bytes in flight (window {window})")
+    });
     assert_eq!(
         refused.headers().get("retry-after").map(|v| v.as_bytes()),
         Some(&b"1"[..])
@@ -683,6 +764,43 @@ async fn answers_a_client_does_not_take_stay_in_the_byte_budget() {
             reply.text()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.shutdown().await;
+}
+
+/// An HTTP/2 client that stops taking an answer (its stream's window
+/// stays shut, while the socket is writable) is cut off after the write
+/// timeout, and the answer leaves the budget of bytes in flight with it,
+/// as an HTTP/1 client that stops reading is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_never_takes_its_answer_is_cut_off() {
+    let policy = crate::support::single_version_policy("echo", "echo", "");
+    let gw = TestGateway::start_configured(&[("echo.toml", &policy)], |o| {
+        o.server.connections.write_timeout = Duration::from_millis(500);
+    })
+    .await;
+    for window in [0, 1] {
+        let stream = TcpStream::connect(gw.addr).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(window)
+                .initial_connection_window_size(64 << 20)
+                .handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+        let connection = tokio::spawn(connection);
+        sender.ready().await.unwrap();
+        let response = sender.send_request(echo_request(512 << 10)).await.unwrap();
+        assert_eq!(response.status(), 200);
+        // Held, never read. The gateway closes the connection; the idle
+        // time (60 s) does not apply, since an answer is in flight.
+        let ended = tokio::time::timeout(Duration::from_secs(20), connection).await;
+        assert!(
+            ended.is_ok(),
+            "the connection is open 20 s after its answer stalled (window {window})"
+        );
+        let body = response.into_body().collect().await;
+        assert!(body.is_err(), "the whole answer arrived (window {window})");
     }
     gw.shutdown().await;
 }

@@ -4,17 +4,19 @@
 //! header timeout of its first byte; a connection with no request in
 //! flight is closed after the idle time, counted from the end of its last
 //! response, whatever bytes (HTTP/2 pings) move meanwhile; and a client
-//! that stops reading is cut off after the write timeout. Each of them
-//! fails the stream's next read or write with `TimedOut`, which ends the
-//! connection.
+//! that stops reading is cut off after the write timeout, as is an HTTP/2
+//! client that stops taking one of its answers (its stream's window stays
+//! shut). Each of them fails the stream's next read or write with
+//! `TimedOut`, which ends the connection.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -50,6 +52,25 @@ struct Shared {
     /// The reader that found requests in flight and so armed no idle
     /// timer: woken when the last one ends, to arm it.
     reader: std::sync::Mutex<Option<std::task::Waker>>,
+    /// HTTP/2: the answers being sent, and when each last took a step.
+    answers: std::sync::Mutex<Answers>,
+}
+
+#[derive(Debug, Default)]
+struct Answers {
+    next: u64,
+    live: Vec<(u64, Arc<AtomicU64>)>,
+}
+
+impl Shared {
+    fn nanos(&self) -> u64 {
+        self.base.elapsed().as_nanos().min(u64::MAX as u128) as u64
+    }
+
+    fn answers(&self) -> std::sync::MutexGuard<'_, Answers> {
+        // Nothing is left half-done under this lock.
+        self.answers.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl InFlight {
@@ -60,7 +81,22 @@ impl InFlight {
             base: Instant::now(),
             http2: AtomicBool::new(false),
             reader: std::sync::Mutex::new(None),
+            answers: std::sync::Mutex::new(Answers::default()),
         }))
+    }
+
+    /// When the answer that has waited longest took its last step.
+    fn oldest_answer(&self) -> Option<Instant> {
+        if !self.http2() {
+            return None;
+        }
+        let answers = self.0.answers();
+        let nanos = answers
+            .live
+            .iter()
+            .map(|(_, at)| at.load(Ordering::Acquire))
+            .min()?;
+        Some(self.0.base + Duration::from_nanos(nanos))
     }
 
     /// Counts a request until the guard is dropped.
@@ -100,11 +136,34 @@ impl InFlight {
 
 pub(crate) struct InFlightGuard(Arc<Shared>);
 
+impl InFlightGuard {
+    /// HTTP/2: watches an answer's body from now until it is dropped. An
+    /// HTTP/2 body waits for its stream's window, which the client opens,
+    /// while the socket may stay writable (other streams, pings): the
+    /// write timeout of the socket never sees it, so the connection times
+    /// out when an answer takes no step for the write timeout.
+    pub(crate) fn watch_answer(&self) -> Option<AnswerProgress> {
+        if !self.0.http2.load(Ordering::Acquire) {
+            return None;
+        }
+        let at = Arc::new(AtomicU64::new(self.0.nanos()));
+        let mut answers = self.0.answers();
+        let id = answers.next;
+        answers.next += 1;
+        answers.live.push((id, at.clone()));
+        drop(answers);
+        Some(AnswerProgress {
+            shared: self.0.clone(),
+            id,
+            at,
+        })
+    }
+}
+
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let nanos = self.0.base.elapsed().as_nanos().min(u64::MAX as u128) as u64;
-            self.0.idle_since.store(nanos, Ordering::Release);
+            self.0.idle_since.store(self.0.nanos(), Ordering::Release);
             // The connection may be waiting to read with no timer armed
             // (it was busy when it last looked): it arms the idle one now.
             let reader = self.0.reader.lock().map(|mut r| r.take()).unwrap_or(None);
@@ -115,10 +174,44 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// An HTTP/2 answer being sent: when its body last took a step.
+pub(crate) struct AnswerProgress {
+    shared: Arc<Shared>,
+    id: u64,
+    at: Arc<AtomicU64>,
+}
+
+impl AnswerProgress {
+    fn step(&self) {
+        self.at.store(self.shared.nanos(), Ordering::Release);
+    }
+}
+
+impl Drop for AnswerProgress {
+    fn drop(&mut self) {
+        let mut answers = self.shared.answers();
+        if let Some(i) = answers.live.iter().position(|(id, _)| *id == self.id) {
+            answers.live.swap_remove(i);
+        }
+    }
+}
+
+/// The largest frame a response body yields. hyper hands a whole frame to
+/// the connection once the stream can take one byte of it (HTTP/2) or its
+/// write buffer has room (HTTP/1), and then drops the body: in frames of
+/// this size, the rest of an answer a client does not take stays in the
+/// body, and so in the budget of bytes in flight.
+const FRAME_BYTES: usize = 64 << 10;
+
 /// A response body that keeps its request counted in flight, and its
-/// bytes in the budget of bytes in flight, until it is dropped.
+/// bytes in the budget of bytes in flight, until it is dropped; yields at
+/// most [`FRAME_BYTES`] at a time, and tells the connection of each step
+/// (HTTP/2).
 pub(crate) struct CountedBody<B> {
     inner: B,
+    /// The part of the inner body's last frame not yet yielded.
+    rest: Bytes,
+    progress: Option<AnswerProgress>,
     _guard: InFlightGuard,
     _bytes: Option<crate::pipeline::AnswerBytes>,
 }
@@ -128,32 +221,57 @@ impl<B> CountedBody<B> {
         inner: B,
         guard: InFlightGuard,
         bytes: Option<crate::pipeline::AnswerBytes>,
+        progress: Option<AnswerProgress>,
     ) -> Self {
         CountedBody {
             inner,
+            rest: Bytes::new(),
+            progress,
             _guard: guard,
             _bytes: bytes,
         }
     }
 }
 
-impl<B: hyper::body::Body + Unpin> hyper::body::Body for CountedBody<B> {
-    type Data = B::Data;
+impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for CountedBody<B> {
+    type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        if let Some(progress) = &this.progress {
+            progress.step();
+        }
+        if this.rest.is_empty() {
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if data.len() > FRAME_BYTES => this.rest = data,
+                    Ok(data) => return Poll::Ready(Some(Ok(hyper::body::Frame::data(data)))),
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                other => return Poll::Ready(other),
+            }
+        }
+        let take = this.rest.len().min(FRAME_BYTES);
+        Poll::Ready(Some(Ok(hyper::body::Frame::data(this.rest.split_to(take)))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = hyper::body::SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(rest));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
 }
 
@@ -210,20 +328,32 @@ impl<S> Guarded<S> {
         }
     }
 
-    /// When an idle reader times out, if it does.
-    fn read_deadline(&self) -> Option<Instant> {
+    /// When a waiting reader times out, if it does, and why.
+    fn read_deadline(&self) -> Option<(Instant, &'static str)> {
         if !self.read_any {
-            return Some(later(self.started, self.timeouts.first_byte));
+            return Some((
+                later(self.started, self.timeouts.first_byte),
+                "the client sent nothing in time",
+            ));
         }
         if self.in_flight.any() {
-            return None;
+            return self.in_flight.oldest_answer().map(|at| {
+                (
+                    later(at, self.timeouts.write),
+                    "the client did not take an answer in time",
+                )
+            });
         }
         let idle_since = self.in_flight.idle_since().max(self.started);
         match self.head_since {
-            Some(head) if head >= idle_since && !self.in_flight.http2() => {
-                Some(later(head, self.timeouts.head))
-            }
-            _ => Some(later(idle_since, self.timeouts.idle)),
+            Some(head) if head >= idle_since && !self.in_flight.http2() => Some((
+                later(head, self.timeouts.head),
+                "the request head did not arrive in time",
+            )),
+            _ => Some((
+                later(idle_since, self.timeouts.idle),
+                "the connection was idle for too long",
+            )),
         }
     }
 
@@ -274,21 +404,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
             }
             Poll::Pending => {
                 let deadline = this.read_deadline();
-                if deadline.is_none() {
+                if this.in_flight.any() {
                     this.in_flight.wait_for_idle(cx);
                 }
-                if this.arm(cx, deadline) && deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Poll::Ready(Err(timed_out(if !this.read_any {
-                        "the client sent nothing in time"
-                    } else if this
-                        .head_since
-                        .is_some_and(|h| h >= this.in_flight.idle_since())
-                        && !this.in_flight.http2()
-                    {
-                        "the request head did not arrive in time"
-                    } else {
-                        "the connection was idle for too long"
-                    })));
+                let fired = this.arm(cx, deadline.map(|(at, _)| at));
+                if let Some((at, why)) = deadline
+                    && fired
+                    && Instant::now() >= at
+                {
+                    return Poll::Ready(Err(timed_out(why)));
                 }
                 Poll::Pending
             }
@@ -352,7 +476,7 @@ impl<S> Guarded<S> {
     /// timeout.
     fn write_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let since = *self.write_blocked.get_or_insert_with(Instant::now);
-        let deadline = self.read_deadline();
+        let deadline = self.read_deadline().map(|(at, _)| at);
         self.arm(cx, deadline);
         if Instant::now() >= later(since, self.timeouts.write) {
             return Poll::Ready(Err(timed_out(
@@ -466,6 +590,59 @@ mod tests {
         assert!(err.to_string().contains("idle"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(1));
         pinging.abort();
+    }
+
+    #[tokio::test]
+    async fn bodies_yield_bounded_frames_and_count_until_dropped() {
+        use http_body_util::{BodyExt, Full};
+        use hyper::body::Body;
+        let in_flight = InFlight::new();
+        let data = Bytes::from(vec![1u8; FRAME_BYTES * 2 + 10]);
+        let mut body = CountedBody::new(Full::new(data.clone()), in_flight.enter(), None, None);
+        assert_eq!(body.size_hint().exact(), Some(data.len() as u64));
+        let (mut sizes, mut all) = (Vec::new(), Vec::new());
+        while let Some(frame) = body.frame().await {
+            let chunk = frame.unwrap().into_data().unwrap();
+            sizes.push(chunk.len());
+            all.extend_from_slice(&chunk);
+            let left = (data.len() - all.len()) as u64;
+            assert_eq!(body.size_hint().exact(), Some(left));
+            assert_eq!(body.is_end_stream(), left == 0);
+        }
+        assert_eq!(sizes, [FRAME_BYTES, FRAME_BYTES, 10]);
+        assert_eq!(all, data);
+        assert!(in_flight.any());
+        drop(body);
+        assert!(!in_flight.any());
+    }
+
+    /// HTTP/2: an answer that takes no step for the write timeout times
+    /// the connection out, even with the socket idle; one that does not
+    /// exist any more does not.
+    #[tokio::test]
+    async fn a_stalled_http2_answer_times_the_connection_out() {
+        let (mut client, server) = tokio::io::duplex(256);
+        let in_flight = InFlight::new();
+        let mut guarded = Guarded::new(server, timeouts(), in_flight.clone(), true);
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert!(guarded.read(&mut buf).await.unwrap() > 0);
+        let guard = in_flight.enter();
+        let progress = guard.watch_answer().expect("watched on HTTP/2");
+        let started = std::time::Instant::now();
+        let err = guarded.read(&mut buf).await.unwrap_err();
+        assert!(err.to_string().contains("did not take an answer"), "{err}");
+        assert!(started.elapsed() >= Duration::from_millis(45));
+        drop(progress);
+        // Only the answer's own steps count: with it gone and the request
+        // still in flight, the connection waits.
+        let read = tokio::time::timeout(Duration::from_millis(300), guarded.read(&mut buf)).await;
+        assert!(read.is_err(), "timed out with no answer to wait for");
+        drop(guard);
+        drop(client);
     }
 
     #[tokio::test]

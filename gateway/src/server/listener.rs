@@ -318,7 +318,10 @@ async fn connection(
                 let bytes = response
                     .extensions_mut()
                     .remove::<crate::pipeline::AnswerBytes>();
-                Ok::<_, Infallible>(response.map(|body| CountedBody::new(body, guard, bytes)))
+                let progress = guard.watch_answer();
+                Ok::<_, Infallible>(
+                    response.map(|body| CountedBody::new(body, guard, bytes, progress)),
+                )
             }
         })
     };
