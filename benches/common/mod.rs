@@ -91,15 +91,7 @@ pub fn free_port() -> u16 {
 
 /// Resident memory of process `pid`, in KiB (0 if it cannot be read).
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    gateway::process::resident_kib(pid).unwrap_or(0)
 }
 
 /// Options for an in-process gateway on a free loopback port serving the

@@ -18,6 +18,7 @@ pub(crate) mod monitor;
 pub mod onnx;
 pub(crate) mod pipeline;
 pub mod policy;
+pub mod process;
 pub mod protocol;
 pub mod router;
 pub mod runtime;

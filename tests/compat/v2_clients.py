@@ -129,6 +129,13 @@ def metrics_checks():
     ]
     # tritonclient: 4 infers; kserve: 2.
     check(sum(s.value for s in samples) == 6, f"metrics: 6 successful requests counted, got {samples}")
+    # The process series every Prometheus client library exports.
+    rss = families["process_resident_memory_bytes"]
+    check(rss.type == "gauge" and rss.samples[0].value > 1e6, f"metrics: resident memory, got {rss.samples}")
+    cpu = families["process_cpu_seconds"]
+    check(cpu.type == "counter" and cpu.samples[0].value > 0, f"metrics: CPU seconds, got {cpu.samples}")
+    fds = families["process_open_fds"].samples[0].value
+    check(0 < fds <= families["process_max_fds"].samples[0].value, f"metrics: open fds {fds}")
 
 
 tritonclient_checks()

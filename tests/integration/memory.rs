@@ -3,36 +3,13 @@
 //! allocations count in its resident memory.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 
-use crate::support::{policy_folder, repo_root, send};
-
-fn rss_kib(child: &Child) -> u64 {
-    std::fs::read_to_string(format!("/proc/{}/status", child.id()))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Kills the gateway when the test ends, however it ends.
-struct Gateway(Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::support::{Binary, policy_folder, repo_root, send};
 
 fn post(addr: SocketAddr, body: String) -> Request<Full<Bytes>> {
     Request::post("/v2/models/time-to-merge/infer")
@@ -49,26 +26,21 @@ async fn resident_memory_returns_near_its_baseline_after_an_attack() {
         dir.path().join("time-to-merge.toml"),
     )
     .unwrap();
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap();
-    let gateway = Gateway(
-        Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .args([
-                "serve",
-                "--no-watch",
-                "--max-body-bytes",
-                "16777216",
-                "--listen",
-            ])
-            .arg(addr.to_string())
-            .arg("--policies")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the gateway"),
+    let gateway = Binary::start(
+        [
+            "serve",
+            "--no-watch",
+            "--max-body-bytes",
+            "16777216",
+            "--listen",
+            "127.0.0.1:0",
+            "--policies",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+        1,
     );
+    let addr = gateway.addresses[0];
     let start = Instant::now();
     let good = r#"{"inputs":[{"name":"pr_features","shape":[1,6],"datatype":"FP32","data":[3,40,12,2,4,1]}]}"#;
     loop {
@@ -87,7 +59,7 @@ async fn resident_memory_returns_near_its_baseline_after_an_attack() {
         assert_eq!(send(addr, post(addr, good.into())).await.status, 200);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let baseline = rss_kib(&gateway.0);
+    let baseline = gateway.rss_kib();
 
     // Four at once of the issue's attack: 340,000 rows whose every value
     // breaks `min = 0` (glibc kept 376 MB of one such request an hour on).
@@ -105,14 +77,14 @@ async fn resident_memory_returns_near_its_baseline_after_an_attack() {
         for attack in attacks {
             assert_eq!(attack.await.unwrap().status, 400);
         }
-        peak = peak.max(rss_kib(&gateway.0));
+        peak = peak.max(gateway.rss_kib());
     }
     // The allocator gives memory back within a minute.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut now = rss_kib(&gateway.0);
+    let mut now = gateway.rss_kib();
     while now as f64 > baseline as f64 * 1.2 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        now = rss_kib(&gateway.0);
+        now = gateway.rss_kib();
     }
     eprintln!("RSS: baseline {baseline} KiB, peak {peak} KiB, after {now} KiB");
     assert!(

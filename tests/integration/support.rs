@@ -615,6 +615,11 @@ impl Binary {
         binary
     }
 
+    /// The process's resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        gateway::process::resident_kib(self.child.id()).expect("the gateway's VmRSS")
+    }
+
     /// Sends `signal` (`"TERM"`, `"HUP"`) to the process.
     pub fn signal(&self, signal: &str) {
         let status = std::process::Command::new("kill")

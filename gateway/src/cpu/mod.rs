@@ -106,7 +106,7 @@ impl ThreadClock {
 
 /// The time of clock `id`, if it can be read.
 #[cfg(target_os = "linux")]
-fn clock_time(id: libc::clockid_t) -> Option<Duration> {
+pub(crate) fn clock_time(id: libc::clockid_t) -> Option<Duration> {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

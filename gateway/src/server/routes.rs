@@ -276,6 +276,7 @@ fn metrics(state: &State) -> HttpResponse {
         })
         .collect();
     crate::monitor::render(&mut text, &versions);
+    crate::process::render(&mut text);
     let mut response = Response::new(Full::new(Bytes::from(text)));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
