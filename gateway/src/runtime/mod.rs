@@ -268,7 +268,6 @@ impl Plugin {
         models: &Arc<ModelSet>,
         pool: &InstancePool,
     ) -> Result<Vec<Tensor>, PluginError> {
-        let mut _sandbox = None;
         // How long the call ran (was polled, plus its wasi:nn computations
         // elsewhere): a deadline is the plugin's failure only if it ran for
         // most of it, not if it waited for its turn on the cores.
@@ -280,18 +279,18 @@ impl Plugin {
                 kept
             }
             None => {
-                _sandbox = Some(pool.sandbox(limits.deadline).await.ok_or_else(|| {
+                let sandbox = pool.sandbox(limits.deadline).await.ok_or_else(|| {
                     PluginError::Exhausted(
                         "the version holds its share (half) of the sandbox pool until its deadline"
                             .into(),
                     )
-                })?);
+                })?;
                 let mut store = sandbox::new_store(&self.engine, limits, models.clone());
                 let (instance, took) =
                     crate::cpu::timed(self.pre.instantiate_async(&mut store)).await;
                 ran += took;
                 match instance {
-                    Ok(model) => reuse::Kept::new(store, model),
+                    Ok(model) => reuse::Kept::new(store, model, sandbox),
                     Err(error) => return Err(classify(error, store.data(), limits, ran)),
                 }
             }

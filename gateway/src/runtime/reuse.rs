@@ -12,11 +12,14 @@
 //! memory cap still counts everything it holds, across calls.
 //!
 //! Kept instances hold slots of the engine's instance pool, so they are
-//! bounded twice: per version by the number of cores (more only helps calls
-//! that run concurrently on the same core, which take long enough not to
-//! notice an instantiation), and per process by a share of the pool
-//! ([`KEPT_SHARE`]), so that fresh calls of other versions always find
-//! slots.
+//! bounded three times: per version by the number of cores (more only
+//! helps calls that run concurrently on the same core, which take long
+//! enough not to notice an instantiation), per process by a share of the
+//! pool ([`KEPT_SHARE`]), so that fresh calls of other versions always find
+//! slots, and by the version's share of the pool: an instance holds one of
+//! the version's sandboxes from its instantiation until it is dropped,
+//! kept or running, so a version's running and kept instances together
+//! never pass its half of the pool.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -40,15 +43,22 @@ pub(super) struct Kept {
     /// Held while the instance is kept; `None` for an instance that has not
     /// been offered back yet.
     ticket: Option<Ticket>,
+    /// One of the version's sandboxes, held as long as the instance lives.
+    _sandbox: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Kept {
-    pub(super) fn new(store: Store<Host>, model: Model) -> Self {
+    pub(super) fn new(
+        store: Store<Host>,
+        model: Model,
+        sandbox: tokio::sync::OwnedSemaphorePermit,
+    ) -> Self {
         Kept {
             store,
             model,
             calls: 0,
             ticket: None,
+            _sandbox: sandbox,
         }
     }
 }
@@ -89,9 +99,10 @@ pub struct InstancePool {
     calls_per_instance: u32,
     max_idle: usize,
     tickets: Arc<Tickets>,
-    /// The version's share of the sandbox pool: calls running in a fresh
-    /// instance hold one, so a flooded version cannot take every sandbox
-    /// and starve the other models (half the pool, see `Runtime`).
+    /// The version's share of the sandbox pool: every instance of the
+    /// version, running or kept, holds one, so a flooded version cannot
+    /// take every sandbox and starve the other models (half the pool, see
+    /// `Runtime`).
     sandboxes: Arc<tokio::sync::Semaphore>,
 }
 
