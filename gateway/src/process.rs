@@ -51,7 +51,8 @@ pub(crate) fn render(out: &mut String) {
             "process_open_fds",
             "Number of open file descriptors.",
             "gauge",
-            fds.count() as f64,
+            // Less the descriptor that lists them.
+            fds.count().saturating_sub(1) as f64,
         );
     }
     let mut limit = libc::rlimit {

@@ -94,6 +94,25 @@ async fn tls_connect(
     alpn: &[&[u8]],
     client: Option<&(String, String)>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
+    tls_connect_with(addr, Arc::new(client_config(ca_pem, alpn, client))).await
+}
+
+/// A connection with `config`, whose session cache lets it resume.
+async fn tls_connect_with(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let stream = TcpStream::connect(addr).await?;
+    TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), stream)
+        .await
+}
+
+fn client_config(
+    ca_pem: &[u8],
+    alpn: &[&[u8]],
+    client: Option<&(String, String)>,
+) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
         roots.add(cert.unwrap()).unwrap();
@@ -116,10 +135,7 @@ async fn tls_connect(
             .unwrap(),
     };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let stream = TcpStream::connect(addr).await?;
-    TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), stream)
-        .await
+    config
 }
 
 fn infer_request(addr: SocketAddr) -> Request<Full<Bytes>> {
@@ -397,6 +413,53 @@ async fn client_certificates_are_required_when_configured() {
         .await
         .unwrap();
     assert_eq!(http2(stream, infer_request(gw.addr)).await.unwrap().0, 200);
+    gw.shutdown().await;
+}
+
+/// A session from before a new CA bundle does not resume past it: a
+/// resumed session skips client authentication, so a client whose CA was
+/// removed must make a full handshake, and fail it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_ca_bundle_is_not_met_by_resumed_sessions() {
+    let pki = Pki::new("test CA");
+    let mut tls = pki.write_server("gateway");
+    tls.client_ca = Some(pki.ca_path());
+    let gw = tls_gateway(tls).await;
+    let ca = pki.ca_pem();
+    let good = pki.leaf("a client", true);
+    let config = Arc::new(client_config(&ca, &[b"http/1.1"], Some(&good)));
+    // Two connections: the second resumes (TLS 1.3 tickets arrive after
+    // the handshake, so the first request collects them).
+    for resumed in [false, true] {
+        let stream = tls_connect_with(gw.addr, config.clone()).await.unwrap();
+        let kind = stream.get_ref().1.handshake_kind();
+        assert_eq!(
+            kind == Some(rustls::HandshakeKind::Resumed),
+            resumed,
+            "{kind:?}"
+        );
+        assert_eq!(http1(stream, infer_request(gw.addr)).await.unwrap().0, 200);
+    }
+    // The bundle now names another CA only.
+    std::fs::write(pki.ca_path(), Pki::new("another CA").ca_pem()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while gw
+        .metrics()
+        .await
+        .value("gateway_tls_reloads_total", &[("outcome", "loaded")])
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "the new bundle was not loaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = match tls_connect_with(gw.addr, config.clone()).await {
+        Err(_) => true,
+        Ok(stream) => http1(stream, infer_request(gw.addr)).await.is_err(),
+    };
+    assert!(
+        refused,
+        "a session from before the new bundle was resumed and served"
+    );
     gw.shutdown().await;
 }
 

@@ -147,10 +147,13 @@ impl InstancePool {
     }
 
     /// Offers back an instance that just ended a call cleanly; it is kept
-    /// if it has calls left and both budgets have room, dropped otherwise.
+    /// if it has calls left, no call may be waiting for one of the
+    /// version's sandboxes, and both budgets have room; dropped otherwise.
     pub(super) fn give_back(&self, mut kept: Kept) {
         kept.calls += 1;
-        if kept.calls >= self.calls_per_instance {
+        // With every sandbox of the version taken, calls may be waiting for
+        // one, and would not see an idle instance: its sandbox goes to them.
+        if kept.calls >= self.calls_per_instance || self.sandboxes.available_permits() == 0 {
             return;
         }
         if kept.ticket.is_none() {

@@ -403,10 +403,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
                 Poll::Ready(result)
             }
             Poll::Pending => {
-                let deadline = this.read_deadline();
+                // The waker first: a request that ends between the two
+                // wakes this read, which then arms the idle timer.
                 if this.in_flight.any() {
                     this.in_flight.wait_for_idle(cx);
                 }
+                let deadline = this.read_deadline();
                 let fired = this.arm(cx, deadline.map(|(at, _)| at));
                 if let Some((at, why)) = deadline
                     && fired

@@ -66,7 +66,18 @@ struct Files {
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| file_error(path, e))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking, so that opening a FIFO does not wait for a writer; it
+    // changes nothing for a regular file, the only kind read.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| file_error(path, e))?;
+    let meta = file.metadata().map_err(|e| file_error(path, e))?;
+    if !meta.is_file() {
+        return Err(file_error(path, "not a regular file"));
+    }
     let mut bytes = Vec::new();
     file.take(MAX_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
@@ -184,17 +195,40 @@ pub fn check(config: &TlsConfig) -> Result<(), TlsError> {
 const POLL: Duration = Duration::from_secs(1);
 
 /// Reloads the configuration when its files change, until the listener is
-/// gone. Files that do not load keep the old configuration in force.
+/// gone. Files that do not load keep the old configuration in force. The
+/// files are read on the blocking pool: a hung mount stalls this loop,
+/// never the server.
 async fn watch(tls: Weak<Tls>, config: TlsConfig, mut seen: Files, telemetry: Arc<Telemetry>) {
+    let config = Arc::new(config);
+    // The client CA bundle in force: sessions resume across a reload only
+    // while it stays the same (a resumed session skips client
+    // authentication, so a new rule must not be met by an old session).
+    let mut ca_in_force = seen.client_ca.clone();
+    // The last read failure, warned of and counted once.
+    let mut failing: Option<String> = None;
     loop {
         tokio::time::sleep(POLL).await;
-        let Some(tls) = tls.upgrade() else {
+        if tls.strong_count() == 0 {
             return;
-        };
-        // A file missing for a moment (a swap in progress) is looked at
-        // again next poll.
-        let Ok(now) = Files::read(&config) else {
+        }
+        let files = config.clone();
+        let Ok(read) = tokio::task::spawn_blocking(move || Files::read(&files)).await else {
             continue;
+        };
+        let now = match read {
+            Ok(now) => {
+                failing = None;
+                now
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if failing.as_ref() != Some(&text) {
+                    telemetry.record_tls_reload(false);
+                    tracing::warn!(error = %text, "TLS files cannot be read; the previous ones stay in force");
+                    failing = Some(text);
+                }
+                continue;
+            }
         };
         if now == seen {
             continue;
@@ -202,14 +236,22 @@ async fn watch(tls: Weak<Tls>, config: TlsConfig, mut seen: Files, telemetry: Ar
         let loaded = server_config(&config, &now);
         // Tried again at the next change; a half-written pair usually
         // completes within a poll or two.
+        let ca = now.client_ca.clone();
         seen = now;
+        let Some(tls) = tls.upgrade() else {
+            return;
+        };
         match loaded {
             Ok(mut server) => {
-                // The tickets and the session cache of the configuration
-                // before: clients resume across a reload.
-                let before = tls.current.load();
-                server.session_storage = before.session_storage.clone();
-                server.ticketer = before.ticketer.clone();
+                if ca == ca_in_force {
+                    // The tickets and the session cache of the
+                    // configuration before: clients resume across a
+                    // renewal of the certificate.
+                    let before = tls.current.load();
+                    server.session_storage = before.session_storage.clone();
+                    server.ticketer = before.ticketer.clone();
+                }
+                ca_in_force = ca;
                 // Counted first: whoever sees the new files in force sees
                 // them counted.
                 telemetry.record_tls_reload(true);
@@ -221,5 +263,22 @@ async fn watch(tls: Weak<Tls>, config: TlsConfig, mut seen: Files, telemetry: Ar
                 tracing::warn!(error = %e, "TLS files not reloaded; the previous ones stay in force");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A FIFO named as a certificate is refused at once, not waited on.
+    #[test]
+    fn only_regular_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("cert.pem");
+        let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let err = super::read(&fifo).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        let err = super::read(std::path::Path::new("/dev/zero")).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
     }
 }
