@@ -151,3 +151,45 @@ async fn a_kept_instance_stays_under_its_memory_cap() {
     let reply = gw.infer("hog-kept", &x(1.0)).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
 }
+
+/// A kept instance counts against its version's half of the sandbox pool,
+/// idle or running. With a pool of 4 (2 per version): a call leaves an
+/// instance kept, three long calls follow (one takes the kept instance,
+/// one a fresh sandbox, the third waits for the version's share), and
+/// another version's two calls still find their two sandboxes. Had the
+/// kept instance given its share back, the long calls would hold three of
+/// the four sandboxes and one of the other version's calls would get 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_instances_count_against_their_versions_share_of_the_pool() {
+    let spin = single_version_policy(
+        "spin-share",
+        "spin-loop",
+        "timeout_ms = 60000\ncalls_per_instance = 100",
+    );
+    let other = single_version_policy("spin-other", "spin-loop", "timeout_ms = 60000");
+    let gw = TestGateway::start_configured(&[("a.toml", &spin), ("b.toml", &other)], |o| {
+        o.runtime.max_instances = 4;
+    })
+    .await;
+    let short = gw.infer("spin-share", &x(0.001)).await;
+    assert_eq!(short.status, 200, "{}", short.text());
+    // About a second of spinning each, taking turns on the version's core.
+    let long: Vec<_> = (0..3)
+        .map(|_| gw.spawn_infer("spin-share", &x(1000.0)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        let calls: Vec<_> = (0..2)
+            // Long enough (tens of ms) for the two to overlap.
+            .map(|_| gw.spawn_infer("spin-other", &x(50.0)))
+            .collect();
+        for call in calls {
+            let reply = call.await.expect("request task");
+            assert_eq!(reply.status, 200, "{}", reply.text());
+        }
+    }
+    for call in long {
+        let reply = call.await.expect("request task");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+}
