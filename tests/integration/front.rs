@@ -175,6 +175,37 @@ async fn tls_gateway(tls: gateway::server::TlsConfig) -> TestGateway {
     TestGateway::example_configured(|o| o.server.tls = Some(tls)).await
 }
 
+/// A TLS gateway that requires client certificates `pki` signed.
+async fn mtls_gateway(pki: &Pki) -> TestGateway {
+    let mut tls = pki.write_server("gateway");
+    tls.client_ca = Some(pki.ca_path());
+    tls_gateway(tls).await
+}
+
+/// Whether a request over `connected` (a TLS connection, or the failure
+/// to make one) is answered: with TLS 1.3 a refused client certificate
+/// shows at the first read.
+async fn served(connected: std::io::Result<TlsStream<TcpStream>>, addr: SocketAddr) -> bool {
+    match connected {
+        Err(_) => false,
+        Ok(stream) => http1(stream, infer_request(addr)).await.is_ok(),
+    }
+}
+
+/// Waits until `gateway_tls_reloads_total{outcome}` reaches 1.
+async fn wait_for_tls_reload(gw: &TestGateway, outcome: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while gw
+        .metrics()
+        .await
+        .value("gateway_tls_reloads_total", &[("outcome", outcome)])
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "no TLS reload {outcome} in 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 // ---- TLS and HTTP/2 --------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,9 +377,7 @@ async fn http2_stream_floods_and_resets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificates_are_required_when_configured() {
     let pki = Pki::new("test CA");
-    let mut tls = pki.write_server("gateway");
-    tls.client_ca = Some(pki.ca_path());
-    let gw = tls_gateway(tls).await;
+    let gw = mtls_gateway(&pki).await;
     let ca = pki.ca_pem();
 
     let good = pki.leaf("a client", true);
@@ -361,11 +390,11 @@ async fn client_certificates_are_required_when_configured() {
     // TLS 1.3 the client learns it at its first read).
     let stranger = Pki::new("another CA").leaf("a stranger", true);
     for client in [None, Some(&stranger)] {
-        let refused = match tls_connect(gw.addr, &ca, &[b"http/1.1"], client).await {
-            Err(_) => true,
-            Ok(stream) => http1(stream, infer_request(gw.addr)).await.is_err(),
-        };
-        assert!(refused, "a client without a trusted certificate was served");
+        let connected = tls_connect(gw.addr, &ca, &[b"http/1.1"], client).await;
+        assert!(
+            !served(connected, gw.addr).await,
+            "a client without a trusted certificate was served"
+        );
     }
 
     // The bundle is reloaded when it changes: with the other CA added,
@@ -377,11 +406,8 @@ async fn client_certificates_are_required_when_configured() {
     std::fs::write(pki.ca_path(), bundle).unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let served = match tls_connect(gw.addr, &ca, &[b"http/1.1"], Some(&newcomer)).await {
-            Err(_) => false,
-            Ok(stream) => http1(stream, infer_request(gw.addr)).await.is_ok(),
-        };
-        if served {
+        let connected = tls_connect(gw.addr, &ca, &[b"http/1.1"], Some(&newcomer)).await;
+        if served(connected, gw.addr).await {
             break;
         }
         assert!(
@@ -396,19 +422,7 @@ async fn client_certificates_are_required_when_configured() {
     assert_eq!(http2(stream, infer_request(gw.addr)).await.unwrap().0, 200);
     // A bundle that does not load keeps the one in force.
     std::fs::write(pki.ca_path(), b"not a certificate").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while gw
-        .metrics()
-        .await
-        .value("gateway_tls_reloads_total", &[("outcome", "refused")])
-        < 1.0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the broken bundle was not noticed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_tls_reload(&gw, "refused").await;
     let stream = tls_connect(gw.addr, &ca, &[b"h2"], Some(&newcomer))
         .await
         .unwrap();
@@ -422,9 +436,7 @@ async fn client_certificates_are_required_when_configured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_ca_bundle_is_not_met_by_resumed_sessions() {
     let pki = Pki::new("test CA");
-    let mut tls = pki.write_server("gateway");
-    tls.client_ca = Some(pki.ca_path());
-    let gw = tls_gateway(tls).await;
+    let gw = mtls_gateway(&pki).await;
     let ca = pki.ca_pem();
     let good = pki.leaf("a client", true);
     let config = Arc::new(client_config(&ca, &[b"http/1.1"], Some(&good)));
@@ -442,22 +454,10 @@ async fn a_new_ca_bundle_is_not_met_by_resumed_sessions() {
     }
     // The bundle now names another CA only.
     std::fs::write(pki.ca_path(), Pki::new("another CA").ca_pem()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while gw
-        .metrics()
-        .await
-        .value("gateway_tls_reloads_total", &[("outcome", "loaded")])
-        < 1.0
-    {
-        assert!(Instant::now() < deadline, "the new bundle was not loaded");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let refused = match tls_connect_with(gw.addr, config.clone()).await {
-        Err(_) => true,
-        Ok(stream) => http1(stream, infer_request(gw.addr)).await.is_err(),
-    };
+    wait_for_tls_reload(&gw, "loaded").await;
+    let connected = tls_connect_with(gw.addr, config.clone()).await;
     assert!(
-        refused,
+        !served(connected, gw.addr).await,
         "a session from before the new bundle was resumed and served"
     );
     gw.shutdown().await;
