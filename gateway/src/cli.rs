@@ -14,6 +14,15 @@ use crate::router;
 use crate::runtime::Runtime;
 use crate::server::{self, ServeOptions};
 
+/// A numeric flag within the bounds the configuration file has.
+macro_rules! bounded {
+    ($t:ty, $range:expr) => {
+        clap::value_parser!(i64)
+            .range($range)
+            .map(|v| <$t>::try_from(v).unwrap_or(<$t>::MAX))
+    };
+}
+
 /// Serves machine-learning models, packaged as sandboxed WebAssembly
 /// components, over the Open Inference Protocol (KServe V2 REST).
 #[derive(Parser, Debug)]
@@ -35,15 +44,92 @@ enum Command {
     /// and a policy folder as serving would, compiling every plugin; exit
     /// non-zero listing every problem.
     Check(PolicyArgs),
+    /// Tools for plugin authors: run a plugin on a request, test it, or
+    /// start a new one; no server needed.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
 }
 
-/// A numeric flag within the bounds the configuration file has.
-macro_rules! bounded {
-    ($t:ty, $range:expr) => {
-        clap::value_parser!(i64)
-            .range($range)
-            .map(|v| <$t>::try_from(v).unwrap_or(<$t>::MAX))
-    };
+#[derive(Subcommand, Debug)]
+enum PluginCommand {
+    /// Answer one V2 inference request with a plugin, as the gateway would
+    /// (the answer on stdout, exit 1 on an error answer).
+    Run(PluginRunArgs),
+    /// Run the conformance suite on a plugin: info(), infer on inputs made
+    /// from its declared shapes and datatypes (batches of 1, many and
+    /// none, zeros, extreme values), outputs against the declaration,
+    /// determinism, time and memory; exit 1 on any failure.
+    Test(PluginTestArgs),
+    /// Write a new plugin project (source, WIT, a unit test, a policy)
+    /// that builds, tests and serves as it is.
+    New(PluginNewArgs),
+}
+
+#[derive(Args, Debug)]
+struct PluginArgs {
+    /// The plugin: a path to a component (`.wasm`), or a name looked up in
+    /// the --plugin-dir folders, then among the plugins built with the
+    /// gateway (`-` and `_` alike).
+    plugin: String,
+    /// Folder where a bare plugin name is looked up; may be repeated.
+    #[arg(long = "plugin-dir", value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
+    /// The call's deadline, as a policy's `limits.timeout_ms`.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = bounded!(u64, 1..=600_000))]
+    timeout_ms: u64,
+    /// The call's memory cap, as a policy's `limits.memory_mebibytes`.
+    #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = bounded!(usize, config::MEBIBYTES))]
+    memory_mebibytes: usize,
+    /// Random numbers, as a policy's `grants.random`.
+    #[arg(long, value_name = "GRANT", default_value = "seeded", value_parser = ["seeded", "real", "none"])]
+    random: String,
+    /// Clocks, as a policy's `grants.clocks`.
+    #[arg(long, value_name = "GRANT", default_value = "fixed", value_parser = ["fixed", "real", "none"])]
+    clocks: String,
+    /// The seed of seeded random numbers, as a policy's `grants.seed`.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    seed: u64,
+    /// An ONNX model the plugin may load through wasi:nn, as a policy's
+    /// `models`; may be repeated.
+    #[arg(long = "model", value_name = "NAME=FILE")]
+    models: Vec<String>,
+    /// Folder of compiled plugins (see `gateway serve --compile-cache`).
+    #[arg(long, value_name = "DIR", env = "GATEWAY_COMPILE_CACHE")]
+    compile_cache: Option<PathBuf>,
+    /// Compile the plugin, keeping nothing on disk.
+    #[arg(long, conflicts_with = "compile_cache")]
+    no_compile_cache: bool,
+}
+
+#[derive(Args, Debug)]
+struct PluginRunArgs {
+    #[command(flatten)]
+    plugin: PluginArgs,
+    /// The V2 inference request (JSON); `-` reads it from stdin.
+    #[arg(long, value_name = "FILE")]
+    input: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct PluginTestArgs {
+    #[command(flatten)]
+    plugin: PluginArgs,
+    /// V2 inference requests to run too: one JSON request, a JSON array of
+    /// them, or one per line.
+    #[arg(long, value_name = "FILE")]
+    inputs: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct PluginNewArgs {
+    /// The plugin's name: lower-case letters, digits and `-`.
+    name: String,
+    /// The language of the project.
+    #[arg(long, value_enum, default_value = "rust")]
+    lang: crate::author::Lang,
+    /// Where to write it [default: ./NAME].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -64,6 +150,15 @@ struct PolicyArgs {
     /// Largest memory cap a policy may set, in MiB [default: 1024].
     #[arg(long, value_name = "MIB", value_parser = bounded!(usize, config::MEBIBYTES))]
     max_memory_mebibytes: Option<usize>,
+    /// Folder where compiled plugins are kept between runs, keyed by the
+    /// component's SHA-256 and the engine's settings; it must be writable
+    /// by this user only. By default $XDG_CACHE_HOME/wasm-model-gateway/compiled,
+    /// else ~/.cache/wasm-model-gateway/compiled.
+    #[arg(long, value_name = "DIR", env = "GATEWAY_COMPILE_CACHE")]
+    compile_cache: Option<PathBuf>,
+    /// Compile every plugin at every start, keeping nothing on disk.
+    #[arg(long, conflicts_with = "compile_cache")]
+    no_compile_cache: bool,
 }
 
 #[derive(Args, Debug)]
@@ -249,6 +344,14 @@ impl PolicyArgs {
             self.max_memory_mebibytes,
             mebibytes
         );
+        flag!(
+            settings.options.runtime.compile_cache,
+            self.compile_cache.clone(),
+            Some
+        );
+        if self.no_compile_cache {
+            settings.options.runtime.compile_cache = None;
+        }
         Ok(settings)
     }
 }
@@ -345,6 +448,7 @@ pub fn main() -> ExitCode {
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(crate::process::release_idle_memory)
         .build()
     {
         Ok(runtime) => runtime,
@@ -357,6 +461,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Check(args) => check(args).await,
+            Command::Plugin(command) => plugin(command).await,
         }
     })
 }
@@ -565,6 +670,136 @@ async fn check(args: PolicyArgs) -> ExitCode {
     }
 }
 
+impl PluginArgs {
+    /// The plugin's file and how to run it.
+    fn resolve(&self) -> Result<(PathBuf, crate::author::Settings), String> {
+        use crate::contract::{ClockGrant, Grants, RandomGrant};
+        let mut dirs = self.plugin_dirs.clone();
+        dirs.push(PathBuf::from(crate::artifacts::BUILT_PLUGIN_DIR));
+        let path = crate::author::resolve(&self.plugin, &dirs)?;
+        let mut models = Vec::new();
+        for spec in &self.models {
+            let (name, file) = spec
+                .split_once('=')
+                .ok_or_else(|| format!("--model {spec}: write NAME=FILE"))?;
+            models.push((name.to_string(), PathBuf::from(file)));
+        }
+        let grants = Grants {
+            random: match self.random.as_str() {
+                "real" => RandomGrant::Real,
+                "none" => RandomGrant::Denied,
+                _ => RandomGrant::Seeded,
+            },
+            clocks: match self.clocks.as_str() {
+                "real" => ClockGrant::Real,
+                "none" => ClockGrant::Denied,
+                _ => ClockGrant::Fixed,
+            },
+            seed: self.seed,
+        };
+        let compile_cache = if self.no_compile_cache {
+            None
+        } else {
+            self.compile_cache
+                .clone()
+                .or_else(crate::runtime::cache::default_dir)
+        };
+        Ok((
+            path,
+            crate::author::Settings {
+                timeout: Duration::from_millis(self.timeout_ms),
+                memory_bytes: mebibytes(self.memory_mebibytes),
+                grants,
+                models,
+                compile_cache,
+            },
+        ))
+    }
+
+    async fn load(&self) -> Result<(crate::author::Loaded, crate::author::Settings), String> {
+        let (path, settings) = self.resolve()?;
+        let loaded = crate::author::Loaded::load(&path, &settings).await?;
+        Ok((loaded, settings))
+    }
+}
+
+async fn plugin(command: PluginCommand) -> ExitCode {
+    let outcome = match command {
+        PluginCommand::Run(args) => plugin_run(args).await,
+        PluginCommand::Test(args) => plugin_test(args).await,
+        PluginCommand::New(args) => plugin_new(args),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A request file, or stdin for `-`.
+fn read_input(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    if path == std::path::Path::new("-") {
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut body)
+            .map_err(|e| format!("stdin: {e}"))?;
+        Ok(body)
+    } else {
+        std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+async fn plugin_run(args: PluginRunArgs) -> Result<ExitCode, String> {
+    let body = read_input(&args.input)?;
+    let (loaded, settings) = args.plugin.load().await?;
+    let (status, answer) = crate::author::run(&loaded, &body, &settings).await;
+    println!("{answer}");
+    Ok(if status == 200 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("status {status}");
+        ExitCode::FAILURE
+    })
+}
+
+async fn plugin_test(args: PluginTestArgs) -> Result<ExitCode, String> {
+    let requests = match &args.inputs {
+        None => Vec::new(),
+        Some(file) => crate::author::requests(file, &read_input(file)?)?,
+    };
+    let (loaded, settings) = args.plugin.load().await?;
+    let report = crate::author::conformance(&loaded, &settings, &requests).await;
+    for line in &report.lines {
+        println!("{line}");
+    }
+    if report.failures == 0 {
+        println!(
+            "plugin `{}` passed all {} checks",
+            loaded.plugin.name(),
+            report.lines.len()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "plugin `{}` failed {} of {} checks",
+            loaded.plugin.name(),
+            report.failures,
+            report.lines.len()
+        );
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn plugin_new(args: PluginNewArgs) -> Result<ExitCode, String> {
+    let dir = args.dir.unwrap_or_else(|| PathBuf::from(&args.name));
+    let files = crate::author::new_project(&args.name, args.lang, &dir)?;
+    for file in &files {
+        println!("wrote {}", file.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -575,7 +810,7 @@ mod tests {
         let cli = Cli::try_parse_from(["gateway", "serve"].iter().chain(args)).unwrap();
         match cli.command {
             Command::Serve(args) => *args,
-            Command::Check(_) => unreachable!(),
+            Command::Check(_) | Command::Plugin(_) => unreachable!(),
         }
     }
 

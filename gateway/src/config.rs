@@ -79,11 +79,14 @@ pub(crate) struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        let options = ServeOptions::new(
+        let mut options = ServeOptions::new(
             SocketAddr::from(([127, 0, 0, 1], 8080)),
             PathBuf::from("policies"),
             Vec::new(),
         );
+        // The binary keeps compiled plugins (the library's default is none,
+        // so tests and embedders choose).
+        options.runtime.compile_cache = crate::runtime::cache::default_dir();
         Settings {
             reload_debounce: options.watch_debounce.unwrap_or(Duration::from_millis(500)),
             options,
@@ -203,6 +206,15 @@ struct PoliciesTable {
     watch: Option<bool>,
     reload_debounce_ms: Int,
     allow_empty: Option<bool>,
+    compile_cache: Option<CompileCache>,
+}
+
+/// `policies.compile_cache`: a folder, or `false` for none.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CompileCache {
+    Folder(String),
+    Enabled(bool),
 }
 
 #[derive(Deserialize)]
@@ -394,6 +406,23 @@ impl Reader<'_> {
             s.plugin_dirs = dirs;
         }
         set!(s.watch, p.watch);
+        match &p.compile_cache {
+            None => {}
+            Some(CompileCache::Folder(dir)) if dir.is_empty() => {
+                self.errors.push(PolicyError::key(
+                    self.file,
+                    "policies.compile_cache",
+                    "is empty; name a folder, or write `false` for no cache",
+                ));
+            }
+            Some(CompileCache::Folder(dir)) => {
+                s.options.runtime.compile_cache = Some(self.base.join(dir));
+            }
+            Some(CompileCache::Enabled(false)) => s.options.runtime.compile_cache = None,
+            Some(CompileCache::Enabled(true)) => {
+                s.options.runtime.compile_cache = crate::runtime::cache::default_dir();
+            }
+        }
         set!(
             s.reload_debounce,
             self.millis(

@@ -30,15 +30,97 @@ pub struct CallLimits {
     pub timeout: Duration,
     /// Total bytes of linear memory across all the plugin's memories.
     pub memory_bytes: usize,
+    /// What the call may read of the world: random numbers and clocks.
+    pub grants: Grants,
 }
 
 impl CallLimits {
-    /// Limits for a call whose budget starts now.
+    /// Limits for a call whose budget starts now, with the default grants.
     pub fn starting_now(timeout: Duration, memory_bytes: usize) -> Self {
         CallLimits {
             deadline: Instant::now() + timeout,
             timeout,
             memory_bytes,
+            grants: Grants::default(),
+        }
+    }
+
+    /// The same limits with `grants`.
+    pub fn with_grants(self, grants: Grants) -> Self {
+        CallLimits { grants, ..self }
+    }
+}
+
+/// What a plugin may read of the world beyond its inputs. Language
+/// runtimes read random numbers and clocks when they start (CPython seeds
+/// its hashes, a Rust `HashMap` its hasher, JavaScript engines read the
+/// time), so both are granted by default, as deterministic stand-ins: the
+/// same input gives the same output, on every replica and in a replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grants {
+    pub random: RandomGrant,
+    pub clocks: ClockGrant,
+    /// The seed of `RandomGrant::Seeded`: every call's random numbers
+    /// start from it.
+    pub seed: u64,
+}
+
+impl Default for Grants {
+    fn default() -> Self {
+        Grants {
+            random: RandomGrant::Seeded,
+            clocks: ClockGrant::Fixed,
+            seed: 0,
+        }
+    }
+}
+
+/// What `wasi:random` answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RandomGrant {
+    /// A stream that starts from the version's seed at every call.
+    Seeded,
+    /// The operating system's random numbers.
+    Real,
+    /// Calling `wasi:random` fails the call (`NotGranted`).
+    Denied,
+}
+
+/// What `wasi:clocks` answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClockGrant {
+    /// Virtual time: every call starts at [`FIXED_WALL_CLOCK_SECS`] on the
+    /// wall clock and at 0 on the monotonic clock; both advance only when
+    /// the plugin waits on a clock, and a wait returns at once.
+    Fixed,
+    /// The host's clocks; a wait ends at the call's deadline at the latest.
+    Real,
+    /// Calling `wasi:clocks` fails the call (`NotGranted`).
+    Denied,
+}
+
+/// Where the fixed wall clock stands at the start of every call:
+/// 2000-01-01T00:00:00Z, far enough from 0 that date code works.
+pub const FIXED_WALL_CLOCK_SECS: u64 = 946_684_800;
+
+impl RandomGrant {
+    /// The name a policy uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RandomGrant::Seeded => "seeded",
+            RandomGrant::Real => "real",
+            RandomGrant::Denied => "none",
+        }
+    }
+}
+
+impl ClockGrant {
+    /// The name a policy uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClockGrant::Fixed => "fixed",
+            ClockGrant::Real => "real",
+            ClockGrant::Denied => "none",
         }
     }
 }
@@ -124,7 +206,8 @@ impl fmt::Display for PluginError {
             PluginError::StackOverflow => f.write_str("overflowed its stack"),
             PluginError::NotGranted(import) => write!(
                 f,
-                "called `{import}`, which plugins are not granted (no clocks, random numbers, files or network)"
+                "called `{import}`, which it is not granted (plugins get no files, network or \
+                 environment; random numbers and clocks as the policy's `grants` say)"
             ),
             PluginError::Trap(m) => write!(f, "trapped: {m}"),
             PluginError::MalformedOutput(m) => write!(f, "returned a malformed output: {m}"),
@@ -138,12 +221,59 @@ fn mebibytes(bytes: usize) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-/// A fingerprint of a component's bytes: a reload recompiles a plugin only
+/// The SHA-256 of an artifact's bytes (a plugin component, an ONNX
+/// model): what model metadata and the admin API report, so an answer can
+/// be traced to the exact file that made it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Sha256(pub [u8; 32]);
+
+impl Sha256 {
+    pub fn of(bytes: &[u8]) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+        let mut out = [0; 32];
+        out.copy_from_slice(digest.as_ref());
+        Sha256(out)
+    }
+
+    /// The first 64 bits, as a quick fingerprint.
+    pub fn short(&self) -> u64 {
+        let mut first = [0; 8];
+        first.copy_from_slice(&self.0[..8]);
+        u64::from_be_bytes(first)
+    }
+}
+
+impl fmt::Display for Sha256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for Sha256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{self}")
+    }
+}
+
+/// A fingerprint of an artifact's bytes: a reload recompiles a plugin only
 /// when it changes.
 pub fn content_hash(bytes: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    // Fixed keys: the same bytes give the same hash for the process's life.
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    hasher.finish()
+    Sha256::of(bytes).short()
+}
+
+/// FNV-1a over `bytes`: a hash that is the same in every process, machine
+/// and release (routing points and default seeds depend on it).
+pub fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes.into_iter().fold(OFFSET, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+    })
+}
+
+/// The splitmix64 finalizer: spreads similar inputs over all 64 bits.
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }

@@ -10,6 +10,7 @@
 #![deny(unreachable_pub)]
 
 pub(crate) mod admin;
+pub mod author;
 pub mod cli;
 pub(crate) mod config;
 pub mod contract;

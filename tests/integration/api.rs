@@ -32,9 +32,27 @@ async fn model_metadata_and_readiness() {
     ]);
     let model = gw.get("/v2/models/time-to-merge").await;
     assert_eq!(model.status, 200);
+    // The V2 fields, then what traces an answer to the files behind it.
+    let built =
+        std::path::Path::new(gateway::artifacts::BUILT_PLUGIN_DIR).join("ttm-rules-v1.wasm");
+    let sha256 = gateway::contract::Sha256::of(&std::fs::read(built).unwrap()).to_string();
     assert_eq!(
         model.json(),
-        json!({"name": TTM, "versions": ["v1", "v2", "v3"], "platform": "wasm-component", "inputs": features, "outputs": outputs})
+        json!({"name": TTM, "versions": ["v1", "v2", "v3"], "platform": "wasm-component",
+               "inputs": features, "outputs": outputs, "model_version": "v1",
+               "plugin": {"name": "ttm-rules-v1", "file": "ttm-rules-v1.wasm", "sha256": sha256,
+                          "reported_name": "ttm-rules", "reported_version": "1.0.0",
+                          "description": "time-to-merge bucket from change size and discussion length"},
+               // The default seed: a hash of the model's and the version's
+               // names (golden: a seeded plugin's answers must not change).
+               "grants": {"random": "seeded", "clocks": "fixed", "seed": 12306227363655422524_u64}})
+    );
+    let v2 = gw.get("/v2/models/time-to-merge/versions/v2").await.json();
+    let model_file = gw.policy_dir().join("models/ttm-v2.onnx");
+    assert_eq!(
+        v2["models"],
+        json!([{"name": "classifier", "file": "ttm-v2.onnx",
+                "sha256": gateway::contract::Sha256::of(&std::fs::read(model_file).unwrap()).to_string()}])
     );
     let version = gw.get("/v2/models/time-to-merge/versions/v2").await;
     assert_eq!(version.status, 200);

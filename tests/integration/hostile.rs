@@ -250,41 +250,6 @@ async fn malformed_outputs_are_a_500_naming_the_defect() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plugins_get_no_clock_randomness_files_or_network() {
-    let gw = gateway_with("probe", "wasi-probe", "").await;
-    for (m, import) in [
-        (0, "wasi:clocks/wall-clock"),
-        (1, "wasi:random/"),
-        (2, "wasi:filesystem/"),
-        (3, "wasi:sockets/"),
-    ] {
-        gw.infer("probe", &mode(m)).await.assert_error(
-            500,
-            &[
-                "plugin `wasi-probe` called `",
-                import,
-                "which plugins are not granted",
-            ],
-        );
-    }
-    // The environment is granted and empty; stdout and stderr are captured.
-    let env = gw.infer("probe", &mode(4)).await;
-    assert_eq!(env.status, 200, "{}", env.text());
-    assert_eq!(env.json()["outputs"][0]["data"], json!([0.0]));
-    let print = gw.infer("probe", &mode(5)).await;
-    assert_eq!(print.status, 200, "{}", print.text());
-    let m = gw.metrics().await;
-    assert_eq!(
-        m.value(
-            "gateway_plugin_errors_total",
-            &[("model", "probe"), ("kind", "not_granted")]
-        ),
-        4.0
-    );
-    gw.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_at_its_concurrency_limit_answers_503() {
     let gw = gateway_with(
         "busy",

@@ -3,13 +3,16 @@
 //! whole project (a binary per file would multiply link time).
 
 mod api;
+mod authoring;
 mod bad_input;
 mod binary;
 mod bounds;
 mod compat;
 mod config;
 mod front;
+mod grants;
 mod hostile;
+mod languages;
 mod memory;
 mod monitoring;
 mod onnx;

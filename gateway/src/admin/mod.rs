@@ -82,6 +82,11 @@ impl Reloader {
         self.runtime.telemetry()
     }
 
+    /// The runtime that loads and runs the served plugins.
+    pub(crate) fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
     /// The plugin and model files the served policies name.
     pub(crate) fn artifact_files(&self) -> BTreeSet<PathBuf> {
         let snapshot = self.snapshot();
@@ -272,9 +277,12 @@ fn describe(m: &Model) -> Vec<(String, String)> {
         aspects.push((
             format!("version `{}`", v.name),
             format!(
-                "{} ({:016x}), timeout {} ms, memory {} MiB, concurrency {}+{}, {} calls per instance, {} in parallel, outputs up to {} MiB, breaker {} failures / {} ms, description {:?}",
+                "{} ({:016x}), random {} (seed {}), clocks {}, timeout {} ms, memory {} MiB, concurrency {}+{}, {} calls per instance, {} in parallel, outputs up to {} MiB, breaker {} failures / {} ms, description {:?}",
                 v.backend.describe(),
                 v.backend.content_hash(),
+                v.grants.random.as_str(),
+                v.grants.seed,
+                v.grants.clocks.as_str(),
                 v.limits.timeout.as_millis(),
                 v.limits.memory_bytes >> 20,
                 v.limits.max_concurrency,
@@ -338,6 +346,9 @@ pub struct VersionView {
     /// The models the plugin may run through wasi:nn: name -> file.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub models: BTreeMap<String, String>,
+    /// Each file's SHA-256 and what the plugin reports of itself.
+    pub provenance: crate::runtime::Provenance,
+    pub grants: GrantsView,
     pub timeout_ms: u128,
     pub memory_mebibytes: usize,
     pub max_concurrency: u32,
@@ -349,6 +360,25 @@ pub struct VersionView {
     pub breaker_cooldown_ms: u128,
     /// Whether the circuit breaker is open now.
     pub circuit_open: bool,
+}
+
+/// What a version's plugin may read of random numbers and clocks.
+#[derive(Serialize)]
+pub struct GrantsView {
+    pub random: &'static str,
+    pub clocks: &'static str,
+    /// The seed of `seeded` random numbers.
+    pub seed: u64,
+}
+
+impl GrantsView {
+    pub(crate) fn of(grants: &crate::contract::Grants) -> Self {
+        GrantsView {
+            random: grants.random.as_str(),
+            clocks: grants.clocks.as_str(),
+            seed: grants.seed,
+        }
+    }
 }
 
 impl ModelView {
@@ -393,6 +423,8 @@ impl ModelView {
                             .collect(),
                         Backend::Onnx(_) => BTreeMap::new(),
                     },
+                    provenance: v.backend.provenance(),
+                    grants: GrantsView::of(&v.grants),
                     timeout_ms: v.limits.timeout.as_millis(),
                     memory_mebibytes: v.limits.memory_bytes >> 20,
                     max_concurrency: v.limits.max_concurrency,

@@ -70,7 +70,7 @@ type Plan = TypedSimplePlan;
 pub struct OnnxModel {
     name: String,
     path: PathBuf,
-    content_hash: u64,
+    sha256: crate::contract::Sha256,
     plan: Arc<Plan>,
     info: ModelInfo,
     /// tract's datum type of each input, in `info.inputs` order.
@@ -141,7 +141,7 @@ impl OnnxModel {
         Ok(OnnxModel {
             name,
             path: path.to_path_buf(),
-            content_hash: crate::contract::content_hash(bytes),
+            sha256: crate::contract::Sha256::of(bytes),
             plan,
             info,
             input_types,
@@ -158,7 +158,12 @@ impl OnnxModel {
     }
 
     pub fn content_hash(&self) -> u64 {
-        self.content_hash
+        self.sha256.short()
+    }
+
+    /// The SHA-256 of the model file.
+    pub fn sha256(&self) -> crate::contract::Sha256 {
+        self.sha256
     }
 
     /// The model's V2 signature, from the ONNX graph's inputs and outputs.

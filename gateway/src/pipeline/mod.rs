@@ -330,7 +330,8 @@ impl<'a> Call<'a> {
     /// a client takes to upload is never charged to the plugin.
     async fn run(&mut self, inputs: &[Tensor], wait: Wait) -> Result<Vec<Tensor>, Error> {
         let version = self.version;
-        let limits = CallLimits::starting_now(version.limits.timeout, version.limits.memory_bytes);
+        let limits = CallLimits::starting_now(version.limits.timeout, version.limits.memory_bytes)
+            .with_grants(version.grants);
         let _slot = match wait {
             Wait::UntilDeadline => version
                 .admit(limits.deadline)

@@ -14,6 +14,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::contract::{ClockGrant, Grants, RandomGrant};
+
 mod schema;
 pub use schema::{Allowed, FeatureRule, InputRule, Mode, Monitoring, Reference, Schema};
 
@@ -118,6 +120,8 @@ pub struct VersionPolicy {
     /// them with (`[versions.<v>.models]`); empty for an ONNX-only version.
     pub models: Vec<ModelFile>,
     pub limits: Limits,
+    /// What its plugin may read of random numbers and clocks.
+    pub grants: Grants,
 }
 
 /// What serves a version.
@@ -227,6 +231,8 @@ struct PolicyFile {
     #[serde(default)]
     limits: Option<LimitsTable>,
     #[serde(default)]
+    grants: Option<GrantsTable>,
+    #[serde(default)]
     canary: Option<CanaryTable>,
     #[serde(default)]
     shadow: Option<ShadowTable>,
@@ -274,6 +280,16 @@ struct VersionTable {
     description: Option<String>,
     #[serde(default)]
     limits: Option<LimitsTable>,
+    #[serde(default)]
+    grants: Option<GrantsTable>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct GrantsTable {
+    random: Option<Spanned<String>>,
+    clocks: Option<Spanned<String>>,
+    seed: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -392,6 +408,14 @@ pub fn parse(
             options,
             &mut errors,
         );
+        let grants = resolve_grants(
+            &model,
+            name.get_ref(),
+            [raw.grants.as_ref(), table.grants.as_ref()],
+            &key,
+            &at,
+            &mut errors,
+        );
         let serving = match (&table.plugin, &table.onnx) {
             (Some(plugin), None) => {
                 let location = at(plugin.span(), &format!("{key}.plugin"));
@@ -447,6 +471,7 @@ pub fn parse(
                 serving_location,
                 models,
                 limits,
+                grants,
             }),
             Err(e) => errors.push(e),
         }
@@ -598,6 +623,66 @@ pub fn parse(
     })
 }
 
+/// A version's grants: the defaults, then the model's `[grants]`, then
+/// the version's own `grants`. Without a `seed`, the seed is a hash of the
+/// model's and the version's names: stable across restarts and replicas,
+/// and different for each version.
+fn resolve_grants(
+    model: &str,
+    version: &str,
+    tables: [Option<&GrantsTable>; 2],
+    version_key: &str,
+    at: &impl Fn(std::ops::Range<usize>, &str) -> Location,
+    errors: &mut Vec<PolicyError>,
+) -> Grants {
+    let mut grants = Grants {
+        seed: crate::contract::fnv1a64(model.bytes().chain([0]).chain(version.bytes())),
+        ..Grants::default()
+    };
+    for (table, prefix) in tables
+        .into_iter()
+        .zip(["grants".to_string(), format!("{version_key}.grants")])
+    {
+        let Some(table) = table else { continue };
+        if let Some(random) = &table.random {
+            match random.get_ref().as_str() {
+                "seeded" => grants.random = RandomGrant::Seeded,
+                "real" => grants.random = RandomGrant::Real,
+                "none" => grants.random = RandomGrant::Denied,
+                other => errors.push(PolicyError::at(
+                    &at(random.span(), &format!("{prefix}.random")),
+                    format!("`{other}` is not one of `seeded`, `real`, `none`"),
+                )),
+            }
+        }
+        if let Some(clocks) = &table.clocks {
+            match clocks.get_ref().as_str() {
+                "fixed" => grants.clocks = ClockGrant::Fixed,
+                "real" => grants.clocks = ClockGrant::Real,
+                "none" => grants.clocks = ClockGrant::Denied,
+                other => errors.push(PolicyError::at(
+                    &at(clocks.span(), &format!("{prefix}.clocks")),
+                    format!("`{other}` is not one of `fixed`, `real`, `none`"),
+                )),
+            }
+        }
+        if let Some(seed) = &table.seed {
+            match u64::try_from(*seed.get_ref()) {
+                Ok(value) => grants.seed = value,
+                Err(_) => errors.push(PolicyError::at(
+                    &at(seed.span(), &format!("{prefix}.seed")),
+                    format!(
+                        "{} is out of range; allowed: 0 to {}",
+                        seed.get_ref(),
+                        i64::MAX
+                    ),
+                )),
+            }
+        }
+    }
+    grants
+}
+
 fn resolve_limits(
     base: Limits,
     table: Option<&LimitsTable>,
@@ -697,7 +782,7 @@ fn resolve_model(file: &str, policy_dir: &Path) -> Result<PathBuf, String> {
 
 /// A path (`plugins/x.wasm`, relative to the policy file) or a bare name
 /// looked up in the plugin folders.
-fn resolve_plugin(
+pub(crate) fn resolve_plugin(
     plugin: &str,
     policy_dir: &Path,
     plugin_dirs: &[PathBuf],
@@ -714,9 +799,13 @@ fn resolve_plugin(
         };
     }
     let file = format!("{plugin}.wasm");
+    // Cargo names a crate's component with `_` where the crate name has
+    // `-` (`const-label` builds `const_label.wasm`): either spelling finds
+    // either file, the name as written first, in each folder in turn.
+    let other = format!("{}.wasm", swap_separators(plugin));
     if let Some(path) = plugin_dirs
         .iter()
-        .map(|d| d.join(&file))
+        .flat_map(|d| [d.join(&file), d.join(&other)])
         .find(|p| p.is_file())
     {
         return Ok(path);
@@ -733,6 +822,16 @@ fn resolve_plugin(
             searched.join(", ")
         }
     ))
+}
+
+/// `a-b_c` as `a_b_c` when it has a `-`, else as `a-b-c`: the other way
+/// Cargo may have spelled a crate's file.
+fn swap_separators(name: &str) -> String {
+    if name.contains('-') {
+        name.replace('-', "_")
+    } else {
+        name.replace('_', "-")
+    }
 }
 
 /// A TOML file that does not parse, or does not fit its schema (an
@@ -852,6 +951,28 @@ mod tests {
             e[3],
             "D/m.toml:2:12: `champion`: `v9` is not a version of this model (versions: v1)"
         );
+    }
+
+    #[test]
+    fn plugin_names_match_either_separator() {
+        let dir = fixture();
+        std::fs::write(dir.path().join("const_label.wasm"), b"").unwrap();
+        std::fs::write(dir.path().join("rules-v1.wasm"), b"").unwrap();
+        let dirs = [dir.path().to_path_buf()];
+        let found = |name: &str| resolve_plugin(name, dir.path(), &dirs);
+        assert_eq!(
+            found("const-label"),
+            Ok(dir.path().join("const_label.wasm"))
+        );
+        assert_eq!(
+            found("const_label"),
+            Ok(dir.path().join("const_label.wasm"))
+        );
+        assert_eq!(found("rules_v1"), Ok(dir.path().join("rules-v1.wasm")));
+        // The name as written wins where both files exist.
+        std::fs::write(dir.path().join("rules_v1.wasm"), b"").unwrap();
+        assert_eq!(found("rules_v1"), Ok(dir.path().join("rules_v1.wasm")));
+        assert!(found("const-labels").is_err());
     }
 
     #[test]

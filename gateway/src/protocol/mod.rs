@@ -616,12 +616,16 @@ pub struct ServerMetadata<'a> {
 
 /// `GET /v2/models/{model}[/versions/{version}]`: model metadata.
 #[derive(Serialize)]
-pub struct ModelMetadata<'a> {
+pub struct ModelMetadata<'a, E: Serialize> {
     pub name: &'a str,
     pub versions: Vec<&'a str>,
     pub platform: &'a str,
     pub inputs: Vec<SpecJson<'a>>,
     pub outputs: Vec<SpecJson<'a>>,
+    /// What the gateway adds to the protocol's fields (V2 clients ignore
+    /// keys they do not know).
+    #[serde(flatten)]
+    pub extra: E,
 }
 
 /// One input or output in model metadata.

@@ -95,6 +95,36 @@ pub(super) async fn build(
                     continue;
                 }
             };
+            if let Backend::Plugin { plugin, models } = &backend
+                && plugin.imports_nn()
+                && models.iter().next().is_none()
+            {
+                errors.push(PolicyError::at(
+                    &v.serving_location,
+                    format!(
+                        "plugin `{}` imports wasi:nn (it runs trained models on the host), but version `{}` declares no `models` for it, so every call would fail: add `models = {{ <name> = \"<file>.onnx\" }}` with the names it loads",
+                        plugin.name(),
+                        v.name
+                    ),
+                ));
+                continue;
+            }
+            if let Backend::Plugin { plugin, .. } = &backend
+                && (v.grants.random == crate::contract::RandomGrant::Denied
+                    || v.grants.clocks == crate::contract::ClockGrant::Denied)
+                && let Err(crate::contract::PluginError::NotGranted(import)) =
+                    plugin.starts_under(v.limits.memory_bytes, v.grants).await
+            {
+                errors.push(PolicyError::at(
+                    &v.serving_location,
+                    format!(
+                        "plugin `{}` calls `{import}` when it starts (in info()), which version `{}` does not grant, so every call would fail: allow it in `grants`",
+                        plugin.name(),
+                        v.name
+                    ),
+                ));
+                continue;
+            }
             if v.limits.memory_bytes < backend.startup_memory_bytes() {
                 errors.push(PolicyError::at(
                     &v.serving_location,
@@ -110,6 +140,7 @@ pub(super) async fn build(
             let reusable = old.and_then(|m| m.versions.get(&v.name)).filter(|o| {
                 o.backend.same_as(&backend)
                     && o.limits == v.limits
+                    && o.grants == v.grants
                     && o.description == v.description
             });
             let version = match reusable {
@@ -148,6 +179,7 @@ fn new_version(model: &str, v: &VersionPolicy, backend: Backend, runtime: &Runti
         description: v.description.clone(),
         backend,
         limits: v.limits,
+        grants: v.grants,
         label_output,
         metrics: super::VersionMetrics::new(runtime.telemetry().clone()),
         error_log: Default::default(),
@@ -163,6 +195,63 @@ fn new_version(model: &str, v: &VersionPolicy, backend: Backend, runtime: &Runti
 
 /// Wires the champion, canary and shadows of one model (the policy module
 /// has checked that they name existing, distinct versions).
+/// A canary answers clients in the champion's place, so its outputs must
+/// be the champion's (names and datatypes); a challenger is compared with
+/// the champion, so it must have at least the champion's outputs.
+fn same_outputs(
+    policy: &ModelPolicy,
+    key: &str,
+    champion: &Version,
+    other: &Version,
+    exactly: bool,
+) -> Result<(), PolicyError> {
+    let outputs = |v: &Version| -> Vec<(String, Datatype)> {
+        let mut o: Vec<_> = v
+            .backend
+            .info()
+            .outputs
+            .iter()
+            .map(|o| (o.name.clone(), o.datatype))
+            .collect();
+        o.sort_by(|a, b| a.0.cmp(&b.0));
+        o
+    };
+    let (theirs, ours) = (outputs(champion), outputs(other));
+    let fits = if exactly {
+        theirs == ours
+    } else {
+        theirs.iter().all(|o| ours.contains(o))
+    };
+    if fits {
+        return Ok(());
+    }
+    let list = |outputs: &[(String, Datatype)]| {
+        outputs
+            .iter()
+            .map(|(name, datatype)| format!("`{name}` {}", datatype.as_v2()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(PolicyError::key(
+        &policy.file,
+        key,
+        format!(
+            "version `{}` ({}) answers {}, but the champion `{}` ({}) answers {}: {}",
+            other.name,
+            other.backend.describe(),
+            list(&ours),
+            champion.name,
+            champion.backend.describe(),
+            list(&theirs),
+            if exactly {
+                "a canary answers in the champion's place, so it needs the same output names and datatypes"
+            } else {
+                "a challenger is compared with the champion, so it needs every output of the champion, with the same datatype"
+            }
+        ),
+    ))
+}
+
 fn assemble(
     policy: ModelPolicy,
     versions: BTreeMap<String, Arc<Version>>,
@@ -188,6 +277,9 @@ fn assemble(
             })?,
         }),
     };
+    if let Some(canary) = &canary {
+        same_outputs(&policy, "canary.version", &champion, &canary.version, true)?;
+    }
     let shadow = match &policy.shadow {
         None => None,
         Some(s) => {
@@ -196,6 +288,9 @@ fn assemble(
                 .iter()
                 .map(|v| version(v))
                 .collect::<Result<Vec<_>, _>>()?;
+            for challenger in &challengers {
+                same_outputs(&policy, "shadow.versions", &champion, challenger, false)?;
+            }
             if let Some(output) = &s.compare_output {
                 for v in std::iter::once(&champion)
                     .chain(canary.as_ref().map(|c| &c.version))

@@ -25,7 +25,7 @@ pub use admission::AdmissionError;
 pub use build::load;
 pub use metrics::VersionMetrics;
 
-use crate::contract::{CallLimits, PluginError};
+use crate::contract::{CallLimits, PluginError, fnv1a64, mix64};
 use crate::policy::{Limits, ModelPolicy};
 use crate::runtime::{Backend, InstancePool};
 use crate::telemetry::LogLimiter;
@@ -81,6 +81,8 @@ pub struct Version {
     /// What answers: a plugin (with its models) or an ONNX model.
     pub backend: Backend,
     pub limits: Limits,
+    /// What its plugin may read of random numbers and clocks.
+    pub grants: crate::contract::Grants,
     /// The output whose values are class labels (the first BYTES output the
     /// plugin declares), counted per label in metrics.
     pub label_output: Option<String>,
@@ -226,13 +228,7 @@ impl Model {
 /// only ever moves keys from champion to canary. Stable across processes,
 /// machines and versions of this program: do not change it.
 pub fn sticky_point(model: &str, key: &[u8]) -> f64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut hash = OFFSET;
-    for &byte in model.as_bytes().iter().chain(&[0xff]).chain(key) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(PRIME);
-    }
+    let hash = fnv1a64(model.bytes().chain([0xff]).chain(key.iter().copied()));
     unit_interval(mix64(hash)) * 100.0
 }
 
@@ -249,13 +245,6 @@ pub fn sampled(percent: f64) -> bool {
 /// The top 53 bits as a float in `[0, 1)`.
 fn unit_interval(x: u64) -> f64 {
     (x >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-}
-
-/// The splitmix64 finalizer.
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// splitmix64, seeded per thread from the process's random hasher keys.

@@ -7,9 +7,11 @@
 //! [`PluginError`]; it does not know about HTTP status codes.
 
 pub mod bindings;
+pub mod cache;
 pub mod nn;
 mod reuse;
 mod sandbox;
+mod world;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -22,7 +24,9 @@ use wasmtime::{
     PoolingAllocationConfig, Trap,
 };
 
-use crate::contract::{CallLimits, Error as GuestError, ModelInfo, PluginError, content_hash};
+use crate::contract::{
+    CallLimits, Error as GuestError, Grants, ModelInfo, PluginError, Sha256, content_hash,
+};
 use crate::onnx::{ModelSet, OnnxModel};
 use crate::telemetry::escape;
 use crate::tensor::{self, Tensor};
@@ -46,6 +50,9 @@ pub struct RuntimeConfig {
     pub max_instances: u32,
     /// The largest memory cap any policy may set, in bytes.
     pub max_memory_bytes: usize,
+    /// Where compiled plugins are kept between runs (see `cache`); none:
+    /// every start compiles every plugin.
+    pub compile_cache: Option<PathBuf>,
 }
 
 impl Default for RuntimeConfig {
@@ -53,6 +60,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             max_instances: 256,
             max_memory_bytes: 1 << 30,
+            compile_cache: None,
         }
     }
 }
@@ -87,6 +95,8 @@ pub struct Runtime {
     kept: Arc<Tickets>,
     /// The metrics of the server this runtime serves.
     telemetry: Arc<crate::telemetry::Telemetry>,
+    /// Compiled plugins kept between runs.
+    cache: Option<Arc<cache::CompileCache>>,
 }
 
 impl Runtime {
@@ -117,7 +127,14 @@ impl Runtime {
         sandbox::add_granted_wasi(&mut linker)?;
 
         spawn_epoch_ticker(&engine)?;
+        let cache = config.compile_cache.as_deref().and_then(|dir| {
+            cache::CompileCache::open(dir, &engine)
+                .map(Arc::new)
+                .map_err(|e| tracing::warn!("not using the compile cache: {e}"))
+                .ok()
+        });
         Ok(Runtime {
+            cache,
             engine,
             linker,
             kept: Tickets::new((n / reuse::KEPT_SHARE) as usize),
@@ -134,6 +151,44 @@ impl Runtime {
             self.kept.clone(),
             (self.config.max_instances.max(2) / 2) as usize,
         )
+    }
+
+    /// Appends the sandbox pool's series to a Prometheus text exposition:
+    /// what freed sandbox slots keep resident (see [`KEEP_RESIDENT_BYTES`]),
+    /// the part of the process's memory that no allocator gives back.
+    pub(crate) fn render_pool(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let Some(pool) = self.engine.pooling_allocator_metrics() else {
+            return;
+        };
+        let name = "gateway_sandbox_pool_resident_bytes";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Memory that freed sandbox slots keep resident, reset, for the next call.\n\
+             # TYPE {name} gauge\n\
+             {name}{{kind=\"memory\"}} {}\n\
+             {name}{{kind=\"table\"}} {}\n\
+             {name}{{kind=\"stack\"}} {}",
+            pool.unused_memory_bytes_resident(),
+            pool.unused_table_bytes_resident(),
+            pool.unused_stack_bytes_resident().unwrap_or(0),
+        );
+        let name = "gateway_sandbox_pool_warm_slots";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Freed sandbox slots that keep memory resident.\n\
+             # TYPE {name} gauge\n\
+             {name}{{kind=\"memory\"}} {}\n\
+             {name}{{kind=\"table\"}} {}\n\
+             {name}{{kind=\"stack\"}} {}\n\
+             # HELP gateway_sandbox_instances Sandboxes (component instances) in use.\n\
+             # TYPE gateway_sandbox_instances gauge\n\
+             gateway_sandbox_instances {}",
+            pool.unused_warm_memories(),
+            pool.unused_warm_tables(),
+            pool.unused_warm_stacks(),
+            pool.component_instances(),
+        );
     }
 
     /// The metrics of the server this runtime serves (its own recorder).
@@ -157,13 +212,21 @@ impl Runtime {
         path: &Path,
         bytes: Vec<u8>,
     ) -> Result<Arc<Plugin>, LoadError> {
-        let content_hash = content_hash(&bytes);
+        let sha256 = Sha256::of(&bytes);
         let engine = self.engine.clone();
-        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
-            .await
-            .map_err(|e| LoadError::Compile(e.to_string()))?
-            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let cache = self.cache.clone();
+        let (component, cached) = tokio::task::spawn_blocking(move || {
+            compile(&engine, cache.as_deref(), &bytes, &sha256)
+        })
+        .await
+        .map_err(|e| LoadError::Compile(e.to_string()))?
+        .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
 
+        let imports: Vec<String> = component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
         let mut linker = self.linker.clone();
         sandbox::stub_ungranted_imports(&mut linker, &self.engine, &component)
             .map_err(|e| LoadError::Interface(format!("{e:#}")))?;
@@ -189,7 +252,8 @@ impl Runtime {
                 outputs: Vec::new(),
             },
             startup_memory_bytes: 0,
-            content_hash,
+            sha256,
+            imports,
         };
         let limits = CallLimits::starting_now(INFO_DEADLINE, self.config.max_memory_bytes);
         let (info, startup_memory_bytes) =
@@ -197,9 +261,42 @@ impl Runtime {
         check_info(&info).map_err(LoadError::BadInfo)?;
         plugin.info = info;
         plugin.startup_memory_bytes = startup_memory_bytes;
-        self.telemetry.record_plugin_compiled();
+        match cached {
+            Compiled::Fresh => self.telemetry.record_plugin_compiled(),
+            Compiled::FromCache => self.telemetry.record_plugin_cached(),
+        }
         Ok(Arc::new(plugin))
     }
+}
+
+/// Where a component's machine code came from.
+enum Compiled {
+    Fresh,
+    FromCache,
+}
+
+/// Compiles a component, or loads its compiled form from `cache` (and
+/// stores what it compiled there). Blocking: seconds for a large guest.
+fn compile(
+    engine: &Engine,
+    cache: Option<&cache::CompileCache>,
+    bytes: &[u8],
+    sha256: &Sha256,
+) -> wasmtime::Result<(Component, Compiled)> {
+    if let Some(cache) = cache {
+        match cache.load(engine, sha256) {
+            cache::Lookup::Hit(component) => return Ok((component, Compiled::FromCache)),
+            cache::Lookup::Refused(why) => {
+                tracing::warn!("compile cache entry refused, compiling again: {why}")
+            }
+            cache::Lookup::Miss => {}
+        }
+    }
+    let component = Component::new(engine, bytes)?;
+    if let Some(Err(e)) = cache.map(|c| c.store(&component, sha256)) {
+        tracing::warn!("could not store a compiled plugin in the compile cache: {e}");
+    }
+    Ok((component, Compiled::Fresh))
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
@@ -227,7 +324,9 @@ pub struct Plugin {
     pre: ModelPre<Host>,
     info: ModelInfo,
     startup_memory_bytes: usize,
-    content_hash: u64,
+    sha256: Sha256,
+    /// The interfaces the component imports, with their versions.
+    imports: Vec<String>,
 }
 
 impl Plugin {
@@ -247,7 +346,22 @@ impl Plugin {
 
     /// See [`content_hash`].
     pub fn content_hash(&self) -> u64 {
-        self.content_hash
+        self.sha256.short()
+    }
+
+    /// The interfaces the component imports (`wasi:nn/graph@...`).
+    pub fn imports(&self) -> &[String] {
+        &self.imports
+    }
+
+    /// Whether the plugin runs trained models through wasi:nn.
+    pub fn imports_nn(&self) -> bool {
+        self.imports.iter().any(|i| i.starts_with("wasi:nn/"))
+    }
+
+    /// The SHA-256 of the component file.
+    pub fn sha256(&self) -> Sha256 {
+        self.sha256
     }
 
     /// Linear memory the plugin had after instantiation: a version's memory
@@ -267,6 +381,32 @@ impl Plugin {
         limits: CallLimits,
         models: &Arc<ModelSet>,
         pool: &InstancePool,
+    ) -> Result<Vec<Tensor>, PluginError> {
+        self.infer_measured(inputs, limits, models, pool).await.0
+    }
+
+    /// [`Plugin::infer`], and what the call used.
+    pub async fn infer_measured(
+        &self,
+        inputs: &[Tensor],
+        limits: CallLimits,
+        models: &Arc<ModelSet>,
+        pool: &InstancePool,
+    ) -> (Result<Vec<Tensor>, PluginError>, CallStats) {
+        let mut stats = CallStats::default();
+        let result = self
+            .infer_counting(inputs, limits, models, pool, &mut stats)
+            .await;
+        (result, stats)
+    }
+
+    async fn infer_counting(
+        &self,
+        inputs: &[Tensor],
+        limits: CallLimits,
+        models: &Arc<ModelSet>,
+        pool: &InstancePool,
+        stats: &mut CallStats,
     ) -> Result<Vec<Tensor>, PluginError> {
         // How long the call ran (was polled, plus its wasi:nn computations
         // elsewhere): a deadline is the plugin's failure only if it ran for
@@ -298,6 +438,8 @@ impl Plugin {
         let (result, took) =
             crate::cpu::timed(kept.model.call_infer(&mut kept.store, inputs)).await;
         ran += took;
+        stats.ran = ran;
+        stats.memory_bytes = kept.store.data().limiter.used_bytes();
         log_output(&self.name, kept.store.data());
         let result = match result {
             Ok(Ok(outputs)) => check_outputs(&outputs).map(|()| outputs),
@@ -317,6 +459,18 @@ impl Plugin {
         result
     }
 
+    /// Calls `info()` in a fresh sandbox under a version's memory cap and
+    /// grants: a plugin that cannot start under them fails every call of
+    /// that version, which a policy check must say at load.
+    pub async fn starts_under(
+        &self,
+        memory_bytes: usize,
+        grants: Grants,
+    ) -> Result<(), PluginError> {
+        let limits = CallLimits::starting_now(INFO_DEADLINE, memory_bytes).with_grants(grants);
+        self.call_info(limits).await.map(|_| ())
+    }
+
     /// Calls `info()` in a fresh sandbox; also returns the linear memory the
     /// plugin held by then. The cheapest complete call a plugin has: a
     /// baseline for what `infer` adds.
@@ -334,6 +488,14 @@ impl Plugin {
     }
 }
 
+/// What one call used: its running time (instantiation included) and the
+/// linear memory its instance held at the end.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CallStats {
+    pub ran: Duration,
+    pub memory_bytes: usize,
+}
+
 /// What serves a version: a plugin, which may run the version's ONNX
 /// models through wasi:nn, or an ONNX model alone.
 #[derive(Clone)]
@@ -343,6 +505,41 @@ pub enum Backend {
         models: Arc<ModelSet>,
     },
     Onnx(Arc<OnnxModel>),
+}
+
+/// The files that serve a version (see [`Backend::provenance`]).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Provenance {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<PluginFile>,
+    /// The ONNX models: the plugin's, by the name it loads them with, or
+    /// the one an ONNX-only version serves.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelFile>,
+}
+
+/// A plugin component and what its `info()` says it is.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PluginFile {
+    /// The name policies use (the file name without `.wasm`).
+    pub name: String,
+    pub file: String,
+    pub sha256: String,
+    /// `info()`'s name, version and description: the plugin's own account
+    /// of its build.
+    pub reported_name: String,
+    pub reported_version: String,
+    pub description: String,
+}
+
+/// An ONNX model file.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ModelFile {
+    /// The name a plugin loads it with through wasi:nn.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub file: String,
+    pub sha256: String,
 }
 
 impl Backend {
@@ -392,6 +589,49 @@ impl Backend {
                     })
             }
             Backend::Onnx(model) => model.content_hash(),
+        }
+    }
+
+    /// Every file the backend runs, with its SHA-256: what model metadata
+    /// and the admin API show, so an answer traces to the exact artifacts.
+    pub fn provenance(&self) -> Provenance {
+        let file = |path: &Path| {
+            path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        };
+        match self {
+            Backend::Plugin { plugin, models } => {
+                let mut models: Vec<ModelFile> = models
+                    .iter()
+                    .map(|(name, model)| ModelFile {
+                        name: Some(name.clone()),
+                        file: file(model.path()),
+                        sha256: model.sha256().to_string(),
+                    })
+                    .collect();
+                models.sort_by(|a, b| a.name.cmp(&b.name));
+                Provenance {
+                    plugin: Some(PluginFile {
+                        name: plugin.name().to_string(),
+                        file: file(plugin.path()),
+                        sha256: plugin.sha256().to_string(),
+                        reported_name: plugin.info().name.clone(),
+                        reported_version: plugin.info().version.clone(),
+                        description: plugin.info().description.clone(),
+                    }),
+                    models,
+                }
+            }
+            Backend::Onnx(model) => Provenance {
+                plugin: None,
+                models: vec![ModelFile {
+                    name: None,
+                    file: file(model.path()),
+                    sha256: model.sha256().to_string(),
+                }],
+            },
         }
     }
 
@@ -461,7 +701,10 @@ fn log_output(plugin: &str, host: &Host) {
 /// polled.
 fn classify(error: wasmtime::Error, host: &Host, limits: CallLimits, ran: Duration) -> PluginError {
     if host.timed_out {
-        return PluginError::past_deadline(limits.timeout, ran + host.offloaded);
+        return PluginError::past_deadline(
+            limits.timeout,
+            ran + host.offloaded + host.world.waited(),
+        );
     }
     if let Some(requested_bytes) = host.limiter.refused {
         return PluginError::MemoryLimit {

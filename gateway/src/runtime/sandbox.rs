@@ -1,12 +1,15 @@
 //! The per-call sandbox: what a plugin's `Store` holds, the one function that
 //! configures every `Store`, and the WASI subset plugins are granted.
 //!
-//! Granted: `wasi:io` streams and `wasi:cli` stdout/stderr (captured, bounded,
-//! for error messages and logs), `wasi:cli/environment` (empty) and
-//! `wasi:cli/exit`, and `wasi:nn` for the models the version declares (see
-//! `nn`). Not granted: clocks, random numbers, files, sockets and
-//! anything else. A plugin that imports those still loads (every std Rust
-//! guest does); calling one fails the call with [`NotGranted`].
+//! Granted: `wasi:io` streams, `wasi:cli` stdin (empty: JavaScript
+//! runtimes open it at start), stdout/stderr (captured, bounded, for error
+//! messages and logs) and the terminal interfaces (none is a terminal),
+//! `wasi:cli/environment` (empty) and
+//! `wasi:cli/exit`, `wasi:random` and `wasi:clocks` as the version's grants
+//! say (see `world`), and `wasi:nn` for the models the version declares (see
+//! `nn`). Not granted: files, sockets and anything else. A plugin that
+//! imports those still loads (every std Rust guest does); calling one fails
+//! the call with [`NotGranted`]; the list of preopened folders is empty.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +25,7 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::nn::NnState;
+use super::world::{self, World};
 use crate::contract::CallLimits;
 use crate::onnx::ModelSet;
 
@@ -40,6 +44,8 @@ pub struct Host {
     pub(super) offloaded: Duration,
     /// The models the call may run through wasi:nn, and its budget there.
     pub(super) nn: NnState,
+    /// What the call reads of random numbers and clocks.
+    pub(super) world: World,
     pub(super) stdout: Capture,
     pub(super) stderr: Capture,
 }
@@ -54,10 +60,16 @@ impl WasiView for Host {
 }
 
 impl Host {
+    /// The call's random and clock state, beside the table its waits go in.
+    pub(super) fn world_and_table(&mut self) -> (&mut World, &mut ResourceTable) {
+        (&mut self.world, &mut self.table)
+    }
+
     /// Readies a kept instance's state for its next call: new limits, empty
     /// captures. Memory and host resources the instance holds stay counted.
     pub(super) fn next_call(&mut self, limits: CallLimits) {
         self.limits = limits;
+        self.world = World::new(limits.grants, limits.deadline);
         self.timed_out = false;
         self.offloaded = Duration::ZERO;
         self.limiter.refused = None;
@@ -83,6 +95,7 @@ pub(super) fn new_store(engine: &Engine, limits: CallLimits, models: Arc<ModelSe
         timed_out: false,
         offloaded: Duration::ZERO,
         nn: NnState::new(models, limits.memory_bytes),
+        world: World::new(limits.grants, limits.deadline),
         stdout,
         stderr,
     };
@@ -106,10 +119,16 @@ pub(super) fn new_store(engine: &Engine, limits: CallLimits, models: Arc<ModelSe
 
 /// The interfaces [`add_granted_wasi`] defines, without their version: any
 /// 0.2.x version a guest imports is served by wasmtime-wasi's 0.2 definitions.
-const GRANTED: [&str; 7] = [
+const GRANTED: [&str; 13] = [
     "wasi:io/error",
     "wasi:io/poll",
     "wasi:io/streams",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    "wasi:cli/stdin",
     "wasi:cli/stdout",
     "wasi:cli/stderr",
     "wasi:cli/environment",
@@ -131,10 +150,17 @@ pub(super) fn add_granted_wasi(linker: &mut Linker<Host>) -> wasmtime::Result<()
     io::error::add_to_linker::<Host, HasTable>(linker, |h| &mut h.table)?;
     io::poll::add_to_linker::<Host, HasTable>(linker, |h| &mut h.table)?;
     io::streams::add_to_linker::<Host, HasTable>(linker, |h| &mut h.table)?;
+    cli::terminal_input::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
+    cli::terminal_output::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
+    cli::terminal_stdin::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
+    cli::terminal_stdout::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
+    cli::terminal_stderr::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
+    cli::stdin::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
     cli::stdout::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
     cli::stderr::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
     cli::environment::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
     cli::exit::add_to_linker::<Host, WasiCli>(linker, Host::cli)?;
+    world::add_to_linker(linker)?;
     super::nn::add_to_linker(linker)?;
     Ok(())
 }
@@ -153,7 +179,10 @@ pub(super) fn stub_ungranted_imports(
 ) -> wasmtime::Result<()> {
     let ty = component.component_type();
     let is_granted = |name: &str| {
-        GRANTED_EXACT.contains(&name) || GRANTED.contains(&name.split('@').next().unwrap_or(name))
+        let unversioned = name.split('@').next().unwrap_or(name);
+        GRANTED_EXACT.contains(&name)
+            || GRANTED.contains(&unversioned)
+            || world::INTERFACES.contains(&unversioned)
     };
     // Resources of granted interfaces that stubbed interfaces `use` (e.g.
     // `wasi:cli/stdin` uses `input-stream`) are already defined: an alias
@@ -175,9 +204,23 @@ pub(super) fn stub_ungranted_imports(
         match import.ty {
             ComponentItem::ComponentInstance(instance) => {
                 let mut stubs = linker.instance(name)?;
+                let preopens = name.split('@').next() == Some("wasi:filesystem/preopens");
                 for (item, export) in instance.exports(engine) {
                     match export.ty {
                         ComponentItem::Resource(r) if granted_resources.contains(&r) => {}
+                        // No folders are opened for plugins: the list is
+                        // empty (JavaScript runtimes ask for it at start),
+                        // and every other filesystem call fails.
+                        ComponentItem::ComponentFunc(_)
+                            if preopens && item == "get-directories" =>
+                        {
+                            stubs.func_new(item, |_, _, _, results| {
+                                if let Some(list) = results.first_mut() {
+                                    *list = wasmtime::component::Val::List(Vec::new());
+                                }
+                                Ok(())
+                            })?
+                        }
                         ty => stub(&mut stubs, name, item, &ty)?,
                     }
                 }

@@ -240,7 +240,23 @@ fn model_metadata(
         platform: serving.backend.platform(),
         inputs: info.inputs.iter().map(SpecJson::from).collect(),
         outputs: info.outputs.iter().map(SpecJson::from).collect(),
+        extra: Traceability {
+            model_version: &serving.name,
+            provenance: serving.backend.provenance(),
+            grants: crate::admin::GrantsView::of(&serving.grants),
+        },
     })
+}
+
+/// What model metadata adds to the V2 fields: which version it
+/// describes, the files that serve it (with their SHA-256) and what its
+/// plugin may read of random numbers and clocks.
+#[derive(serde::Serialize)]
+struct Traceability<'a> {
+    model_version: &'a str,
+    #[serde(flatten)]
+    provenance: crate::runtime::Provenance,
+    grants: crate::admin::GrantsView,
 }
 
 fn model_ready(state: &State, model: &str, version: Option<&str>) -> Result<HttpResponse, Error> {
@@ -276,6 +292,7 @@ fn metrics(state: &State) -> HttpResponse {
         })
         .collect();
     crate::monitor::render(&mut text, &versions);
+    state.reloader.runtime().render_pool(&mut text);
     crate::process::render(&mut text);
     let mut response = Response::new(Full::new(Bytes::from(text)));
     response.headers_mut().insert(

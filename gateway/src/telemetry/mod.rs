@@ -172,6 +172,13 @@ impl Telemetry {
         })
     }
 
+    /// A plugin's compiled form came from the compile cache.
+    pub fn record_plugin_cached(&self) {
+        self.with(|| {
+            metrics::counter!("gateway_plugin_compile_cache_hits_total").increment(1);
+        })
+    }
+
     /// A version's circuit breaker opened (`true`) or closed.
     pub fn record_circuit(&self, model: &str, version: &str, open: bool) {
         self.with(|| {

@@ -6,7 +6,11 @@
 //! 2. read a file;
 //! 3. open a TCP connection;
 //! 4. read the environment (granted: it is empty);
-//! 5. print to stdout and stderr (granted: captured by the gateway).
+//! 5. print to stdout and stderr (granted: captured by the gateway);
+//! 6. hash 0 with a fresh `RandomState` (random numbers: the value depends
+//!    on the seed only);
+//! 7. sleep 10 ms and read the monotonic clock (seconds that passed);
+//! 8. sleep 60 s (seconds that passed).
 //!
 //! Output `y` holds one number describing what it saw.
 use gateway_plugin_sdk::{Datatype, Error, Guest, ModelInfo, Tensor, TensorSpec};
@@ -32,6 +36,20 @@ fn probe(mode: i32) -> Result<f64, String> {
             1.0
         }
         4 => std::env::vars().count() as f64,
+        6 => {
+            use std::hash::BuildHasher;
+            // The top 53 bits: exact in an f64.
+            (std::collections::hash_map::RandomState::new().hash_one(0u64) >> 11) as f64
+        }
+        7 | 8 => {
+            let started = std::time::Instant::now();
+            std::thread::sleep(std::time::Duration::from_millis(if mode == 7 {
+                10
+            } else {
+                60_000
+            }));
+            started.elapsed().as_secs_f64()
+        }
         _ => {
             println!("hello from the probe on stdout");
             eprintln!("hello from the probe on stderr");

@@ -1,0 +1,202 @@
+//! Compiled plugins on disk, so a large component (a Python or JavaScript
+//! runtime is 12-18 MB and takes seconds to compile) loads in milliseconds
+//! after its first compilation.
+//!
+//! An entry is named by the component's SHA-256 and a hash of the engine's
+//! compilation settings (wasmtime's `precompile_compatibility_hash`, which
+//! covers its version, target and every setting that changes the code), so
+//! a changed component or engine never finds an entry of another; wasmtime
+//! checks the same again when it loads one. An entry ends with the SHA-256
+//! of what precedes it: a truncated or damaged file is refused and
+//! removed, never loaded.
+//!
+//! Loading compiled code runs it as native code: whoever can write the
+//! folder can run code in the gateway. So the folder is created private
+//! (0700), and one that others can write to, or that another user owns, is
+//! refused. Writes go to a temporary file renamed into place, so two
+//! gateways sharing the folder never see each other's half-written files.
+
+use std::hash::{Hash, Hasher};
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+use crate::contract::Sha256;
+
+/// A folder of compiled components.
+#[derive(Debug)]
+pub(crate) struct CompileCache {
+    dir: PathBuf,
+    /// Names this engine's entries apart from other engines'.
+    engine_key: u64,
+}
+
+/// What a lookup found.
+pub(crate) enum Lookup {
+    Hit(Component),
+    /// Nothing usable: compile, then [`CompileCache::store`].
+    Miss,
+    /// An entry that did not verify or load; removed. Compile again.
+    Refused(String),
+}
+
+impl CompileCache {
+    /// Opens (creating it private if needed) the folder at `dir` for
+    /// `engine`'s components.
+    pub(crate) fn open(dir: &Path, engine: &Engine) -> Result<Self, String> {
+        let problem = |e: std::io::Error| format!("compile cache {}: {e}", dir.display());
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(problem)?;
+        let meta = std::fs::metadata(dir).map_err(problem)?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(format!(
+                "compile cache {}: owned by user {}, not by this process's user {me}; compiled code loaded from it would run in the gateway",
+                dir.display(),
+                meta.uid()
+            ));
+        }
+        if meta.permissions().mode() & 0o022 != 0 {
+            return Err(format!(
+                "compile cache {}: others may write to it (mode {:o}); compiled code loaded from it would run in the gateway: chmod go-w it",
+                dir.display(),
+                meta.permissions().mode() & 0o777
+            ));
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        Ok(CompileCache {
+            dir: dir.to_path_buf(),
+            engine_key: hasher.finish(),
+        })
+    }
+
+    fn entry(&self, sha256: &Sha256) -> PathBuf {
+        self.dir
+            .join(format!("{sha256}-{:016x}.cwasm", self.engine_key))
+    }
+
+    /// The compiled form of the component whose bytes hash to `sha256`.
+    pub(crate) fn load(&self, engine: &Engine, sha256: &Sha256) -> Lookup {
+        let path = self.entry(sha256);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Lookup::Miss,
+            Err(e) => return Lookup::Refused(format!("{}: {e}", path.display())),
+        };
+        let refuse = |why: String| {
+            let _ = std::fs::remove_file(&path);
+            Lookup::Refused(format!("{}: {why}", path.display()))
+        };
+        let Some(split) = bytes.len().checked_sub(32) else {
+            return refuse("shorter than its checksum".into());
+        };
+        let (code, checksum) = bytes.split_at(split);
+        if Sha256::of(code).0 != checksum {
+            return refuse("its checksum does not match (a damaged or partial file)".into());
+        }
+        // SAFETY: the bytes are what `store` wrote from `Component::serialize`
+        // of this engine (the checksum verifies them, and the folder is
+        // private to this user, see `open`); wasmtime checks again that
+        // they were compiled for an engine like this one.
+        match unsafe { Component::deserialize(engine, code) } {
+            Ok(component) => Lookup::Hit(component),
+            Err(e) => refuse(format!("{e:#}")),
+        }
+    }
+
+    /// Stores `component`, compiled from bytes that hash to `sha256`.
+    pub(crate) fn store(&self, component: &Component, sha256: &Sha256) -> Result<(), String> {
+        let path = self.entry(sha256);
+        let mut code = component.serialize().map_err(|e| format!("{e:#}"))?;
+        let checksum = Sha256::of(&code);
+        code.extend_from_slice(&checksum.0);
+        let temp = self.dir.join(format!(
+            ".{}.{}.tmp",
+            path.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            std::process::id()
+        ));
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)
+            .and_then(|mut file| file.write_all(&code))
+            .and_then(|()| std::fs::rename(&temp, &path));
+        written.map_err(|e| {
+            let _ = std::fs::remove_file(&temp);
+            format!("{}: {e}", path.display())
+        })
+    }
+}
+
+/// Where the cache lives unless the configuration says otherwise: the
+/// user's cache folder (`$XDG_CACHE_HOME`, else `~/.cache`).
+pub fn default_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("wasm-model-gateway").join("compiled"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_others_can_write_is_refused() {
+        let engine = Engine::default();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("c");
+        CompileCache::open(&cache, &engine).unwrap();
+        assert_eq!(
+            std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = CompileCache::open(&cache, &engine).unwrap_err();
+        assert!(e.contains("others may write to it (mode 777)"), "{e}");
+    }
+
+    #[test]
+    fn entries_round_trip_and_damaged_ones_are_refused() {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        let engine = Engine::new(&config).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CompileCache::open(dir.path(), &engine).unwrap();
+        // The empty component, in its binary form.
+        let empty = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
+        let component = Component::new(&engine, empty).unwrap();
+        let sha = Sha256::of(&empty);
+        assert!(matches!(cache.load(&engine, &sha), Lookup::Miss));
+        cache.store(&component, &sha).unwrap();
+        assert!(matches!(cache.load(&engine, &sha), Lookup::Hit(_)));
+        // One byte changed: refused and removed.
+        let entry = cache.entry(&sha);
+        let mut bytes = std::fs::read(&entry).unwrap();
+        bytes[10] ^= 1;
+        std::fs::write(&entry, bytes).unwrap();
+        assert!(matches!(cache.load(&engine, &sha), Lookup::Refused(m) if m.contains("checksum")));
+        assert!(!entry.exists());
+        // Another engine's settings name other entries.
+        let mut config = wasmtime::Config::new();
+        config
+            .wasm_component_model(true)
+            .cranelift_opt_level(wasmtime::OptLevel::None);
+        let other = Engine::new(&config).unwrap();
+        let other_cache = CompileCache::open(dir.path(), &other).unwrap();
+        cache.store(&component, &sha).unwrap();
+        assert!(matches!(other_cache.load(&other, &sha), Lookup::Miss));
+    }
+}

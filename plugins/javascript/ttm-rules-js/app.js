@@ -1,0 +1,112 @@
+// Time to merge, version 1 (size rules), in JavaScript: the same answers as
+// the Rust `ttm-rules-v1` on every input. Built with componentize-js against
+// the `standalone` world of the gateway's WIT (see build.sh).
+//
+// The bucket follows the size of the change (lines added plus deleted, and
+// files touched); a long discussion (20 comments or more) pushes it one
+// bucket later. The predicted bucket gets probability 0.7, every other one
+// 0.075.
+
+const INPUT = "pr_features";
+const FEATURES = ["files_changed", "additions", "deletions", "commits", "comments", "review_count"];
+const BUCKETS = ["within_hour", "within_day", "within_week", "within_month", "longer"];
+
+function sizeBucket(files, additions, deletions) {
+  const lines = Math.fround(additions + deletions);
+  if (lines <= 20 && files <= 2) return 0;
+  if (lines <= 200) return 1;
+  if (lines <= 1000) return 2;
+  if (lines <= 5000) return 3;
+  return 4;
+}
+
+function bucket(row) {
+  const bySize = sizeBucket(row[0], row[1], row[2]);
+  return row[4] >= 20 ? Math.min(bySize + 1, 4) : bySize;
+}
+
+// A rejected input: the gateway answers 400 with the message.
+function invalid(message) {
+  return { tag: "invalid-input", val: message };
+}
+
+// A float as Rust prints an f32 (`-3`, `0.5`, `inf`, `NaN`).
+function rustFloat(value) {
+  if (Number.isNaN(value)) return "NaN";
+  if (!Number.isFinite(value)) return value > 0 ? "inf" : "-inf";
+  if (Number.isInteger(value)) return String(value);
+  for (let digits = 1; digits < 10; digits++) {
+    const text = value.toFixed(digits).replace(/0+$/, "");
+    if (Math.fround(Number(text)) === value) return text;
+  }
+  return String(value);
+}
+
+export function info() {
+  return {
+    name: "ttm-rules",
+    version: "1.0.0",
+    description: "time-to-merge bucket from change size and discussion length (JavaScript)",
+    inputs: [{ name: INPUT, datatype: "fp32", shape: [-1n, 6n] }],
+    outputs: [
+      { name: "label", datatype: "bytes", shape: [-1n] },
+      { name: "probabilities", datatype: "fp32", shape: [-1n, 5n] },
+    ],
+  };
+}
+
+export function infer(inputs) {
+  const tensor = inputs.find((t) => t.name === INPUT);
+  if (tensor === undefined) throw invalid(`missing input \`${INPUT}\``);
+  if (tensor.datatype !== "fp32") {
+    const name = tensor.datatype[0].toUpperCase() + tensor.datatype.slice(1);
+    throw invalid(`input \`${INPUT}\`: expected datatype Fp32, got ${name}`);
+  }
+  const shape = Array.from(tensor.shape, Number);
+  if (shape.length !== 2 || shape[0] < 0 || shape[1] !== 6) {
+    throw invalid(`input \`${INPUT}\`: expected shape [N, 6], got [${shape.join(", ")}]`);
+  }
+  const rows = shape[0];
+  const data = tensor.data;
+  const values = new DataView(data.buffer, data.byteOffset, data.byteLength);
+  const probabilities = new DataView(new ArrayBuffer(rows * 5 * 4));
+  const labels = [];
+  let labelBytes = 0;
+  const encoder = new TextEncoder();
+  for (let r = 0; r < rows; r++) {
+    const row = [];
+    for (let f = 0; f < 6; f++) {
+      const value = values.getFloat32((r * 6 + f) * 4, true);
+      if (!Number.isFinite(value) || value < 0) {
+        throw invalid(
+          `${INPUT}[${r}] feature \`${FEATURES[f]}\` is ${rustFloat(value)}; counts must be finite and >= 0`,
+        );
+      }
+      row.push(value);
+    }
+    const best = bucket(row);
+    for (let b = 0; b < 5; b++) {
+      probabilities.setFloat32((r * 5 + b) * 4, b === best ? 0.7 : 0.075, true);
+    }
+    const label = encoder.encode(BUCKETS[best]);
+    labels.push(label);
+    labelBytes += 4 + label.length;
+  }
+  const labelData = new Uint8Array(labelBytes);
+  const lengths = new DataView(labelData.buffer);
+  let at = 0;
+  for (const label of labels) {
+    lengths.setUint32(at, label.length, true);
+    labelData.set(label, at + 4);
+    at += 4 + label.length;
+  }
+  return [
+    { name: "label", datatype: "bytes", shape: [BigInt(rows)], data: labelData },
+    {
+      name: "probabilities",
+      datatype: "fp32",
+      shape: [BigInt(rows), 5n],
+      data: new Uint8Array(probabilities.buffer),
+    },
+  ];
+}
