@@ -459,6 +459,18 @@ fn by_label(metrics: &str, metric: &str, label: &str) -> BTreeMap<String, f64> {
     sums
 }
 
+/// What freed sandbox slots keep resident, by kind (memory, table, stack).
+fn resident_by_kind(metrics: &str) -> BTreeMap<String, f64> {
+    by_label(metrics, "gateway_sandbox_pool_resident_bytes", "kind")
+}
+
+fn pool_resident(addr: SocketAddr) -> BTreeMap<String, f64> {
+    let metrics = common::once(addr, "GET", "/metrics", "")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    resident_by_kind(&metrics)
+}
+
 fn quantile(sorted: &[u32], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -515,7 +527,7 @@ fn main() {
         "soak: {} s quiet, {} s soak, {} s recovery, gateway on {addr}",
         args.quiet_seconds, args.seconds, args.recovery_seconds
     );
-    let rss_start = client.block_on(async {
+    let (rss_start, pool_start) = client.block_on(async {
         let mut tasks = Vec::new();
         for _ in 0..args.connections {
             tasks.push(tokio::spawn(good_client(
@@ -534,6 +546,7 @@ fn main() {
             sample(&mut rss);
         }
         let rss_start = gateway.rss_kib();
+        let pool_start = pool_resident(addr);
         eprintln!(
             "soak: quiet phase done, RSS {:.0} MiB; attacking",
             mib(rss_start)
@@ -571,7 +584,7 @@ fn main() {
         for task in tasks {
             let _ = tokio::time::timeout(PATIENCE, task).await;
         }
-        rss_start
+        (rss_start, pool_start)
     });
     let rss_end = rss.last().map_or(0, |(_, kib)| *kib);
     let rss_peak = rss.iter().map(|(_, k)| *k).max().unwrap_or(0);
@@ -617,6 +630,13 @@ fn main() {
         mib(rss_end),
         args.recovery_seconds,
         (rss_end as f64 / rss_start.max(1) as f64 - 1.0) * 100.0,
+    );
+    let pool_end = resident_by_kind(&metrics);
+    md += &format!(
+        "Of that, freed sandbox slots kept resident (by kind: {}): {:.1} MiB at the start of the attacks, {:.1} MiB at the end.\n\n",
+        pool_end.keys().cloned().collect::<Vec<_>>().join(", "),
+        pool_start.values().sum::<f64>() / f64::from(1 << 20),
+        pool_end.values().sum::<f64>() / f64::from(1 << 20),
     );
     md += "| attack | answers by status | median latency |\n|---|---|---:|\n";
     let mut by_attack: BTreeMap<&str, Vec<String>> = BTreeMap::new();
@@ -683,6 +703,7 @@ fn main() {
         "refused": refused,
         "plugin_errors": plugin_errors,
         "rss_kib": { "start": rss_start, "peak": rss_peak, "end": rss_end },
+        "sandbox_pool_resident_bytes": { "start": pool_start, "end": pool_end },
         "rss_over_time": rss,
     });
     common::write_results("soak", &md, Some(json.to_string()));

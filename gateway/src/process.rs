@@ -17,6 +17,60 @@ pub fn resident_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// mimalloc's `purge_delay` option (`mi_option_e` in the `mimalloc.h` of
+/// mimalloc 3, which libmimalloc-sys builds; it does not name the option).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Makes mimalloc (the binary's allocator) return freed pages to the
+/// system at once. By default it does so a second after a page is freed,
+/// but only when the thread that owns the page allocates or frees again: a
+/// thread that goes idle after a burst keeps those pages for good (four
+/// 340,000-row requests left the binary 9 MiB, +30 %, above its baseline
+/// a minute later; with this, +10 %). It cost no throughput: wrk at 64
+/// connections on the example policy, interleaved runs on 2 cores,
+/// 13.0-14.1k req/s with the delay, 11.8-14.5k without.
+pub fn return_freed_memory_at_once() {
+    // SAFETY: mi_option_set only stores the value; mimalloc reads it at
+    // each purge.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
+
+/// How often, at most, a thread that goes idle hands memory back.
+const RELEASE_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Called by a server thread that goes idle (tokio's `on_thread_park`):
+/// hands back to the system the memory other threads freed for it. A
+/// block freed by a thread other than the one that allocated it (a body
+/// read on one thread, decoded and dropped on the bulk pool) waits on its
+/// owner's list until the owner allocates again or collects; a server
+/// thread that goes idle after a burst may never do either, and four
+/// 340,000-row requests left the binary 3-6 MiB (+10-22 %) above its
+/// baseline a minute later, serving light traffic; with this, +1-2 %.
+/// At most once per [`RELEASE_EVERY`] per thread: the collection visits
+/// the thread's pages, and at every park it cost 12 % of the throughput
+/// at 64 connections (wrk, 13.9k against 12.2k req/s, medians of five
+/// interleaved runs).
+pub fn release_idle_memory() {
+    use std::cell::Cell;
+    use std::time::Instant;
+    thread_local! {
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    let now = Instant::now();
+    let due = LAST.with(|last| match last.get() {
+        Some(at) if now.duration_since(at) < RELEASE_EVERY => false,
+        _ => {
+            last.set(Some(now));
+            true
+        }
+    });
+    if due {
+        // SAFETY: mi_collect has no preconditions; not forced, so it only
+        // frees what is free and purges what is due.
+        unsafe { libmimalloc_sys::mi_collect(false) };
+    }
+}
+
 fn gauge(out: &mut String, name: &str, help: &str, kind: &str, value: f64) {
     let _ = writeln!(
         out,
@@ -73,6 +127,15 @@ pub(crate) fn render(out: &mut String) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_purge_delay_option_is_the_one_set() {
+        // mimalloc 3's default purge delay is 1000 ms; its neighbours in
+        // the enum (eager_commit_delay, use_numa_nodes) default to 1 and 0.
+        // SAFETY: reading an option has no preconditions.
+        let delay = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
+        assert_eq!(delay, 1000);
+    }
+
     #[test]
     fn the_series_of_this_process() {
         let mut out = String::new();
