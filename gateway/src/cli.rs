@@ -87,7 +87,7 @@ struct PluginArgs {
     #[arg(long, value_name = "GRANT", default_value = "fixed", value_parser = ["fixed", "real", "none"])]
     clocks: String,
     /// The seed of seeded random numbers, as a policy's `grants.seed`.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = bounded!(u64, 0..=i64::MAX))]
     seed: u64,
     /// An ONNX model the plugin may load through wasi:nn, as a policy's
     /// `models`; may be repeated.

@@ -108,10 +108,22 @@ fn plugin_test_passes_good_plugins_and_names_what_fails() {
         "{report}"
     );
     assert!(report.contains("ok    infer on a batch of 1"), "{report}");
-    // One whose answers change from call to call is not deterministic.
-    let out = gateway(&["plugin", "test", "wasi-probe", "--random", "real"]);
+    // One that answers with the real time is not deterministic (the
+    // probe's generated `mode` 0 reads the wall clock).
+    let out = gateway(&["plugin", "test", "wasi-probe", "--clocks", "real"]);
     let report = text(&out);
-    assert!(report.contains("ok    infer on a batch of 1"), "{report}");
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("FAIL  deterministic on a batch of 1: the same input gave another output"),
+        "{report}"
+    );
+    // With the default fixed clock it is.
+    let out = gateway(&["plugin", "test", "wasi-probe"]);
+    let report = text(&out);
+    assert!(
+        report.contains("ok    deterministic on a batch of 1"),
+        "{report}"
+    );
     // One that loops is over its deadline.
     let out = gateway(&["plugin", "test", "spin-loop", "--timeout-ms", "200"]);
     let report = text(&out);

@@ -39,15 +39,20 @@ const JAVASCRIPT: Toolchain = Toolchain {
 };
 
 impl Toolchain {
-    /// The probe command, with `COMPONENTIZE_JS` read from the environment.
-    fn probe_command(&self) -> Command {
-        let program = match self.probe[0] {
+    /// The toolchain's command, with `COMPONENTIZE_JS` read from the
+    /// environment.
+    fn probe_command_named(&self) -> Command {
+        Command::new(match self.probe[0] {
             "COMPONENTIZE_JS" => {
                 std::env::var("COMPONENTIZE_JS").unwrap_or_else(|_| "componentize-js".into())
             }
             other => other.to_string(),
-        };
-        let mut command = Command::new(program);
+        })
+    }
+
+    /// The command that says whether the toolchain is installed.
+    fn probe_command(&self) -> Command {
+        let mut command = self.probe_command_named();
         command.args(&self.probe[1..]);
         command
     }
@@ -259,4 +264,84 @@ async fn python_plugins_serve_as_rust_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn javascript_plugins_serve_as_rust_ones() {
     a_language(JAVASCRIPT).await;
+}
+
+/// `gateway plugin new NAME --lang LANG` in a fresh folder.
+fn new_project(lang: &str, name: &str, dir: &Path) -> PathBuf {
+    let project = dir.join(name);
+    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["plugin", "new", name, "--lang", lang, "--dir"])
+        .arg(&project)
+        .output()
+        .expect("run gateway plugin new");
+    assert!(out.status.success(), "{out:?}");
+    project
+}
+
+fn run(command: &mut Command) -> String {
+    let out = command.output().expect("run a toolchain command");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{command:?}:\n{text}");
+    text
+}
+
+/// The project's own policy serves what it built.
+async fn serves_its_project(project: &Path, name: &str) {
+    let policy = std::fs::read_to_string(project.join(format!("policies/{name}.toml")))
+        .unwrap()
+        .replace("\"../", &format!("\"{}/", project.display()));
+    let gw = TestGateway::start(&[("p.toml", &policy)]).await;
+    let body = std::fs::read_to_string(project.join("request.json")).unwrap();
+    let reply = gw.post(&format!("/v2/models/{name}/infer"), body).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["outputs"][0]["data"], json!([2.0, 4.0, 6.0]));
+    gw.shutdown().await;
+    let (passed, report) = plugin_test(
+        &project.join(format!("{name}.wasm")),
+        &project.join("cache"),
+    );
+    assert!(passed, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_python_plugin_builds_tests_and_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    // Only to find out whether the toolchain is there.
+    if PYTHON.build(dir.path()).is_none() {
+        return;
+    }
+    let project = new_project("python", "py-doubler", dir.path());
+    let tests = run(Command::new("sh").arg(project.join("build.sh")).arg("test"));
+    assert!(
+        tests.contains("Ran 2 tests") && tests.contains("OK"),
+        "{tests}"
+    );
+    run(Command::new("sh").arg(project.join("build.sh")));
+    serves_its_project(&project, "py-doubler").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_javascript_plugin_builds_tests_and_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    if JAVASCRIPT.build(dir.path()).is_none() {
+        return;
+    }
+    let project = new_project("js", "js-doubler", dir.path());
+    let tests = run(Command::new("node").arg("--test").current_dir(&project));
+    assert!(tests.contains("pass 2"), "{tests}");
+    // What `npm run build` runs, with the toolchain already installed.
+    run(JAVASCRIPT
+        .probe_command_named()
+        .args([
+            "app.js",
+            "--wit",
+            "wit",
+            "--world-name",
+            "standalone",
+            "-o",
+            "js-doubler.wasm",
+        ])
+        .current_dir(&project));
+    serves_its_project(&project, "js-doubler").await;
 }

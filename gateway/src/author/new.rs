@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Lang {
     Rust,
+    Python,
+    #[value(name = "js")]
+    JavaScript,
 }
 
 const PLUGIN_WIT: &str = include_str!("../../../wit/plugin.wit");
@@ -49,6 +52,8 @@ pub fn new_project(name: &str, lang: Lang, dir: &Path) -> Result<Vec<PathBuf>, S
     }
     let files = match lang {
         Lang::Rust => rust(name),
+        Lang::Python => python(name),
+        Lang::JavaScript => javascript(name),
     };
     let mut written = Vec::new();
     for (path, text) in files {
@@ -56,7 +61,18 @@ pub fn new_project(name: &str, lang: Lang, dir: &Path) -> Result<Vec<PathBuf>, S
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
         }
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        // A new file, never one that appeared meanwhile (or a link).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .and_then(|mut file| std::io::Write::write_all(&mut file, text.as_bytes()))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if text.starts_with("#!") {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
         written.push(path);
     }
     Ok(written)
@@ -151,18 +167,7 @@ mod tests {{
 "#
             ),
         ),
-        (
-            format!("policies/{name}.toml"),
-            format!(
-                r#"# Serve with: gateway serve --policies policies
-model = "{name}"
-champion = "v1"
-
-[versions.v1]
-plugin = "../target/wasm32-wasip2/release/{file}.wasm"
-"#
-            ),
-        ),
+        policy(name, &format!("target/wasm32-wasip2/release/{file}.wasm")),
         (
             "README.md".into(),
             format!(
@@ -214,6 +219,258 @@ wit-bindgen = { version = "0.61.1", default-features = false, features = ["macro
         ("sdk/README.md".into(), SDK_README.to_string()),
     ];
     files.extend(wit("sdk/"));
+    files
+}
+
+/// The policy serving a component built next to it, at `../FILE`.
+fn policy(name: &str, file: &str) -> (String, String) {
+    (
+        format!("policies/{name}.toml"),
+        format!(
+            r#"# Serve with: gateway serve --policies policies
+model = "{name}"
+champion = "v1"
+
+[versions.v1]
+plugin = "../{file}"
+"#
+        ),
+    )
+}
+
+const REQUEST: &str = r#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[1,2,3]}]}
+"#;
+
+fn readme(name: &str, lang: &str, steps: &str, wasm: &str) -> String {
+    format!(
+        r#"# {name}
+
+A model plugin for the wasm-model-gateway, in {lang}.
+
+```sh
+{steps}
+gateway plugin test {wasm}                      # the conformance suite
+gateway plugin run {wasm} --input request.json
+gateway serve --policies policies               # serve it on 127.0.0.1:8080
+curl -d @request.json localhost:8080/v2/models/{name}/infer
+```
+
+`wit/` is the gateway's interface, as the gateway that wrote this project
+was built with; the plugin targets its `standalone` world (no imports).
+"#
+    )
+}
+
+fn python(name: &str) -> Vec<(String, String)> {
+    let wasm = format!("{name}.wasm");
+    let mut files = vec![
+        (
+            "app.py".into(),
+            format!(
+                r#""""The `{name}` plugin: doubles every value of its input `x`.
+Replace `info` and `infer` with your model."""
+
+import struct
+
+import wit_world
+from componentize_py_types import Err
+from wit_world.imports.types import Datatype, Error_InvalidInput, ModelInfo, Tensor, TensorSpec
+
+
+class WitWorld(wit_world.WitWorld):
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            name="{name}",
+            version="0.1.0",
+            description="doubles every value",
+            inputs=[TensorSpec("x", Datatype.FP32, [-1])],
+            outputs=[TensorSpec("y", Datatype.FP32, [-1])],
+        )
+
+    def infer(self, inputs):
+        x = next((t for t in inputs if t.name == "x"), None)
+        if x is None:
+            raise Err(Error_InvalidInput("missing input `x`"))
+        count = len(x.data) // 4
+        values = struct.unpack(f"<{{count}}f", x.data)
+        doubled = struct.pack(f"<{{count}}f", *(v * 2 for v in values))
+        return [Tensor("y", Datatype.FP32, list(x.shape), doubled)]
+"#
+            ),
+        ),
+        (
+            "test_app.py".into(),
+            r#""""Unit tests, run natively: ./build.sh test"""
+
+import struct
+import unittest
+
+from componentize_py_types import Err
+from wit_world.imports.types import Datatype, Tensor
+
+import app
+
+
+class Doubles(unittest.TestCase):
+    def test_doubles(self):
+        x = Tensor("x", Datatype.FP32, [2], struct.pack("<2f", 1.0, -2.5))
+        (y,) = app.WitWorld().infer([x])
+        self.assertEqual(struct.unpack("<2f", y.data), (2.0, -5.0))
+
+    def test_names_what_is_missing(self):
+        with self.assertRaises(Err) as refused:
+            app.WitWorld().infer([])
+        self.assertIn("`x`", refused.exception.value.value)
+
+
+if __name__ == "__main__":
+    unittest.main()
+"#
+            .into(),
+        ),
+        (
+            "build.sh".into(),
+            format!(
+                r#"#!/bin/sh
+# ./build.sh       builds {wasm} (CPython and app.py, about 18 MB)
+# ./build.sh test  runs the unit tests natively, with the generated bindings
+# Needs componentize-py: python3 -m pip install componentize-py==0.25.1
+set -eu
+cd "$(dirname "$0")"
+if [ "${{1:-}}" = test ]; then
+  componentize-py -d wit -w standalone bindings bindings
+  PYTHONPATH=bindings python3 -m unittest -v test_app
+else
+  componentize-py -d wit -w standalone componentize app -o {wasm}
+fi
+"#
+            ),
+        ),
+        policy(name, &wasm),
+        (
+            "README.md".into(),
+            readme(
+                name,
+                "Python (componentize-py)",
+                &format!(
+                    "./build.sh test                                 # unit tests, natively
+./build.sh                                      # the component: {wasm}"
+                ),
+                &wasm,
+            ),
+        ),
+        ("request.json".into(), REQUEST.into()),
+        (
+            ".gitignore".into(),
+            format!(
+                "/{wasm}
+/bindings
+__pycache__/
+"
+            ),
+        ),
+    ];
+    files.extend(wit(""));
+    files
+}
+
+fn javascript(name: &str) -> Vec<(String, String)> {
+    let wasm = format!("{name}.wasm");
+    let mut files = vec![
+        (
+            "app.js".into(),
+            format!(
+                r#"// The `{name}` plugin: doubles every value of its input `x`.
+// Replace `info` and `infer` with your model. Enums are strings, s64 is a
+// BigInt, list<u8> a Uint8Array; throw {{ tag: "invalid-input", val: message }}
+// to refuse an input (a 400).
+
+export function info() {{
+  return {{
+    name: "{name}",
+    version: "0.1.0",
+    description: "doubles every value",
+    inputs: [{{ name: "x", datatype: "fp32", shape: [-1n] }}],
+    outputs: [{{ name: "y", datatype: "fp32", shape: [-1n] }}],
+  }};
+}}
+
+export function infer(inputs) {{
+  const x = inputs.find((t) => t.name === "x");
+  if (x === undefined) throw {{ tag: "invalid-input", val: "missing input `x`" }};
+  const values = new DataView(x.data.buffer, x.data.byteOffset, x.data.byteLength);
+  const doubled = new DataView(new ArrayBuffer(x.data.byteLength));
+  for (let i = 0; i < x.data.byteLength; i += 4) {{
+    doubled.setFloat32(i, values.getFloat32(i, true) * 2, true);
+  }}
+  return [{{ name: "y", datatype: "fp32", shape: Array.from(x.shape), data: new Uint8Array(doubled.buffer) }}];
+}}
+"#
+            ),
+        ),
+        (
+            "app.test.js".into(),
+            r#"// Unit tests, run natively: node --test
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { infer } from "./app.js";
+
+test("doubles", () => {
+  const data = new Uint8Array(new Float32Array([1, -2.5]).buffer);
+  const [y] = infer([{ name: "x", datatype: "fp32", shape: [2n], data }]);
+  assert.deepEqual(Array.from(new Float32Array(y.data.buffer)), [2, -5]);
+});
+
+test("names what is missing", () => {
+  assert.throws(() => infer([]), (e) => e.tag === "invalid-input" && e.val.includes("`x`"));
+});
+"#
+            .into(),
+        ),
+        (
+            "package.json".into(),
+            format!(
+                r#"{{
+  "name": "{name}",
+  "version": "0.1.0",
+  "private": true,
+  "type": "module",
+  "scripts": {{
+    "test": "node --test",
+    "build": "componentize-js app.js --wit wit --world-name standalone -o {wasm}"
+  }},
+  "devDependencies": {{
+    "@bytecodealliance/componentize-js": "0.23.0"
+  }}
+}}
+"#
+            ),
+        ),
+        policy(name, &wasm),
+        (
+            "README.md".into(),
+            readme(
+                name,
+                "JavaScript (componentize-js)",
+                &format!(
+                    "npm install                                     # componentize-js
+npm test                                        # unit tests, natively
+npm run build                                   # the component: {wasm}"
+                ),
+                &wasm,
+            ),
+        ),
+        ("request.json".into(), REQUEST.into()),
+        (
+            ".gitignore".into(),
+            format!(
+                "/{wasm}
+/node_modules
+"
+            ),
+        ),
+    ];
+    files.extend(wit(""));
     files
 }
 

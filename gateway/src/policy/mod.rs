@@ -636,7 +636,10 @@ fn resolve_grants(
     errors: &mut Vec<PolicyError>,
 ) -> Grants {
     let mut grants = Grants {
-        seed: crate::contract::fnv1a64(model.bytes().chain([0]).chain(version.bytes())),
+        // 63 bits, so a policy can write the seed back (TOML integers are
+        // signed).
+        seed: crate::contract::fnv1a64(model.bytes().chain([0]).chain(version.bytes()))
+            & i64::MAX as u64,
         ..Grants::default()
     };
     for (table, prefix) in tables

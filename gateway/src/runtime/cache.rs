@@ -12,9 +12,14 @@
 //!
 //! Loading compiled code runs it as native code: whoever can write the
 //! folder can run code in the gateway. So the folder is created private
-//! (0700), and one that others can write to, or that another user owns, is
-//! refused. Writes go to a temporary file renamed into place, so two
-//! gateways sharing the folder never see each other's half-written files.
+//! (0700); it is refused when it is a symbolic link, when another user owns
+//! it or others may write to it, or when a folder above it could be
+//! swapped by someone else (owned by another user than root or this one,
+//! or writable by others without the sticky bit). An entry is opened
+//! without following links and read only if it is a regular file of this
+//! user that others cannot write. Writes go to a new temporary file with a
+//! random name, synced, then renamed into place, so two gateways sharing
+//! the folder never see each other's half-written files.
 
 use std::hash::{Hash, Hasher};
 use std::io::Write as _;
@@ -53,22 +58,42 @@ impl CompileCache {
             .mode(0o700)
             .create(dir)
             .map_err(problem)?;
-        let meta = std::fs::metadata(dir).map_err(problem)?;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
+        let meta = std::fs::symlink_metadata(dir).map_err(problem)?;
+        let refuse = |why: String| {
+            Err(format!(
+                "compile cache {}: {why}; compiled code loaded from it would run in the gateway",
+                dir.display()
+            ))
+        };
+        if meta.file_type().is_symlink() {
+            return refuse("is a symbolic link".into());
+        }
+        let me = euid();
         if meta.uid() != me {
-            return Err(format!(
-                "compile cache {}: owned by user {}, not by this process's user {me}; compiled code loaded from it would run in the gateway",
-                dir.display(),
+            return refuse(format!(
+                "owned by user {}, not by this process's user {me}",
                 meta.uid()
             ));
         }
         if meta.permissions().mode() & 0o022 != 0 {
-            return Err(format!(
-                "compile cache {}: others may write to it (mode {:o}); compiled code loaded from it would run in the gateway: chmod go-w it",
-                dir.display(),
+            return refuse(format!(
+                "others may write to it (mode {:o}): chmod go-w it",
                 meta.permissions().mode() & 0o777
             ));
+        }
+        let absolute = std::path::absolute(dir).map_err(problem)?;
+        for above in absolute.ancestors().skip(1) {
+            let meta = std::fs::metadata(above).map_err(problem)?;
+            let mode = meta.permissions().mode();
+            let swappable = mode & 0o022 != 0 && mode & 0o1000 == 0;
+            if (meta.uid() != 0 && meta.uid() != me) || swappable {
+                return refuse(format!(
+                    "the folder above it, {}, could be replaced by another user (owner {}, mode {:o})",
+                    above.display(),
+                    meta.uid(),
+                    mode & 0o7777
+                ));
+            }
         }
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -86,14 +111,14 @@ impl CompileCache {
     /// The compiled form of the component whose bytes hash to `sha256`.
     pub(crate) fn load(&self, engine: &Engine, sha256: &Sha256) -> Lookup {
         let path = self.entry(sha256);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Lookup::Miss,
-            Err(e) => return Lookup::Refused(format!("{}: {e}", path.display())),
-        };
         let refuse = |why: String| {
             let _ = std::fs::remove_file(&path);
             Lookup::Refused(format!("{}: {why}", path.display()))
+        };
+        let bytes = match read_entry(&path) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Lookup::Miss,
+            Err(why) => return refuse(why),
         };
         let Some(split) = bytes.len().checked_sub(32) else {
             return refuse("shorter than its checksum".into());
@@ -118,25 +143,77 @@ impl CompileCache {
         let mut code = component.serialize().map_err(|e| format!("{e:#}"))?;
         let checksum = Sha256::of(&code);
         code.extend_from_slice(&checksum.0);
+        let mut nonce = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| "no random name for a temporary file".to_string())?;
         let temp = self.dir.join(format!(
-            ".{}.{}.tmp",
-            path.file_name()
-                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            ".{:016x}.{}.tmp",
+            u64::from_le_bytes(nonce),
             std::process::id()
         ));
         let written = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&temp)
-            .and_then(|mut file| file.write_all(&code))
+            .and_then(|mut file| {
+                file.write_all(&code)?;
+                file.sync_all()
+            })
             .and_then(|()| std::fs::rename(&temp, &path));
         written.map_err(|e| {
             let _ = std::fs::remove_file(&temp);
             format!("{}: {e}", path.display())
         })
     }
+}
+
+/// The largest entry read (a compiled 18 MB Python runtime is ~40 MB).
+const MAX_ENTRY_BYTES: u64 = 1 << 30;
+
+/// This process's effective user.
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// An entry's bytes: `None` when there is none; an error when it is not a
+/// regular file of this user that others cannot write, or too large. The
+/// file is opened without following links or waiting (a FIFO).
+fn read_entry(path: &Path) -> Result<Option<Vec<u8>>, String> {
+    use std::io::Read as _;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.file_type().is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.uid() != euid() || meta.permissions().mode() & 0o022 != 0 {
+        return Err(format!(
+            "owned by user {} with mode {:o}: not this user's alone",
+            meta.uid(),
+            meta.permissions().mode() & 0o777
+        ));
+    }
+    if meta.len() > MAX_ENTRY_BYTES {
+        return Err(format!(
+            "{} bytes, over the {MAX_ENTRY_BYTES} an entry may have",
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_ENTRY_BYTES)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    Ok(Some(bytes))
 }
 
 /// Where the cache lives unless the configuration says otherwise: the
@@ -189,6 +266,10 @@ mod tests {
         std::fs::write(&entry, bytes).unwrap();
         assert!(matches!(cache.load(&engine, &sha), Lookup::Refused(m) if m.contains("checksum")));
         assert!(!entry.exists());
+        // A link in the entry's place is not followed, and is removed.
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), &entry).unwrap();
+        assert!(matches!(cache.load(&engine, &sha), Lookup::Refused(_)));
+        assert!(std::fs::symlink_metadata(&entry).is_err());
         // Another engine's settings name other entries.
         let mut config = wasmtime::Config::new();
         config

@@ -786,6 +786,19 @@ fn check_info(info: &ModelInfo) -> Result<(), String> {
     if info.inputs.is_empty() {
         return Err("declares no inputs".into());
     }
+    // They are shown in model metadata, on every request for it.
+    for (field, value, limit) in [
+        ("name", &info.name, 256),
+        ("version", &info.version, 256),
+        ("description", &info.description, 4096),
+    ] {
+        if value.len() > limit {
+            return Err(format!(
+                "its {field} has {} bytes; the most is {limit}",
+                value.len()
+            ));
+        }
+    }
     Ok(())
 }
 

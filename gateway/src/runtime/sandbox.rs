@@ -29,6 +29,11 @@ use super::world::{self, World};
 use crate::contract::CallLimits;
 use crate::onnx::ModelSet;
 
+/// Host resources one call may hold at once (wasi:nn's tensors and
+/// contexts, streams, clock waits); a plugin that subscribes to waits in a
+/// loop is stopped here, not by the host's memory.
+const MAX_HOST_RESOURCES: usize = 8192;
+
 /// Bytes of stdout and of stderr kept per call; the rest is dropped.
 pub(super) const CAPTURE_BYTES: usize = 4096;
 
@@ -69,7 +74,7 @@ impl Host {
     /// captures. Memory and host resources the instance holds stay counted.
     pub(super) fn next_call(&mut self, limits: CallLimits) {
         self.limits = limits;
-        self.world = World::new(limits.grants, limits.deadline);
+        self.world.next_call(limits.grants, limits.deadline);
         self.timed_out = false;
         self.offloaded = Duration::ZERO;
         self.limiter.refused = None;
@@ -87,9 +92,13 @@ pub(super) fn new_store(engine: &Engine, limits: CallLimits, models: Arc<ModelSe
         .stdout(stdout.clone())
         .stderr(stderr.clone())
         .build();
+    // Host resources a call may hold (streams, waits, wasi:nn's 4096):
+    // each costs host memory the linear-memory cap does not count.
+    let mut table = ResourceTable::new();
+    table.set_max_capacity(MAX_HOST_RESOURCES);
     let host = Host {
         wasi,
-        table: ResourceTable::new(),
+        table,
         limiter: MemoryLimiter::new(limits.memory_bytes),
         limits,
         timed_out: false,

@@ -12,8 +12,10 @@
 //!   version's seed at every call (`random`, `insecure` and `insecure-seed`
 //!   alike; not secret: a plugin that needs secrets is granted `real`).
 //! - `fixed` clocks: virtual time that starts at 2000-01-01 on the wall
-//!   clock and at 0 on the monotonic clock at every call, and advances only
-//!   when the plugin waits on a clock; a wait returns at once.
+//!   clock and at 0 on the monotonic clock for every fresh instance, and
+//!   advances only when the plugin subscribes to a wait on a clock (to the
+//!   wait's end); the wait is over at once. A kept instance's clock goes
+//!   on from where its last call left it, never backwards.
 //! - `real`: the operating system's random numbers and clocks. A wait on a
 //!   real clock ends at the call's deadline at the latest (epoch
 //!   interruption does not reach into a host call), and the time waited
@@ -29,8 +31,9 @@ use wasmtime_wasi::p2::bindings::clocks::{monotonic_clock, wall_clock};
 use wasmtime_wasi::p2::bindings::random::{insecure, insecure_seed, random};
 use wasmtime_wasi::p2::{DynPollable, Pollable, subscribe};
 
+use super::nn::HostLimit;
 use super::sandbox::{Host, NotGranted};
-use crate::contract::{ClockGrant, FIXED_WALL_CLOCK_SECS, Grants, RandomGrant, mix64};
+use crate::contract::{ClockGrant, FIXED_WALL_CLOCK_SECS, Grants, PluginError, RandomGrant, mix64};
 
 /// The most random bytes one `get-random-bytes` call returns: they are
 /// host memory until copied into the guest's.
@@ -60,6 +63,14 @@ impl World {
         }
     }
 
+    /// Readies a kept instance's world for its next call: the seeded
+    /// stream starts again from the seed; virtual time goes on.
+    pub(super) fn next_call(&mut self, grants: Grants, deadline: Instant) {
+        let virtual_ns = self.virtual_ns;
+        *self = World::new(grants, deadline);
+        self.virtual_ns = virtual_ns;
+    }
+
     /// How long the call waited on real clocks: running time the polling
     /// of the call does not see.
     pub(super) fn waited(&self) -> Duration {
@@ -80,11 +91,11 @@ impl World {
         Ok(())
     }
 
-    fn next_u64(&mut self) -> u64 {
-        match self.grants.random {
+    fn next_u64(&mut self) -> wasmtime::Result<u64> {
+        Ok(match self.grants.random {
             RandomGrant::Real => {
                 let mut bytes = [0; 8];
-                fill_real(&mut bytes);
+                fill_real(&mut bytes)?;
                 u64::from_le_bytes(bytes)
             }
             _ => {
@@ -92,22 +103,24 @@ impl World {
                 self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
                 mix64(self.state)
             }
-        }
+        })
     }
 
     fn bytes(&mut self, function: &str, len: u64) -> wasmtime::Result<Vec<u8>> {
         self.random_granted(function)?;
         if len > MAX_RANDOM_BYTES {
-            return Err(wasmtime::Error::new(NotGranted(format!(
-                "{function} for {len} bytes (at most {MAX_RANDOM_BYTES} at once)"
+            return Err(wasmtime::Error::new(HostLimit(PluginError::Failed(
+                format!(
+                    "asked {function} for {len} random bytes at once; a call may take at most {MAX_RANDOM_BYTES}"
+                ),
             ))));
         }
         let mut bytes = vec![0; len as usize];
         if self.grants.random == RandomGrant::Real {
-            fill_real(&mut bytes);
+            fill_real(&mut bytes)?;
         } else {
             for chunk in bytes.chunks_mut(8) {
-                let word = self.next_u64().to_le_bytes();
+                let word = self.next_u64()?.to_le_bytes();
                 chunk.copy_from_slice(&word[..chunk.len()]);
             }
         }
@@ -151,15 +164,16 @@ impl World {
     }
 }
 
-/// The operating system's random bytes. ring's generator reads getrandom;
-/// it fails only where the kernel has none, which a server cannot run
-/// without either.
-fn fill_real(bytes: &mut [u8]) {
+/// The operating system's random bytes (ring reads getrandom). Where
+/// they cannot be had the call fails: a plugin granted real random
+/// numbers may be making secrets with them.
+fn fill_real(bytes: &mut [u8]) -> wasmtime::Result<()> {
     use ring::rand::SecureRandom as _;
-    if ring::rand::SystemRandom::new().fill(bytes).is_err() {
-        // Never observed; a deterministic fallback beats a trap here.
-        bytes.fill(0);
-    }
+    ring::rand::SystemRandom::new().fill(bytes).map_err(|_| {
+        wasmtime::Error::new(HostLimit(PluginError::Internal(
+            "the system's random numbers are unavailable".into(),
+        )))
+    })
 }
 
 /// The origin of the real monotonic clock: the first time it is read.
@@ -237,7 +251,7 @@ impl random::Host for WorldView<'_> {
     fn get_random_u64(&mut self) -> wasmtime::Result<u64> {
         self.world
             .random_granted("wasi:random/random#get-random-u64")?;
-        Ok(self.world.next_u64())
+        self.world.next_u64()
     }
 }
 
@@ -250,7 +264,7 @@ impl insecure::Host for WorldView<'_> {
     fn get_insecure_random_u64(&mut self) -> wasmtime::Result<u64> {
         self.world
             .random_granted("wasi:random/insecure#get-insecure-random-u64")?;
-        Ok(self.world.next_u64())
+        self.world.next_u64()
     }
 }
 
@@ -258,7 +272,7 @@ impl insecure_seed::Host for WorldView<'_> {
     fn insecure_seed(&mut self) -> wasmtime::Result<(u64, u64)> {
         self.world
             .random_granted("wasi:random/insecure-seed#insecure-seed")?;
-        Ok((self.world.next_u64(), self.world.next_u64()))
+        Ok((self.world.next_u64()?, self.world.next_u64()?))
     }
 }
 
@@ -337,13 +351,13 @@ mod tests {
         let draw = |seed| {
             let mut w = world(RandomGrant::Seeded, ClockGrant::Fixed, seed);
             let bytes = w.bytes("f", 20).unwrap();
-            (bytes, w.next_u64())
+            (bytes, w.next_u64().unwrap())
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
         // Golden: a plugin's seeded answers must not change with a release.
         let mut w = world(RandomGrant::Seeded, ClockGrant::Fixed, 0);
-        assert_eq!(w.next_u64(), 0xe220_a839_7b1d_cdaf);
+        assert_eq!(w.next_u64().unwrap(), 0xe220_a839_7b1d_cdaf);
     }
 
     #[test]
@@ -380,5 +394,11 @@ mod tests {
         // An instant already past leaves the clock where it is.
         w.until(&mut table, 10).unwrap();
         assert_eq!(w.monotonic_now(), 5_000);
+        // A kept instance's next call: the stream starts again, the clock
+        // goes on.
+        let first = w.next_u64().unwrap();
+        w.next_call(w.grants, Instant::now());
+        assert_eq!(w.monotonic_now(), 5_000);
+        assert_eq!(w.next_u64().unwrap(), first);
     }
 }
