@@ -11,7 +11,8 @@
 //!   an `internal` error or a malformed output fails;
 //! - the same input twice gives the same output, byte for byte (what the
 //!   gateway's replay and shadow comparison rely on);
-//! - its time and memory stay within the default limits;
+//! - its slowest call stays under half its deadline, and no call passes
+//!   its memory cap (the limits given, by default the policy defaults);
 //! - and the same for every request of an `--inputs` file.
 
 use std::fmt::Write as _;
