@@ -124,7 +124,7 @@ fn policy(plugin: &Path) -> String {
     )
 }
 
-async fn start(dir: &Path, plugin: &Path, cache: &Path) -> (TestGateway, Duration) {
+async fn start(plugin: &Path, cache: &Path) -> (TestGateway, Duration) {
     let started = Instant::now();
     let cache = cache.to_path_buf();
     let gw = TestGateway::start_configured(&[("ttm.toml", &policy(plugin))], move |o| {
@@ -132,7 +132,6 @@ async fn start(dir: &Path, plugin: &Path, cache: &Path) -> (TestGateway, Duratio
     })
     .await;
     let took = started.elapsed();
-    let _ = dir;
     (gw, took)
 }
 
@@ -203,7 +202,7 @@ async fn a_language(toolchain: Toolchain) {
     let cache = dir.path().join("cache");
 
     // First start: compiled, and stored in the cache.
-    let (gw, cold) = start(dir.path(), &plugin, &cache).await;
+    let (gw, cold) = start(&plugin, &cache).await;
     answers_as_rust(&gw).await;
     let m = gw.metrics().await;
     assert_eq!(m.value("gateway_plugin_compilations_total", &[]), 2.0);
@@ -222,7 +221,7 @@ async fn a_language(toolchain: Toolchain) {
     assert!(report.contains("passed all"), "{report}");
 
     // Second start: from the cache, no compilation.
-    let (gw, warm) = start(dir.path(), &plugin, &cache).await;
+    let (gw, warm) = start(&plugin, &cache).await;
     let m = gw.metrics().await;
     assert_eq!(
         m.value("gateway_plugin_compilations_total", &[]),
@@ -248,7 +247,7 @@ async fn a_language(toolchain: Toolchain) {
         bytes[middle] ^= 0xff;
         std::fs::write(entry.path(), bytes).unwrap();
     }
-    let (gw, _) = start(dir.path(), &plugin, &cache).await;
+    let (gw, _) = start(&plugin, &cache).await;
     let m = gw.metrics().await;
     assert_eq!(m.value("gateway_plugin_compilations_total", &[]), 2.0);
     assert_eq!(m.value("gateway_plugin_compile_cache_hits_total", &[]), 0.0);

@@ -217,20 +217,28 @@ fn same(a: &[Tensor], b: &[Tensor]) -> bool {
         })
 }
 
-fn specs(specs: &[TensorSpec]) -> String {
-    specs
-        .iter()
-        .map(|s| format!("`{}` {} {:?}", s.name, s.datatype.as_v2(), s.shape))
+/// "`x` FP32 [-1, 6], ..." for declarations or tensors alike.
+fn list<'a>(items: impl Iterator<Item = (&'a str, Datatype, &'a [i64])>) -> String {
+    items
+        .map(|(name, datatype, shape)| format!("`{name}` {} {shape:?}", datatype.as_v2()))
         .collect::<Vec<_>>()
         .join(", ")
 }
 
+fn specs(specs: &[TensorSpec]) -> String {
+    list(
+        specs
+            .iter()
+            .map(|s| (s.name.as_str(), s.datatype, s.shape.as_slice())),
+    )
+}
+
 fn shapes(outputs: &[Tensor]) -> String {
-    outputs
-        .iter()
-        .map(|t| format!("`{}` {} {:?}", t.name, t.datatype.as_v2(), t.shape))
-        .collect::<Vec<_>>()
-        .join(", ")
+    list(
+        outputs
+            .iter()
+            .map(|t| (t.name.as_str(), t.datatype, t.shape.as_slice())),
+    )
 }
 
 /// What generated inputs hold.
