@@ -440,7 +440,8 @@ test("names what is missing", () => {
     "build": "componentize-js app.js --wit wit --world-name standalone -o {wasm}"
   }},
   "devDependencies": {{
-    "@bytecodealliance/componentize-js": "0.23.0"
+    "@bytecodealliance/componentize-js": "0.23.0",
+    "@bytecodealliance/preview2-shim": "0.25.0"
   }}
 }}
 "#
