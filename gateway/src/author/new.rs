@@ -12,12 +12,16 @@ pub enum Lang {
     Python,
     #[value(name = "js")]
     JavaScript,
+    C,
 }
 
 const PLUGIN_WIT: &str = include_str!("../../../wit/plugin.wit");
 const WASI_NN_WIT: &str = include_str!("../../../wit/deps/wasi-nn/wasi-nn.wit");
 const SDK_LIB: &str = include_str!("../../../plugins/sdk/src/lib.rs");
 const SDK_README: &str = include_str!("../../../plugins/sdk/README.md");
+const C_APP: &str = include_str!("templates/c/app.c");
+const C_TEST: &str = include_str!("templates/c/test.c");
+const C_BUILD: &str = include_str!("templates/c/build.sh");
 
 /// A plugin name that is also a valid crate, module and file name.
 fn check_name(name: &str) -> Result<(), String> {
@@ -54,6 +58,7 @@ pub fn new_project(name: &str, lang: Lang, dir: &Path) -> Result<Vec<PathBuf>, S
         Lang::Rust => rust(name),
         Lang::Python => python(name),
         Lang::JavaScript => javascript(name),
+        Lang::C => c(name),
     };
     let mut written = Vec::new();
     for (path, text) in files {
@@ -475,6 +480,40 @@ npm run build                                   # the component: {wasm}"
     files
 }
 
+fn c(name: &str) -> Vec<(String, String)> {
+    let wasm = format!("{name}.wasm");
+    let named = |template: &str| template.replace("{{name}}", name);
+    let mut files = vec![
+        ("app.c".into(), named(C_APP)),
+        ("test.c".into(), C_TEST.to_string()),
+        ("build.sh".into(), named(C_BUILD)),
+        policy(name, &wasm),
+        (
+            "README.md".into(),
+            readme(
+                name,
+                "C (wasi-libc, wit-bindgen)",
+                &format!(
+                    "./build.sh test                                 # unit tests, natively
+./build.sh                                      # the component: {wasm}"
+                ),
+                &wasm,
+            ),
+        ),
+        ("request.json".into(), REQUEST.into()),
+        (
+            ".gitignore".into(),
+            format!(
+                "/{wasm}
+/bindings
+"
+            ),
+        ),
+    ];
+    files.extend(wit(""));
+    files
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -492,6 +531,18 @@ mod tests {
             .unwrap()
             .1;
         assert!(policy.contains("release/demo_plugin.wasm"), "{policy}");
+    }
+
+    #[test]
+    fn the_c_template_is_named() {
+        let files = c("demo-plugin");
+        for (path, text) in &files {
+            assert!(!text.contains("{{name}}"), "{path}");
+        }
+        let file = |name: &str| &files.iter().find(|(p, _)| p == name).unwrap().1;
+        assert!(file("app.c").contains(r#""demo-plugin""#));
+        assert!(file("build.sh").contains("-o demo-plugin.wasm"));
+        assert!(file("policies/demo-plugin.toml").contains(r#""../demo-plugin.wasm""#));
     }
 
     #[test]

@@ -30,16 +30,27 @@ function invalid(message) {
   return { tag: "invalid-input", val: message };
 }
 
-// A float as Rust prints an f32 (`-3`, `0.5`, `inf`, `NaN`).
+// A float as Rust prints an f32 (`-3`, `0.5`, `1000000000000000000000000000000`,
+// `0.00000000015`, `inf`, `NaN`): the shortest digits that read back as the
+// same f32, written out without an exponent, so every version's messages
+// are the same.
 function rustFloat(value) {
   if (Number.isNaN(value)) return "NaN";
   if (!Number.isFinite(value)) return value > 0 ? "inf" : "-inf";
-  if (Number.isInteger(value)) return String(value);
-  for (let digits = 1; digits < 10; digits++) {
-    const text = value.toFixed(digits).replace(/0+$/, "");
-    if (Math.fround(Number(text)) === value) return text;
+  if (value === 0) return Object.is(value, -0) ? "-0" : "0";
+  const sign = value < 0 ? "-" : "";
+  const magnitude = Math.abs(value);
+  let text = magnitude.toExponential(8);
+  for (let precision = 0; precision < 9; precision++) {
+    text = magnitude.toExponential(precision);
+    if (Math.fround(Number(text)) === magnitude) break;
   }
-  return String(value);
+  const [mantissa, exponent] = text.split("e");
+  const digits = mantissa.replace(".", "").replace(/0+$/, "") || "0";
+  const e = Number(exponent);
+  if (e >= digits.length - 1) return sign + digits + "0".repeat(e - digits.length + 1);
+  if (e >= 0) return sign + digits.slice(0, e + 1) + "." + digits.slice(e + 1);
+  return sign + "0." + "0".repeat(-e - 1) + digits;
 }
 
 export function info() {

@@ -93,17 +93,35 @@ class WitWorld(wit_world.WitWorld):
 
 
 def rust_float(value):
-    """A float as Rust prints an f32 (`-3`, `0.5`, `inf`, `NaN`), so both
-    versions' messages are the same."""
+    """A float as Rust prints an f32 (`-3`, `0.5`, `1000000000000000000000000000000`,
+    `0.00000000015`, `inf`, `NaN`): the shortest digits that read back as the
+    same f32, written out without an exponent, so every version's messages
+    are the same."""
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
-    if value == int(value):
-        return str(int(value))
-    # The shortest decimal that reads back as the same f32, as Rust prints it.
-    for digits in range(1, 10):
-        text = f"{value:.{digits}f}".rstrip("0")
-        if struct.unpack("<f", struct.pack("<f", float(text)))[0] == value:
-            return text
-    return repr(value)
+    if value == 0.0:
+        return "-0" if math.copysign(1.0, value) < 0 else "0"
+    sign = "-" if value < 0 else ""
+    magnitude = abs(value)
+    for precision in range(9):
+        text = f"{magnitude:.{precision}e}"
+        if as_f32(float(text)) == magnitude:
+            break
+    mantissa, exponent = text.split("e")
+    digits = mantissa.replace(".", "").rstrip("0") or "0"
+    e = int(exponent)
+    if e >= len(digits) - 1:
+        return sign + digits + "0" * (e - len(digits) + 1)
+    if e >= 0:
+        return sign + digits[: e + 1] + "." + digits[e + 1 :]
+    return sign + "0." + "0" * (-e - 1) + digits
+
+
+def as_f32(value):
+    """The f32 nearest to a float; past the largest f32, infinity."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", value))[0]
+    except OverflowError:
+        return math.inf
