@@ -141,7 +141,7 @@ async fn values_the_plugin_refuses_are_400() {
     let negative = fp32_request("pr_features", &[1, 6], &[1.0, -3.0, 5.0, 1.0, 0.0, 1.0]);
     gw.infer("unchecked", &negative).await.assert_error(
         400,
-        &["model `unchecked` version `v1`: plugin `ttm-rules-v1` rejected the input: pr_features[0] feature `additions` is -3"],
+        &["model `unchecked` version `v1`: plugin `ttm-rules-v1` (ttm-rules 1.0.0) in `infer` rejected the input: pr_features[0] feature `additions` is -3"],
     );
     gw.shutdown().await;
 }

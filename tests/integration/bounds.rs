@@ -257,7 +257,7 @@ async fn outputs_over_the_cap_are_refused_naming_the_size() {
     );
     gw.infer("big-echo", &big).await.assert_error(
         500,
-        &["model `big-echo` version `v1`: plugin `echo` returned 1.1 MiB of outputs, over the version's limit of 1.0 MiB (limits.max_output_mebibytes)"],
+        &["model `big-echo` version `v1`: plugin `echo` (echo 0.1.0) in `infer` returned 1.1 MiB of outputs, over the version's limit of 1.0 MiB (limits.max_output_mebibytes)"],
     );
     let m = gw.metrics().await;
     assert_eq!(
@@ -281,7 +281,7 @@ async fn a_plugins_huge_error_text_is_cut_and_escaped() {
     reply.assert_error(
         500,
         &[
-            "model `loud` version `v1`: plugin `loud-error` failed: forged\\n2026",
+            "model `loud` version `v1`: plugin `loud-error` (loud-error 0.1.0) in `infer` failed: forged\\n2026",
             "more bytes)",
         ],
     );

@@ -110,7 +110,7 @@ async fn the_real_ones_when_granted() {
     let started = std::time::Instant::now();
     gw.post(real, mode(8).to_string()).await.assert_error(
         504,
-        &["plugin `wasi-probe` did not finish within its deadline of 400 ms"],
+        &["plugin `wasi-probe` (wasi-probe 0.1.0) in `infer` did not finish within its deadline of 400 ms"],
     );
     assert!(started.elapsed() < Duration::from_secs(30));
     gw.shutdown().await;
@@ -128,7 +128,7 @@ async fn refused_grants_and_what_is_never_granted() {
         gw.post(denied, mode(m).to_string()).await.assert_error(
             500,
             &[
-                "plugin `wasi-probe` called `",
+                "plugin `wasi-probe` (wasi-probe 0.1.0) in `infer` called `",
                 import,
                 "which it is not granted",
             ],
@@ -139,12 +139,12 @@ async fn refused_grants_and_what_is_never_granted() {
     for path in [denied, FIXED] {
         gw.post(path, mode(2).to_string()).await.assert_error(
             500,
-            &["plugin `wasi-probe` failed: No such file or directory"],
+            &["plugin `wasi-probe` (wasi-probe 0.1.0) in `infer` failed: No such file or directory"],
         );
         gw.post(path, mode(3).to_string()).await.assert_error(
             500,
             &[
-                "plugin `wasi-probe` called `",
+                "plugin `wasi-probe` (wasi-probe 0.1.0) in `infer` called `",
                 "wasi:sockets/",
                 "which it is not granted",
             ],

@@ -47,7 +47,7 @@ async fn an_endless_loop_is_stopped_at_its_deadline() {
     let reply = gw.infer("spin", &x(-1.0)).await;
     reply.assert_error(
         504,
-        &["model `spin` version `v1`: plugin `spin-loop` did not finish within its deadline of 200 ms"],
+        &["model `spin` version `v1`: plugin `spin-loop` (spin-loop 0.1.0) in `infer` did not finish within its deadline of 200 ms"],
     );
     assert!(
         reply.elapsed < Duration::from_millis(400),
@@ -130,7 +130,7 @@ async fn a_deadline_spent_waiting_for_the_cores_is_a_503() {
         reply.assert_error(
             503,
             &[
-                "model `spin` version `v1`: plugin `spin-loop` did not get the CPU time it needed within its deadline of 400 ms",
+                "model `spin` version `v1`: plugin `spin-loop` (spin-loop 0.1.0) in `infer` did not get the CPU time it needed within its deadline of 400 ms",
                 "waited for its share of the cores",
             ],
         );
@@ -163,7 +163,7 @@ async fn unbounded_allocation_hits_the_memory_cap() {
     let gw = gateway_with("hog", "memory-hog", "memory_mebibytes = 16").await;
     gw.infer("hog", &x(-1.0)).await.assert_error(
         500,
-        &["model `hog` version `v1`: plugin `memory-hog` exceeded its memory limit of 16.0 MiB"],
+        &["model `hog` version `v1`: plugin `memory-hog` (memory-hog 0.1.0) in `infer` exceeded its memory limit of 16.0 MiB"],
     );
     assert_healthy_model_serves(&gw).await;
     let small = gw.infer("hog", &x(4.0)).await;
@@ -190,7 +190,7 @@ async fn a_panic_is_a_500_naming_the_plugin_and_the_message() {
     gw.infer("panics", &x(-2.0)).await.assert_error(
         500,
         &[
-            "model `panics` version `v1`: plugin `panic` panicked: panicked at",
+            "model `panics` version `v1`: plugin `panic` (panic 0.1.0) in `infer` panicked: panicked at",
             "deliberate panic on x[0] = -2",
         ],
     );
@@ -203,15 +203,16 @@ async fn a_panic_is_a_500_naming_the_plugin_and_the_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stack_overflow_is_a_500() {
     let gw = gateway_with("deep", "stack-overflow", "").await;
-    gw.infer("deep", &x(-1.0))
-        .await
-        .assert_error(500, &["plugin `stack-overflow` overflowed its stack"]);
+    gw.infer("deep", &x(-1.0)).await.assert_error(
+        500,
+        &["plugin `stack-overflow` (stack-overflow 0.1.0) in `infer` overflowed its stack"],
+    );
     assert_healthy_model_serves(&gw).await;
     // Rust keeps address-taken locals on a stack in linear memory; running
     // off its end is an out-of-bounds access, caught the same way.
     gw.infer("deep", &x(-2.0)).await.assert_error(
         500,
-        &["plugin `stack-overflow` trapped: wasm trap: out of bounds memory access"],
+        &["plugin `stack-overflow` (stack-overflow 0.1.0) in `infer` trapped: wasm trap: out of bounds memory access"],
     );
     let shallow = gw.infer("deep", &x(100.0)).await;
     assert_eq!(shallow.status, 200, "{}", shallow.text());
@@ -242,7 +243,7 @@ async fn malformed_outputs_are_a_500_naming_the_defect() {
     for (m, message) in cases {
         gw.infer("broken", &mode(m)).await.assert_error(
             500,
-            &["model `broken` version `v1`: plugin `malformed-output` returned a malformed output: ", message],
+            &["model `broken` version `v1`: plugin `malformed-output` (malformed-output 0.1.0) in `infer` returned a malformed output: ", message],
         );
     }
     assert_healthy_model_serves(&gw).await;

@@ -120,7 +120,7 @@ async fn each_rule_holds_at_its_boundary_and_refuses_just_past_it() {
             .await
             .assert_error(
                 400,
-                &["plugin `ttm-rules-v1` rejected the input: pr_features[0] feature `comments` is"],
+                &["plugin `ttm-rules-v1` (ttm-rules 1.0.0) in `infer` rejected the input: pr_features[0] feature `comments` is"],
             );
     }
     gw.shutdown().await;

@@ -144,7 +144,7 @@ pub async fn run(loaded: &Loaded, body: &[u8], settings: &Settings) -> (u16, Str
             };
             return (
                 status,
-                error_json(&format!("plugin `{}` {e}", loaded.plugin.name())),
+                error_json(&format!("{} {e}", loaded.plugin.describe_call("infer"))),
             );
         }
     };
@@ -152,8 +152,8 @@ pub async fn run(loaded: &Loaded, body: &[u8], settings: &Settings) -> (u16, Str
         return (
             500,
             error_json(&format!(
-                "plugin `{}` returned outputs that break its info(): {e}",
-                loaded.plugin.name()
+                "{} returned outputs that break its info(): {e}",
+                loaded.plugin.describe_call("infer")
             )),
         );
     }

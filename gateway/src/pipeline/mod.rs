@@ -429,7 +429,7 @@ impl<'a> Call<'a> {
         Error::Output {
             model: self.version.model.clone(),
             version: self.version.name.clone(),
-            backend: self.version.backend.describe(),
+            backend: self.version.backend.describe_call(),
             problem,
         }
     }
@@ -438,7 +438,7 @@ impl<'a> Call<'a> {
         Error::Plugin {
             model: self.version.model.clone(),
             version: self.version.name.clone(),
-            backend: self.version.backend.describe(),
+            backend: self.version.backend.describe_call(),
             error,
         }
     }

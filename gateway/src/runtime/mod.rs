@@ -339,6 +339,18 @@ impl Plugin {
         &self.path
     }
 
+    /// The plugin for a failed call of `export`: its file's name, what its
+    /// `info()` reports, and the export ("plugin `ttm-rules-v1`
+    /// (ttm-rules 1.0.0) in `infer`").
+    pub(crate) fn describe_call(&self, export: &str) -> String {
+        format!(
+            "plugin `{}` ({} {}) in `{export}`",
+            self.name(),
+            self.info.name,
+            self.info.version
+        )
+    }
+
     /// What `info()` returned at load time.
     pub fn info(&self) -> &ModelInfo {
         &self.info
@@ -556,6 +568,16 @@ impl Backend {
         match self {
             Backend::Plugin { plugin, .. } => format!("plugin `{}`", plugin.name()),
             Backend::Onnx(model) => format!("ONNX model `{}`", model.name()),
+        }
+    }
+
+    /// [`Backend::describe`] for a failed call: a plugin also by what its
+    /// `info()` reports and the export that failed, "plugin `ttm-rules-v1`
+    /// (ttm-rules 1.0.0) in `infer`".
+    pub(crate) fn describe_call(&self) -> String {
+        match self {
+            Backend::Plugin { plugin, .. } => plugin.describe_call("infer"),
+            Backend::Onnx(_) => self.describe(),
         }
     }
 
@@ -798,6 +820,10 @@ fn check_info(info: &ModelInfo) -> Result<(), String> {
                 value.len()
             ));
         }
+        // The name and version go into error messages and logs.
+        if field != "description" && value.chars().any(char::is_control) {
+            return Err(format!("its {field} {value:?} has control characters"));
+        }
     }
     Ok(())
 }
@@ -829,6 +855,27 @@ impl fmt::Display for LoadError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn info_names_and_versions_have_no_control_characters() {
+        let info = |name: &str, description: &str| ModelInfo {
+            name: name.into(),
+            version: "1.0.0".into(),
+            description: description.into(),
+            inputs: vec![crate::contract::TensorSpec {
+                name: "x".into(),
+                datatype: crate::contract::Datatype::Fp32,
+                shape: vec![-1],
+            }],
+            outputs: Vec::new(),
+        };
+        assert!(check_info(&info("ttm-rules", "line one\nline two")).is_ok());
+        let e = check_info(&info("ttm\n2026-12-07 ERROR forged", "")).unwrap_err();
+        assert!(
+            e.contains("name") && e.contains("control characters"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn extracts_panic_message() {
