@@ -71,7 +71,7 @@ fn plugin_run_answers_as_the_gateway_does() {
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out).contains(
-            "plugin `ttm-rules-v1` rejected the input: pr_features[0] feature `additions` is -3"
+            "plugin `ttm-rules-v1` (ttm-rules 1.0.0) in `infer` rejected the input: pr_features[0] feature `additions` is -3"
         ),
         "{}",
         text(&out)
@@ -202,6 +202,10 @@ async fn a_new_rust_plugin_builds_tests_and_serves() {
     let tested = cargo(&project, &["test", "--release"]);
     assert!(tested.status.success(), "{}", text(&tested));
     assert!(text(&tested).contains("2 passed"), "{}", text(&tested));
+    // The SDK's own tests, natively, as the project vendors it.
+    let sdk = cargo(&project, &["test", "--release", "-p", "gateway-plugin-sdk"]);
+    assert!(sdk.status.success(), "{}", text(&sdk));
+    assert!(text(&sdk).contains("3 passed"), "{}", text(&sdk));
 
     let wasm = project.join("target/wasm32-wasip2/release/demo_plugin.wasm");
     let out = gateway(&["plugin", "test", wasm.to_str().unwrap()]);

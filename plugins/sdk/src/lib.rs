@@ -16,7 +16,7 @@
 //!     }
 //!     fn infer(inputs: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
 //!         let x = gateway_plugin_sdk::input(&inputs, "x")?;
-//!         let y: Vec<f32> = x.to_f32()?.iter().map(|v| v * 2.0).collect();
+//!         let y: Vec<f32> = x.view_f32()?.iter().map(|v| v * 2.0).collect();
 //!         Ok(vec![Tensor::fp32("y", &x.shape, &y)])
 //!     }
 //! }
@@ -38,7 +38,7 @@ pub use wit_bindgen;
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../../wit",
+        path: "wit",
         world: "model",
         pub_export_macro: true,
         export_macro_name: "export_model",
@@ -104,8 +104,96 @@ pub fn input<'a>(inputs: &'a [Tensor], name: &str) -> Result<&'a Tensor, Error> 
         .ok_or_else(|| Error::InvalidInput(format!("missing input `{name}`")))
 }
 
+/// A number a tensor holds, read from its little-endian bytes.
+pub trait Element: Copy {
+    /// Bytes per element.
+    const SIZE: usize;
+    /// The element in `bytes` (exactly [`Element::SIZE`] of them).
+    fn read(bytes: &[u8]) -> Self;
+}
+
+/// A typed view of a numeric tensor's elements, without copying them: each
+/// is read from the tensor's little-endian bytes when it is used (the bytes
+/// carry no alignment, so a `&[f32]` cannot borrow them). Rows of a matrix
+/// are views too.
+///
+/// ```ignore
+/// let x = gateway_plugin_sdk::input(&inputs, "pr_features")?;
+/// let rows = x.rows(6)?;
+/// for row in x.view_f32()?.rows(6) {
+///     let additions = row.get(1).unwrap_or(0.0);
+/// }
+/// let total: f32 = x.view_f32()?.iter().sum();
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a, T> {
+    data: &'a [u8],
+    element: std::marker::PhantomData<T>,
+}
+
+impl<'a, T: Element + 'a> View<'a, T> {
+    fn new(data: &'a [u8]) -> Self {
+        View {
+            data,
+            element: std::marker::PhantomData,
+        }
+    }
+
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        self.data.len() / T::SIZE
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The element at `index` (row-major), if there is one.
+    pub fn get(&self, index: usize) -> Option<T> {
+        let start = index.checked_mul(T::SIZE)?;
+        self.data.get(start..start + T::SIZE).map(T::read)
+    }
+
+    /// The elements in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = T> + 'a {
+        self.data.chunks_exact(T::SIZE).map(T::read)
+    }
+
+    /// The rows of a matrix with `columns` columns, each a view (none when
+    /// `columns` is 0).
+    pub fn rows(&self, columns: usize) -> impl ExactSizeIterator<Item = View<'a, T>> + 'a {
+        let row_bytes = columns.saturating_mul(T::SIZE).max(1);
+        let data = if columns == 0 {
+            &self.data[..0]
+        } else {
+            self.data
+        };
+        data.chunks_exact(row_bytes).map(View::new)
+    }
+
+    /// The elements, copied into a vector.
+    pub fn to_vec(&self) -> Vec<T> {
+        self.iter().collect()
+    }
+}
+
+macro_rules! element {
+    ($($ty:ty),*) => {$(
+        impl Element for $ty {
+            const SIZE: usize = size_of::<$ty>();
+            fn read(bytes: &[u8]) -> Self {
+                let mut le = [0u8; size_of::<$ty>()];
+                le.copy_from_slice(bytes);
+                <$ty>::from_le_bytes(le)
+            }
+        }
+    )*};
+}
+
+element!(f32, f64, i32, i64);
+
 macro_rules! numeric_tensor {
-    ($ctor:ident, $reader:ident, $ty:ty, $dt:ident) => {
+    ($ctor:ident, $reader:ident, $view:ident, $ty:ty, $dt:ident) => {
         impl Tensor {
             #[doc = concat!("A ", stringify!($dt), " tensor from row-major values.")]
             pub fn $ctor(name: &str, shape: &[i64], values: &[$ty]) -> Tensor {
@@ -121,23 +209,31 @@ macro_rules! numeric_tensor {
                 }
             }
 
-            #[doc = concat!("The elements of a ", stringify!($dt), " tensor; an `invalid-input` error for any other datatype.")]
+            #[doc = concat!("The elements of a ", stringify!($dt), " tensor, copied; an `invalid-input` error for any other datatype.")]
             pub fn $reader(&self) -> Result<Vec<$ty>, Error> {
+                Ok(self.$view()?.to_vec())
+            }
+
+            #[doc = concat!("A view of a ", stringify!($dt), " tensor's elements, without copying them; an `invalid-input` error for any other datatype or a data length that is not a whole number of elements.")]
+            pub fn $view(&self) -> Result<View<'_, $ty>, Error> {
                 self.expect_datatype(Datatype::$dt)?;
-                Ok(self
-                    .data
-                    .chunks_exact(size_of::<$ty>())
-                    .map(|c| <$ty>::from_le_bytes(c.try_into().expect("chunk size")))
-                    .collect())
+                if self.data.len() % size_of::<$ty>() != 0 {
+                    return Err(self.invalid(&format!(
+                        "{} bytes are not a whole number of {}-byte elements",
+                        self.data.len(),
+                        size_of::<$ty>()
+                    )));
+                }
+                Ok(View::new(&self.data))
             }
         }
     };
 }
 
-numeric_tensor!(fp32, to_f32, f32, Fp32);
-numeric_tensor!(fp64, to_f64, f64, Fp64);
-numeric_tensor!(int32, to_i32, i32, Int32);
-numeric_tensor!(int64, to_i64, i64, Int64);
+numeric_tensor!(fp32, to_f32, view_f32, f32, Fp32);
+numeric_tensor!(fp64, to_f64, view_f64, f64, Fp64);
+numeric_tensor!(int32, to_i32, view_i32, i32, Int32);
+numeric_tensor!(int64, to_i64, view_i64, i64, Int64);
 
 impl Tensor {
     /// A BYTES tensor: each element is length-prefixed (u32, little-endian).
@@ -284,5 +380,48 @@ pub mod nn {
             .iter()
             .find(|o| o.name == name)
             .ok_or_else(|| Error::Internal(format!("the model returned no output `{name}`")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn views_read_elements_in_place() {
+        let t = Tensor::fp32("x", &[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, -6.5]);
+        let view = t.view_f32().unwrap();
+        assert_eq!(view.len(), 6);
+        assert_eq!(view.get(5), Some(-6.5));
+        assert_eq!(view.get(6), None);
+        assert_eq!(view.get(usize::MAX), None);
+        assert_eq!(view.iter().sum::<f32>(), 8.5);
+        let rows: Vec<Vec<f32>> = view.rows(3).map(|r| r.to_vec()).collect();
+        assert_eq!(rows, vec![vec![1.0, 2.0, 3.0], vec![4.0, 5.0, -6.5]]);
+        assert_eq!(view.rows(0).len(), 0);
+        assert_eq!(t.to_f32().unwrap(), view.to_vec());
+        let i = Tensor::int64("n", &[2], &[i64::MIN, 7]);
+        assert_eq!(i.view_i64().unwrap().to_vec(), vec![i64::MIN, 7]);
+    }
+
+    #[test]
+    fn views_refuse_what_they_cannot_read() {
+        let t = Tensor::fp32("x", &[1], &[1.0]);
+        let Err(Error::InvalidInput(m)) = t.view_i32() else {
+            panic!("an FP32 tensor read as INT32");
+        };
+        assert!(m.contains("input `x`") && m.contains("Int32"), "{m}");
+        let mut ragged = t.clone();
+        ragged.data.push(0);
+        let Err(Error::InvalidInput(m)) = ragged.view_f32() else {
+            panic!("5 bytes read as FP32");
+        };
+        assert!(m.contains("not a whole number"), "{m}");
+    }
+
+    #[test]
+    fn bytes_round_trip() {
+        let t = Tensor::bytes("s", &[2], &["within_day", ""]);
+        assert_eq!(t.to_bytes().unwrap(), vec![&b"within_day"[..], b""]);
     }
 }
