@@ -20,6 +20,10 @@
 //! user that others cannot write. Writes go to a new temporary file with a
 //! random name, synced, then renamed into place, so two gateways sharing
 //! the folder never see each other's half-written files.
+//!
+//! The folder is kept within 2 GiB: after each store, the entries loaded
+//! or stored least recently are removed past it (a load renews an entry's
+//! modification time), and temporary files an hour old are removed.
 
 use std::hash::{Hash, Hasher};
 use std::io::Write as _;
@@ -165,9 +169,65 @@ impl CompileCache {
         written.map_err(|e| {
             let _ = std::fs::remove_file(&temp);
             format!("{}: {e}", path.display())
-        })
+        })?;
+        self.prune(&path, MAX_CACHE_BYTES, STALE_TEMP);
+        Ok(())
+    }
+
+    /// Keeps the folder within `budget` bytes: removes the entries used
+    /// least recently (by modification time, which a load renews) until the
+    /// rest fit, never `keep`; and removes temporary files older than
+    /// `stale`, left by a process that stopped while writing. Other files
+    /// are left alone.
+    fn prune(&self, keep: &Path, budget: u64, stale: std::time::Duration) {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let now = std::time::SystemTime::now();
+        let mut entries = Vec::new();
+        let mut total = 0u64;
+        for item in dir.flatten() {
+            // Not following links: a link is neither counted nor removed.
+            let Ok(meta) = item.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let name = item.file_name();
+            let name = name.to_string_lossy();
+            let used = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                if now.duration_since(used).is_ok_and(|age| age > stale) {
+                    let _ = std::fs::remove_file(item.path());
+                }
+            } else if name.ends_with(".cwasm") {
+                total += meta.len();
+                entries.push((used, meta.len(), item.path()));
+            }
+        }
+        entries.sort_by_key(|(used, ..)| *used);
+        for (_, len, path) in entries {
+            if total <= budget {
+                break;
+            }
+            if path != keep && std::fs::remove_file(&path).is_ok() {
+                tracing::info!(
+                    "compile cache: removed {} ({len} bytes), used least recently, to stay within {budget} bytes",
+                    path.display()
+                );
+                total -= len;
+            }
+        }
     }
 }
+
+/// The size the compile cache is kept within: after each store, the
+/// entries used least recently are removed past it. A compiled Python
+/// plugin is about 40 MB, a Rust one a few hundred KB.
+const MAX_CACHE_BYTES: u64 = 2 << 30;
+
+/// A temporary file older than this was left by a process that stopped
+/// while writing it.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The largest entry read (a compiled 18 MB Python runtime is ~40 MB).
 const MAX_ENTRY_BYTES: u64 = 1 << 30;
@@ -209,6 +269,9 @@ fn read_entry(path: &Path) -> Result<Option<Vec<u8>>, String> {
             meta.len()
         ));
     }
+    // Its time of last use, which eviction goes by (see `prune`); the
+    // owner may set it through a read-only descriptor.
+    let _ = file.set_modified(std::time::SystemTime::now());
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.take(MAX_ENTRY_BYTES)
         .read_to_end(&mut bytes)
@@ -243,6 +306,35 @@ mod tests {
         std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
         let e = CompileCache::open(&cache, &engine).unwrap_err();
         assert!(e.contains("others may write to it (mode 777)"), "{e}");
+    }
+
+    #[test]
+    fn the_least_recently_used_entries_go_first() {
+        let engine = Engine::default();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CompileCache::open(dir.path(), &engine).unwrap();
+        let day = std::time::Duration::from_secs(86_400);
+        let now = std::time::SystemTime::now();
+        let file = |name: &str, bytes: usize, age_days: u32| {
+            let path = dir.path().join(name);
+            let f = std::fs::File::create(&path).unwrap();
+            f.set_len(bytes as u64).unwrap();
+            f.set_modified(now - day * age_days).unwrap();
+            path
+        };
+        let oldest = file("a.cwasm", 400, 3);
+        let kept_new = file("b.cwasm", 400, 0);
+        let middle = file("c.cwasm", 400, 2);
+        let just_stored = file("d.cwasm", 400, 5);
+        let stale_temp = file(".1.2.tmp", 10, 1);
+        let fresh_temp = file(".3.4.tmp", 10, 0);
+        let other = file("notes.txt", 10_000, 9);
+        // 1,600 bytes of entries in a budget of 900: the two used least
+        // recently go, except the one just stored.
+        cache.prune(&just_stored, 900, day / 2);
+        assert!(!oldest.exists() && !middle.exists());
+        assert!(kept_new.exists() && just_stored.exists());
+        assert!(!stale_temp.exists() && fresh_temp.exists() && other.exists());
     }
 
     #[test]
