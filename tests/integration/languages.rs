@@ -1,5 +1,6 @@
 //! Plugins in other languages: the time-to-merge size rules written in
-//! Python (componentize-py), JavaScript (componentize-js) and C (wasi-libc,
+//! Python (componentize-py), JavaScript (componentize-js with SpiderMonkey,
+//! componentize-qjs with QuickJS) and C (wasi-libc,
 //! `wit-bindgen c`, wasm-component-ld), built from
 //! their sources in `plugins/<language>/` by this test, served through the
 //! real gateway beside the Rust `ttm-rules-v1`, answering exactly what it
@@ -39,6 +40,13 @@ const JAVASCRIPT: Toolchain = Toolchain {
     probe: &["COMPONENTIZE_JS", "--version"],
 };
 
+/// The same app.js, built with QuickJS instead of SpiderMonkey.
+const QUICKJS: Toolchain = Toolchain {
+    name: "ttm-rules-qjs",
+    folder: "javascript/ttm-rules-qjs",
+    probe: &["COMPONENTIZE_QJS", "--help"],
+};
+
 const C: Toolchain = Toolchain {
     name: "ttm-rules-c",
     folder: "c/ttm-rules-c",
@@ -56,6 +64,9 @@ impl Toolchain {
         Command::new(match self.probe[0] {
             "COMPONENTIZE_JS" => {
                 std::env::var("COMPONENTIZE_JS").unwrap_or_else(|_| "componentize-js".into())
+            }
+            "COMPONENTIZE_QJS" => {
+                std::env::var("COMPONENTIZE_QJS").unwrap_or_else(|_| "componentize-qjs".into())
             }
             other => other.to_string(),
         })
@@ -288,6 +299,11 @@ async fn python_plugins_serve_as_rust_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn javascript_plugins_serve_as_rust_ones() {
     a_language(JAVASCRIPT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickjs_plugins_serve_as_rust_ones() {
+    a_language(QUICKJS).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

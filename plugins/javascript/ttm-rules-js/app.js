@@ -1,11 +1,16 @@
 // Time to merge, version 1 (size rules), in JavaScript: the same answers as
-// the Rust `ttm-rules-v1` on every input. Built with componentize-js against
-// the `standalone` world of the gateway's WIT (see build.sh).
+// the Rust `ttm-rules-v1` on every input. Built against the `standalone`
+// world of the gateway's WIT with componentize-js (SpiderMonkey, see
+// build.sh) or componentize-qjs (QuickJS, see ../ttm-rules-qjs/build.sh).
 //
 // The bucket follows the size of the change (lines added plus deleted, and
 // files touched); a long discussion (20 comments or more) pushes it one
 // bucket later. The predicted bucket gets probability 0.7, every other one
 // 0.075.
+
+// A WIT `s64`: componentize-js passes it as a BigInt, componentize-qjs as a
+// Number (its build script replaces this line).
+const s64 = (n) => BigInt(n);
 
 const INPUT = "pr_features";
 const FEATURES = ["files_changed", "additions", "deletions", "commits", "comments", "review_count"];
@@ -58,10 +63,10 @@ export function info() {
     name: "ttm-rules",
     version: "1.0.0",
     description: "time-to-merge bucket from change size and discussion length (JavaScript)",
-    inputs: [{ name: INPUT, datatype: "fp32", shape: [-1n, 6n] }],
+    inputs: [{ name: INPUT, datatype: "fp32", shape: [s64(-1), s64(6)] }],
     outputs: [
-      { name: "label", datatype: "bytes", shape: [-1n] },
-      { name: "probabilities", datatype: "fp32", shape: [-1n, 5n] },
+      { name: "label", datatype: "bytes", shape: [s64(-1)] },
+      { name: "probabilities", datatype: "fp32", shape: [s64(-1), s64(5)] },
     ],
   };
 }
@@ -83,7 +88,6 @@ export function infer(inputs) {
   const probabilities = new DataView(new ArrayBuffer(rows * 5 * 4));
   const labels = [];
   let labelBytes = 0;
-  const encoder = new TextEncoder();
   for (let r = 0; r < rows; r++) {
     const row = [];
     for (let f = 0; f < 6; f++) {
@@ -99,7 +103,8 @@ export function infer(inputs) {
     for (let b = 0; b < 5; b++) {
       probabilities.setFloat32((r * 5 + b) * 4, b === best ? 0.7 : 0.075, true);
     }
-    const label = encoder.encode(BUCKETS[best]);
+    // ASCII (QuickJS has no TextEncoder).
+    const label = Uint8Array.from(BUCKETS[best], (c) => c.charCodeAt(0));
     labels.push(label);
     labelBytes += 4 + label.length;
   }
@@ -112,11 +117,11 @@ export function infer(inputs) {
     at += 4 + label.length;
   }
   return [
-    { name: "label", datatype: "bytes", shape: [BigInt(rows)], data: labelData },
+    { name: "label", datatype: "bytes", shape: [s64(rows)], data: labelData },
     {
       name: "probabilities",
       datatype: "fp32",
-      shape: [BigInt(rows), 5n],
+      shape: [s64(rows), s64(5)],
       data: new Uint8Array(probabilities.buffer),
     },
   ];
