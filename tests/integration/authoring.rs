@@ -201,11 +201,19 @@ async fn a_new_rust_plugin_builds_tests_and_serves() {
     assert!(built.status.success(), "{}", text(&built));
     let tested = cargo(&project, &["test", "--release"]);
     assert!(tested.status.success(), "{}", text(&tested));
-    assert!(text(&tested).contains("2 passed"), "{}", text(&tested));
+    assert!(
+        text(&tested).contains("test result: ok. 2 passed"),
+        "{}",
+        text(&tested)
+    );
     // The SDK's own tests, natively, as the project vendors it.
     let sdk = cargo(&project, &["test", "--release", "-p", "gateway-plugin-sdk"]);
     assert!(sdk.status.success(), "{}", text(&sdk));
-    assert!(text(&sdk).contains("3 passed"), "{}", text(&sdk));
+    assert!(
+        text(&sdk).contains("test result: ok. 3 passed"),
+        "{}",
+        text(&sdk)
+    );
 
     let wasm = project.join("target/wasm32-wasip2/release/demo_plugin.wasm");
     let out = gateway(&["plugin", "test", wasm.to_str().unwrap()]);

@@ -50,10 +50,15 @@ const QUICKJS: Toolchain = Toolchain {
 const C: Toolchain = Toolchain {
     name: "ttm-rules-c",
     folder: "c/ttm-rules-c",
+    // The bindings generator, a clang that links wasm32-wasi against
+    // wasi-libc, and the component linker.
     probe: &[
         "sh",
         "-c",
-        "\"${WIT_BINDGEN:-wit-bindgen}\" --version && { command -v clang || command -v clang-19; }",
+        "set -e; \"${WIT_BINDGEN:-wit-bindgen}\" --version; d=$(mktemp -d); trap 'rm -rf \"$d\"' EXIT; \
+         printf '#include <stdio.h>\\nint main(void) { return puts(\"\") < 0; }\\n' > \"$d/p.c\"; \
+         \"$(command -v clang-19 || command -v clang)\" --target=wasm32-wasi \"$d/p.c\" -o \"$d/p.wasm\"; \
+         ls \"$(rustc --print sysroot)\"/lib/rustlib/*/bin/wasm-component-ld",
     ],
 };
 
@@ -190,6 +195,11 @@ async fn answers_as_rust(gw: &TestGateway) {
         (
             [1.0, 3.0, 5.0, 1.0, -1.5e-10, 0.0],
             "feature `comments` is -0.00000000015",
+        ),
+        // -2^87: the shortest digits are not the rounded ones.
+        (
+            [1.0, 3.0, -154742504910672534362390528.0, 1.0, 0.0, 0.0],
+            "feature `deletions` is -154742510000000000000000000",
         ),
     ] {
         let body = request(&[row]).to_string();

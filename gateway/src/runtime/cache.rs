@@ -195,11 +195,11 @@ impl CompileCache {
             let name = item.file_name();
             let name = name.to_string_lossy();
             let used = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
-            if name.starts_with('.') && name.ends_with(".tmp") {
+            if is_temp_name(&name) {
                 if now.duration_since(used).is_ok_and(|age| age > stale) {
                     let _ = std::fs::remove_file(item.path());
                 }
-            } else if name.ends_with(".cwasm") {
+            } else if is_entry_name(&name) {
                 total += meta.len();
                 entries.push((used, meta.len(), item.path()));
             }
@@ -218,6 +218,28 @@ impl CompileCache {
             }
         }
     }
+}
+
+/// `<sha256>-<engine key>.cwasm`, as [`CompileCache::entry`] names them:
+/// the only files eviction removes (the folder may hold others).
+fn is_entry_name(name: &str) -> bool {
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    name.strip_suffix(".cwasm")
+        .and_then(|stem| stem.split_once('-'))
+        .is_some_and(|(sha, key)| hex(sha, 64) && hex(key, 16))
+}
+
+/// `.<16 hex>.<pid>.tmp`, as [`CompileCache::store`] names its temporary files.
+fn is_temp_name(name: &str) -> bool {
+    name.strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".tmp"))
+        .and_then(|n| n.split_once('.'))
+        .is_some_and(|(nonce, pid)| {
+            nonce.len() == 16
+                && nonce.bytes().all(|b| b.is_ascii_hexdigit())
+                && !pid.is_empty()
+                && pid.bytes().all(|b| b.is_ascii_digit())
+        })
 }
 
 /// The size the compile cache is kept within: after each store, the
@@ -322,18 +344,23 @@ mod tests {
             f.set_modified(now - day * age_days).unwrap();
             path
         };
-        let oldest = file("a.cwasm", 400, 3);
-        let kept_new = file("b.cwasm", 400, 0);
-        let middle = file("c.cwasm", 400, 2);
-        let just_stored = file("d.cwasm", 400, 5);
-        let stale_temp = file(".1.2.tmp", 10, 1);
-        let fresh_temp = file(".3.4.tmp", 10, 0);
+        let entry = |c: char| format!("{}-{}.cwasm", c.to_string().repeat(64), "0".repeat(16));
+        let oldest = file(&entry('a'), 400, 3);
+        let kept_new = file(&entry('b'), 400, 0);
+        let middle = file(&entry('c'), 400, 2);
+        let just_stored = file(&entry('d'), 400, 5);
+        let stale_temp = file(".0123456789abcdef.42.tmp", 10, 1);
+        let fresh_temp = file(".fedcba9876543210.42.tmp", 10, 0);
         let other = file("notes.txt", 10_000, 9);
+        let not_ours = file("model.cwasm", 10_000, 9);
+        let not_our_temp = file(".draft.tmp", 10, 9);
         // 1,600 bytes of entries in a budget of 900: the two used least
-        // recently go, except the one just stored.
+        // recently go, except the one just stored; files it did not name
+        // are neither counted nor removed.
         cache.prune(&just_stored, 900, day / 2);
         assert!(!oldest.exists() && !middle.exists());
         assert!(kept_new.exists() && just_stored.exists());
+        assert!(not_ours.exists() && not_our_temp.exists());
         assert!(!stale_temp.exists() && fresh_temp.exists() && other.exists());
     }
 

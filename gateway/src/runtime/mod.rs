@@ -821,11 +821,18 @@ fn check_info(info: &ModelInfo) -> Result<(), String> {
             ));
         }
         // The name and version go into error messages and logs.
-        if field != "description" && value.chars().any(char::is_control) {
+        if field != "description" && value.chars().any(breaks_lines) {
             return Err(format!("its {field} {value:?} has control characters"));
         }
     }
     Ok(())
+}
+
+/// A control character, a line or paragraph separator, or a bidirectional
+/// override: what could forge or disguise a log line.
+fn breaks_lines(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Why a plugin could not be loaded.
@@ -875,6 +882,7 @@ mod tests {
             e.contains("name") && e.contains("control characters"),
             "{e}"
         );
+        assert!(check_info(&info("ttm\u{202e}sgol", "")).is_err());
     }
 
     #[test]

@@ -51,43 +51,85 @@ static int bucket(const float *row) {
     return by_size;
 }
 
+/* The digits and the power of ten of their last one: the shortest decimal
+ * that reads back as this f32. The correctly rounded decimal of each length
+ * is tried, and its neighbours: where the gap to the next f32 down is
+ * narrower than the gap up (at powers of two), a neighbour can read back
+ * where the rounded one does not. */
+static void shortest_digits(double magnitude, long long *digits, int *power) {
+    char text[48];
+    for (int precision = 0; precision < 9; precision++) {
+        snprintf(text, sizeof text, "%.*e", precision, magnitude);
+        char *e = strchr(text, 'e');
+        long long nearest = 0;
+        for (const char *c = text; c < e; c++)
+            if (*c != '.') nearest = nearest * 10 + (*c - '0');
+        int p = atoi(e + 1) - precision;
+        long long best = 0;
+        double best_distance = 0;
+        for (int step = 0; step < 3; step++) {
+            long long d = nearest + (step == 0 ? 0 : step == 1 ? -1 : 1);
+            char candidate[48];
+            snprintf(candidate, sizeof candidate, "%llde%d", d, p);
+            double value = strtod(candidate, NULL);
+            if (d > 0 && (float)value == (float)magnitude) {
+                double distance = fabs(value - magnitude);
+                /* The closest; halfway between two, the larger (as Rust does). */
+                if (best == 0 || distance < best_distance ||
+                    (distance == best_distance && d > best)) {
+                    best = d;
+                    best_distance = distance;
+                }
+            }
+        }
+        if (best) {
+            *digits = best;
+            *power = p;
+            return;
+        }
+    }
+    snprintf(text, sizeof text, "%.8e", magnitude);
+    char *e = strchr(text, 'e');
+    *digits = 0;
+    for (const char *c = text; c < e; c++)
+        if (*c != '.') *digits = *digits * 10 + (*c - '0');
+    *power = atoi(e + 1) - 8;
+}
+
 /* A float as Rust prints an f32 (`-3`, `0.5`, `1000000000000000000000000000000`,
- * `0.00000000015`, `inf`, `NaN`): the shortest digits that read back as the
- * same value, written out without an exponent, so every version's messages
- * are the same. `size` is at least 64: an f32 needs at most 48 characters. */
+ * `0.00000000015`, `inf`, `NaN`): the fewest digits that read back as the
+ * same f32 (the closest such if several), written out without an exponent,
+ * so every version's messages are the same. `size` is at least 64: an f32
+ * needs at most 48 characters. */
 static void rust_float(char *out, size_t size, float value) {
     if (isnan(value)) { snprintf(out, size, "NaN"); return; }
     if (isinf(value)) { snprintf(out, size, value > 0 ? "inf" : "-inf"); return; }
     if (value == 0.0f) { snprintf(out, size, signbit(value) ? "-0" : "0"); return; }
-    double magnitude = fabs((double)value);
-    char text[32];
-    for (int precision = 0; precision < 9; precision++) {
-        snprintf(text, sizeof text, "%.*e", precision, magnitude);
-        if (strtof(text, NULL) == (float)magnitude) break;
+    long long number;
+    int power;
+    shortest_digits(fabs((double)value), &number, &power);
+    while (number % 10 == 0) {
+        number /= 10;
+        power++;
     }
-    char digits[16];
-    int n = 0;
-    const char *c = text;
-    for (; *c && *c != 'e'; c++)
-        if (*c != '.' && n < 15) digits[n++] = *c;
-    while (n > 1 && digits[n - 1] == '0') n--;
-    int exponent = *c ? atoi(c + 1) : 0;
+    char digits[24];
+    int n = snprintf(digits, sizeof digits, "%lld", number);
 
     size_t at = 0;
 #define PUT(ch) do { if (at + 1 < size) out[at++] = (ch); } while (0)
     if (value < 0) PUT('-');
-    if (exponent >= n - 1) {
+    if (power >= 0) {
         for (int i = 0; i < n; i++) PUT(digits[i]);
-        for (int i = 0; i < exponent - (n - 1); i++) PUT('0');
-    } else if (exponent >= 0) {
+        for (int i = 0; i < power; i++) PUT('0');
+    } else if (n + power > 0) {
         for (int i = 0; i < n; i++) {
-            if (i == exponent + 1) PUT('.');
+            if (i == n + power) PUT('.');
             PUT(digits[i]);
         }
     } else {
         PUT('0');
         PUT('.');
-        for (int i = 0; i < -exponent - 1; i++) PUT('0');
+        for (int i = 0; i < -(n + power); i++) PUT('0');
         for (int i = 0; i < n; i++) PUT(digits[i]);
     }
 #undef PUT
@@ -212,6 +254,13 @@ static bool infer(const standalone_list_tensor_t *inputs, standalone_list_tensor
     }
     free(best);
 
+    /* The bindings free a list only when it is not empty. */
+    if (rows == 0) {
+        free(labels);
+        free(probabilities);
+        labels = NULL;
+        probabilities = NULL;
+    }
     ret->len = 2;
     ret->ptr = must(malloc(2 * sizeof(standalone_tensor_t)));
     standalone_tensor_t *label = &ret->ptr[0], *probs = &ret->ptr[1];

@@ -44,18 +44,40 @@ function rustFloat(value) {
   if (!Number.isFinite(value)) return value > 0 ? "inf" : "-inf";
   if (value === 0) return Object.is(value, -0) ? "-0" : "0";
   const sign = value < 0 ? "-" : "";
-  const magnitude = Math.abs(value);
-  let text = magnitude.toExponential(8);
+  const [digits, exponent] = shortestDigits(Math.abs(value));
+  const text = String(digits).replace(/0+$/, "");
+  const power = exponent + String(digits).length - text.length;
+  if (power >= 0) return sign + text + "0".repeat(power);
+  const point = text.length + power;
+  if (point > 0) return sign + text.slice(0, point) + "." + text.slice(point);
+  return sign + "0." + "0".repeat(-point) + text;
+}
+
+// The digits and the power of ten of their last one: the shortest decimal
+// that reads back as this f32. The correctly rounded decimal of each
+// length is tried, and its neighbours: where the gap to the next f32 down
+// is narrower than the gap up (at powers of two), a neighbour can read
+// back where the rounded one does not.
+function shortestDigits(magnitude) {
   for (let precision = 0; precision < 9; precision++) {
-    text = magnitude.toExponential(precision);
-    if (Math.fround(Number(text)) === magnitude) break;
+    const [mantissa, exponent] = magnitude.toExponential(precision).split("e");
+    const nearest = Number(mantissa.replace(".", ""));
+    const power = Number(exponent) - precision;
+    let best = null;
+    for (const d of [nearest, nearest - 1, nearest + 1]) {
+      const candidate = Number(`${d}e${power}`);
+      if (d > 0 && Math.fround(candidate) === magnitude) {
+        const distance = Math.abs(candidate - magnitude);
+        // The closest; halfway between two, the larger (as Rust does).
+        if (best === null || distance < best[0] || (distance === best[0] && d > best[1])) {
+          best = [distance, d];
+        }
+      }
+    }
+    if (best !== null) return [best[1], power];
   }
-  const [mantissa, exponent] = text.split("e");
-  const digits = mantissa.replace(".", "").replace(/0+$/, "") || "0";
-  const e = Number(exponent);
-  if (e >= digits.length - 1) return sign + digits + "0".repeat(e - digits.length + 1);
-  if (e >= 0) return sign + digits.slice(0, e + 1) + "." + digits.slice(e + 1);
-  return sign + "0." + "0".repeat(-e - 1) + digits;
+  const [mantissa, exponent] = magnitude.toExponential(8).split("e");
+  return [Number(mantissa.replace(".", "")), Number(exponent) - 8];
 }
 
 export function info() {

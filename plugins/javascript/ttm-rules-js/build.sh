@@ -8,5 +8,5 @@
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/ttm-rules-js.wasm}
-${COMPONENTIZE_JS:-componentize-js} "$here/app.js" --wit "$here/../../../wit" \
+"${COMPONENTIZE_JS:-componentize-js}" "$here/app.js" --wit "$here/../../../wit" \
   --world-name standalone -o "$out"

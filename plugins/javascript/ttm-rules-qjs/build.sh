@@ -13,5 +13,5 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 sed 's/^const s64 = (n) => BigInt(n);$/const s64 = (n) => n;/' "$here/../ttm-rules-js/app.js" > "$work/app.js"
 grep -q '^const s64 = (n) => n;$' "$work/app.js" || { echo "app.js no longer has the s64 line" >&2; exit 1; }
-${COMPONENTIZE_QJS:-componentize-qjs} --wit "$here/../../../wit" --world standalone --sync \
+"${COMPONENTIZE_QJS:-componentize-qjs}" --wit "$here/../../../wit" --world standalone --sync \
   --js "$work/app.js" -o "$out" >"$work/log" 2>&1 || { cat "$work/log" >&2; exit 1; }

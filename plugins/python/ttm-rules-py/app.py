@@ -94,9 +94,9 @@ class WitWorld(wit_world.WitWorld):
 
 def rust_float(value):
     """A float as Rust prints an f32 (`-3`, `0.5`, `1000000000000000000000000000000`,
-    `0.00000000015`, `inf`, `NaN`): the shortest digits that read back as the
-    same f32, written out without an exponent, so every version's messages
-    are the same."""
+    `0.00000000015`, `inf`, `NaN`): the fewest digits that read back as the
+    same f32 (the closest such if several), written out without an
+    exponent, so every version's messages are the same."""
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):
@@ -105,18 +105,36 @@ def rust_float(value):
         return "-0" if math.copysign(1.0, value) < 0 else "0"
     sign = "-" if value < 0 else ""
     magnitude = abs(value)
+    digits, exponent = shortest_digits(magnitude)
+    text = str(digits).rstrip("0")
+    exponent += len(str(digits)) - len(text)
+    if exponent >= 0:
+        return sign + text + "0" * exponent
+    point = len(text) + exponent
+    if point > 0:
+        return sign + text[:point] + "." + text[point:]
+    return sign + "0." + "0" * -point + text
+
+
+def shortest_digits(magnitude):
+    """The digits and the power of ten of their last one: the shortest
+    decimal that reads back as this f32. The correctly rounded decimal of
+    each length is tried, and its neighbours: where the gap to the next
+    f32 down is narrower than the gap up (at powers of two), a neighbour
+    can read back where the rounded one does not."""
     for precision in range(9):
-        text = f"{magnitude:.{precision}e}"
-        if as_f32(float(text)) == magnitude:
-            break
-    mantissa, exponent = text.split("e")
-    digits = mantissa.replace(".", "").rstrip("0") or "0"
-    e = int(exponent)
-    if e >= len(digits) - 1:
-        return sign + digits + "0" * (e - len(digits) + 1)
-    if e >= 0:
-        return sign + digits[: e + 1] + "." + digits[e + 1 :]
-    return sign + "0." + "0" * (-e - 1) + digits
+        mantissa, exponent = f"{magnitude:.{precision}e}".split("e")
+        nearest = int(mantissa.replace(".", ""))
+        power = int(exponent) - precision
+        fits = [
+            (abs(float(f"{d}e{power}") - magnitude), -d)
+            for d in (nearest, nearest - 1, nearest + 1)
+            if d > 0 and as_f32(float(f"{d}e{power}")) == magnitude
+        ]
+        if fits:
+            # The closest; halfway between two, the larger (as Rust does).
+            return -min(fits)[1], power
+    return int(f"{magnitude:.8e}".split("e")[0].replace(".", "")), int(f"{magnitude:.8e}".split("e")[1]) - 8
 
 
 def as_f32(value):

@@ -151,7 +151,9 @@ impl<'a, T: Element + 'a> View<'a, T> {
     /// The element at `index` (row-major), if there is one.
     pub fn get(&self, index: usize) -> Option<T> {
         let start = index.checked_mul(T::SIZE)?;
-        self.data.get(start..start + T::SIZE).map(T::read)
+        self.data
+            .get(start..start.checked_add(T::SIZE)?)
+            .map(T::read)
     }
 
     /// The elements in order.
@@ -395,6 +397,7 @@ mod tests {
         assert_eq!(view.get(5), Some(-6.5));
         assert_eq!(view.get(6), None);
         assert_eq!(view.get(usize::MAX), None);
+        assert_eq!(view.get(usize::MAX / 4), None);
         assert_eq!(view.iter().sum::<f32>(), 8.5);
         let rows: Vec<Vec<f32>> = view.rows(3).map(|r| r.to_vec()).collect();
         assert_eq!(rows, vec![vec![1.0, 2.0, 3.0], vec![4.0, 5.0, -6.5]]);

@@ -38,7 +38,11 @@ static void doubles(void) {
     const float values[2] = {1.0f, -2.5f};
     standalone_list_tensor_t inputs = input_x(values, 2), outputs;
     standalone_error_t err;
-    CHECK(exports_standalone_infer(&inputs, &outputs, &err));
+    if (!exports_standalone_infer(&inputs, &outputs, &err)) {
+        CHECK(!"infer refused its input");
+        standalone_error_free(&err);
+        return;
+    }
     CHECK(outputs.len == 1 && outputs.ptr[0].name.len == 1 && outputs.ptr[0].name.ptr[0] == 'y');
     float y[2];
     CHECK(outputs.ptr[0].data.len == sizeof y);
@@ -53,8 +57,8 @@ static void names_what_is_missing(void) {
     CHECK(!exports_standalone_infer(&inputs, &outputs, &err));
     CHECK(err.tag == GATEWAY_PLUGIN_TYPES_ERROR_INVALID_INPUT);
     const standalone_string_t *message = &err.val.invalid_input;
-    CHECK(message->len >= 3 && memchr(message->ptr, '`', message->len) != NULL);
-    CHECK(strncmp((const char *)message->ptr, "missing input `x`", message->len) == 0);
+    const char *expected = "missing input `x`";
+    CHECK(message->len == strlen(expected) && memcmp(message->ptr, expected, message->len) == 0);
     standalone_error_free(&err);
 }
 
