@@ -17,6 +17,8 @@
 //! 6. `validated`: the example policy's input rules and data monitoring;
 //! 7. `onnx`: the example's trained model (policies/models/ttm-v2.onnx)
 //!    served as an ONNX-only version;
+//! 8. `recorded`: `gateway` on a second gateway that keeps a decision log
+//!    (a record per request, with digests of inputs and outputs);
 //!
 //! at 1, 16 and 64 connections, every scenario in the same run, each
 //! reported as a ratio to `http-limit` at the same concurrency. Each
@@ -55,9 +57,11 @@ enum Server {
     Native,
     /// The gateway, serving this model.
     Gateway(&'static str),
+    /// The gateway that keeps a decision log, serving this model.
+    Recorded(&'static str),
 }
 
-const SCENARIOS: [(&str, Server); 8] = [
+const SCENARIOS: [(&str, Server); 9] = [
     ("http-limit", Server::HttpLimit),
     ("native", Server::Native),
     ("gateway", Server::Gateway("plain")),
@@ -66,6 +70,7 @@ const SCENARIOS: [(&str, Server); 8] = [
     ("shadow", Server::Gateway("shadow")),
     ("validated", Server::Gateway("validated")),
     ("onnx", Server::Gateway("onnx")),
+    ("recorded", Server::Recorded("plain")),
 ];
 
 fn policies(dir: &Path) {
@@ -416,6 +421,13 @@ fn main() {
         .block_on(server::start(common::gateway_options(dir.path())))
         .expect("gateway");
     let gateway_addr = gateway.local_addr();
+    let log = tempfile::tempdir().expect("temp dir");
+    let mut options = common::gateway_options(dir.path());
+    options.decisions = Some(gateway::decisions::DecisionLogConfig::new(
+        log.path().to_path_buf(),
+    ));
+    let recorded = servers.block_on(server::start(options)).expect("gateway");
+    let recorded_addr = recorded.local_addr();
 
     // The HTTP limit answers what the gateway answers, byte for byte; the
     // native rules must compute the same answer.
@@ -447,6 +459,7 @@ fn main() {
                     Server::HttpLimit => (limit_addr, "/v2/models/plain/infer".to_string()),
                     Server::Native => (native_addr, "/v2/models/plain/infer".to_string()),
                     Server::Gateway(m) => (gateway_addr, format!("/v2/models/{m}/infer")),
+                    Server::Recorded(m) => (recorded_addr, format!("/v2/models/{m}/infer")),
                 };
                 let cpu = cpu_seconds();
                 let m = client.block_on(load(addr, &path, connections, seconds));
@@ -476,6 +489,7 @@ fn main() {
         }
     }
     servers.block_on(gateway.shutdown());
+    servers.block_on(recorded.shutdown());
 
     let md = report(&runs);
     common::write_results(
@@ -544,7 +558,7 @@ fn report(runs: &[Run]) -> String {
             of_native >= 0.75,
         );
     }
-    for scenario in ["canary", "validated"] {
+    for scenario in ["canary", "validated", "recorded"] {
         let cost = 1.0 - rps(scenario, 64) / rps("gateway", 64);
         target(
             format!("`{scenario}` costs <= 5 % of the gateway's throughput"),

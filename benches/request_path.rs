@@ -242,10 +242,15 @@ fn routing(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("routing");
     group.bench_function("champion", |b| {
-        b.iter(|| snapshot.route("plain", None, &unkeyed).expect("route").2)
+        b.iter(|| {
+            snapshot
+                .route("plain", None, &unkeyed)
+                .expect("route")
+                .route
+        })
     });
     group.bench_function("canary_sticky_key", |b| {
-        b.iter(|| snapshot.route("canary", None, &keyed).expect("route").2)
+        b.iter(|| snapshot.route("canary", None, &keyed).expect("route").route)
     });
     let model = snapshot.model("validated").expect("validated model");
     let schema = model.schema.as_ref().expect("schema");
@@ -260,7 +265,12 @@ fn routing(c: &mut Criterion) {
         })
     });
     group.bench_function("canary_random", |b| {
-        b.iter(|| snapshot.route("canary", None, &unkeyed).expect("route").2)
+        b.iter(|| {
+            snapshot
+                .route("canary", None, &unkeyed)
+                .expect("route")
+                .route
+        })
     });
     group.finish();
 }

@@ -48,6 +48,30 @@ enum Command {
     /// start a new one; no server needed.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Read a decision log: check its hash chain, or show the decisions
+    /// of one request.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum LogCommand {
+    /// Check that no record of the log was removed, inserted or changed
+    /// (each carries the SHA-256 of the one before); exit 1 naming where
+    /// the chain breaks.
+    Verify {
+        /// The log's folder (`serve --decision-log`).
+        dir: PathBuf,
+    },
+    /// Print the decisions of one request (its answer and its shadow
+    /// copies), one JSON object per line; exit 1 when there is none.
+    Show {
+        /// The request id (`x-request-id` of the answer).
+        id: String,
+        /// The log's folder (`serve --decision-log`).
+        #[arg(long, value_name = "DIR", default_value = "decisions")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -295,6 +319,12 @@ struct ServeArgs {
     /// Do not watch the policy folder (reload with SIGHUP or POST /admin/reload).
     #[arg(long)]
     no_watch: bool,
+    /// Folder of the decision log: a record of every inference request and
+    /// shadow call (version, route and why, the SHA-256 of every file that
+    /// answered, digests of inputs and outputs), hash-chained, rotated at
+    /// 64 MiB, 16 files kept. One gateway per folder. Off without it.
+    #[arg(long, value_name = "DIR", env = "GATEWAY_DECISION_LOG")]
+    decision_log: Option<PathBuf>,
     /// Allow a reload that unloads every model (by default a policy folder
     /// emptied, or synced halfway, is refused and the models keep serving).
     #[arg(long)]
@@ -438,6 +468,9 @@ impl ServeArgs {
         if self.allow_empty_policies {
             s.options.allow_empty_policies = true;
         }
+        flag!(s.options.decisions, self.decision_log, |dir| Some(
+            crate::decisions::DecisionLogConfig::new(dir)
+        ));
         s.finish().map_err(|e| vec![e])
     }
 }
@@ -462,8 +495,64 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => serve(*args).await,
             Command::Check(args) => check(args).await,
             Command::Plugin(command) => plugin(command).await,
+            Command::Log(command) => log(command),
         }
     })
+}
+
+fn log(command: LogCommand) -> ExitCode {
+    match command {
+        LogCommand::Verify { dir } => match crate::decisions::verify::verify(&dir) {
+            Ok(report) => {
+                let range = match (report.first_seq, report.last_seq) {
+                    (Some(first), Some(last)) => format!("records {first} to {last}"),
+                    _ => "no records".to_string(),
+                };
+                let dropped = if report.dropped > 0 {
+                    format!("; the log says {} records were dropped", report.dropped)
+                } else {
+                    String::new()
+                };
+                for problem in &report.problems {
+                    println!("BROKEN {problem}");
+                }
+                if report.problems.is_empty() {
+                    println!(
+                        "ok: {} records in {} files, {range}, chained{dropped}",
+                        report.records, report.files
+                    );
+                    ExitCode::SUCCESS
+                } else {
+                    println!(
+                        "the chain breaks {} times in {} records ({range}){dropped}",
+                        report.problems.len(),
+                        report.records
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        LogCommand::Show { id, dir } => match crate::decisions::verify::find(&dir, &id, 1000) {
+            Ok(records) if records.is_empty() => {
+                eprintln!("error: no decision of request `{id}` in {}", dir.display());
+                ExitCode::FAILURE
+            }
+            Ok(records) => {
+                for record in records {
+                    println!("{record}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
 }
 
 fn init_logging() {
@@ -810,7 +899,7 @@ mod tests {
         let cli = Cli::try_parse_from(["gateway", "serve"].iter().chain(args)).unwrap();
         match cli.command {
             Command::Serve(args) => *args,
-            Command::Check(_) | Command::Plugin(_) => unreachable!(),
+            Command::Check(_) | Command::Plugin(_) | Command::Log(_) => unreachable!(),
         }
     }
 

@@ -196,6 +196,8 @@ struct ConfigFile {
     shadows: ShadowsTable,
     #[serde(default)]
     shutdown: ShutdownTable,
+    #[serde(default)]
+    decisions: DecisionsTable,
 }
 
 #[derive(Default, Deserialize)]
@@ -287,6 +289,14 @@ struct SandboxesTable {
 #[serde(deny_unknown_fields)]
 struct ShadowsTable {
     cpu_percent: Option<Spanned<f64>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecisionsTable {
+    dir: Text,
+    max_file_mebibytes: Int,
+    max_files: Int,
 }
 
 #[derive(Default, Deserialize)]
@@ -676,6 +686,25 @@ impl Reader<'_> {
             }
         }
 
+        let l = &raw.decisions;
+        if let Some(dir) = self.path(&l.dir, "decisions.dir") {
+            s.options.decisions = Some(crate::decisions::DecisionLogConfig::new(dir));
+        }
+        let file_bytes = self.mebibytes(&l.max_file_mebibytes, "decisions.max_file_mebibytes");
+        let files = self.int::<usize>(&l.max_files, "decisions.max_files", 1..=100_000);
+        match s.options.decisions.as_mut() {
+            Some(log) => {
+                set!(log.max_file_bytes, file_bytes.map(|b| b as u64));
+                set!(log.max_files, files);
+            }
+            None if file_bytes.is_some() || files.is_some() => self.errors.push(PolicyError::key(
+                self.file,
+                "decisions",
+                "sets the log's limits but no `dir`: the decision log is off without one",
+            )),
+            None => {}
+        }
+
         let d = &raw.shutdown;
         set!(
             s.options.server.drain_delay,
@@ -745,9 +774,15 @@ mod tests {
              [connections]\nmax = 5\nfirst_byte_timeout_ms = 250\n\
              [http2]\nstream_window_bytes = 1048576\n\
              [sandboxes]\nmax_total_memory_mebibytes = 2\n\
-             [shadows]\ncpu_percent = 2.5\n",
+             [shadows]\ncpu_percent = 2.5\n\
+             [decisions]\ndir = \"log\"\nmax_files = 3\n",
         )
         .unwrap();
+        let log = s.options.decisions.as_ref().unwrap();
+        assert!(log.dir.ends_with("log") && log.dir.is_absolute());
+        assert_eq!((log.max_files, log.max_file_bytes), (3, 64 << 20));
+        let e = read("[decisions]\nmax_files = 3\n").unwrap_err();
+        assert!(e[0].contains("no `dir`"), "{e:?}");
         assert_eq!(s.options.listen, "0.0.0.0:9000".parse().unwrap());
         assert!(s.options.policies.ends_with("p") && s.options.policies.is_absolute());
         assert_eq!(s.plugin_dirs[1], PathBuf::from("/abs"));

@@ -15,6 +15,7 @@ pub mod cli;
 pub(crate) mod config;
 pub mod contract;
 pub(crate) mod cpu;
+pub mod decisions;
 pub(crate) mod monitor;
 pub mod onnx;
 pub(crate) mod pipeline;

@@ -9,6 +9,7 @@ mod binary;
 mod bounds;
 mod compat;
 mod config;
+mod decisions;
 mod front;
 mod grants;
 mod hostile;

@@ -22,11 +22,12 @@ use http::HeaderMap;
 
 pub(crate) use error::{BodyError, Error, OutputProblem, Unavailable};
 
-use crate::contract::{CallLimits, PluginError};
+use crate::contract::{CallLimits, PluginError, Sha256};
+use crate::decisions::{Decision, DecisionLog, Identity, Target, Validation};
 use crate::policy::Mode;
 use crate::protocol::InferRequest;
 use crate::router::breaker::{Outcome, Pass, Transition};
-use crate::router::{Model, Route, Snapshot, Version};
+use crate::router::{Draw, Model, Route, Snapshot, Version};
 use crate::shadow::{Busy, Load};
 use crate::telemetry::{self, Escaped};
 use crate::tensor::Tensor;
@@ -84,6 +85,8 @@ pub(crate) struct Pipeline {
     bulk_queue: usize,
     /// The server's metrics (requests that reached no version).
     telemetry: Arc<telemetry::Telemetry>,
+    /// Where every request's decision is recorded, if anywhere.
+    decisions: Option<DecisionLog>,
 }
 
 impl Pipeline {
@@ -92,6 +95,7 @@ impl Pipeline {
     pub(crate) fn new(
         config: PipelineConfig,
         telemetry: Arc<telemetry::Telemetry>,
+        decisions: Option<DecisionLog>,
     ) -> std::io::Result<Arc<Self>> {
         crate::onnx::start_compute_threads()?;
         let pipeline = Arc::new(Pipeline {
@@ -104,6 +108,7 @@ impl Pipeline {
             bulk_bytes: config.bulk_bytes,
             bulk_queue: config.bulk_queue.max(1),
             telemetry,
+            decisions,
         });
         Load::spawn_probe(&pipeline.load);
         Ok(pipeline)
@@ -112,6 +117,11 @@ impl Pipeline {
     /// The server's metrics.
     pub(crate) fn telemetry(&self) -> &telemetry::Telemetry {
         &self.telemetry
+    }
+
+    /// The decision log, when the server keeps one.
+    pub(crate) fn decisions(&self) -> Option<&DecisionLog> {
+        self.decisions.as_ref()
     }
 
     /// The version that serves a request (pinned, canary or champion) and
@@ -123,15 +133,21 @@ impl Pipeline {
         model: &str,
         pinned: Option<&str>,
         headers: &HeaderMap,
+        identity: Identity,
     ) -> Result<Call<'a>, Error> {
         let start = Instant::now();
         match snapshot.route(model, pinned, headers) {
-            Ok((model, version, route)) => Ok(Call::new(
+            Ok(routed) => Ok(Call::new(
                 self,
-                model,
-                version,
-                route,
+                routed.model,
+                routed.version,
+                routed.route,
                 Some(Busy::enter(&self.load)),
+                Origin {
+                    identity,
+                    generation: snapshot.generation,
+                    draw: routed.draw,
+                },
             )),
             Err(e) => {
                 let error = Error::from(e);
@@ -142,6 +158,25 @@ impl Pipeline {
                     error.status().as_u16(),
                     start.elapsed(),
                 );
+                if let Some(log) = &self.decisions {
+                    log.record(Decision {
+                        time: std::time::SystemTime::now(),
+                        identity,
+                        target: Target::Unknown {
+                            model: model.to_string(),
+                            version: pinned.map(str::to_string),
+                        },
+                        generation: snapshot.generation,
+                        route: Route::Champion,
+                        draw: None,
+                        inputs_sha256: None,
+                        outputs_sha256: None,
+                        validation: Validation::NotReached,
+                        status: error.status().as_u16(),
+                        error: Some((error.kind(), error.to_string())),
+                        latency: start.elapsed(),
+                    });
+                }
                 Err(error)
             }
         }
@@ -153,6 +188,14 @@ impl Pipeline {
 #[derive(Clone, Debug)]
 pub(crate) struct AnswerBytes {
     _held: Arc<budget::Held>,
+}
+
+/// Where a call comes from: the request's identity, the policies that
+/// routed it and the canary's draw.
+pub(crate) struct Origin {
+    pub identity: Identity,
+    pub generation: u64,
+    pub draw: Option<Draw>,
 }
 
 /// One request (or shadow copy) on its way through the pipeline.
@@ -171,6 +214,12 @@ pub(crate) struct Call<'a> {
     /// Whether the outcome was recorded; a call dropped before that (the
     /// client went away) still ends a breaker probe, as neutral.
     recorded: bool,
+    origin: Origin,
+    /// What the decision record says of the inputs and outputs (digests
+    /// only when the server keeps a decision log).
+    validation: Validation,
+    inputs_sha256: Option<Sha256>,
+    outputs_sha256: Option<Sha256>,
 }
 
 impl Drop for Call<'_> {
@@ -196,6 +245,7 @@ impl<'a> Call<'a> {
         version: &'a Arc<Version>,
         route: Route,
         busy: Option<Busy<'a>>,
+        origin: Origin,
     ) -> Self {
         Call {
             pipeline,
@@ -207,6 +257,18 @@ impl<'a> Call<'a> {
             pass: Pass::Closed,
             _busy: busy,
             recorded: false,
+            origin,
+            validation: Validation::NotReached,
+            inputs_sha256: None,
+            outputs_sha256: None,
+        }
+    }
+
+    /// Notes the inputs' digest for the decision record (when there is a
+    /// decision log: it costs a SHA-256 of the inputs).
+    fn note_inputs(&mut self, inputs: &[Tensor]) {
+        if self.pipeline.decisions.is_some() {
+            self.inputs_sha256 = Some(crate::decisions::digest(inputs));
         }
     }
 
@@ -307,20 +369,23 @@ impl<'a> Call<'a> {
     ) -> Result<(InferRequest, Vec<Tensor>), Error> {
         let bytes = request.inputs.iter().map(|t| t.data.len()).sum();
         self.hold(bytes)?;
-        let request = if self.is_bulk(bytes) {
+        self.note_inputs(&request.inputs);
+        let (request, checked) = if self.is_bulk(bytes) {
             let (model, version) = (self.model.clone(), self.version.clone());
-            let (request, checked) = self
-                .offload(move || {
-                    let checked = check(&model, &version, &request);
-                    (request, checked)
-                })
-                .await?;
-            checked?;
-            request
+            self.offload(move || {
+                let checked = check(&model, &version, &request);
+                (request, checked)
+            })
+            .await?
         } else {
-            check(self.model, self.version, &request)?;
-            request
+            let checked = check(self.model, self.version, &request);
+            (request, checked)
         };
+        self.validation = match &checked {
+            Ok(validation) => *validation,
+            Err(_) => Validation::Failed,
+        };
+        checked?;
         let outputs = self.run(&request.inputs, Wait::UntilDeadline).await?;
         Ok((request, outputs))
     }
@@ -382,6 +447,9 @@ impl<'a> Call<'a> {
             .plugin_call(&version.model, &version.name, called.elapsed());
         let outputs = outputs.map_err(|error| self.plugin_error(error))?;
         self.check_outputs(&outputs)?;
+        if self.pipeline.decisions.is_some() {
+            self.outputs_sha256 = Some(crate::decisions::digest(&outputs));
+        }
         if let Some(labels) = version
             .label_output
             .as_ref()
@@ -465,6 +533,7 @@ impl<'a> Call<'a> {
                 self.version,
                 answer,
                 self._busy.as_ref(),
+                &self.origin,
             );
         }
     }
@@ -497,13 +566,29 @@ impl<'a> Call<'a> {
         if let Err(e) = result {
             self.record_error(e);
         }
-        version.metrics.request(
-            &version.model,
-            &version.name,
-            self.route,
-            status,
-            self.start.elapsed(),
-        );
+        let latency = self.start.elapsed();
+        version
+            .metrics
+            .request(&version.model, &version.name, self.route, status, latency);
+        if let Some(log) = &self.pipeline.decisions {
+            log.record(Decision {
+                time: std::time::SystemTime::now(),
+                identity: self.origin.identity.clone(),
+                target: Target::Version {
+                    model: self.model.clone(),
+                    version: version.clone(),
+                },
+                generation: self.origin.generation,
+                route: self.route,
+                draw: self.origin.draw,
+                inputs_sha256: self.inputs_sha256,
+                outputs_sha256: self.outputs_sha256,
+                validation: self.validation,
+                status,
+                error: result.err().map(|e| (e.kind(), e.to_string())),
+                latency,
+            });
+        }
     }
 
     fn record_error(&self, e: &Error) {
@@ -527,6 +612,8 @@ impl<'a> Call<'a> {
                 model = %version.model,
                 version = %version.name,
                 route = self.route.as_str(),
+                request_id = %Escaped(&self.origin.identity.request_id),
+                trace_id = self.origin.identity.trace.map(|t| t.trace_id_hex()),
                 status = e.status().as_u16(),
                 kind = e.kind(),
                 error = %Escaped(&e.to_string()),
@@ -573,24 +660,28 @@ fn log_transition(version: &Version, transition: Transition) {
 
 /// The plugin's declaration, then the policy's rules (every violation
 /// counted; value violations served in `flag` mode), then the data monitor.
-fn check(model: &Model, version: &Version, request: &InferRequest) -> Result<(), Error> {
-    validate_inputs(model, version, request)?;
+fn check(model: &Model, version: &Version, request: &InferRequest) -> Result<Validation, Error> {
+    let validation = validate_inputs(model, version, request)?;
     if let Some(monitor) = model.monitors.get(&version.name) {
         monitor.observe(&request.inputs);
     }
-    Ok(())
+    Ok(validation)
 }
 
-fn validate_inputs(model: &Model, version: &Version, request: &InferRequest) -> Result<(), Error> {
+fn validate_inputs(
+    model: &Model,
+    version: &Version,
+    request: &InferRequest,
+) -> Result<Validation, Error> {
     let violations = match validate::check_request(request, version.backend.info()) {
         Err(e) => e,
         Ok(()) => match &model.schema {
             Some(schema) => validate::schema_violations(schema, &request.inputs),
-            None => return Ok(()),
+            None => return Ok(Validation::Passed),
         },
     };
     if violations.is_empty() {
-        return Ok(());
+        return Ok(Validation::Passed);
     }
     for c in violations.counts() {
         version.metrics.telemetry().record_validation_failure(
@@ -608,7 +699,7 @@ fn validate_inputs(model: &Model, version: &Version, request: &InferRequest) -> 
         if let Some(suppressed) = version.error_log.check() {
             tracing::warn!(model = %version.model, version = %version.name, suppressed, "served a request that breaks the input rules (flag mode): {violations}");
         }
-        return Ok(());
+        return Ok(Validation::Flagged);
     }
     Err(violations.into())
 }

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use super::{Answer, Call, Error, Pipeline, Wait};
+use super::{Answer, Call, Error, Origin, Pipeline, Wait};
 use crate::cpu;
 use crate::router::{self, Model, Route, Version};
 use crate::shadow::{Busy, compare};
@@ -41,6 +41,7 @@ pub(super) fn dispatch(
     answered: &Arc<Version>,
     answer: Answer,
     busy: Option<&Busy<'_>>,
+    origin: &Origin,
 ) {
     let Some(shadow) = &model.shadow else { return };
     if !router::sampled(shadow.sample_percent) {
@@ -72,6 +73,8 @@ pub(super) fn dispatch(
             model: model.clone(),
             challenger: challenger.clone(),
             answer: answer.clone(),
+            identity: origin.identity.clone(),
+            generation: origin.generation,
         };
         pipeline.shadow_executor.spawn(async move {
             job.run().await;
@@ -85,6 +88,9 @@ struct Job {
     model: Arc<Model>,
     challenger: Arc<Version>,
     answer: Arc<Answer>,
+    /// The served request's: its shadow records carry its id.
+    identity: crate::decisions::Identity,
+    generation: u64,
 }
 
 impl Job {
@@ -95,12 +101,23 @@ impl Job {
             &self.challenger,
             Route::Shadow,
             None,
+            Origin {
+                identity: self.identity.clone(),
+                generation: self.generation,
+                draw: None,
+            },
         );
         let budget = &self.pipeline.shadow_cpu;
         let (result, cpu) = Budgeted::new(budget, async {
             call.admissible()?;
-            validate::check_inputs(&self.answer.inputs, self.challenger.backend.info())
-                .map_err(Error::Validation)?;
+            call.note_inputs(&self.answer.inputs);
+            let checked =
+                validate::check_inputs(&self.answer.inputs, self.challenger.backend.info());
+            call.validation = match checked {
+                Ok(()) => crate::decisions::Validation::Passed,
+                Err(_) => crate::decisions::Validation::Failed,
+            };
+            checked.map_err(Error::Validation)?;
             call.run(&self.answer.inputs, Wait::No).await
         })
         .await;

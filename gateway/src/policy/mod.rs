@@ -66,6 +66,8 @@ impl Default for Limits {
 #[derive(Clone, Debug)]
 pub struct ModelPolicy {
     pub file: PathBuf,
+    /// The file's SHA-256, as it was read.
+    pub sha256: crate::contract::Sha256,
     pub model: String,
     pub description: Option<String>,
     pub champion: String,
@@ -612,6 +614,7 @@ pub fn parse(
     }
     Ok(ModelPolicy {
         file: file.to_path_buf(),
+        sha256: crate::contract::Sha256::of(text.as_bytes()),
         model,
         description: raw.description,
         champion,

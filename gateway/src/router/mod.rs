@@ -108,6 +108,26 @@ pub struct Version {
     pub instances: InstancePool,
 }
 
+/// Where a request goes, and why.
+pub struct Routed<'a> {
+    pub model: &'a Arc<Model>,
+    pub version: &'a Arc<Version>,
+    pub route: Route,
+    /// The canary's draw, for an unpinned request of a model with a canary.
+    pub draw: Option<Draw>,
+}
+
+/// Why an unpinned request of a model with a canary went where it went:
+/// its point in `[0, 100)` (the sticky key's, see [`sticky_point`], or a
+/// random one) against the canary's percent.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Draw {
+    pub point: f64,
+    pub percent: f64,
+    /// Whether the point came from the sticky header.
+    pub sticky: bool,
+}
+
 /// How a request reached its version: the `route` label of metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
@@ -176,19 +196,25 @@ impl Snapshot {
     }
 
     /// The version that serves a request: the pinned one if the URL names
-    /// it, else the canary or the champion (see [`Model::choose`]).
+    /// it, else the canary or the champion (see [`Model::choose`]), with
+    /// the canary's draw when there was one.
     pub fn route(
         &self,
         model: &str,
         pinned: Option<&str>,
         headers: &HeaderMap,
-    ) -> Result<(&Arc<Model>, &Arc<Version>, Route), RouteError> {
+    ) -> Result<Routed<'_>, RouteError> {
         let model = self.model(model)?;
-        let (version, route) = match pinned {
-            Some(version) => (model.version(version)?, Route::Pinned),
+        let (version, route, draw) = match pinned {
+            Some(version) => (model.version(version)?, Route::Pinned, None),
             None => model.choose(headers),
         };
-        Ok((model, version, route))
+        Ok(Routed {
+            model,
+            version,
+            route,
+            draw,
+        })
     }
 }
 
@@ -206,18 +232,24 @@ impl Model {
     /// Canary or champion for an unpinned request. With the sticky header,
     /// the choice is a pure function of model and key (the same on every
     /// replica and after restarts); without it, a fresh random draw.
-    pub fn choose(&self, headers: &HeaderMap) -> (&Arc<Version>, Route) {
+    pub fn choose(&self, headers: &HeaderMap) -> (&Arc<Version>, Route, Option<Draw>) {
         let Some(canary) = &self.canary else {
-            return (&self.champion, Route::Champion);
+            return (&self.champion, Route::Champion, None);
         };
-        let point = match headers.get(&canary.sticky_header) {
+        let key = headers.get(&canary.sticky_header);
+        let point = match key {
             Some(key) => sticky_point(&self.name, key.as_bytes()),
             None => random_point(),
         };
+        let draw = Some(Draw {
+            point,
+            percent: canary.percent,
+            sticky: key.is_some(),
+        });
         if point < canary.percent {
-            (&canary.version, Route::Canary)
+            (&canary.version, Route::Canary, draw)
         } else {
-            (&self.champion, Route::Champion)
+            (&self.champion, Route::Champion, draw)
         }
     }
 }

@@ -180,3 +180,31 @@ pub(super) fn monitoring(state: &State) -> Result<HttpResponse, Error> {
         versions,
     })
 }
+
+/// `GET /admin/decisions/{id}`: the decision records of request `id` (its
+/// answer and its shadow copies) among the recent ones the server keeps in
+/// memory; `gateway log show ID` searches the files.
+pub(super) fn decisions(state: &State, id: &str) -> Result<HttpResponse, Error> {
+    let Some(log) = state.pipeline.decisions() else {
+        return Err(Error::NoEndpoint {
+            path: format!(
+                "/admin/decisions/{id}: this gateway keeps no decision log (--decision-log)"
+            ),
+        });
+    };
+    let records = log.find(id);
+    if records.is_empty() {
+        return Err(Error::NoEndpoint {
+            path: format!(
+                "/admin/decisions/{id}: no such request among the recent decisions; `gateway log show {id}` searches the log files"
+            ),
+        });
+    }
+    // The records as written (each line is a JSON object), in order.
+    let body = format!(
+        "{{\"request_id\":{},\"decisions\":[{}]}}",
+        serde_json::Value::from(id),
+        records.join(",")
+    );
+    Ok(super::routes::json_ok(body.into_bytes()))
+}

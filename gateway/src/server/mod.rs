@@ -96,6 +96,8 @@ pub struct ServeOptions {
     pub watch_debounce: Option<Duration>,
     /// Whether a reload may unload every model.
     pub allow_empty_policies: bool,
+    /// The decision log, if one is kept.
+    pub decisions: Option<crate::decisions::DecisionLogConfig>,
 }
 
 impl ServeOptions {
@@ -111,6 +113,7 @@ impl ServeOptions {
             pipeline: PipelineConfig::default(),
             watch_debounce: Some(Duration::from_millis(500)),
             allow_empty_policies: false,
+            decisions: None,
         }
     }
 
@@ -134,6 +137,8 @@ pub enum StartError {
     },
     #[error("cannot start the WebAssembly runtime: {0}")]
     Runtime(String),
+    #[error("{0}")]
+    Decisions(String),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
     #[error(
@@ -314,6 +319,12 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
             "model loaded"
         );
     }
+    let decisions = match &options.decisions {
+        Some(config) => {
+            Some(crate::decisions::DecisionLog::open(config).map_err(StartError::Decisions)?)
+        }
+        None => None,
+    };
     let (socket, local_addr) = bind(options.listen).await?;
     let admin = match &options.server.admin {
         Some(config) => Some(bind(config.listen).await?),
@@ -328,7 +339,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
         reloader,
         config: options.server.clone(),
         shutting_down: AtomicBool::new(false),
-        pipeline: Pipeline::new(options.pipeline, telemetry)
+        pipeline: Pipeline::new(options.pipeline, telemetry, decisions)
             .map_err(|e| StartError::Runtime(format!("cannot start the shadow executor: {e}")))?,
         admin_failures: admin_routes::Failures::default(),
     });

@@ -26,6 +26,8 @@ pub(super) type HttpResponse = Response<Full<Bytes>>;
 
 /// The header naming the version that answered.
 pub(super) const MODEL_VERSION_HEADER: &str = "x-model-version";
+use crate::decisions::Identity;
+use crate::decisions::identity::REQUEST_ID_HEADER;
 
 /// Dispatches one request from `peer` on a listener with `role`. `HEAD`
 /// is answered as `GET` (hyper sends the headers only).
@@ -82,6 +84,8 @@ pub(super) async fn handle(
             .and_then(|()| admin_routes::policies(state)),
         ["admin", "monitoring"] if get => admin_routes::authorize(state, peer, &request)
             .and_then(|()| admin_routes::monitoring(state)),
+        ["admin", "decisions", id] if get => admin_routes::authorize(state, peer, &request)
+            .and_then(|()| admin_routes::decisions(state, id)),
         other => Err(match allowed_method(other) {
             Some(allow) if on_this_listener(other, role) => Error::MethodNotAllowed {
                 method: request.method().to_string(),
@@ -125,7 +129,8 @@ fn allowed_method(segments: &[&str]) -> Option<&'static str> {
         | ["v2", "models", _, "versions", _, "ready"]
         | ["metrics"]
         | ["admin", "policies"]
-        | ["admin", "monitoring"] => Some("GET, HEAD"),
+        | ["admin", "monitoring"]
+        | ["admin", "decisions", _] => Some("GET, HEAD"),
         _ => None,
     }
 }
@@ -187,7 +192,7 @@ fn static_header_name(name: &header::HeaderName) -> &'static str {
         .unwrap_or("(a request header)")
 }
 
-fn json_ok(body: Vec<u8>) -> HttpResponse {
+pub(super) fn json_ok(body: Vec<u8>) -> HttpResponse {
     json_response(StatusCode::OK, body)
 }
 
@@ -294,6 +299,9 @@ fn metrics(state: &State) -> HttpResponse {
     crate::monitor::render(&mut text, &versions);
     state.reloader.runtime().render_pool(&mut text);
     crate::process::render(&mut text);
+    if let Some(log) = state.pipeline.decisions() {
+        log.render(&mut text);
+    }
     let mut response = Response::new(Full::new(Bytes::from(text)));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -310,13 +318,41 @@ async fn infer(
     request: Request<Incoming>,
 ) -> HttpResponse {
     let snapshot = state.reloader.snapshot();
+    // A request id the client sent that cannot be used is refused (its
+    // decision is recorded under a new id, which the answer carries).
+    let (identity, bad_id) = match Identity::of(request.headers()) {
+        Ok(identity) => (identity, None),
+        Err(bad) => (
+            Identity {
+                request_id: crate::decisions::identity::new_request_id(),
+                trace: None,
+            },
+            Some(bad),
+        ),
+    };
+    let request_id = identity.request_id.clone();
+    let with_id = |mut response: HttpResponse| {
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(REQUEST_ID_HEADER, value);
+        }
+        response
+    };
     let mut call = match state
         .pipeline
-        .route(&snapshot, model, pinned, request.headers())
+        .route(&snapshot, model, pinned, request.headers(), identity)
     {
         Ok(call) => call,
-        Err(e) => return respond(&e),
+        Err(e) => return with_id(respond(&e)),
     };
+    if let Some(bad) = bad_id {
+        let error = Error::Header {
+            detail: bad.0,
+            too_large: false,
+        };
+        let response = respond(&error);
+        call.finish(Err(&error));
+        return with_id(response);
+    }
     let version = call.version.name.clone();
     let mut response = match serve(state, &mut call, request).await {
         Ok((mut response, answer)) => {
@@ -344,7 +380,7 @@ async fn infer(
     if let Ok(name) = HeaderValue::from_str(&version) {
         response.headers_mut().insert(MODEL_VERSION_HEADER, name);
     }
-    response
+    with_id(response)
 }
 
 /// The steps of one inference request that can fail.

@@ -1,0 +1,295 @@
+//! The decision log: one record for every inference request, answered or
+//! failed, and for every shadow call, saying which version decided, why it
+//! was chosen, and the exact artifacts (plugin and model files by SHA-256,
+//! the policy file by SHA-256 and generation) that made the answer.
+//!
+//! The request path builds a [`Decision`] (a few reference counts and two
+//! digests) and hands it to [`DecisionLog::record`], which never waits: a
+//! bounded queue feeds a thread that writes JSON lines (see `sink`). A full
+//! queue or a failing disk drops records and counts them; it never slows or
+//! fails a request. Each line carries the SHA-256 of the line before it, so
+//! `gateway log verify` finds a record removed or changed.
+
+pub(crate) mod identity;
+mod sink;
+pub mod verify;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+pub(crate) use identity::Identity;
+
+use crate::contract::Sha256;
+use crate::router::{Draw, Model, Route, Version};
+use crate::tensor::Tensor;
+
+/// The version of the record's layout, in every record (`schema`).
+pub const SCHEMA: u32 = 1;
+
+/// Where and how decision records are kept.
+#[derive(Clone, Debug)]
+pub struct DecisionLogConfig {
+    /// The folder of the log files (`decisions.jsonl` and rotated ones).
+    pub dir: PathBuf,
+    /// A file is rotated when it reaches this size.
+    pub max_file_bytes: u64,
+    /// Rotated files kept; the oldest is removed past it.
+    pub max_files: usize,
+    /// Records waiting for the writer; more are dropped and counted.
+    pub buffer: usize,
+    /// Recent records kept in memory for `GET /admin/decisions/{id}`.
+    pub recent: usize,
+}
+
+impl DecisionLogConfig {
+    pub fn new(dir: PathBuf) -> Self {
+        DecisionLogConfig {
+            dir,
+            max_file_bytes: 64 << 20,
+            max_files: 16,
+            buffer: 8192,
+            recent: 10_000,
+        }
+    }
+}
+
+/// What one request (or shadow call) decided.
+pub(crate) struct Decision {
+    pub time: SystemTime,
+    pub identity: Identity,
+    pub target: Target,
+    /// The generation of the policies that served it.
+    pub generation: u64,
+    pub route: Route,
+    /// The canary's draw, for an unpinned request of a model with a canary.
+    pub draw: Option<Draw>,
+    pub inputs_sha256: Option<Sha256>,
+    pub outputs_sha256: Option<Sha256>,
+    pub validation: Validation,
+    pub status: u16,
+    /// The error's kind and message, for a failed request.
+    pub error: Option<(&'static str, String)>,
+    pub latency: Duration,
+}
+
+/// Who the request reached.
+pub(crate) enum Target {
+    /// A version of a model (and so its artifacts and policy).
+    Version {
+        model: Arc<Model>,
+        version: Arc<Version>,
+    },
+    /// A model or version the policies do not have.
+    Unknown {
+        model: String,
+        version: Option<String>,
+    },
+}
+
+/// How the inputs fared against the declaration and the policy's rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Validation {
+    /// The request failed before its inputs were checked.
+    NotReached,
+    Passed,
+    /// Broke value rules in `flag` mode, and was served.
+    Flagged,
+    Failed,
+}
+
+impl Validation {
+    fn as_str(self) -> &'static str {
+        match self {
+            Validation::NotReached => "not_reached",
+            Validation::Passed => "passed",
+            Validation::Flagged => "flagged",
+            Validation::Failed => "failed",
+        }
+    }
+}
+
+/// A digest of tensors: every tensor's name, datatype, shape and data, in
+/// order, each length-prefixed, so two different requests never share one.
+pub(crate) fn digest(tensors: &[Tensor]) -> Sha256 {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut field = |bytes: &[u8]| {
+        context.update(&(bytes.len() as u64).to_le_bytes());
+        context.update(bytes);
+    };
+    for t in tensors {
+        field(t.name.as_bytes());
+        field(t.datatype.as_v2().as_bytes());
+        let shape: Vec<u8> = t.shape.iter().flat_map(|d| d.to_le_bytes()).collect();
+        field(&shape);
+        field(&t.data);
+    }
+    let mut out = [0; 32];
+    out.copy_from_slice(context.finish().as_ref());
+    Sha256(out)
+}
+
+/// Counts of what the log did with the records it was given.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub written: AtomicU64,
+    pub dropped_full: AtomicU64,
+    pub dropped_failed: AtomicU64,
+}
+
+/// The recent records by request id, for the admin API.
+pub(crate) struct Recent {
+    limit: usize,
+    lines: Mutex<VecDeque<(Arc<str>, String)>>,
+}
+
+impl Recent {
+    fn push(&self, id: Arc<str>, line: String) {
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        if lines.len() >= self.limit {
+            lines.pop_front();
+        }
+        lines.push_back((id, line));
+    }
+
+    /// The records of request `id` still in memory, oldest first.
+    pub(crate) fn find(&self, id: &str) -> Vec<String> {
+        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        lines
+            .iter()
+            .filter(|(i, _)| &**i == id)
+            .map(|(_, line)| line.clone())
+            .collect()
+    }
+}
+
+/// The handle the pipeline records through; cheap to share.
+pub(crate) struct DecisionLog {
+    queue: SyncSender<Decision>,
+    counters: Arc<Counters>,
+    recent: Arc<Recent>,
+}
+
+impl DecisionLog {
+    /// Opens the log in `config.dir` (creating it), continuing the chain
+    /// of the records already there, and starts its writer thread.
+    pub(crate) fn open(config: &DecisionLogConfig) -> Result<Self, String> {
+        let counters = Arc::new(Counters::default());
+        let recent = Arc::new(Recent {
+            limit: config.recent.max(1),
+            lines: Mutex::new(VecDeque::new()),
+        });
+        let sink = sink::Sink::open(config, counters.clone(), recent.clone())?;
+        let (queue, receiver) = std::sync::mpsc::sync_channel(config.buffer.max(1));
+        std::thread::Builder::new()
+            .name("decision-log".into())
+            .spawn(move || sink.run(receiver))
+            .map_err(|e| format!("cannot start the decision log's writer: {e}"))?;
+        Ok(DecisionLog {
+            queue,
+            counters,
+            recent,
+        })
+    }
+
+    /// Hands a record to the writer; never waits. A full queue drops it
+    /// (counted, and said in the next record written).
+    pub(crate) fn record(&self, decision: Decision) {
+        match self.queue.try_send(decision) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.counters.dropped_full.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.counters.dropped_failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The records of request `id` among the recent ones.
+    pub(crate) fn find(&self, id: &str) -> Vec<String> {
+        self.recent.find(id)
+    }
+
+    /// Appends the log's series to a Prometheus text exposition.
+    pub(crate) fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let c = &self.counters;
+        let _ = write!(
+            out,
+            "# HELP gateway_decisions_written_total Decision records written to the log.\n\
+             # TYPE gateway_decisions_written_total counter\n\
+             gateway_decisions_written_total {}\n\
+             # HELP gateway_decisions_dropped_total Decision records dropped: the writer's queue was full, or the disk failed.\n\
+             # TYPE gateway_decisions_dropped_total counter\n\
+             gateway_decisions_dropped_total{{reason=\"queue_full\"}} {}\n\
+             gateway_decisions_dropped_total{{reason=\"write_failed\"}} {}\n",
+            c.written.load(Ordering::Relaxed),
+            c.dropped_full.load(Ordering::Relaxed),
+            c.dropped_failed.load(Ordering::Relaxed),
+        );
+    }
+}
+
+/// A time as RFC 3339 in UTC with microseconds: `2026-12-07T03:30:00.123456Z`.
+pub(crate) fn rfc3339(time: SystemTime) -> String {
+    let since = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's days-to-civil.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        since.subsec_micros()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339() {
+        let at = |secs: u64, micros: u64| {
+            rfc3339(SystemTime::UNIX_EPOCH + Duration::from_micros(secs * 1_000_000 + micros))
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(at(951_782_400, 5), "2000-02-29T00:00:00.000005Z");
+        assert_eq!(at(1_796_614_200, 123_456), "2026-12-07T03:30:00.123456Z");
+    }
+
+    #[test]
+    fn digests_tell_tensors_apart() {
+        let t = |name: &str, shape: Vec<i64>, data: Vec<u8>| Tensor {
+            name: name.into(),
+            datatype: crate::contract::Datatype::Uint8,
+            shape,
+            data,
+        };
+        let a = digest(&[t("x", vec![2], vec![1, 2])]);
+        assert!(a == digest(&[t("x", vec![2], vec![1, 2])]));
+        assert!(a != digest(&[t("x", vec![1, 2], vec![1, 2])]));
+        assert!(a != digest(&[t("y", vec![2], vec![1, 2])]));
+        // Where one field ends and the next begins is part of the digest.
+        assert!(
+            digest(&[t("x", vec![1], vec![1]), t("", vec![], vec![])])
+                != digest(&[t("x", vec![1], vec![1])])
+        );
+    }
+}

@@ -1,0 +1,437 @@
+//! The decision log: a record of every inference request and shadow call,
+//! written by the real server, read back from its files, checked with
+//! `gateway log verify` and found with `gateway log show` and
+//! `GET /admin/decisions/{id}`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use serde_json::Value;
+
+use gateway::decisions::DecisionLogConfig;
+
+use crate::support::{ADMIN_TOKEN, TestGateway, fp32_request, send};
+
+const POLICY: &str = r#"
+model = "ttm"
+champion = "v1"
+
+[versions.v1]
+plugin = "ttm-rules-v1"
+
+[versions.v2]
+plugin = "ttm-rules-v2"
+
+[versions.v3]
+plugin = "ttm-rules-v3"
+
+[canary]
+version = "v3"
+percent = 50.0
+sticky_header = "x-routing-key"
+
+[shadow]
+versions = ["v2"]
+sample_percent = 100.0
+"#;
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+fn pr() -> Value {
+    fp32_request("pr_features", &[1, 6], &[3.0, 40.0, 12.0, 2.0, 4.0, 1.0])
+}
+
+async fn start(
+    policy: &str,
+    log: &Path,
+    configure: impl FnOnce(&mut DecisionLogConfig),
+) -> TestGateway {
+    let mut config = DecisionLogConfig::new(log.to_path_buf());
+    configure(&mut config);
+    TestGateway::start_configured(&[("ttm.toml", policy)], move |o| {
+        o.decisions = Some(config);
+    })
+    .await
+}
+
+/// The log's records, oldest first, once `n` were written (the writer
+/// runs beside the requests).
+async fn records(gw: &TestGateway, dir: &Path, n: f64) -> Vec<Value> {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let written = gw
+            .metrics()
+            .await
+            .value("gateway_decisions_written_total", &[]);
+        if written >= n {
+            break;
+        }
+        assert!(Instant::now() < until, "{written} of {n} records written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    read_records(dir)
+}
+
+fn read_records(dir: &Path) -> Vec<Value> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    // Rotated files (`decisions-<seq>`) sort before the current one.
+    files.sort_by_key(|p| (p.ends_with("decisions.jsonl"), p.clone()));
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<Value>>()
+        })
+        .collect()
+}
+
+fn of<'a>(records: &'a [Value], id: &str) -> Vec<&'a Value> {
+    records.iter().filter(|r| r["request_id"] == id).collect()
+}
+
+fn gateway_log(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("log")
+        .args(args)
+        .output()
+        .expect("run gateway log");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    gateway::contract::Sha256::of(bytes).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_leaves_a_decision_naming_its_artifacts() {
+    let log = tempfile::tempdir().unwrap();
+    let gw = start(POLICY, log.path(), |_| {}).await;
+    let mut client = gw.client().await;
+
+    // Answered, on a sticky key, in a trace.
+    let answered = client
+        .post(
+            "/v2/models/ttm/infer",
+            &pr(),
+            &[
+                ("x-request-id", "req-answered"),
+                ("x-routing-key", "user-7"),
+                ("traceparent", TRACEPARENT),
+            ],
+        )
+        .await;
+    assert_eq!(answered.status, 200, "{}", answered.text());
+    assert_eq!(answered.header("x-request-id"), Some("req-answered"));
+    let served_by = answered.header("x-model-version").unwrap().to_string();
+    // Pinned; refused by the declaration; an unknown model; an id that
+    // cannot be used; no id at all.
+    let pinned = client
+        .post(
+            "/v2/models/ttm/versions/v1/infer",
+            &pr(),
+            &[("x-request-id", "req-pinned")],
+        )
+        .await;
+    assert_eq!(pinned.status, 200);
+    let wrong_shape = fp32_request("pr_features", &[1, 5], &[1.0; 5]);
+    let refused = client
+        .post(
+            "/v2/models/ttm/versions/v1/infer",
+            &wrong_shape,
+            &[("x-request-id", "req-refused")],
+        )
+        .await;
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    let unknown = client
+        .post(
+            "/v2/models/nope/infer",
+            &pr(),
+            &[("x-request-id", "req-unknown")],
+        )
+        .await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.header("x-request-id"), Some("req-unknown"));
+    let bad_id = client
+        .post(
+            "/v2/models/ttm/infer",
+            &pr(),
+            &[("x-request-id", "has spaces in it")],
+        )
+        .await;
+    bad_id.assert_error(400, &["x-request-id", "visible ASCII"]);
+    let made_id = bad_id.header("x-request-id").unwrap().to_string();
+    assert_eq!(made_id.len(), 32, "a new id for the refused one");
+    let anonymous = client
+        .post("/v2/models/ttm/versions/v1/infer", &pr(), &[])
+        .await;
+    let anonymous_id = anonymous.header("x-request-id").unwrap().to_string();
+    assert_eq!(anonymous_id.len(), 32);
+
+    // Six requests, and the answered ones' shadow copies that ran.
+    let m = gw.metrics().await;
+    let shadows = m.sum("gateway_shadow_comparisons_total", &[]);
+    let records = records(&gw, log.path(), 6.0 + shadows).await;
+
+    let meta = gw.get("/v2/models/ttm/versions/v1").await.json();
+    let v1_sha = meta["plugin"]["sha256"].as_str().unwrap().to_string();
+    let policy_sha = sha256_hex(POLICY.as_bytes());
+
+    let served = of(&records, "req-answered");
+    let first = served.iter().find(|r| r["route"] != "shadow").unwrap();
+    assert_eq!(first["schema"], 1);
+    assert_eq!(first["model"], "ttm");
+    assert_eq!(first["version"], served_by.as_str());
+    assert_eq!(first["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(first["parent_id"], "00f067aa0ba902b7");
+    // The sticky key's point decides, against the percent.
+    let canary = &first["canary"];
+    assert_eq!(canary["sticky"], true);
+    assert_eq!(canary["percent"], 50.0);
+    let point = canary["point"].as_f64().unwrap();
+    assert_eq!(point, gateway::router::sticky_point("ttm", b"user-7"));
+    assert_eq!(
+        first["route"],
+        if point < 50.0 { "canary" } else { "champion" }
+    );
+    assert_eq!(first["policy"]["generation"], 1);
+    assert_eq!(first["policy"]["file"], "ttm.toml");
+    assert_eq!(first["policy"]["sha256"], policy_sha.as_str());
+    assert_eq!(first["validation"], "passed");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["inputs_sha256"].as_str().map(str::len), Some(64));
+    assert_eq!(first["outputs_sha256"].as_str().map(str::len), Some(64));
+    assert_eq!(
+        first["artifacts"]["plugin"]["reported_name"], "ttm-rules",
+        "{first}"
+    );
+
+    let pinned = of(&records, "req-pinned");
+    assert_eq!(pinned.len(), 1, "a pinned request is not shadowed");
+    assert_eq!(pinned[0]["route"], "pinned");
+    assert_eq!(pinned[0]["version"], "v1");
+    assert!(pinned[0].get("canary").is_none());
+    assert_eq!(pinned[0]["artifacts"]["plugin"]["sha256"], v1_sha.as_str());
+    // The same inputs, the same digest, whichever version answered.
+    assert_eq!(pinned[0]["inputs_sha256"], first["inputs_sha256"]);
+
+    let refused = of(&records, "req-refused");
+    assert_eq!(refused[0]["status"], 400);
+    assert_eq!(refused[0]["validation"], "failed");
+    assert_eq!(refused[0]["error_kind"], "validation");
+    assert!(refused[0]["outputs_sha256"].is_null());
+
+    let unknown = of(&records, "req-unknown");
+    assert_eq!(unknown[0]["model"], "nope");
+    assert_eq!(unknown[0]["route"], "none");
+    assert_eq!(unknown[0]["status"], 404);
+    assert!(unknown[0]["version"].is_null());
+
+    let bad = of(&records, &made_id);
+    assert_eq!(bad[0]["status"], 400);
+    assert_eq!(bad[0]["error_kind"], "header");
+    assert_eq!(of(&records, &anonymous_id)[0]["status"], 200);
+
+    // Shadow copies carry the served request's id.
+    let copies: Vec<&Value> = records.iter().filter(|r| r["route"] == "shadow").collect();
+    assert_eq!(copies.len() as f64, shadows);
+    for copy in copies {
+        assert_eq!(copy["version"], "v2");
+        // The only answered unpinned request.
+        assert_eq!(copy["request_id"], "req-answered");
+        assert_eq!(copy["inputs_sha256"], first["inputs_sha256"]);
+    }
+
+    // The admin API has the recent ones.
+    let request = Request::get("/admin/decisions/req-pinned")
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let reply = send(gw.admin, request).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["decisions"][0]["version"], "v1");
+    let request = Request::get("/admin/decisions/never-sent")
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(gw.admin, request)
+        .await
+        .assert_error(404, &["gateway log show never-sent"]);
+    gw.shutdown().await;
+
+    // The command line reads the files.
+    let dir = log.path().to_str().unwrap();
+    let (ok, out) = gateway_log(&["verify", dir]);
+    assert!(ok && out.starts_with("ok: "), "{out}");
+    let (ok, out) = gateway_log(&["show", "req-pinned", "--dir", dir]);
+    assert!(ok, "{out}");
+    assert_eq!(out.lines().count(), 1);
+    // As written in the file, field order included.
+    assert!(out.starts_with("{\"schema\":1,\"seq\":"), "{out}");
+    let shown: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(shown["version"], "v1");
+    assert_eq!(&shown, pinned[0]);
+    let (ok, out) = gateway_log(&["show", "never-sent", "--dir", dir]);
+    assert!(!ok && out.contains("no decision"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_finds_a_removed_or_changed_record_and_survives_restarts() {
+    let log = tempfile::tempdir().unwrap();
+    let policy = "model = \"ttm\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n";
+    for round in 1..=2 {
+        let gw = start(policy, log.path(), |_| {}).await;
+        for _ in 0..5 {
+            assert_eq!(gw.infer("ttm", &pr()).await.status, 200);
+        }
+        records(&gw, log.path(), 5.0).await;
+        gw.shutdown().await;
+        // A restart continues the chain: 5, then 10 records, one chain.
+        let all = read_records(log.path());
+        assert_eq!(all.len(), 5 * round);
+        let seqs: Vec<u64> = all.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (1..=5 * round as u64).collect::<Vec<_>>());
+    }
+    let dir = log.path().to_str().unwrap();
+    let (ok, out) = gateway_log(&["verify", dir]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("10 records in 1 files, records 1 to 10"),
+        "{out}"
+    );
+
+    let file = log.path().join("decisions.jsonl");
+    let original = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = original.lines().collect();
+
+    // A record removed.
+    let mut removed = lines.clone();
+    removed.remove(3);
+    std::fs::write(&file, removed.join("\n") + "\n").unwrap();
+    let (ok, out) = gateway_log(&["verify", dir]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("line 4: record 5 follows record 3"), "{out}");
+
+    // A record changed: the one after it no longer follows it.
+    let mut changed: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    changed[2] = changed[2].replace("\"status\":200", "\"status\":500");
+    assert_ne!(changed[2], lines[2]);
+    std::fs::write(&file, changed.join("\n") + "\n").unwrap();
+    let (ok, out) = gateway_log(&["verify", dir]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("line 4: record 4 does not follow the line before it"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_keeps_the_chain_and_the_retention() {
+    let log = tempfile::tempdir().unwrap();
+    let policy = "model = \"ttm\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n";
+    let gw = start(policy, log.path(), |c| {
+        c.max_file_bytes = 4096;
+        c.max_files = 2;
+    })
+    .await;
+    for _ in 0..40 {
+        assert_eq!(gw.infer("ttm", &pr()).await.status, 200);
+    }
+    records(&gw, log.path(), 40.0).await;
+    gw.shutdown().await;
+    let files: Vec<String> = std::fs::read_dir(log.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".jsonl"))
+        .collect();
+    assert_eq!(
+        files.len(),
+        3,
+        "two rotated files and the current one: {files:?}"
+    );
+    for name in &files {
+        let size = std::fs::metadata(log.path().join(name)).unwrap().len();
+        assert!(size <= 4096, "{name}: {size} bytes");
+    }
+    let kept = read_records(log.path());
+    let last = kept.last().unwrap()["seq"].as_u64().unwrap();
+    assert_eq!(last, 40);
+    assert!(
+        kept[0]["seq"].as_u64().unwrap() > 1,
+        "the oldest files went"
+    );
+    let (ok, out) = gateway_log(&["verify", log.path().to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("to 40"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_disk_drops_and_counts_without_failing_requests() {
+    let log = tempfile::tempdir().unwrap();
+    // Every write fails with ENOSPC, as on a full disk.
+    std::os::unix::fs::symlink("/dev/full", log.path().join("decisions.jsonl")).unwrap();
+    let policy = "model = \"ttm\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n";
+    let gw = start(policy, log.path(), |_| {}).await;
+    for _ in 0..20 {
+        assert_eq!(gw.infer("ttm", &pr()).await.status, 200);
+    }
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = gw.metrics().await;
+        let dropped = m.value(
+            "gateway_decisions_dropped_total",
+            &[("reason", "write_failed")],
+        );
+        if dropped == 20.0 {
+            assert_eq!(m.value("gateway_decisions_written_total", &[]), 0.0);
+            break;
+        }
+        assert!(Instant::now() < until, "{dropped} of 20 dropped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_writer_drops_and_counts_without_slowing_requests() {
+    let log = tempfile::tempdir().unwrap();
+    // A pipe nobody reads: the writer blocks once it holds 64 KiB, as on
+    // a disk that stopped answering.
+    let fifo = log.path().join("decisions.jsonl");
+    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let policy = "model = \"ttm\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n";
+    let gw = start(policy, log.path(), |c| c.buffer = 4).await;
+    let mut client = gw.client().await;
+    for i in 0..300 {
+        let reply = client.post("/v2/models/ttm/infer", &pr(), &[]).await;
+        assert_eq!(reply.status, 200, "request {i}: {}", reply.text());
+    }
+    let m = gw.metrics().await;
+    let dropped = m.value(
+        "gateway_decisions_dropped_total",
+        &[("reason", "queue_full")],
+    );
+    assert!(dropped > 0.0, "the queue of 4 never filled: {dropped}");
+    let written = m.value("gateway_decisions_written_total", &[]);
+    assert!(dropped + written <= 300.0, "{dropped} + {written}");
+    // The writer stays blocked (its thread ends with the test process);
+    // the server stops regardless.
+    gw.shutdown().await;
+}
