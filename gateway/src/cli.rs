@@ -468,9 +468,13 @@ impl ServeArgs {
         if self.allow_empty_policies {
             s.options.allow_empty_policies = true;
         }
-        flag!(s.options.decisions, self.decision_log, |dir| Some(
-            crate::decisions::DecisionLogConfig::new(dir)
-        ));
+        if let Some(dir) = self.decision_log {
+            // The folder; the file's other [decisions] settings stay.
+            match s.options.decisions.as_mut() {
+                Some(log) => log.dir = dir,
+                None => s.options.decisions = Some(crate::decisions::DecisionLogConfig::new(dir)),
+            }
+        }
         s.finish().map_err(|e| vec![e])
     }
 }

@@ -256,6 +256,116 @@ pub fn numbers(t: &Tensor) -> Vec<f64> {
     out
 }
 
+// Inputs generated from a declaration: for `gateway plugin test` and the
+// probe call `gateway check` makes.
+
+/// What generated inputs hold.
+#[derive(Clone, Copy)]
+pub(crate) enum Fill {
+    /// Small, varied values (0 to 9, or short strings).
+    Varied,
+    Zero,
+    /// The datatype's smallest value (floats: -1e30).
+    Min,
+    /// The datatype's largest value (floats: 1e30).
+    Max,
+}
+
+/// Inputs for `specs` with the first free dimension set to `batch` and
+/// any other free one to 1; `None` when they would hold more than
+/// `max_bytes` together.
+pub(crate) fn generated(
+    specs: &[TensorSpec],
+    batch: i64,
+    fill: Fill,
+    max_bytes: usize,
+) -> Option<Vec<Tensor>> {
+    let shapes: Vec<Vec<i64>> = specs
+        .iter()
+        .map(|spec| {
+            spec.shape
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| match (d, i) {
+                    (-1, 0) => batch,
+                    (-1, _) => 1,
+                    (d, _) => d,
+                })
+                .collect()
+        })
+        .collect();
+    let mut counts = Vec::with_capacity(specs.len());
+    let mut total: usize = 0;
+    for (spec, shape) in specs.iter().zip(&shapes) {
+        let count = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))?;
+        let size = spec.datatype.element_size().unwrap_or(4 + 1024);
+        total = total.checked_add(count.checked_mul(size)?)?;
+        counts.push(count);
+    }
+    if total > max_bytes {
+        return None;
+    }
+    let inputs = specs
+        .iter()
+        .zip(shapes)
+        .zip(counts)
+        .map(|((spec, shape), count)| Tensor {
+            name: spec.name.clone(),
+            datatype: spec.datatype,
+            shape,
+            data: values(spec.datatype, count, fill),
+        })
+        .collect();
+    Some(inputs)
+}
+
+pub(crate) fn values(datatype: Datatype, count: usize, fill: Fill) -> Vec<u8> {
+    let mut data = Vec::new();
+    for i in 0..count {
+        let small = (i % 10) as i64;
+        let (int, float): (i128, f64) = match fill {
+            Fill::Varied => (i128::from(small), small as f64 + 0.5),
+            Fill::Zero => (0, 0.0),
+            Fill::Min => (i128::MIN, -1e30),
+            Fill::Max => (i128::MAX, 1e30),
+        };
+        macro_rules! int {
+            ($t:ty) => {
+                data.extend_from_slice(
+                    &(int.clamp(<$t>::MIN as i128, <$t>::MAX as i128) as $t).to_le_bytes(),
+                )
+            };
+        }
+        match datatype {
+            Datatype::Bool => data.push(u8::from(
+                int != 0 && int % 2 != 0 || matches!(fill, Fill::Max),
+            )),
+            Datatype::Int8 => int!(i8),
+            Datatype::Int16 => int!(i16),
+            Datatype::Int32 => int!(i32),
+            Datatype::Int64 => int!(i64),
+            Datatype::Uint8 => int!(u8),
+            Datatype::Uint16 => int!(u16),
+            Datatype::Uint32 => int!(u32),
+            Datatype::Uint64 => int!(u64),
+            Datatype::Fp32 => data.extend_from_slice(&(float as f32).to_le_bytes()),
+            Datatype::Fp64 => data.extend_from_slice(&float.to_le_bytes()),
+            Datatype::Bytes => {
+                let text = match fill {
+                    Fill::Varied => format!("value-{small}"),
+                    Fill::Zero | Fill::Min => String::new(),
+                    Fill::Max => "x".repeat(1024),
+                };
+                data.extend_from_slice(&(text.len() as u32).to_le_bytes());
+                data.extend_from_slice(text.as_bytes());
+            }
+        }
+    }
+    data
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

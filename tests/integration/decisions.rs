@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use gateway::decisions::DecisionLogConfig;
 
@@ -176,16 +176,27 @@ async fn every_request_leaves_a_decision_naming_its_artifacts() {
     bad_id.assert_error(400, &["x-request-id", "visible ASCII"]);
     let made_id = bad_id.header("x-request-id").unwrap().to_string();
     assert_eq!(made_id.len(), 32, "a new id for the refused one");
+    // The refusal closed that connection (its body was left unread).
+    let mut client = gw.client().await;
     let anonymous = client
         .post("/v2/models/ttm/versions/v1/infer", &pr(), &[])
         .await;
     let anonymous_id = anonymous.header("x-request-id").unwrap().to_string();
     assert_eq!(anonymous_id.len(), 32);
 
-    // Six requests, and the answered ones' shadow copies that ran.
-    let m = gw.metrics().await;
-    let shadows = m.sum("gateway_shadow_comparisons_total", &[]);
-    let records = records(&gw, log.path(), 6.0 + shadows).await;
+    // Six requests, the last one's record written last of them (the
+    // shadow copy may be shed on a busy machine, or still running: it is
+    // looked at below if it ran).
+    records(&gw, log.path(), 6.0).await;
+    let until = Instant::now() + Duration::from_secs(20);
+    let records = loop {
+        let records = read_records(log.path());
+        if !of(&records, &anonymous_id).is_empty() {
+            break records;
+        }
+        assert!(Instant::now() < until, "no record of the last request");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
 
     let meta = gw.get("/v2/models/ttm/versions/v1").await.json();
     let v1_sha = meta["plugin"]["sha256"].as_str().unwrap().to_string();
@@ -246,9 +257,10 @@ async fn every_request_leaves_a_decision_naming_its_artifacts() {
     assert_eq!(bad[0]["error_kind"], "header");
     assert_eq!(of(&records, &anonymous_id)[0]["status"], 200);
 
-    // Shadow copies carry the served request's id.
+    // Shadow copies carry the served request's id: at most one, of the
+    // only answered unpinned request.
     let copies: Vec<&Value> = records.iter().filter(|r| r["route"] == "shadow").collect();
-    assert_eq!(copies.len() as f64, shadows);
+    assert!(copies.len() <= 1, "{copies:?}");
     for copy in copies {
         assert_eq!(copy["version"], "v2");
         // The only answered unpinned request.
@@ -433,5 +445,52 @@ async fn a_stalled_writer_drops_and_counts_without_slowing_requests() {
     assert!(dropped + written <= 300.0, "{dropped} + {written}");
     // The writer stays blocked (its thread ends with the test process);
     // the server stops regardless.
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_requests_and_long_error_texts_are_recorded_within_bounds() {
+    use tokio::io::AsyncWriteExt as _;
+    let log = tempfile::tempdir().unwrap();
+    let policy = "model = \"ttm\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n\
+                  [versions.spin]\nplugin = \"spin-loop\"\n[versions.spin.limits]\ntimeout_ms = 3000\n";
+    let gw = start(policy, log.path(), |_| {}).await;
+
+    // A client that goes away while its plugin computes (forever: a
+    // negative count).
+    let body = fp32_request("x", &[1], &[-1.0]).to_string();
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v2/models/ttm/versions/spin/infer HTTP/1.1\r\nhost: t\r\nx-request-id: gone\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(stream);
+
+    // A request whose error text would be megabytes: a tensor name of 100 KB.
+    let long_name = "n".repeat(100_000);
+    let reply = gw
+        .post(
+            "/v2/models/ttm/versions/v1/infer",
+            json!({"inputs": [{"name": long_name, "shape": [1], "datatype": "FP32"}]}).to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+
+    let records = records(&gw, log.path(), 2.0).await;
+    let gone = of(&records, "gone");
+    assert_eq!(gone.len(), 1, "{records:?}");
+    assert_eq!(gone[0]["status"], 499);
+    assert_eq!(gone[0]["error_kind"], "abandoned");
+    assert_eq!(gone[0]["version"], "spin");
+    let long = records.iter().find(|r| r["status"] == 400).unwrap();
+    let error = long["error"].as_str().unwrap();
+    assert!(
+        error.len() <= 1024 + 16 && error.ends_with("... (cut)"),
+        "{} bytes",
+        error.len()
+    );
     gw.shutdown().await;
 }

@@ -112,6 +112,23 @@ impl Validation {
     }
 }
 
+/// The longest error text a record keeps (a request's own text can be
+/// megabytes: a tensor name, say).
+pub(crate) const MAX_ERROR_BYTES: usize = 1024;
+
+/// `text` cut to [`MAX_ERROR_BYTES`] at a character boundary, marked.
+pub(crate) fn cut(mut text: String) -> String {
+    if text.len() > MAX_ERROR_BYTES {
+        let mut end = MAX_ERROR_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("... (cut)");
+    }
+    text
+}
+
 /// A digest of tensors: every tensor's name, datatype, shape and data, in
 /// order, each length-prefixed, so two different requests never share one.
 pub(crate) fn digest(tensors: &[Tensor]) -> Sha256 {
@@ -140,25 +157,38 @@ pub(crate) struct Counters {
     pub dropped_failed: AtomicU64,
 }
 
-/// The recent records by request id, for the admin API.
+/// The recent records by request id, for the admin API: at most `limit`
+/// of them and [`RECENT_BYTES`] together.
 pub(crate) struct Recent {
     limit: usize,
-    lines: Mutex<VecDeque<(Arc<str>, String)>>,
+    lines: Mutex<Lines>,
 }
+
+/// Request ids and their records, oldest first, and their bytes together.
+type Lines = (VecDeque<(Arc<str>, String)>, usize);
+
+/// The bytes the recent records may hold together.
+const RECENT_BYTES: usize = 16 << 20;
 
 impl Recent {
     fn push(&self, id: Arc<str>, line: String) {
-        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        if lines.len() >= self.limit {
-            lines.pop_front();
-        }
+        let mut guard = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let (lines, bytes) = &mut *guard;
+        *bytes += line.len();
         lines.push_back((id, line));
+        while lines.len() > self.limit || *bytes > RECENT_BYTES {
+            match lines.pop_front() {
+                Some((_, old)) => *bytes -= old.len(),
+                None => break,
+            }
+        }
     }
 
     /// The records of request `id` still in memory, oldest first.
     pub(crate) fn find(&self, id: &str) -> Vec<String> {
-        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        lines
+        let guard = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        guard
+            .0
             .iter()
             .filter(|(i, _)| &**i == id)
             .map(|(_, line)| line.clone())
@@ -168,9 +198,27 @@ impl Recent {
 
 /// The handle the pipeline records through; cheap to share.
 pub(crate) struct DecisionLog {
-    queue: SyncSender<Decision>,
+    /// `None` once dropped (closing the queue ends the writer).
+    queue: Option<SyncSender<Decision>>,
     counters: Arc<Counters>,
     recent: Arc<Recent>,
+    /// Says when the writer has written everything and stopped (in a
+    /// mutex only so the log is `Sync`).
+    stopped: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+/// How long a server that stops waits for its last records to be written.
+const FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+impl Drop for DecisionLog {
+    /// Closes the queue and waits (at most [`FLUSH_WAIT`]) for the writer
+    /// to write what it holds, so a gateway that stops keeps its last
+    /// records.
+    fn drop(&mut self) {
+        self.queue.take();
+        let stopped = self.stopped.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = stopped.recv_timeout(FLUSH_WAIT);
+    }
 }
 
 impl DecisionLog {
@@ -180,25 +228,34 @@ impl DecisionLog {
         let counters = Arc::new(Counters::default());
         let recent = Arc::new(Recent {
             limit: config.recent.max(1),
-            lines: Mutex::new(VecDeque::new()),
+            lines: Mutex::new((VecDeque::new(), 0)),
         });
         let sink = sink::Sink::open(config, counters.clone(), recent.clone())?;
         let (queue, receiver) = std::sync::mpsc::sync_channel(config.buffer.max(1));
+        let (done, stopped) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("decision-log".into())
-            .spawn(move || sink.run(receiver))
+            .spawn(move || {
+                sink.run(receiver);
+                let _ = done.send(());
+            })
             .map_err(|e| format!("cannot start the decision log's writer: {e}"))?;
         Ok(DecisionLog {
-            queue,
+            queue: Some(queue),
             counters,
             recent,
+            stopped: Mutex::new(stopped),
         })
     }
 
     /// Hands a record to the writer; never waits. A full queue drops it
     /// (counted, and said in the next record written).
     pub(crate) fn record(&self, decision: Decision) {
-        match self.queue.try_send(decision) {
+        let sent = match &self.queue {
+            Some(queue) => queue.try_send(decision),
+            None => Err(TrySendError::Disconnected(decision)),
+        };
+        match sent {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.counters.dropped_full.fetch_add(1, Ordering::Relaxed);

@@ -33,8 +33,8 @@ const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
 /// A batch is written once it holds this many bytes.
 const BATCH_BYTES: usize = 1 << 20;
 
-/// The longest record read back at start (records are a few KB; an error
-/// text is cut to 4 KiB before it gets here).
+/// The longest record read back at start (records are a few KB: an error
+/// text is cut to 1 KiB before it gets here).
 const MAX_RECORD_BYTES: u64 = 1 << 20;
 
 pub(super) struct Sink {
@@ -133,16 +133,17 @@ impl Sink {
     /// Serializes `decision` as the next record of the chain, into the
     /// batch (rotating first when the file would pass its size).
     fn add(&mut self, batch: &mut Batch, decision: &Decision) {
-        let mut line = self.next_line(batch, decision);
+        let dropped = self.dropped_total();
+        let mut line = self.next_line(batch, decision, dropped);
         let pending = self.size + batch.bytes.len() as u64;
         if pending > 0 && pending + line.len() as u64 + 1 > self.max_file_bytes {
             self.write(batch);
-            if self.rotate() {
-                // The first record of the new file follows the last one written.
-                line = self.next_line(batch, decision);
-            }
+            self.rotate();
+            // Whether the write and the rotation worked or not, the record
+            // follows the last one written.
+            line = self.next_line(batch, decision, dropped);
         }
-        batch.reported = Some(self.dropped_total());
+        batch.reported = Some(dropped);
         let hash = Sha256::of(line.as_bytes()).to_string();
         batch.bytes.extend_from_slice(line.as_bytes());
         batch.bytes.push(b'\n');
@@ -152,16 +153,12 @@ impl Sink {
             .push((decision.identity.request_id.clone(), line, seq, hash));
     }
 
-    /// The record that would follow what is written and batched.
-    fn next_line(&self, batch: &Batch, decision: &Decision) -> String {
+    /// The record that would follow what is written and batched, with
+    /// `dropped` records dropped in all so far.
+    fn next_line(&self, batch: &Batch, decision: &Decision, dropped: u64) -> String {
         let (seq, prev) = batch.last().unwrap_or((self.seq, self.prev.clone()));
         let reported = batch.reported.unwrap_or(self.dropped_reported);
-        render(
-            decision,
-            seq + 1,
-            &prev,
-            self.dropped_total().saturating_sub(reported),
-        )
+        render(decision, seq + 1, &prev, dropped.saturating_sub(reported))
     }
 
     fn dropped_total(&self) -> u64 {
@@ -198,8 +195,11 @@ impl Sink {
                     .dropped_failed
                     .fetch_add(batch.records.len() as u64, Ordering::Relaxed);
                 // What reached the file of a failed write is cut off again,
-                // so the next record follows the last whole one.
-                let _ = self.file.set_len(self.size);
+                // so the next record follows the last whole one. (If even
+                // that fails, `gateway log verify` shows where.)
+                if let Err(cut) = self.file.set_len(self.size) {
+                    tracing::error!(dir = %self.dir.display(), "cannot cut a failed write off the decision log: {cut}");
+                }
                 if self
                     .last_failure_log
                     .is_none_or(|at| at.elapsed().as_secs() >= 60)
@@ -237,7 +237,13 @@ impl Sink {
                 self.size = 0;
             }
             Err(e) => {
-                tracing::error!(dir = %self.dir.display(), "cannot rotate the decision log: {e}");
+                if self
+                    .last_failure_log
+                    .is_none_or(|at| at.elapsed().as_secs() >= 60)
+                {
+                    self.last_failure_log = Some(Instant::now());
+                    tracing::error!(dir = %self.dir.display(), "cannot rotate the decision log: {e}; records go on being appended");
+                }
                 return false;
             }
         }

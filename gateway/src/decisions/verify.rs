@@ -16,7 +16,9 @@ pub fn log_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("decisions-") && n.ends_with(".jsonl"))
+                .and_then(|n| n.strip_prefix("decisions-"))
+                .and_then(|n| n.strip_suffix(".jsonl"))
+                .is_some_and(|seq| seq.len() == 20 && seq.bytes().all(|b| b.is_ascii_digit()))
         })
         .collect();
     rotated.sort();
@@ -102,6 +104,14 @@ pub fn verify(dir: &Path) -> Result<Report, String> {
                 None if report.records == 1 && seq == 1 && prev != GENESIS => {
                     report.problems.push(format!(
                         "{}: the first record's `prev` is not {GENESIS}",
+                        at()
+                    ));
+                }
+                // Retention removes rotated files only, and keeps at least
+                // one: a log of one file must begin at record 1.
+                None if report.records == 1 && seq > 1 && files.len() == 1 => {
+                    report.problems.push(format!(
+                        "{}: the log begins at record {seq}, and no rotated file holds the ones before",
                         at()
                     ));
                 }

@@ -147,6 +147,7 @@ impl Pipeline {
                     identity,
                     generation: snapshot.generation,
                     draw: routed.draw,
+                    inputs_sha256: None,
                 },
             )),
             Err(e) => {
@@ -173,7 +174,7 @@ impl Pipeline {
                         outputs_sha256: None,
                         validation: Validation::NotReached,
                         status: error.status().as_u16(),
-                        error: Some((error.kind(), error.to_string())),
+                        error: Some((error.kind(), crate::decisions::cut(error.to_string()))),
                         latency: start.elapsed(),
                     });
                 }
@@ -196,6 +197,8 @@ pub(crate) struct Origin {
     pub identity: Identity,
     pub generation: u64,
     pub draw: Option<Draw>,
+    /// A shadow copy's inputs are its served request's: their digest.
+    pub inputs_sha256: Option<Sha256>,
 }
 
 /// One request (or shadow copy) on its way through the pipeline.
@@ -226,9 +229,19 @@ impl Drop for Call<'_> {
     fn drop(&mut self) {
         if !self.recorded {
             self.version.breaker.record(self.pass, Outcome::Neutral);
+            // The client went away (or the server stopped) before an
+            // answer: still a decision. A shadow copy refused before it
+            // ran is not one.
+            if self.route != Route::Shadow {
+                self.record_decision(ABANDONED, Some(("abandoned", String::new())));
+            }
         }
     }
 }
+
+/// The status a decision record gives a request whose client went away
+/// before its answer (nginx's "client closed request").
+const ABANDONED: u16 = 499;
 
 /// A successful answer, handed to [`Call::finish`] after it was encoded.
 pub(crate) struct Answer {
@@ -257,18 +270,10 @@ impl<'a> Call<'a> {
             pass: Pass::Closed,
             _busy: busy,
             recorded: false,
+            inputs_sha256: origin.inputs_sha256,
             origin,
             validation: Validation::NotReached,
-            inputs_sha256: None,
             outputs_sha256: None,
-        }
-    }
-
-    /// Notes the inputs' digest for the decision record (when there is a
-    /// decision log: it costs a SHA-256 of the inputs).
-    fn note_inputs(&mut self, inputs: &[Tensor]) {
-        if self.pipeline.decisions.is_some() {
-            self.inputs_sha256 = Some(crate::decisions::digest(inputs));
         }
     }
 
@@ -369,18 +374,21 @@ impl<'a> Call<'a> {
     ) -> Result<(InferRequest, Vec<Tensor>), Error> {
         let bytes = request.inputs.iter().map(|t| t.data.len()).sum();
         self.hold(bytes)?;
-        self.note_inputs(&request.inputs);
-        let (request, checked) = if self.is_bulk(bytes) {
+        let digest = self.pipeline.decisions.is_some();
+        let (request, checked, inputs_sha256) = if self.is_bulk(bytes) {
             let (model, version) = (self.model.clone(), self.version.clone());
             self.offload(move || {
                 let checked = check(&model, &version, &request);
-                (request, checked)
+                let inputs_sha256 = digest.then(|| crate::decisions::digest(&request.inputs));
+                (request, checked, inputs_sha256)
             })
             .await?
         } else {
             let checked = check(self.model, self.version, &request);
-            (request, checked)
+            let inputs_sha256 = digest.then(|| crate::decisions::digest(&request.inputs));
+            (request, checked, inputs_sha256)
         };
+        self.inputs_sha256 = inputs_sha256;
         self.validation = match &checked {
             Ok(validation) => *validation,
             Err(_) => Validation::Failed,
@@ -447,9 +455,21 @@ impl<'a> Call<'a> {
             .plugin_call(&version.model, &version.name, called.elapsed());
         let outputs = outputs.map_err(|error| self.plugin_error(error))?;
         self.check_outputs(&outputs)?;
-        if self.pipeline.decisions.is_some() {
+        let outputs = if self.pipeline.decisions.is_none() {
+            outputs
+        } else if self.is_bulk(outputs.iter().map(|t| t.data.len()).sum()) {
+            let (outputs, digest) = self
+                .offload(move || {
+                    let digest = crate::decisions::digest(&outputs);
+                    (outputs, digest)
+                })
+                .await?;
+            self.outputs_sha256 = Some(digest);
+            outputs
+        } else {
             self.outputs_sha256 = Some(crate::decisions::digest(&outputs));
-        }
+            outputs
+        };
         if let Some(labels) = version
             .label_output
             .as_ref()
@@ -534,6 +554,7 @@ impl<'a> Call<'a> {
                 answer,
                 self._busy.as_ref(),
                 &self.origin,
+                self.inputs_sha256,
             );
         }
     }
@@ -570,13 +591,23 @@ impl<'a> Call<'a> {
         version
             .metrics
             .request(&version.model, &version.name, self.route, status, latency);
+        self.record_decision(
+            status,
+            result
+                .err()
+                .map(|e| (e.kind(), crate::decisions::cut(e.to_string()))),
+        );
+    }
+
+    /// Hands this call's decision to the decision log, if there is one.
+    fn record_decision(&self, status: u16, error: Option<(&'static str, String)>) {
         if let Some(log) = &self.pipeline.decisions {
             log.record(Decision {
                 time: std::time::SystemTime::now(),
                 identity: self.origin.identity.clone(),
                 target: Target::Version {
                     model: self.model.clone(),
-                    version: version.clone(),
+                    version: self.version.clone(),
                 },
                 generation: self.origin.generation,
                 route: self.route,
@@ -585,8 +616,8 @@ impl<'a> Call<'a> {
                 outputs_sha256: self.outputs_sha256,
                 validation: self.validation,
                 status,
-                error: result.err().map(|e| (e.kind(), e.to_string())),
-                latency,
+                error,
+                latency: self.start.elapsed(),
             });
         }
     }

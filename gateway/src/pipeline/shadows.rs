@@ -42,6 +42,7 @@ pub(super) fn dispatch(
     answer: Answer,
     busy: Option<&Busy<'_>>,
     origin: &Origin,
+    inputs_sha256: Option<crate::contract::Sha256>,
 ) {
     let Some(shadow) = &model.shadow else { return };
     if !router::sampled(shadow.sample_percent) {
@@ -75,6 +76,7 @@ pub(super) fn dispatch(
             answer: answer.clone(),
             identity: origin.identity.clone(),
             generation: origin.generation,
+            inputs_sha256,
         };
         pipeline.shadow_executor.spawn(async move {
             job.run().await;
@@ -91,6 +93,7 @@ struct Job {
     /// The served request's: its shadow records carry its id.
     identity: crate::decisions::Identity,
     generation: u64,
+    inputs_sha256: Option<crate::contract::Sha256>,
 }
 
 impl Job {
@@ -105,12 +108,12 @@ impl Job {
                 identity: self.identity.clone(),
                 generation: self.generation,
                 draw: None,
+                inputs_sha256: self.inputs_sha256,
             },
         );
         let budget = &self.pipeline.shadow_cpu;
         let (result, cpu) = Budgeted::new(budget, async {
             call.admissible()?;
-            call.note_inputs(&self.answer.inputs);
             let checked =
                 validate::check_inputs(&self.answer.inputs, self.challenger.backend.info());
             call.validation = match checked {

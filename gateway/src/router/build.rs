@@ -125,6 +125,17 @@ pub(super) async fn build(
                 ));
                 continue;
             }
+            if let Some(import) = probe_reaches_denied(&backend, v, runtime).await {
+                errors.push(PolicyError::at(
+                    &v.serving_location,
+                    format!(
+                        "plugin `{}` calls `{import}` in infer() on a probe input (a batch of one generated from its info()), which version `{}` does not grant, so its calls would fail: allow it in `grants`",
+                        backend.name(),
+                        v.name
+                    ),
+                ));
+                continue;
+            }
             if v.limits.memory_bytes < backend.startup_memory_bytes() {
                 errors.push(PolicyError::at(
                     &v.serving_location,
@@ -544,4 +555,38 @@ fn versions_of(snapshot: Option<&Snapshot>) -> impl Iterator<Item = &Arc<Version
 
 fn canonical(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// For a plugin version that is refused random numbers or clocks: one
+/// `infer` call on a batch of one generated from `info()` (a fresh sandbox,
+/// the version's limits and grants); the import it reached and was refused,
+/// if it did. Any other outcome is the plugin's business at request time.
+async fn probe_reaches_denied(
+    backend: &Backend,
+    v: &crate::policy::VersionPolicy,
+    runtime: &Runtime,
+) -> Option<String> {
+    let Backend::Plugin { plugin, models } = backend else {
+        return None;
+    };
+    let denies = v.grants.random == crate::contract::RandomGrant::Denied
+        || v.grants.clocks == crate::contract::ClockGrant::Denied;
+    if !denies {
+        return None;
+    }
+    let inputs = crate::tensor::generated(
+        &plugin.info().inputs,
+        1,
+        crate::tensor::Fill::Varied,
+        v.limits.memory_bytes,
+    )?;
+    let limits = crate::contract::CallLimits::starting_now(v.limits.timeout, v.limits.memory_bytes)
+        .with_grants(v.grants);
+    match plugin
+        .infer(&inputs, limits, models, &runtime.instance_pool(1))
+        .await
+    {
+        Err(crate::contract::PluginError::NotGranted(import)) => Some(import),
+        _ => None,
+    }
 }

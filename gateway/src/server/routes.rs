@@ -349,7 +349,11 @@ async fn infer(
             detail: bad.0,
             too_large: false,
         };
-        let response = respond(&error);
+        let mut response = respond(&error);
+        // Its body is left unread.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         call.finish(Err(&error));
         return with_id(response);
     }
