@@ -30,6 +30,24 @@ macro_rules! bounded {
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text for people, or as one JSON object per line
+    /// (`timestamp`, `level`, `target`, `message` and the event's fields)
+    /// for log collectors.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        env = "GATEWAY_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -319,6 +337,12 @@ struct ServeArgs {
     /// Do not watch the policy folder (reload with SIGHUP or POST /admin/reload).
     #[arg(long)]
     no_watch: bool,
+    /// Log one line per inference request and shadow call (target
+    /// `gateway::access`: request id, trace id, model, version, route,
+    /// status, error kind, latency), at most this many a second; the rest
+    /// are counted in the next line's `suppressed`. Off unless given.
+    #[arg(long, value_name = "PER_SECOND", env = "GATEWAY_ACCESS_LOG", value_parser = bounded!(u32, 1..=1_000_000))]
+    access_log: Option<u32>,
     /// Folder of the decision log: a record of every inference request and
     /// shadow call (version, route and why, the SHA-256 of every file that
     /// answered, digests of inputs and outputs), hash-chained, rotated at
@@ -468,6 +492,7 @@ impl ServeArgs {
         if self.allow_empty_policies {
             s.options.allow_empty_policies = true;
         }
+        flag!(s.options.pipeline.access_log_per_second, self.access_log);
         if let Some(dir) = self.decision_log {
             // The folder; the file's other [decisions] settings stay.
             match s.options.decisions.as_mut() {
@@ -482,7 +507,7 @@ impl ServeArgs {
 /// Parses the arguments and runs the command; the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(crate::process::release_idle_memory)
@@ -559,16 +584,19 @@ fn log(command: LogCommand) -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only for people: not in files, pipes or log collectors.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        // Colours only for people: not in files, pipes or log collectors.
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => fmt.json().flatten_event(true).init(),
+    }
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {

@@ -494,3 +494,80 @@ async fn abandoned_requests_and_long_error_texts_are_recorded_within_bounds() {
     );
     gw.shutdown().await;
 }
+
+/// `--log-format json` and `--access-log`, from the real binary: one JSON
+/// object per line, and a line per request carrying its id and trace.
+#[test]
+fn json_logs_and_the_access_log_carry_the_request_id() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-watch",
+        ])
+        .args(["--access-log", "100", "--policies"])
+        .arg(crate::support::repo_root().join("policies"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start gateway");
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let next = || {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a log line");
+        serde_json::from_str::<Value>(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+    let addr: std::net::SocketAddr = loop {
+        let line = next();
+        assert!(
+            line["timestamp"].is_string() && line["level"].is_string(),
+            "{line}"
+        );
+        if line["message"] == "serving the V2 inference protocol" {
+            break line["address"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let reply = runtime.block_on(async {
+        let mut client = crate::support::Client::connect(addr).await;
+        client
+            .post(
+                "/v2/models/time-to-merge/infer",
+                &pr(),
+                &[("x-request-id", "logged-1"), ("traceparent", TRACEPARENT)],
+            )
+            .await
+    });
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let access = loop {
+        let line = next();
+        if line["target"] == "gateway::access" {
+            break line;
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(access["level"], "INFO");
+    assert_eq!(access["message"], "request");
+    assert_eq!(access["request_id"], "logged-1");
+    assert_eq!(access["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(access["model"], "time-to-merge");
+    assert_eq!(access["version"], "v1");
+    assert_eq!(access["route"], "champion");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["suppressed"], 0);
+    assert!(
+        access["latency_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{access}"
+    );
+}

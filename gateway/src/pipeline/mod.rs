@@ -48,6 +48,8 @@ pub struct PipelineConfig {
     pub bulk_bytes: usize,
     /// Jobs waiting for the bulk pool; more get 503.
     pub bulk_queue: usize,
+    /// Access log lines a second (one per request and shadow call); 0: off.
+    pub access_log_per_second: u32,
 }
 
 impl Default for PipelineConfig {
@@ -58,6 +60,7 @@ impl Default for PipelineConfig {
             shadow_cpu_percent: 10.0,
             bulk_bytes: 64 << 10,
             bulk_queue: 256,
+            access_log_per_second: 0,
         }
     }
 }
@@ -87,6 +90,8 @@ pub(crate) struct Pipeline {
     telemetry: Arc<telemetry::Telemetry>,
     /// Where every request's decision is recorded, if anywhere.
     decisions: Option<DecisionLog>,
+    /// Lets access log lines through, when the access log is on.
+    access: Option<telemetry::RateLimiter>,
 }
 
 impl Pipeline {
@@ -109,6 +114,8 @@ impl Pipeline {
             bulk_queue: config.bulk_queue.max(1),
             telemetry,
             decisions,
+            access: (config.access_log_per_second > 0)
+                .then(|| telemetry::RateLimiter::new(config.access_log_per_second)),
         });
         Load::spawn_probe(&pipeline.load);
         Ok(pipeline)
@@ -375,16 +382,17 @@ impl<'a> Call<'a> {
         let bytes = request.inputs.iter().map(|t| t.data.len()).sum();
         self.hold(bytes)?;
         let digest = self.pipeline.decisions.is_some();
+        let id = self.origin.identity.request_id.clone();
         let (request, checked, inputs_sha256) = if self.is_bulk(bytes) {
             let (model, version) = (self.model.clone(), self.version.clone());
             self.offload(move || {
-                let checked = check(&model, &version, &request);
+                let checked = check(&model, &version, &request, &id);
                 let inputs_sha256 = digest.then(|| crate::decisions::digest(&request.inputs));
                 (request, checked, inputs_sha256)
             })
             .await?
         } else {
-            let checked = check(self.model, self.version, &request);
+            let checked = check(self.model, self.version, &request, &id);
             let inputs_sha256 = digest.then(|| crate::decisions::digest(&request.inputs));
             (request, checked, inputs_sha256)
         };
@@ -591,6 +599,21 @@ impl<'a> Call<'a> {
         version
             .metrics
             .request(&version.model, &version.name, self.route, status, latency);
+        if let Some(suppressed) = self.pipeline.access.as_ref().and_then(|a| a.check()) {
+            tracing::info!(
+                target: "gateway::access",
+                request_id = %Escaped(&self.origin.identity.request_id),
+                trace_id = self.origin.identity.trace.map(|t| t.trace_id_hex()),
+                model = %version.model,
+                version = %version.name,
+                route = self.route.as_str(),
+                status,
+                kind = result.err().map(Error::kind),
+                latency_ms = latency.as_secs_f64() * 1e3,
+                suppressed,
+                "request"
+            );
+        }
         self.record_decision(
             status,
             result
@@ -691,8 +714,14 @@ fn log_transition(version: &Version, transition: Transition) {
 
 /// The plugin's declaration, then the policy's rules (every violation
 /// counted; value violations served in `flag` mode), then the data monitor.
-fn check(model: &Model, version: &Version, request: &InferRequest) -> Result<Validation, Error> {
-    let validation = validate_inputs(model, version, request)?;
+/// `request_id` goes into the warning a flagged request logs.
+fn check(
+    model: &Model,
+    version: &Version,
+    request: &InferRequest,
+    request_id: &str,
+) -> Result<Validation, Error> {
+    let validation = validate_inputs(model, version, request, request_id)?;
     if let Some(monitor) = model.monitors.get(&version.name) {
         monitor.observe(&request.inputs);
     }
@@ -703,6 +732,7 @@ fn validate_inputs(
     model: &Model,
     version: &Version,
     request: &InferRequest,
+    request_id: &str,
 ) -> Result<Validation, Error> {
     let violations = match validate::check_request(request, version.backend.info()) {
         Err(e) => e,
@@ -728,7 +758,13 @@ fn validate_inputs(
         && violations.value_rules_only();
     if flagged {
         if let Some(suppressed) = version.error_log.check() {
-            tracing::warn!(model = %version.model, version = %version.name, suppressed, "served a request that breaks the input rules (flag mode): {violations}");
+            tracing::warn!(
+                model = %version.model,
+                version = %version.name,
+                request_id = %Escaped(request_id),
+                suppressed,
+                "served a request that breaks the input rules (flag mode): {violations}"
+            );
         }
         return Ok(Validation::Flagged);
     }

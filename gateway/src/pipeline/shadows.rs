@@ -150,13 +150,13 @@ impl Job {
                     Ok(true) => "agree",
                     Ok(false) => "disagree",
                     Err(e) => {
-                        log(&self.challenger, &e);
+                        log(&self.challenger, &self.identity, &e);
                         "error"
                     }
                 }
             }
             Err(e) => {
-                log(&self.challenger, &e.to_string());
+                log(&self.challenger, &self.identity, &e.to_string());
                 "error"
             }
         };
@@ -169,11 +169,13 @@ impl Job {
     }
 }
 
-fn log(challenger: &Version, message: &str) {
+fn log(challenger: &Version, identity: &crate::decisions::Identity, message: &str) {
     if let Some(suppressed) = challenger.error_log.check() {
         tracing::warn!(
             model = %challenger.model,
             version = %challenger.name,
+            request_id = %Escaped(&identity.request_id),
+            trace_id = identity.trace.map(|t| t.trace_id_hex()),
             suppressed,
             "shadow call failed: {}",
             Escaped(message)

@@ -437,6 +437,53 @@ impl LogLimiter {
     }
 }
 
+/// Lets up to `per_second` lines through in each second and counts the
+/// others, which the next line let through reports (the access log).
+pub(crate) struct RateLimiter {
+    per_second: u64,
+    /// The second (since [`epoch`]) in the upper 32 bits, the lines let
+    /// through in it in the lower 32.
+    window: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimiter {
+    pub(crate) fn new(per_second: u32) -> Self {
+        RateLimiter {
+            per_second: u64::from(per_second),
+            window: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when a line may be logged now; `n` lines were suppressed
+    /// since the previous one.
+    pub(crate) fn check(&self) -> Option<u64> {
+        let second = epoch().elapsed().as_secs() & 0xffff_ffff;
+        let mut window = self.window.load(Ordering::Relaxed);
+        loop {
+            let count = if window >> 32 == second {
+                window & 0xffff_ffff
+            } else {
+                0
+            };
+            if count >= self.per_second {
+                self.suppressed.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            match self.window.compare_exchange_weak(
+                window,
+                second << 32 | (count + 1),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(self.suppressed.swap(0, Ordering::AcqRel)),
+                Err(now) => window = now,
+            }
+        }
+    }
+}
+
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
@@ -487,5 +534,20 @@ mod tests {
         // Pretend the interval has passed.
         limiter.next_ms.store(0, Ordering::Relaxed);
         assert_eq!(limiter.check(), Some(2));
+    }
+
+    #[test]
+    fn rate_limiter_lets_n_lines_through_per_second() {
+        let limiter = RateLimiter::new(3);
+        // Within one second (a new window is forced below).
+        let now = epoch().elapsed().as_secs() & 0xffff_ffff;
+        limiter.window.store(now << 32, Ordering::Relaxed);
+        let seen: Vec<Option<u64>> = (0..5).map(|_| limiter.check()).collect();
+        if epoch().elapsed().as_secs() & 0xffff_ffff == now {
+            assert_eq!(seen, [Some(0), Some(0), Some(0), None, None]);
+        }
+        // The next second: the suppressed lines are reported.
+        limiter.window.store(0, Ordering::Relaxed);
+        assert!(limiter.check().is_some_and(|n| n <= 2));
     }
 }
