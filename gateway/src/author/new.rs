@@ -351,31 +351,12 @@ fi
 "#
             ),
         ),
-        policy(name, &wasm),
-        (
-            "README.md".into(),
-            readme(
-                name,
-                "Python (componentize-py)",
-                &format!(
-                    "./build.sh test                                 # unit tests, natively
-./build.sh                                      # the component: {wasm}"
-                ),
-                &wasm,
-            ),
-        ),
-        ("request.json".into(), REQUEST.into()),
-        (
-            ".gitignore".into(),
-            format!(
-                "/{wasm}
-/bindings
-__pycache__/
-"
-            ),
-        ),
     ];
-    files.extend(wit(""));
+    files.extend(built_by_script(
+        name,
+        "Python (componentize-py)",
+        "__pycache__/\n",
+    ));
     files
 }
 
@@ -481,18 +462,28 @@ npm run build                                   # the component: {wasm}"
 }
 
 fn c(name: &str) -> Vec<(String, String)> {
-    let wasm = format!("{name}.wasm");
     let named = |template: &str| template.replace("{{name}}", name);
     let mut files = vec![
         ("app.c".into(), named(C_APP)),
         ("test.c".into(), C_TEST.to_string()),
         ("build.sh".into(), named(C_BUILD)),
+    ];
+    files.extend(built_by_script(name, "C (wasi-libc, wit-bindgen)", ""));
+    files
+}
+
+/// What a project built by its `build.sh` (which `./build.sh test` unit
+/// tests) carries besides its sources: the policy, the README, a request,
+/// `.gitignore` (the component, `bindings/`, and `ignore`) and the WIT.
+fn built_by_script(name: &str, lang: &str, ignore: &str) -> Vec<(String, String)> {
+    let wasm = format!("{name}.wasm");
+    let mut files = vec![
         policy(name, &wasm),
         (
             "README.md".into(),
             readme(
                 name,
-                "C (wasi-libc, wit-bindgen)",
+                lang,
                 &format!(
                     "./build.sh test                                 # unit tests, natively
 ./build.sh                                      # the component: {wasm}"
@@ -501,14 +492,7 @@ fn c(name: &str) -> Vec<(String, String)> {
             ),
         ),
         ("request.json".into(), REQUEST.into()),
-        (
-            ".gitignore".into(),
-            format!(
-                "/{wasm}
-/bindings
-"
-            ),
-        ),
+        (".gitignore".into(), format!("/{wasm}\n/bindings\n{ignore}")),
     ];
     files.extend(wit(""));
     files
