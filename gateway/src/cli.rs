@@ -70,6 +70,49 @@ enum Command {
     /// of one request.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Run a recorded request again, offline, through the policies as
+    /// `serve` would load them: against the version that answered it, or
+    /// another; show the difference. Exit 0 when the answer is the
+    /// recorded one, 1 when it differs, 2 when it cannot be replayed.
+    Replay(ReplayArgs),
+    /// Run the requests of a decision log against a proposed policy folder
+    /// without serving it: per model, the share each version would get,
+    /// the answers that would change and to what, what would be refused,
+    /// latency per version. Exit 1 when a given threshold is crossed, 2
+    /// when it cannot run.
+    WhatIf(WhatIfArgs),
+}
+
+#[derive(Args, Debug)]
+struct ReplayArgs {
+    /// The request id (`x-request-id` of the answer).
+    id: String,
+    /// The decision log: its folder (`serve --decision-log`) or one file.
+    #[arg(long, value_name = "PATH", default_value = "decisions")]
+    log: PathBuf,
+    /// Run it against this version instead of the one that answered it.
+    #[arg(long, value_name = "VERSION")]
+    version: Option<String>,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+#[derive(Args, Debug)]
+struct WhatIfArgs {
+    /// The decision log: its folder (`serve --decision-log`) or one file.
+    #[arg(long, value_name = "PATH", default_value = "decisions")]
+    log: PathBuf,
+    /// Exit 1 when more than this share (percent) of any model's replayed
+    /// answers would change.
+    #[arg(long, value_name = "PERCENT", value_parser = percent)]
+    max_changed_percent: Option<f64>,
+    /// Exit 1 when more than this share (percent) of any model's replayed
+    /// requests, answered when recorded, would be refused or fail.
+    #[arg(long, value_name = "PERCENT", value_parser = percent)]
+    max_failed_percent: Option<f64>,
+    /// The proposed policies (`--policies`), and how to load them.
+    #[command(flatten)]
+    policy: PolicyArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -525,6 +568,8 @@ pub fn main() -> ExitCode {
             Command::Check(args) => check(args).await,
             Command::Plugin(command) => plugin(command).await,
             Command::Log(command) => log(command),
+            Command::Replay(args) => replay(args).await,
+            Command::WhatIf(args) => what_if(args).await,
         }
     })
 }
@@ -581,6 +626,66 @@ fn log(command: LogCommand) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// The exit code of a command that could not run at all (`replay`,
+/// `what-if`): 1 says what they found.
+const CANNOT_RUN: u8 = 2;
+
+fn offline_options(policy: &PolicyArgs) -> Result<ServeOptions, String> {
+    policy
+        .settings()
+        .and_then(|s| s.finish().map_err(|e| vec![e]))
+        .map_err(|errors| errors.join("\n"))
+}
+
+async fn replay(args: ReplayArgs) -> ExitCode {
+    let mut out = String::new();
+    let verdict = match offline_options(&args.policy) {
+        Ok(options) => {
+            crate::replay::replay(
+                &options,
+                &args.log,
+                &args.id,
+                args.version.as_deref(),
+                &mut out,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    print!("{out}");
+    match verdict {
+        Ok(crate::replay::Verdict::Same) => ExitCode::SUCCESS,
+        Ok(crate::replay::Verdict::Differs) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(CANNOT_RUN)
+        }
+    }
+}
+
+async fn what_if(args: WhatIfArgs) -> ExitCode {
+    let thresholds = crate::replay::whatif::Thresholds {
+        max_changed_percent: args.max_changed_percent,
+        max_failed_percent: args.max_failed_percent,
+    };
+    let mut out = String::new();
+    let crossed = match offline_options(&args.policy) {
+        Ok(options) => {
+            crate::replay::whatif::what_if(&options, &args.log, thresholds, &mut out).await
+        }
+        Err(e) => Err(e),
+    };
+    print!("{out}");
+    match crossed {
+        Ok(false) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(CANNOT_RUN)
+        }
     }
 }
 
@@ -931,7 +1036,7 @@ mod tests {
         let cli = Cli::try_parse_from(["gateway", "serve"].iter().chain(args)).unwrap();
         match cli.command {
             Command::Serve(args) => *args,
-            Command::Check(_) | Command::Plugin(_) | Command::Log(_) => unreachable!(),
+            _ => unreachable!(),
         }
     }
 

@@ -22,6 +22,7 @@ pub(crate) mod pipeline;
 pub mod policy;
 pub mod process;
 pub mod protocol;
+pub(crate) mod replay;
 pub mod router;
 pub mod runtime;
 pub mod server;

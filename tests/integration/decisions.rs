@@ -45,7 +45,7 @@ fn pr() -> Value {
     fp32_request("pr_features", &[1, 6], &[3.0, 40.0, 12.0, 2.0, 4.0, 1.0])
 }
 
-async fn start(
+pub(crate) async fn start(
     policy: &str,
     log: &Path,
     configure: impl FnOnce(&mut DecisionLogConfig),
@@ -60,7 +60,7 @@ async fn start(
 
 /// The log's records, oldest first, once `n` were written (the writer
 /// runs beside the requests).
-async fn records(gw: &TestGateway, dir: &Path, n: f64) -> Vec<Value> {
+pub(crate) async fn records(gw: &TestGateway, dir: &Path, n: f64) -> Vec<Value> {
     let until = Instant::now() + Duration::from_secs(20);
     loop {
         let written = gw
@@ -76,7 +76,7 @@ async fn records(gw: &TestGateway, dir: &Path, n: f64) -> Vec<Value> {
     read_records(dir)
 }
 
-fn read_records(dir: &Path) -> Vec<Value> {
+pub(crate) fn read_records(dir: &Path) -> Vec<Value> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .flatten()
@@ -97,7 +97,7 @@ fn read_records(dir: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn of<'a>(records: &'a [Value], id: &str) -> Vec<&'a Value> {
+pub(crate) fn of<'a>(records: &'a [Value], id: &str) -> Vec<&'a Value> {
     records.iter().filter(|r| r["request_id"] == id).collect()
 }
 

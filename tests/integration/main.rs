@@ -19,6 +19,7 @@ mod monitoring;
 mod onnx;
 mod policy_check;
 mod reload;
+mod replay;
 mod reuse;
 mod shadow;
 mod support;

@@ -154,6 +154,26 @@ fn invalid_toml_and_limits_are_refused() {
 }
 
 #[test]
+fn record_settings_out_of_range_are_refused() {
+    let stderr = refused(&format!(
+        "{GOOD}[record]\nsample_percent = 120\nmax_kib = 4096\n"
+    ));
+    assert!(
+        stderr.contains(
+            "D/m.toml:7:18: `record.sample_percent`: 120 is out of range; allowed: 0 to 100"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("D/m.toml:8:11: `record.max_kib`: 4096 is out of range; allowed: 1 to 512"),
+        "{stderr}"
+    );
+    let stderr = refused(&format!("{GOOD}[record]\ninputs = true\n"));
+    assert!(stderr.contains("D/m.toml:7:"), "{stderr}");
+    assert!(stderr.contains("unknown field `inputs`"), "{stderr}");
+}
+
+#[test]
 fn a_plugin_that_does_not_compile_is_refused() {
     let dir = folder(&[(
         "m.toml",

@@ -11,6 +11,7 @@
 //! `gateway log verify` finds a record removed or changed.
 
 pub(crate) mod identity;
+pub(crate) mod read;
 mod sink;
 pub mod verify;
 
@@ -69,11 +70,70 @@ pub(crate) struct Decision {
     pub draw: Option<Draw>,
     pub inputs_sha256: Option<Sha256>,
     pub outputs_sha256: Option<Sha256>,
+    /// The tensors themselves, for a request the policy samples.
+    pub payload: Payload,
     pub validation: Validation,
     pub status: u16,
     /// The error's kind and message, for a failed request.
     pub error: Option<(&'static str, String)>,
     pub latency: Duration,
+}
+
+/// The tensors a sampled request's record keeps (the policy's
+/// `[record] sample_percent`), within `record.max_kib`.
+#[derive(Default)]
+pub(crate) struct Payload {
+    /// A served request's inputs (a shadow copy's are its request's).
+    pub inputs: Option<Vec<Tensor>>,
+    pub outputs: Option<Vec<Tensor>>,
+    /// Why a sampled request's tensors, or some of them, are not kept.
+    pub omitted: Option<String>,
+}
+
+/// A tensor as a record keeps it: its data laid out as the V2 binary
+/// extension does (little-endian; each BYTES element after its 4-byte
+/// length), in standard base64.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RecordedTensor {
+    pub name: String,
+    pub datatype: String,
+    pub shape: Vec<i64>,
+    pub data_base64: String,
+}
+
+impl RecordedTensor {
+    pub(crate) fn of(tensor: &Tensor) -> Self {
+        use base64::Engine as _;
+        RecordedTensor {
+            name: tensor.name.clone(),
+            datatype: tensor.datatype.as_v2().to_string(),
+            shape: tensor.shape.clone(),
+            data_base64: base64::engine::general_purpose::STANDARD.encode(&tensor.data),
+        }
+    }
+
+    /// The tensor back, its layout checked.
+    pub(crate) fn tensor(&self) -> Result<Tensor, String> {
+        use base64::Engine as _;
+        let datatype = crate::contract::Datatype::from_v2(&self.datatype).ok_or_else(|| {
+            format!(
+                "tensor `{}`: unknown datatype `{}`",
+                self.name, self.datatype
+            )
+        })?;
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(&self.data_base64)
+            .map_err(|e| format!("tensor `{}`: its data is not base64: {e}", self.name))?;
+        let tensor = Tensor {
+            name: self.name.clone(),
+            datatype,
+            shape: self.shape.clone(),
+            data,
+        };
+        crate::tensor::check_layout(&tensor).map_err(|e| format!("tensor `{}`: {e}", self.name))?;
+        Ok(tensor)
+    }
 }
 
 /// Who the request reached.
@@ -102,7 +162,7 @@ pub(crate) enum Validation {
 }
 
 impl Validation {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Validation::NotReached => "not_reached",
             Validation::Passed => "passed",

@@ -18,7 +18,9 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
-use super::{Counters, Decision, DecisionLogConfig, Recent, SCHEMA, Target, rfc3339};
+use super::{
+    Counters, Decision, DecisionLogConfig, Recent, RecordedTensor, SCHEMA, Target, rfc3339,
+};
 use crate::contract::Sha256;
 
 /// The file records are appended to.
@@ -320,6 +322,17 @@ fn render(decision: &Decision, seq: u64, prev: &str, dropped_before: u64) -> Str
         policy,
         inputs_sha256: decision.inputs_sha256.map(|d| d.to_string()),
         outputs_sha256: decision.outputs_sha256.map(|d| d.to_string()),
+        inputs: decision
+            .payload
+            .inputs
+            .as_ref()
+            .map(|t| t.iter().map(RecordedTensor::of).collect()),
+        outputs: decision
+            .payload
+            .outputs
+            .as_ref()
+            .map(|t| t.iter().map(RecordedTensor::of).collect()),
+        payload_omitted: decision.payload.omitted.as_deref(),
         validation: decision.validation.as_str(),
         status: decision.status,
         error_kind: decision.error.as_ref().map(|(kind, _)| *kind),
@@ -355,6 +368,12 @@ struct Record<'a> {
     policy: Option<PolicyRef>,
     inputs_sha256: Option<String>,
     outputs_sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inputs: Option<Vec<RecordedTensor>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outputs: Option<Vec<RecordedTensor>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_omitted: Option<&'a str>,
     validation: &'static str,
     status: u16,
     #[serde(skip_serializing_if = "Option::is_none")]

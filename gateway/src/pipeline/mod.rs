@@ -23,7 +23,7 @@ use http::HeaderMap;
 pub(crate) use error::{BodyError, Error, OutputProblem, Unavailable};
 
 use crate::contract::{CallLimits, PluginError, Sha256};
-use crate::decisions::{Decision, DecisionLog, Identity, Target, Validation};
+use crate::decisions::{Decision, DecisionLog, Identity, Payload, Target, Validation};
 use crate::policy::Mode;
 use crate::protocol::InferRequest;
 use crate::router::breaker::{Outcome, Pass, Transition};
@@ -144,19 +144,25 @@ impl Pipeline {
     ) -> Result<Call<'a>, Error> {
         let start = Instant::now();
         match snapshot.route(model, pinned, headers) {
-            Ok(routed) => Ok(Call::new(
-                self,
-                routed.model,
-                routed.version,
-                routed.route,
-                Some(Busy::enter(&self.load)),
-                Origin {
-                    identity,
-                    generation: snapshot.generation,
-                    draw: routed.draw,
-                    inputs_sha256: None,
-                },
-            )),
+            Ok(routed) => {
+                let sample = routed.model.policy.record.sample_percent;
+                let sampled =
+                    self.decisions.is_some() && sample > 0.0 && crate::router::sampled(sample);
+                Ok(Call::new(
+                    self,
+                    routed.model,
+                    routed.version,
+                    routed.route,
+                    Some(Busy::enter(&self.load)),
+                    Origin {
+                        identity,
+                        generation: snapshot.generation,
+                        draw: routed.draw,
+                        inputs_sha256: None,
+                        sampled,
+                    },
+                ))
+            }
             Err(e) => {
                 let error = Error::from(e);
                 self.telemetry.record_request(
@@ -179,6 +185,7 @@ impl Pipeline {
                         draw: None,
                         inputs_sha256: None,
                         outputs_sha256: None,
+                        payload: Payload::default(),
                         validation: Validation::NotReached,
                         status: error.status().as_u16(),
                         error: Some((error.kind(), crate::decisions::cut(error.to_string()))),
@@ -188,6 +195,66 @@ impl Pipeline {
                 Err(error)
             }
         }
+    }
+}
+
+/// What a replayed request came to (see [`Pipeline::replay`]).
+pub(crate) struct Replayed {
+    pub validation: Validation,
+    pub outputs: Result<Vec<Tensor>, Error>,
+    /// From its inputs ready to its outputs checked.
+    pub latency: std::time::Duration,
+}
+
+impl Pipeline {
+    /// Runs `inputs` through `version` of `model` as a pinned request goes
+    /// (admission, validation, the call, the checks of its outputs): the
+    /// front end of `gateway replay` and `gateway what-if`. An unknown
+    /// model or version is the error.
+    pub(crate) async fn replay(
+        self: &Arc<Self>,
+        snapshot: &Snapshot,
+        model: &str,
+        version: &str,
+        inputs: Vec<Tensor>,
+        request_id: &str,
+    ) -> Result<Replayed, Error> {
+        let identity = Identity {
+            request_id: request_id.into(),
+            trace: None,
+        };
+        let mut call = self.route(snapshot, model, Some(version), &HeaderMap::new(), identity)?;
+        let start = Instant::now();
+        let request = InferRequest {
+            id: None,
+            inputs,
+            outputs: None,
+            binary_outputs: false,
+        };
+        let result = match call.admissible() {
+            Ok(()) => call.infer(request).await,
+            Err(e) => Err(e),
+        };
+        let latency = start.elapsed();
+        let validation = call.validation;
+        let outputs = match result {
+            Ok((request, outputs)) => {
+                call.finish(Ok(Answer {
+                    inputs: request.inputs,
+                    outputs: outputs.clone(),
+                }));
+                Ok(outputs)
+            }
+            Err(e) => {
+                call.finish(Err(&e));
+                Err(e)
+            }
+        };
+        Ok(Replayed {
+            validation,
+            outputs,
+            latency,
+        })
     }
 }
 
@@ -206,6 +273,9 @@ pub(crate) struct Origin {
     pub draw: Option<Draw>,
     /// A shadow copy's inputs are its served request's: their digest.
     pub inputs_sha256: Option<Sha256>,
+    /// Whether the record keeps the call's tensors (the policy's
+    /// `[record] sample_percent`); a shadow copy follows its request.
+    pub sampled: bool,
 }
 
 /// One request (or shadow copy) on its way through the pipeline.
@@ -230,6 +300,8 @@ pub(crate) struct Call<'a> {
     validation: Validation,
     inputs_sha256: Option<Sha256>,
     outputs_sha256: Option<Sha256>,
+    /// The tensors the record keeps, for a sampled call.
+    payload: Payload,
 }
 
 impl Drop for Call<'_> {
@@ -281,6 +353,7 @@ impl<'a> Call<'a> {
             origin,
             validation: Validation::NotReached,
             outputs_sha256: None,
+            payload: Payload::default(),
         }
     }
 
@@ -397,6 +470,11 @@ impl<'a> Call<'a> {
             (request, checked, inputs_sha256)
         };
         self.inputs_sha256 = inputs_sha256;
+        if self.origin.sampled {
+            // Recorded whatever the validation says: a refused request is
+            // replayable too.
+            self.keep_inputs(&request.inputs, bytes);
+        }
         self.validation = match &checked {
             Ok(validation) => *validation,
             Err(_) => Validation::Failed,
@@ -478,6 +556,9 @@ impl<'a> Call<'a> {
             self.outputs_sha256 = Some(crate::decisions::digest(&outputs));
             outputs
         };
+        if self.origin.sampled {
+            self.keep_outputs(&outputs);
+        }
         if let Some(labels) = version
             .label_output
             .as_ref()
@@ -488,6 +569,43 @@ impl<'a> Call<'a> {
                 .predictions(&version.model, &version.name, labels);
         }
         Ok(outputs)
+    }
+
+    /// Keeps a sampled call's inputs for its record, if they fit the
+    /// policy's `record.max_kib`.
+    fn keep_inputs(&mut self, inputs: &[Tensor], bytes: usize) {
+        let limit = self.model.policy.record.max_bytes;
+        if bytes <= limit {
+            self.payload.inputs = Some(inputs.to_vec());
+        } else {
+            self.payload.omitted = Some(format!(
+                "the inputs ({bytes} bytes) are over the policy's record.max_kib ({limit} bytes)"
+            ));
+        }
+    }
+
+    /// Keeps a sampled call's outputs for its record, if they fit with
+    /// its inputs within the policy's `record.max_kib`.
+    fn keep_outputs(&mut self, outputs: &[Tensor]) {
+        if self.payload.omitted.is_some() {
+            return;
+        }
+        let limit = self.model.policy.record.max_bytes;
+        let kept: usize = self
+            .payload
+            .inputs
+            .iter()
+            .flatten()
+            .map(|t| t.data.len())
+            .sum();
+        let bytes: usize = outputs.iter().map(|t| t.data.len()).sum();
+        if kept + bytes <= limit {
+            self.payload.outputs = Some(outputs.to_vec());
+        } else {
+            self.payload.omitted = Some(format!(
+                "the outputs ({bytes} bytes, {kept} of inputs kept) are over the policy's record.max_kib ({limit} bytes)"
+            ));
+        }
     }
 
     /// The memory a call of this version may use in its sandbox (none for
@@ -623,7 +741,7 @@ impl<'a> Call<'a> {
     }
 
     /// Hands this call's decision to the decision log, if there is one.
-    fn record_decision(&self, status: u16, error: Option<(&'static str, String)>) {
+    fn record_decision(&mut self, status: u16, error: Option<(&'static str, String)>) {
         if let Some(log) = &self.pipeline.decisions {
             log.record(Decision {
                 time: std::time::SystemTime::now(),
@@ -637,6 +755,7 @@ impl<'a> Call<'a> {
                 draw: self.origin.draw,
                 inputs_sha256: self.inputs_sha256,
                 outputs_sha256: self.outputs_sha256,
+                payload: std::mem::take(&mut self.payload),
                 validation: self.validation,
                 status,
                 error,

@@ -77,6 +77,7 @@ pub(super) fn dispatch(
             identity: origin.identity.clone(),
             generation: origin.generation,
             inputs_sha256,
+            sampled: origin.sampled,
         };
         pipeline.shadow_executor.spawn(async move {
             job.run().await;
@@ -94,6 +95,8 @@ struct Job {
     identity: crate::decisions::Identity,
     generation: u64,
     inputs_sha256: Option<crate::contract::Sha256>,
+    /// Whether the served request's record keeps its tensors.
+    sampled: bool,
 }
 
 impl Job {
@@ -109,6 +112,7 @@ impl Job {
                 generation: self.generation,
                 draw: None,
                 inputs_sha256: self.inputs_sha256,
+                sampled: self.sampled,
             },
         );
         let budget = &self.pipeline.shadow_cpu;

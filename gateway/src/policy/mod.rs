@@ -78,6 +78,34 @@ pub struct ModelPolicy {
     pub schema: Option<Schema>,
     /// How data monitoring summarizes the declared features.
     pub monitoring: Monitoring,
+    /// What the decision log keeps of the requests' data (`[record]`).
+    pub record: Record,
+}
+
+/// What the decision log keeps of a model's requests (`[record]`):
+/// digests of every request's inputs and outputs, and for a sample of
+/// them the tensors themselves, so `gateway replay` and `gateway what-if`
+/// can run them again.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Record {
+    /// Share of requests recorded with their inputs and outputs, 0 to 100.
+    pub sample_percent: f64,
+    /// A sampled request whose inputs and outputs together are larger
+    /// is recorded by digest only (and says so).
+    pub max_bytes: usize,
+}
+
+/// The largest `record.max_kib`: a record must stay well below what the
+/// log reads back of its last line (1 MiB), base64 included.
+pub const MAX_RECORD_KIB: usize = 512;
+
+impl Default for Record {
+    fn default() -> Self {
+        Record {
+            sample_percent: 0.0,
+            max_bytes: 64 << 10,
+        }
+    }
 }
 
 /// A share of a model's traffic sent to one version instead of the champion.
@@ -244,6 +272,17 @@ struct PolicyFile {
     inputs: Vec<schema::InputTable>,
     #[serde(default)]
     monitoring: Option<schema::MonitoringTable>,
+    #[serde(default)]
+    record: Option<RecordTable>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordTable {
+    #[serde(default)]
+    sample_percent: Option<Spanned<f64>>,
+    #[serde(default)]
+    max_kib: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -608,6 +647,7 @@ pub fn parse(
 
     let schema = schema::parse(raw.validation.as_ref(), &raw.inputs, &at, &mut errors);
     let monitoring = schema::parse_monitoring(raw.monitoring.as_ref(), &at, &mut errors);
+    let record = parse_record(raw.record.as_ref(), &at, &mut errors);
 
     if !errors.is_empty() {
         return Err(errors);
@@ -623,7 +663,40 @@ pub fn parse(
         shadow,
         schema,
         monitoring,
+        record,
     })
+}
+
+fn parse_record(
+    table: Option<&RecordTable>,
+    at: &impl Fn(std::ops::Range<usize>, &str) -> Location,
+    errors: &mut Vec<PolicyError>,
+) -> Record {
+    let mut record = Record::default();
+    let Some(table) = table else { return record };
+    if let Some(p) = &table.sample_percent {
+        let v = *p.get_ref();
+        if (0.0..=100.0).contains(&v) {
+            record.sample_percent = v;
+        } else {
+            errors.push(PolicyError::at(
+                &at(p.span(), "record.sample_percent"),
+                format!("{v} is out of range; allowed: 0 to 100"),
+            ));
+        }
+    }
+    if let Some(k) = &table.max_kib {
+        let v = *k.get_ref();
+        if (1..=MAX_RECORD_KIB as i64).contains(&v) {
+            record.max_bytes = v as usize * 1024;
+        } else {
+            errors.push(PolicyError::at(
+                &at(k.span(), "record.max_kib"),
+                format!("{v} is out of range; allowed: 1 to {MAX_RECORD_KIB}"),
+            ));
+        }
+    }
+    record
 }
 
 /// A version's grants: the defaults, then the model's `[grants]`, then

@@ -120,7 +120,7 @@ pub struct Routed<'a> {
 /// Why an unpinned request of a model with a canary went where it went:
 /// its point in `[0, 100)` (the sticky key's, see [`sticky_point`], or a
 /// random one) against the canary's percent.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Draw {
     pub point: f64,
     pub percent: f64,
@@ -246,10 +246,16 @@ impl Model {
             percent: canary.percent,
             sticky: key.is_some(),
         });
-        if point < canary.percent {
-            (&canary.version, Route::Canary, draw)
-        } else {
-            (&self.champion, Route::Champion, draw)
+        let (version, route) = self.choose_at(point);
+        (version, route, draw)
+    }
+
+    /// Canary or champion for an unpinned request whose point (see
+    /// [`sticky_point`]) is `point`.
+    pub fn choose_at(&self, point: f64) -> (&Arc<Version>, Route) {
+        match &self.canary {
+            Some(canary) if point < canary.percent => (&canary.version, Route::Canary),
+            _ => (&self.champion, Route::Champion),
         }
     }
 }
