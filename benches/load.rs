@@ -19,6 +19,11 @@
 //!    served as an ONNX-only version;
 //! 8. `recorded`: `gateway` on a second gateway that keeps a decision log
 //!    (a record per request, with digests of inputs and outputs);
+//!    `recorded-tensors`: the same with the inputs and outputs themselves
+//!    in every record (`[record] sample_percent = 100`); `recorded-1024` and
+//!    `recorded-tensors-1024`: both with 1024-row requests, whose difference in
+//!    CPU time per request, divided by the KiB of tensors each record keeps,
+//!    is the cost of recording a KiB;
 //!
 //! at 1, 16 and 64 connections, every scenario in the same run, each
 //! reported as a ratio to `http-limit` at the same concurrency. Each
@@ -57,11 +62,12 @@ enum Server {
     Native,
     /// The gateway, serving this model.
     Gateway(&'static str),
-    /// The gateway that keeps a decision log, serving this model.
-    Recorded(&'static str),
+    /// The gateway that keeps a decision log, serving this model
+    /// requests of this many rows.
+    Recorded(&'static str, usize),
 }
 
-const SCENARIOS: [(&str, Server); 9] = [
+const SCENARIOS: [(&str, Server); 12] = [
     ("http-limit", Server::HttpLimit),
     ("native", Server::Native),
     ("gateway", Server::Gateway("plain")),
@@ -70,8 +76,35 @@ const SCENARIOS: [(&str, Server); 9] = [
     ("shadow", Server::Gateway("shadow")),
     ("validated", Server::Gateway("validated")),
     ("onnx", Server::Gateway("onnx")),
-    ("recorded", Server::Recorded("plain")),
+    ("recorded", Server::Recorded("plain", 1)),
+    ("recorded-tensors", Server::Recorded("full", 1)),
+    ("recorded-1024", Server::Recorded("plain", 1024)),
+    ("recorded-tensors-1024", Server::Recorded("full", 1024)),
 ];
+
+/// The row every request sends (REQUEST's).
+const ROW: [f32; 6] = [3.0, 40.0, 12.0, 2.0, 4.0, 1.0];
+
+/// A request of `rows` copies of [`ROW`].
+fn request_of(rows: usize) -> Bytes {
+    if rows == 1 {
+        return Bytes::from_static(REQUEST.as_bytes());
+    }
+    let data: Vec<f32> = (0..rows).flat_map(|_| ROW).collect();
+    Bytes::from(
+        serde_json::json!({"id": "load", "inputs": [{"name": "pr_features", "shape": [rows, 6], "datatype": "FP32", "data": data}]})
+            .to_string(),
+    )
+}
+
+/// The bytes of tensors a record of a `rows`-row request keeps: the
+/// inputs, the labels (each after its 4-byte length) and the
+/// probabilities.
+fn kept_bytes(rows: usize) -> usize {
+    let pr = ttm_rules::PullRequest::from_row(0, &ROW).expect("the row");
+    let label = ttm_rules::BUCKETS[ttm_rules::most_probable(&ttm_rules::v1::probabilities(&pr))];
+    rows * (24 + 4 + label.len() + 20)
+}
 
 fn policies(dir: &Path) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -104,6 +137,12 @@ fn policies(dir: &Path) {
         (
             "validated.toml",
             example.replace("model = \"time-to-merge\"", "model = \"validated\""),
+        ),
+        (
+            "full.toml",
+            "model = \"full\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n\
+             [record]\nsample_percent = 100\nmax_kib = 512\n"
+                .to_string(),
         ),
         (
             "onnx.toml",
@@ -283,8 +322,13 @@ struct Measured {
 
 /// `connections` connections sending for `seconds` after a one-second
 /// warm-up; latencies of the measured part only.
-async fn load(addr: SocketAddr, path: &str, connections: usize, seconds: f64) -> Measured {
-    let body = Bytes::from_static(REQUEST.as_bytes());
+async fn load(
+    addr: SocketAddr,
+    path: &str,
+    body: Bytes,
+    connections: usize,
+    seconds: f64,
+) -> Measured {
     let warm = Instant::now() + Duration::from_secs(1);
     let end = warm + Duration::from_secs_f64(seconds);
     let tasks: Vec<_> = (0..connections)
@@ -455,14 +499,16 @@ fn main() {
                 if !only.is_empty() && !only.iter().any(|o| o == scenario) {
                     continue;
                 }
-                let (addr, path) = match server {
-                    Server::HttpLimit => (limit_addr, "/v2/models/plain/infer".to_string()),
-                    Server::Native => (native_addr, "/v2/models/plain/infer".to_string()),
-                    Server::Gateway(m) => (gateway_addr, format!("/v2/models/{m}/infer")),
-                    Server::Recorded(m) => (recorded_addr, format!("/v2/models/{m}/infer")),
+                let (addr, path, rows) = match server {
+                    Server::HttpLimit => (limit_addr, "/v2/models/plain/infer".to_string(), 1),
+                    Server::Native => (native_addr, "/v2/models/plain/infer".to_string(), 1),
+                    Server::Gateway(m) => (gateway_addr, format!("/v2/models/{m}/infer"), 1),
+                    Server::Recorded(m, rows) => {
+                        (recorded_addr, format!("/v2/models/{m}/infer"), *rows)
+                    }
                 };
                 let cpu = cpu_seconds();
-                let m = client.block_on(load(addr, &path, connections, seconds));
+                let m = client.block_on(load(addr, &path, request_of(rows), connections, seconds));
                 let cpu = cpu_seconds() - cpu;
                 let run = Run {
                     scenario: scenario.to_string(),
@@ -579,6 +625,27 @@ fn report(runs: &[Run]) -> String {
             p99,
             p99 <= 0.10,
         );
+    }
+    let tensors = 1.0 - rps("recorded-tensors", 64) / rps("recorded", 64);
+    if tensors.is_finite() {
+        md += &format!(
+            "\n- `recorded-tensors` (every record keeps its {} bytes of tensors) costs {:.1} % of `recorded`'s throughput",
+            kept_bytes(1),
+            tensors * 100.0
+        );
+    }
+    for n in [1, 16, 64] {
+        if let (Some(full), Some(digests)) =
+            (find("recorded-tensors-1024", n), find("recorded-1024", n))
+        {
+            let kib = kept_bytes(1024) as f64 / 1024.0;
+            md += &format!(
+                "\n- recording tensors costs {:.2} µs of CPU per KiB kept at {n} connections ({:.1} vs {:.1} µs per 1024-row request, {kib:.2} KiB each)",
+                (full.cpu_us_per_request - digests.cpu_us_per_request) / kib,
+                full.cpu_us_per_request,
+                digests.cpu_us_per_request
+            );
+        }
     }
     md + "\n"
 }

@@ -93,6 +93,10 @@ struct ReplayArgs {
     /// Run it against this version instead of the one that answered it.
     #[arg(long, value_name = "VERSION")]
     version: Option<String>,
+    /// The record to replay when several requests had the id (its `seq`);
+    /// by default the latest.
+    #[arg(long, value_name = "N")]
+    seq: Option<u64>,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -392,6 +396,12 @@ struct ServeArgs {
     /// 64 MiB, 16 files kept. One gateway per folder. Off without it.
     #[arg(long, value_name = "DIR", env = "GATEWAY_DECISION_LOG")]
     decision_log: Option<PathBuf>,
+    /// Also send every record the decision log writes to this http:// URL,
+    /// as CloudEvents in batches (`application/cloudevents-batch+json`);
+    /// never slows a request: what cannot be sent is counted and stays in
+    /// the files. Needs the decision log.
+    #[arg(long, value_name = "URL", env = "GATEWAY_DECISION_SINK", value_parser = crate::decisions::SinkUrl::parse)]
+    decision_sink: Option<crate::decisions::SinkUrl>,
     /// Allow a reload that unloads every model (by default a policy folder
     /// emptied, or synced halfway, is refused and the models keep serving).
     #[arg(long)]
@@ -543,6 +553,17 @@ impl ServeArgs {
                 None => s.options.decisions = Some(crate::decisions::DecisionLogConfig::new(dir)),
             }
         }
+        if let Some(url) = self.decision_sink {
+            match s.options.decisions.as_mut() {
+                Some(log) => log.sink = Some(url),
+                None => {
+                    return Err(vec![
+                        "--decision-sink sends what the decision log writes: give --decision-log too"
+                            .into(),
+                    ]);
+                }
+            }
+        }
         s.finish().map_err(|e| vec![e])
     }
 }
@@ -648,6 +669,7 @@ async fn replay(args: ReplayArgs) -> ExitCode {
                 &options,
                 &args.log,
                 &args.id,
+                args.seq,
                 args.version.as_deref(),
                 &mut out,
             )
@@ -659,6 +681,7 @@ async fn replay(args: ReplayArgs) -> ExitCode {
     match verdict {
         Ok(crate::replay::Verdict::Same) => ExitCode::SUCCESS,
         Ok(crate::replay::Verdict::Differs) => ExitCode::FAILURE,
+        Ok(crate::replay::Verdict::NotComparable(_)) => ExitCode::from(CANNOT_RUN),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(CANNOT_RUN)

@@ -297,6 +297,7 @@ struct DecisionsTable {
     dir: Text,
     max_file_mebibytes: Int,
     max_files: Int,
+    sink_url: Text,
 }
 
 #[derive(Default, Deserialize)]
@@ -692,15 +693,23 @@ impl Reader<'_> {
         }
         let file_bytes = self.mebibytes(&l.max_file_mebibytes, "decisions.max_file_mebibytes");
         let files = self.int::<usize>(&l.max_files, "decisions.max_files", 1..=100_000);
+        let sink = l.sink_url.as_ref().and_then(|url| {
+            crate::decisions::SinkUrl::parse(url.get_ref())
+                .map_err(|e| self.error(url.span(), "decisions.sink_url", e))
+                .ok()
+        });
         match s.options.decisions.as_mut() {
             Some(log) => {
                 set!(log.max_file_bytes, file_bytes.map(|b| b as u64));
                 set!(log.max_files, files);
+                if sink.is_some() {
+                    log.sink = sink;
+                }
             }
-            None if file_bytes.is_some() || files.is_some() => self.errors.push(PolicyError::key(
+            None if file_bytes.is_some() || files.is_some() || sink.is_some() => self.errors.push(PolicyError::key(
                 self.file,
                 "decisions",
-                "sets the log's limits but no `dir`: the decision log is off without one",
+                "sets the log's limits or sink but no `dir`: the decision log is off without one (the sink sends what the log writes)",
             )),
             None => {}
         }
@@ -775,14 +784,23 @@ mod tests {
              [http2]\nstream_window_bytes = 1048576\n\
              [sandboxes]\nmax_total_memory_mebibytes = 2\n\
              [shadows]\ncpu_percent = 2.5\n\
-             [decisions]\ndir = \"log\"\nmax_files = 3\n",
+             [decisions]\ndir = \"log\"\nmax_files = 3\nsink_url = \"http://127.0.0.1:9000/e\"\n",
         )
         .unwrap();
         let log = s.options.decisions.as_ref().unwrap();
         assert!(log.dir.ends_with("log") && log.dir.is_absolute());
         assert_eq!((log.max_files, log.max_file_bytes), (3, 64 << 20));
+        assert_eq!(
+            log.sink.as_ref().map(ToString::to_string).as_deref(),
+            Some("http://127.0.0.1:9000/e")
+        );
         let e = read("[decisions]\nmax_files = 3\n").unwrap_err();
         assert!(e[0].contains("no `dir`"), "{e:?}");
+        let e = read("[decisions]\ndir = \"log\"\nsink_url = \"https://c/e\"\n").unwrap_err();
+        assert!(
+            e[0].contains(":3:12: `decisions.sink_url`: `https://c/e`: the decision sink speaks http, not https"),
+            "{e:?}"
+        );
         assert_eq!(s.options.listen, "0.0.0.0:9000".parse().unwrap());
         assert!(s.options.policies.ends_with("p") && s.options.policies.is_absolute());
         assert_eq!(s.plugin_dirs[1], PathBuf::from("/abs"));

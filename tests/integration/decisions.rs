@@ -571,3 +571,200 @@ fn json_logs_and_the_access_log_carry_the_request_id() {
         "{access}"
     );
 }
+
+/// The CloudEvents receiver (`tests/compat/cloudevents_receiver.py`, on
+/// the CloudEvents SDK KServe uses), killed when dropped.
+struct Receiver {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Receiver {
+    fn start(fail: u32) -> Receiver {
+        use std::io::BufRead as _;
+        let python = std::env::var("GATEWAY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+        let script = crate::support::repo_root().join("tests/compat/cloudevents_receiver.py");
+        let mut child = Command::new(&python)
+            .arg(script)
+            .args(["--fail", &fail.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the CloudEvents receiver");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .strip_prefix("listening ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "the receiver did not start ({line:?}); it needs `{python} -m pip install -r tests/compat/requirements.txt`"
+                )
+            });
+        Receiver { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/events", self.port)
+    }
+
+    async fn received(&self) -> Value {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        let request = Request::get("/events")
+            .header("host", "127.0.0.1")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        send(addr, request).await.json()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_network_sink_delivers_every_record_as_a_cloudevent() {
+    let log = tempfile::tempdir().unwrap();
+    // The receiver refuses the first POST: the sink retries it.
+    let receiver = Receiver::start(1);
+    let url = gateway::decisions::SinkUrl::parse(&receiver.url()).unwrap();
+    let policy = "model = \"ttm\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n";
+    let gw = start(policy, log.path(), |c| c.sink = Some(url)).await;
+    let mut client = gw.client().await;
+    for i in 0..40 {
+        let id = format!("sent-{i}");
+        let body = if i % 10 == 9 {
+            fp32_request("pr_features", &[1, 5], &[1.0; 5])
+        } else {
+            pr()
+        };
+        client
+            .post("/v2/models/ttm/infer", &body, &[("x-request-id", &id)])
+            .await;
+    }
+    records(&gw, log.path(), 40.0).await;
+    let until = Instant::now() + Duration::from_secs(30);
+    let received = loop {
+        let received = receiver.received().await;
+        if received["events"].as_array().unwrap().len() >= 40 {
+            break received;
+        }
+        assert!(Instant::now() < until, "received: {received}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The receiver keeps events before it answers; the gateway counts
+    // them once it has the answer.
+    let until = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = gw.metrics().await;
+        if metrics.value("gateway_decisions_sent_total", &[]) >= 40.0 {
+            break metrics;
+        }
+        assert!(
+            Instant::now() < until,
+            "the sink did not count its deliveries"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(metrics.value("gateway_decisions_sent_total", &[]), 40.0);
+    for reason in ["queue_full", "send_failed"] {
+        assert_eq!(
+            metrics.value(
+                "gateway_decisions_sink_dropped_total",
+                &[("reason", reason)]
+            ),
+            0.0
+        );
+    }
+    gw.shutdown().await;
+    assert_eq!(received["posts"]["failed"], 1, "{received}");
+
+    // Every record of the file, once, in order, verbatim as the data.
+    let file = std::fs::read_to_string(log.path().join("decisions.jsonl")).unwrap();
+    let lines: Vec<&str> = file.lines().collect();
+    let events = received["events"].as_array().unwrap();
+    assert_eq!(events.len(), lines.len());
+    for (event, line) in events.iter().zip(&lines) {
+        let record: Value = serde_json::from_str(line).unwrap();
+        let attributes = &event["attributes"];
+        assert_eq!(attributes["specversion"], "1.0");
+        assert_eq!(attributes["type"], "wasm-model-gateway.decision.v1");
+        assert!(
+            attributes["source"]
+                .as_str()
+                .unwrap()
+                .starts_with("/wasm-model-gateway/"),
+            "{attributes}"
+        );
+        assert_eq!(attributes["id"], sha256_hex(line.as_bytes()));
+        assert_eq!(attributes["subject"], record["request_id"]);
+        assert_eq!(attributes["time"], record["time"]);
+        assert_eq!(attributes["datacontenttype"], "application/json");
+        assert_eq!(event["data"], record);
+    }
+    let statuses: Vec<u64> = events
+        .iter()
+        .map(|e| e["data"]["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_that_hangs_or_refuses_costs_requests_nothing() {
+    // One endpoint accepts connections and never answers; the other
+    // refuses them (a port nobody listens on).
+    let hanging = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hanging_addr = hanging.local_addr().unwrap();
+    let held = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in hanging.incoming().take(4) {
+            held.push(stream);
+        }
+        std::thread::sleep(Duration::from_secs(60));
+        drop(held);
+    });
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let policy = "model = \"ttm\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n";
+    for (addr, hangs) in [(hanging_addr, true), (closed_addr, false)] {
+        let log = tempfile::tempdir().unwrap();
+        let url = gateway::decisions::SinkUrl::parse(&format!("http://{addr}/")).unwrap();
+        let gw = start(policy, log.path(), |c| c.sink = Some(url)).await;
+        let mut client = gw.client().await;
+        for _ in 0..200 {
+            let reply = client.post("/v2/models/ttm/infer", &pr(), &[]).await;
+            assert_eq!(reply.status, 200);
+        }
+        // The file has every record whatever the sink does.
+        assert_eq!(records(&gw, log.path(), 200.0).await.len(), 200);
+        if !hangs {
+            // Refused three times (at once, then after 0.2 s and 1 s):
+            // dropped and counted.
+            let until = Instant::now() + Duration::from_secs(20);
+            loop {
+                let dropped = gw.metrics().await.value(
+                    "gateway_decisions_sink_dropped_total",
+                    &[("reason", "send_failed")],
+                );
+                if dropped == 200.0 {
+                    break;
+                }
+                assert!(dropped < 200.0 && Instant::now() < until, "{dropped}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(
+                gw.metrics()
+                    .await
+                    .value("gateway_decisions_sent_total", &[]),
+                0.0
+            );
+        }
+        gw.shutdown().await;
+    }
+    drop(held);
+}

@@ -123,7 +123,15 @@ async fn a_recorded_request_replays_bit_for_bit_and_shows_what_changed() {
         )
         .await;
     assert_eq!(digest_only.status, 200);
-    let all = records(&gw, log.path(), 3.0).await;
+    // Two requests with one id (ids are the clients').
+    for row in [features(5), features(6)] {
+        let body = fp32_request("pr_features", &[1, 6], &row);
+        let reply = client
+            .post("/v2/models/ttm/infer", &body, &[("x-request-id", "r-dup")])
+            .await;
+        assert_eq!(reply.status, 200);
+    }
+    let all = records(&gw, log.path(), 5.0).await;
     gw.shutdown().await;
 
     // The record keeps the tensors: the inputs as sent, little-endian.
@@ -203,6 +211,57 @@ async fn a_recorded_request_replays_bit_for_bit_and_shows_what_changed() {
     );
     assert!(out.contains("DIFFERS from the record"), "{out}");
 
+    // Of two requests with one id, the latest, unless --seq says which.
+    let (code, out) = replay("r-dup", &[], same.path());
+    assert_eq!(code, 0, "{out}");
+    let seqs: Vec<u64> = of(&all, "r-dup")
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert!(
+        out.contains(&format!(
+            "note: 2 requests had id `r-dup` (ids are the clients'); replaying the latest, record {}",
+            seqs[1]
+        )),
+        "{out}"
+    );
+    let first = seqs[0].to_string();
+    let (code, out) = replay("r-dup", &["--seq", &first], same.path());
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("note:"), "{out}");
+    let (code, out) = replay("r-dup", &["--seq", "999"], same.path());
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("none numbered 999"), "{out}");
+
+    // what-if cannot judge a change by records that keep only digests:
+    // with a threshold, that fails the gate instead of passing it.
+    let only_plain = policies(&[("plain.toml", plain)]);
+    let (code, out) = offline(
+        &["what-if", "--max-changed-percent", "50"],
+        log.path(),
+        only_plain.path(),
+        cache.path(),
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("model `plain`"), "{out}");
+    assert!(out.contains("nothing to judge the change by"), "{out}");
+    // A model the proposal drops would be 404 for all its requests.
+    assert!(
+        out.contains("model `ttm`: 4 recorded request(s), but the new policies have no such model"),
+        "{out}"
+    );
+    let (code, out) = offline(
+        &["what-if", "--max-failed-percent", "50"],
+        log.path(),
+        only_plain.path(),
+        cache.path(),
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("THRESHOLD: 100.0 % would be refused or fail, over --max-failed-percent 50"),
+        "{out}"
+    );
+
     // What cannot be replayed says why, with exit code 2.
     let (code, out) = replay("r-plain", &[], same.path());
     assert_eq!(code, 2, "{out}");
@@ -245,14 +304,14 @@ async fn records_keep_the_tensors_of_the_sampled_share_within_max_kib() {
     // 100 rows, 2,400 bytes of inputs: over 1 KiB, sampled or not.
     let rows: Vec<f32> = (0..100).flat_map(features).collect();
     let big = fp32_request("pr_features", &[100, 6], &rows);
-    for i in 0..20 {
+    for i in 0..40 {
         let id = format!("b-{i}");
         let reply = client
             .post("/v2/models/ttm/infer", &big, &[("x-request-id", &id)])
             .await;
         assert_eq!(reply.status, 200);
     }
-    let all = records(&gw, log.path(), 220.0).await;
+    let all = records(&gw, log.path(), 240.0).await;
     gw.shutdown().await;
     let kept = all
         .iter()
@@ -274,15 +333,15 @@ async fn records_keep_the_tensors_of_the_sampled_share_within_max_kib() {
         if let Some(why) = r["payload_omitted"].as_str() {
             assert!(
                 why.contains(
-                    "the inputs (2400 bytes) are over the policy's record.max_kib (1024 bytes)"
+                    "the inputs (2604 bytes as recorded) are over the policy's record.max_kib (1024 bytes)"
                 ),
                 "{why}"
             );
             omitted += 1;
         }
     }
-    // The sampled ones among the 20 say why they keep no tensors.
-    assert!(omitted >= 1, "none of 20 large requests sampled at 30 %");
+    // The sampled ones among the 40 say why they keep no tensors.
+    assert!(omitted >= 1, "none of 40 large requests sampled at 30 %");
 }
 
 /// The numbers of a `what-if` report line (`  share new:     v1 46.3 % (19), v3 ...`):

@@ -10,6 +10,7 @@
 //! fails a request. Each line carries the SHA-256 of the line before it, so
 //! `gateway log verify` finds a record removed or changed.
 
+mod forward;
 pub(crate) mod identity;
 pub(crate) mod read;
 mod sink;
@@ -17,11 +18,12 @@ pub mod verify;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+pub use forward::SinkUrl;
 pub(crate) use identity::Identity;
 
 use crate::contract::Sha256;
@@ -44,6 +46,8 @@ pub struct DecisionLogConfig {
     pub buffer: usize,
     /// Recent records kept in memory for `GET /admin/decisions/{id}`.
     pub recent: usize,
+    /// Where the records written are also sent, as CloudEvents.
+    pub sink: Option<SinkUrl>,
 }
 
 impl DecisionLogConfig {
@@ -54,6 +58,7 @@ impl DecisionLogConfig {
             max_files: 16,
             buffer: 8192,
             recent: 10_000,
+            sink: None,
         }
     }
 }
@@ -80,7 +85,8 @@ pub(crate) struct Decision {
 }
 
 /// The tensors a sampled request's record keeps (the policy's
-/// `[record] sample_percent`), within `record.max_kib`.
+/// `[record] sample_percent`), within `record.max_kib` and the log's
+/// budget for tensors waiting to be written ([`PAYLOAD_BYTES`]).
 #[derive(Default)]
 pub(crate) struct Payload {
     /// A served request's inputs (a shadow copy's are its request's).
@@ -88,6 +94,80 @@ pub(crate) struct Payload {
     pub outputs: Option<Vec<Tensor>>,
     /// Why a sampled request's tensors, or some of them, are not kept.
     pub omitted: Option<String>,
+    /// What the tensors hold of the log's budget, given back when the
+    /// record is written (or dropped).
+    held: Option<(Arc<AtomicUsize>, usize)>,
+}
+
+impl Drop for Payload {
+    fn drop(&mut self) {
+        if let Some((budget, bytes)) = self.held.take() {
+            budget.fetch_sub(bytes, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The bytes of tensors that records waiting to be written may hold
+/// together: a stalled disk must not turn the queue of 8,192 records into
+/// gigabytes.
+const PAYLOAD_BYTES: usize = 64 << 20;
+
+/// The bytes `tensors` take in a record, bounded from above: the data
+/// (before base64), each name as if every character were escaped, each
+/// dimension of the shape, and the fields around them.
+pub(crate) fn recorded_size(tensors: &[Tensor]) -> usize {
+    tensors
+        .iter()
+        .map(|t| t.data.len() + t.name.len() * 6 + t.shape.len() * 21 + 96)
+        .sum()
+}
+
+impl Payload {
+    /// Keeps `tensors` (the inputs, or the outputs) for the record if,
+    /// with what it keeps already, they stay within `limit` bytes (see
+    /// [`recorded_size`]) and the log's budget has room; otherwise says
+    /// why in `omitted` and keeps nothing more.
+    pub(crate) fn keep(
+        &mut self,
+        log: &DecisionLog,
+        tensors: &[Tensor],
+        limit: usize,
+        inputs: bool,
+    ) {
+        if self.omitted.is_some() {
+            return;
+        }
+        let what = if inputs { "inputs" } else { "outputs" };
+        let size = recorded_size(tensors);
+        let kept = self.held.as_ref().map_or(0, |(_, n)| *n);
+        if kept + size > limit {
+            let already = if kept > 0 {
+                format!(", with {kept} kept already")
+            } else {
+                String::new()
+            };
+            self.omitted = Some(format!(
+                "the {what} ({size} bytes as recorded{already}) are over the policy's record.max_kib ({limit} bytes)"
+            ));
+            return;
+        }
+        let budget = &log.payload_bytes;
+        if budget.fetch_add(size, Ordering::AcqRel) + size > PAYLOAD_BYTES {
+            budget.fetch_sub(size, Ordering::AcqRel);
+            self.omitted = Some(format!(
+                "the {what} did not fit the {} MiB the log holds for tensors waiting to be written",
+                PAYLOAD_BYTES >> 20
+            ));
+            return;
+        }
+        self.held = Some((budget.clone(), kept + size));
+        let copy = Some(tensors.to_vec());
+        if inputs {
+            self.inputs = copy;
+        } else {
+            self.outputs = copy;
+        }
+    }
 }
 
 /// A tensor as a record keeps it: its data laid out as the V2 binary
@@ -215,6 +295,11 @@ pub(crate) struct Counters {
     pub written: AtomicU64,
     pub dropped_full: AtomicU64,
     pub dropped_failed: AtomicU64,
+    /// Records the network sink delivered, or dropped (its queue full, or
+    /// the endpoint failing); the file has them all the same.
+    pub sent: AtomicU64,
+    pub sink_full: AtomicU64,
+    pub sink_failed: AtomicU64,
 }
 
 /// The recent records by request id, for the admin API: at most `limit`
@@ -262,6 +347,10 @@ pub(crate) struct DecisionLog {
     queue: Option<SyncSender<Decision>>,
     counters: Arc<Counters>,
     recent: Arc<Recent>,
+    /// Bytes of tensors in records waiting to be written.
+    payload_bytes: Arc<AtomicUsize>,
+    /// Whether records are also sent to a network sink.
+    forwarding: bool,
     /// Says when the writer has written everything and stopped (in a
     /// mutex only so the log is `Sync`).
     stopped: Mutex<std::sync::mpsc::Receiver<()>>,
@@ -290,7 +379,12 @@ impl DecisionLog {
             limit: config.recent.max(1),
             lines: Mutex::new((VecDeque::new(), 0)),
         });
-        let sink = sink::Sink::open(config, counters.clone(), recent.clone())?;
+        let forward = config
+            .sink
+            .clone()
+            .map(|url| forward::Forwarder::start(url, counters.clone()))
+            .transpose()?;
+        let sink = sink::Sink::open(config, counters.clone(), recent.clone(), forward)?;
         let (queue, receiver) = std::sync::mpsc::sync_channel(config.buffer.max(1));
         let (done, stopped) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -304,6 +398,8 @@ impl DecisionLog {
             queue: Some(queue),
             counters,
             recent,
+            payload_bytes: Arc::default(),
+            forwarding: config.sink.is_some(),
             stopped: Mutex::new(stopped),
         })
     }
@@ -348,6 +444,21 @@ impl DecisionLog {
             c.dropped_full.load(Ordering::Relaxed),
             c.dropped_failed.load(Ordering::Relaxed),
         );
+        if self.forwarding {
+            let _ = write!(
+                out,
+                "# HELP gateway_decisions_sent_total Decision records the network sink delivered.\n\
+                 # TYPE gateway_decisions_sent_total counter\n\
+                 gateway_decisions_sent_total {}\n\
+                 # HELP gateway_decisions_sink_dropped_total Decision records the network sink dropped (the log's files keep them): its queue was full, or the endpoint failed.\n\
+                 # TYPE gateway_decisions_sink_dropped_total counter\n\
+                 gateway_decisions_sink_dropped_total{{reason=\"queue_full\"}} {}\n\
+                 gateway_decisions_sink_dropped_total{{reason=\"send_failed\"}} {}\n",
+                c.sent.load(Ordering::Relaxed),
+                c.sink_full.load(Ordering::Relaxed),
+                c.sink_failed.load(Ordering::Relaxed),
+            );
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! adds are ignored; a record of another schema is refused by name.
 
 use std::io::BufRead as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{RecordedTensor, SCHEMA};
 use crate::router::Draw;
@@ -12,6 +12,7 @@ use crate::router::Draw;
 #[derive(serde::Deserialize, Clone, Debug)]
 pub(crate) struct Recorded {
     pub schema: u32,
+    pub seq: u64,
     pub time: String,
     pub request_id: String,
     pub model: String,
@@ -54,40 +55,68 @@ impl Recorded {
     }
 }
 
-/// Calls `each` with every record of `path` (a log folder, its files
-/// oldest first, or one log file), with where it is; lines that are not
-/// records of this schema are counted and skipped. Returns how many were
-/// skipped, with the first one's place and problem.
-pub(crate) fn scan(
-    path: &Path,
-    mut each: impl FnMut(Recorded) -> std::ops::ControlFlow<()>,
-) -> Result<Skipped, String> {
-    let files = if path.is_dir() {
-        let files =
-            super::verify::log_files(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        if files.is_empty() {
-            return Err(format!("{}: no decision log here", path.display()));
-        }
-        files
-    } else {
-        vec![path.to_path_buf()]
-    };
-    let mut skipped = Skipped::default();
-    for file in &files {
-        let reader = std::fs::File::open(file)
-            .map(std::io::BufReader::new)
-            .map_err(|e| format!("{}: {e}", file.display()))?;
-        for (n, line) in reader.split(b'\n').enumerate() {
-            let line = line.map_err(|e| format!("{}: {e}", file.display()))?;
-            match serde_json::from_slice::<Recorded>(&line) {
-                Ok(record) if record.schema == SCHEMA => {
-                    if each(record).is_break() {
-                        return Ok(skipped);
+/// The records of a log, read one at a time (a log can be gigabytes):
+/// `path` is a log folder (its files oldest first) or one log file.
+/// Lines that are not records of this schema are counted in `skipped`.
+pub(crate) struct Records {
+    files: std::vec::IntoIter<PathBuf>,
+    current: Option<(
+        PathBuf,
+        std::io::Split<std::io::BufReader<std::fs::File>>,
+        usize,
+    )>,
+    pub skipped: Skipped,
+}
+
+impl Records {
+    pub(crate) fn open(path: &Path) -> Result<Self, String> {
+        let files = if path.is_dir() {
+            let files =
+                super::verify::log_files(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            if files.is_empty() {
+                return Err(format!("{}: no decision log here", path.display()));
+            }
+            files
+        } else {
+            vec![path.to_path_buf()]
+        };
+        Ok(Records {
+            files: files.into_iter(),
+            current: None,
+            skipped: Skipped::default(),
+        })
+    }
+
+    /// The next record; `None` at the end of the last file.
+    pub(crate) fn next_record(&mut self) -> Option<Result<Recorded, String>> {
+        loop {
+            let (file, lines, n) = match &mut self.current {
+                Some(current) => current,
+                None => {
+                    let file = self.files.next()?;
+                    match std::fs::File::open(&file) {
+                        Ok(f) => {
+                            let lines = std::io::BufReader::new(f).split(b'\n');
+                            self.current.insert((file, lines, 0))
+                        }
+                        Err(e) => return Some(Err(format!("{}: {e}", file.display()))),
                     }
                 }
+            };
+            let Some(line) = lines.next() else {
+                self.current = None;
+                continue;
+            };
+            *n += 1;
+            let line = match line {
+                Ok(line) => line,
+                Err(e) => return Some(Err(format!("{}: {e}", file.display()))),
+            };
+            match serde_json::from_slice::<Recorded>(&line) {
+                Ok(record) if record.schema == SCHEMA => return Some(Ok(record)),
                 other => {
-                    skipped.count += 1;
-                    skipped.first.get_or_insert_with(|| {
+                    self.skipped.count += 1;
+                    if self.skipped.first.is_none() {
                         let problem = match other {
                             Ok(record) => format!(
                                 "schema {} (this gateway reads schema {SCHEMA})",
@@ -95,16 +124,16 @@ pub(crate) fn scan(
                             ),
                             Err(e) => e.to_string(),
                         };
-                        format!("{} line {}: {problem}", file.display(), n + 1)
-                    });
+                        self.skipped.first =
+                            Some(format!("{} line {n}: {problem}", file.display()));
+                    }
                 }
             }
         }
     }
-    Ok(skipped)
 }
 
-/// Lines `scan` could not read as records.
+/// Lines [`Records`] could not read as records.
 #[derive(Debug, Default)]
 pub(crate) struct Skipped {
     pub count: u64,

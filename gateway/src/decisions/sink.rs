@@ -18,6 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
+use super::forward::{Event, Forwarder};
 use super::{
     Counters, Decision, DecisionLogConfig, Recent, RecordedTensor, SCHEMA, Target, rfc3339,
 };
@@ -36,8 +37,11 @@ const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
 const BATCH_BYTES: usize = 1 << 20;
 
 /// The longest record read back at start (records are a few KB: an error
-/// text is cut to 1 KiB before it gets here).
+/// text is cut to 1 KiB before it gets here, tensors to `record.max_kib`).
 const MAX_RECORD_BYTES: u64 = 1 << 20;
+
+/// A record longer than this is written without its tensors.
+const MAX_LINE_BYTES: u64 = MAX_RECORD_BYTES - (64 << 10);
 
 pub(super) struct Sink {
     /// Held while the sink lives: one writer per folder.
@@ -53,6 +57,8 @@ pub(super) struct Sink {
     prev: String,
     counters: Arc<Counters>,
     recent: Arc<Recent>,
+    /// Where written records are also sent, if anywhere.
+    forward: Option<Forwarder>,
     /// Drops already reported in a record.
     dropped_reported: u64,
     /// When a failure was last logged (at most one a minute).
@@ -64,6 +70,7 @@ impl Sink {
         config: &DecisionLogConfig,
         counters: Arc<Counters>,
         recent: Arc<Recent>,
+        forward: Option<Forwarder>,
     ) -> Result<Self, String> {
         let dir = &config.dir;
         let problem = |e: std::io::Error| format!("decision log {}: {e}", dir.display());
@@ -107,6 +114,7 @@ impl Sink {
             prev,
             counters,
             recent,
+            forward,
             dropped_reported: 0,
             last_failure_log: None,
         })
@@ -150,9 +158,13 @@ impl Sink {
         batch.bytes.extend_from_slice(line.as_bytes());
         batch.bytes.push(b'\n');
         let seq = batch.last().map_or(self.seq, |(s, _)| s) + 1;
-        batch
-            .records
-            .push((decision.identity.request_id.clone(), line, seq, hash));
+        batch.records.push(Pending {
+            request_id: decision.identity.request_id.clone(),
+            line,
+            seq,
+            hash,
+            time: self.forward.is_some().then(|| rfc3339(decision.time)),
+        });
     }
 
     /// The record that would follow what is written and batched, with
@@ -160,7 +172,14 @@ impl Sink {
     fn next_line(&self, batch: &Batch, decision: &Decision, dropped: u64) -> String {
         let (seq, prev) = batch.last().unwrap_or((self.seq, self.prev.clone()));
         let reported = batch.reported.unwrap_or(self.dropped_reported);
-        render(decision, seq + 1, &prev, dropped.saturating_sub(reported))
+        let dropped = dropped.saturating_sub(reported);
+        let line = render(decision, seq + 1, &prev, dropped, true);
+        if line.len() as u64 > MAX_LINE_BYTES {
+            // Bounded by `record.max_kib` already; kept whatever happens,
+            // so the log always reads back.
+            return render(decision, seq + 1, &prev, dropped, false);
+        }
+        line
     }
 
     fn dropped_total(&self) -> u64 {
@@ -188,8 +207,20 @@ impl Sink {
                 self.counters
                     .written
                     .fetch_add(batch.records.len() as u64, Ordering::Relaxed);
-                for (id, line, _, _) in batch.records.drain(..) {
-                    self.recent.push(id, line);
+                let mut events = Vec::new();
+                for p in batch.records.drain(..) {
+                    if let Some(time) = p.time {
+                        events.push(Event {
+                            hash: p.hash,
+                            request_id: p.request_id.clone(),
+                            time,
+                            line: p.line.clone(),
+                        });
+                    }
+                    self.recent.push(p.request_id, p.line);
+                }
+                if let Some(forward) = &self.forward {
+                    forward.send(events);
                 }
             }
             Err(e) => {
@@ -271,21 +302,48 @@ struct Batch {
     bytes: Vec<u8>,
     /// The drop count the batch's records have reported.
     reported: Option<u64>,
-    /// Request id, line, sequence number and the line's hash.
-    records: Vec<(Arc<str>, String, u64, String)>,
+    records: Vec<Pending>,
+}
+
+/// A record serialized and waiting to be written.
+struct Pending {
+    request_id: Arc<str>,
+    line: String,
+    seq: u64,
+    /// The line's SHA-256 (the next record's `prev`).
+    hash: String,
+    /// Its time, when it will also go to the network sink.
+    time: Option<String>,
 }
 
 impl Batch {
     fn last(&self) -> Option<(u64, String)> {
-        self.records
-            .last()
-            .map(|(_, _, seq, hash)| (*seq, hash.clone()))
+        self.records.last().map(|p| (p.seq, p.hash.clone()))
     }
 }
 
 /// One record as JSON, its fields in a fixed order (see the README's
 /// schema).
-fn render(decision: &Decision, seq: u64, prev: &str, dropped_before: u64) -> String {
+fn render(
+    decision: &Decision,
+    seq: u64,
+    prev: &str,
+    dropped_before: u64,
+    with_payload: bool,
+) -> String {
+    let payload = &decision.payload;
+    let tensors = |t: &Option<Vec<crate::tensor::Tensor>>| {
+        t.as_ref()
+            .filter(|_| with_payload)
+            .map(|t| t.iter().map(RecordedTensor::of).collect())
+    };
+    let too_long;
+    let omitted = if with_payload {
+        payload.omitted.as_deref()
+    } else {
+        too_long = format!("the record with its tensors was over {MAX_LINE_BYTES} bytes");
+        Some(too_long.as_str())
+    };
     let (model, version, artifacts, policy) = match &decision.target {
         Target::Version { model, version } => (
             model.name.as_str(),
@@ -322,17 +380,9 @@ fn render(decision: &Decision, seq: u64, prev: &str, dropped_before: u64) -> Str
         policy,
         inputs_sha256: decision.inputs_sha256.map(|d| d.to_string()),
         outputs_sha256: decision.outputs_sha256.map(|d| d.to_string()),
-        inputs: decision
-            .payload
-            .inputs
-            .as_ref()
-            .map(|t| t.iter().map(RecordedTensor::of).collect()),
-        outputs: decision
-            .payload
-            .outputs
-            .as_ref()
-            .map(|t| t.iter().map(RecordedTensor::of).collect()),
-        payload_omitted: decision.payload.omitted.as_deref(),
+        inputs: tensors(&payload.inputs),
+        outputs: tensors(&payload.outputs),
+        payload_omitted: omitted,
         validation: decision.validation.as_str(),
         status: decision.status,
         error_kind: decision.error.as_ref().map(|(kind, _)| *kind),

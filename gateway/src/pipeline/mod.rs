@@ -92,6 +92,10 @@ pub(crate) struct Pipeline {
     decisions: Option<DecisionLog>,
     /// Lets access log lines through, when the access log is on.
     access: Option<telemetry::RateLimiter>,
+    /// Whether circuit breakers judge the calls: not when replaying
+    /// recorded requests offline, where a breaker opened by a few
+    /// failures would turn every later replay into a refusal.
+    breakers: bool,
 }
 
 impl Pipeline {
@@ -101,6 +105,15 @@ impl Pipeline {
         config: PipelineConfig,
         telemetry: Arc<telemetry::Telemetry>,
         decisions: Option<DecisionLog>,
+    ) -> std::io::Result<Arc<Self>> {
+        Self::build(config, telemetry, decisions, true)
+    }
+
+    fn build(
+        config: PipelineConfig,
+        telemetry: Arc<telemetry::Telemetry>,
+        decisions: Option<DecisionLog>,
+        breakers: bool,
     ) -> std::io::Result<Arc<Self>> {
         crate::onnx::start_compute_threads()?;
         let pipeline = Arc::new(Pipeline {
@@ -116,9 +129,19 @@ impl Pipeline {
             decisions,
             access: (config.access_log_per_second > 0)
                 .then(|| telemetry::RateLimiter::new(config.access_log_per_second)),
+            breakers,
         });
         Load::spawn_probe(&pipeline.load);
         Ok(pipeline)
+    }
+
+    /// A pipeline for replaying recorded requests: no decision log, no
+    /// circuit breakers.
+    pub(crate) fn offline(
+        config: PipelineConfig,
+        telemetry: Arc<telemetry::Telemetry>,
+    ) -> std::io::Result<Arc<Self>> {
+        Self::build(config, telemetry, None, false)
     }
 
     /// The server's metrics.
@@ -363,7 +386,9 @@ impl<'a> Call<'a> {
     /// refuse costs no upload.
     pub(crate) fn admissible(&mut self) -> Result<(), Error> {
         let version = self.version;
-        if let Err(retry_in_secs) = version.breaker.peek() {
+        if self.pipeline.breakers
+            && let Err(retry_in_secs) = version.breaker.peek()
+        {
             return Err(self.circuit_open(retry_in_secs));
         }
         if let Some(full) = version.queue_full() {
@@ -473,7 +498,7 @@ impl<'a> Call<'a> {
         if self.origin.sampled {
             // Recorded whatever the validation says: a refused request is
             // replayable too.
-            self.keep_inputs(&request.inputs, bytes);
+            self.keep(&request.inputs, true);
         }
         self.validation = match &checked {
             Ok(validation) => *validation,
@@ -530,10 +555,12 @@ impl<'a> Call<'a> {
         // The breaker's verdict, and its probe, are taken only now: a call
         // that was still uploading, queued or failing validation held
         // nothing of it.
-        self.pass = version
-            .breaker
-            .check()
-            .map_err(|retry_in_secs| self.circuit_open(retry_in_secs))?;
+        if self.pipeline.breakers {
+            self.pass = version
+                .breaker
+                .check()
+                .map_err(|retry_in_secs| self.circuit_open(retry_in_secs))?;
+        }
         let called = Instant::now();
         let outputs = version.infer(inputs, limits).await;
         version
@@ -557,7 +584,7 @@ impl<'a> Call<'a> {
             outputs
         };
         if self.origin.sampled {
-            self.keep_outputs(&outputs);
+            self.keep(&outputs, false);
         }
         if let Some(labels) = version
             .label_output
@@ -571,40 +598,12 @@ impl<'a> Call<'a> {
         Ok(outputs)
     }
 
-    /// Keeps a sampled call's inputs for its record, if they fit the
-    /// policy's `record.max_kib`.
-    fn keep_inputs(&mut self, inputs: &[Tensor], bytes: usize) {
-        let limit = self.model.policy.record.max_bytes;
-        if bytes <= limit {
-            self.payload.inputs = Some(inputs.to_vec());
-        } else {
-            self.payload.omitted = Some(format!(
-                "the inputs ({bytes} bytes) are over the policy's record.max_kib ({limit} bytes)"
-            ));
-        }
-    }
-
-    /// Keeps a sampled call's outputs for its record, if they fit with
-    /// its inputs within the policy's `record.max_kib`.
-    fn keep_outputs(&mut self, outputs: &[Tensor]) {
-        if self.payload.omitted.is_some() {
-            return;
-        }
-        let limit = self.model.policy.record.max_bytes;
-        let kept: usize = self
-            .payload
-            .inputs
-            .iter()
-            .flatten()
-            .map(|t| t.data.len())
-            .sum();
-        let bytes: usize = outputs.iter().map(|t| t.data.len()).sum();
-        if kept + bytes <= limit {
-            self.payload.outputs = Some(outputs.to_vec());
-        } else {
-            self.payload.omitted = Some(format!(
-                "the outputs ({bytes} bytes, {kept} of inputs kept) are over the policy's record.max_kib ({limit} bytes)"
-            ));
+    /// Keeps a sampled call's inputs or outputs for its record (see
+    /// [`Payload::keep`]).
+    fn keep(&mut self, tensors: &[Tensor], inputs: bool) {
+        if let Some(log) = &self.pipeline.decisions {
+            let limit = self.model.policy.record.max_bytes;
+            self.payload.keep(log, tensors, limit, inputs);
         }
     }
 
@@ -707,7 +706,9 @@ impl<'a> Call<'a> {
             }
             Err(_) => Outcome::Neutral,
         };
-        if let Some(transition) = version.breaker.record(self.pass, outcome) {
+        if self.pipeline.breakers
+            && let Some(transition) = version.breaker.record(self.pass, outcome)
+        {
             log_transition(version, transition);
         }
         if let Err(e) = result {

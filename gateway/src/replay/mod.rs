@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::decisions::read::{Recorded, scan};
+use crate::decisions::read::{Recorded, Records};
 use crate::pipeline::{Pipeline, Replayed};
 use crate::router::{Snapshot, Version};
 use crate::runtime::Runtime;
@@ -43,7 +43,7 @@ impl Offline {
                         list.join("\n  ")
                     )
                 })?;
-        let pipeline = Pipeline::new(options.pipeline, runtime.telemetry().clone(), None)
+        let pipeline = Pipeline::offline(options.pipeline, runtime.telemetry().clone())
             .map_err(|e| format!("cannot start the pipeline: {e}"))?;
         Ok(Offline {
             snapshot,
@@ -58,6 +58,23 @@ impl Offline {
 pub(crate) enum Verdict {
     Same,
     Differs,
+    /// The record has no answer to compare with (why).
+    NotComparable(String),
+}
+
+/// Why a record's outcome says nothing about its version's answer: the
+/// client went away first, or the gateway was too busy to run it.
+pub(crate) fn not_comparable(record: &Recorded) -> Option<String> {
+    let why = match record.status {
+        499 => "the client went away before its answer",
+        429 | 503 => "the gateway could not run it then (load, not the version)",
+        _ => return None,
+    };
+    Some(format!(
+        "recorded status {} ({}): {why}",
+        record.status,
+        record.error_kind.as_deref().unwrap_or("error")
+    ))
 }
 
 /// `gateway replay`: runs the recorded inputs of request `id` (from the
@@ -68,10 +85,18 @@ pub(crate) async fn replay(
     options: &ServeOptions,
     log: &Path,
     id: &str,
+    seq: Option<u64>,
     version: Option<&str>,
     out: &mut String,
 ) -> Result<Verdict, String> {
-    let record = served_record(log, id)?;
+    let (record, served) = served_record(log, id, seq)?;
+    if served > 1 && seq.is_none() {
+        let _ = writeln!(
+            out,
+            "note: {served} requests had id `{id}` (ids are the clients'); replaying the latest, record {} (--seq picks another)",
+            record.seq
+        );
+    }
     let inputs = recorded_inputs(&record)?;
     let recorded_version = record.version.clone().unwrap_or_default();
     let target = version.unwrap_or(&recorded_version).to_string();
@@ -126,6 +151,10 @@ pub(crate) async fn replay(
             }
         }
     }
+    if let Some(why) = not_comparable(&record) {
+        let _ = writeln!(out, "nothing to compare with: {why}");
+        return Ok(Verdict::NotComparable(why));
+    }
     let differences = compare(&record, &replayed);
     if differences.is_empty() {
         let how = if record.outputs.is_some() {
@@ -156,31 +185,44 @@ fn status(replayed: &Replayed) -> u16 {
     }
 }
 
-/// The record of request `id` as served (not its shadow copies).
-fn served_record(log: &Path, id: &str) -> Result<Recorded, String> {
-    let mut served = None;
-    let mut shadows = 0;
-    scan(log, |record| {
+/// The record of request `id` as served (not its shadow copies): the one
+/// numbered `seq`, or the latest; and how many served requests had that id.
+fn served_record(log: &Path, id: &str, seq: Option<u64>) -> Result<(Recorded, u64), String> {
+    let mut records = Records::open(log)?;
+    let (mut found, mut served, mut shadows) = (None, 0, 0);
+    while let Some(record) = records.next_record() {
+        let record = record?;
         if record.request_id != id {
-            return std::ops::ControlFlow::Continue(());
+            continue;
         }
-        if record.is_served() {
-            served = Some(record);
-            return std::ops::ControlFlow::Break(());
+        if !record.is_served() {
+            shadows += 1;
+            continue;
         }
-        shadows += 1;
-        std::ops::ControlFlow::Continue(())
-    })?;
-    served.ok_or_else(|| match shadows {
-        0 => format!(
-            "no decision of request `{id}` in {} (records of routing errors have nothing to replay)",
-            log.display()
-        ),
-        n => format!(
-            "{} holds {n} shadow record(s) of request `{id}` but not the request itself (rotated away?)",
-            log.display()
-        ),
-    })
+        served += 1;
+        if seq.is_none_or(|s| s == record.seq) {
+            found = Some(record);
+        }
+    }
+    match found {
+        Some(record) => Ok((record, served)),
+        None => Err(match (seq, served, shadows) {
+            (Some(s), n, _) if n > 0 => {
+                format!(
+                    "request `{id}` has {n} record(s) in {}, none numbered {s}",
+                    log.display()
+                )
+            }
+            (_, _, 0) => format!(
+                "no decision of request `{id}` in {} (records of routing errors have nothing to replay)",
+                log.display()
+            ),
+            (_, _, n) => format!(
+                "{} holds {n} shadow record(s) of request `{id}` but not the request itself (rotated away?)",
+                log.display()
+            ),
+        }),
+    }
 }
 
 /// The inputs a record keeps, checked against the digest it also keeps.

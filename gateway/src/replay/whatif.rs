@@ -10,10 +10,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
-use std::time::Duration;
 
-use super::{Offline, compare, elements, recorded_inputs};
-use crate::decisions::read::{Recorded, scan};
+use super::{Offline, compare, elements, not_comparable, recorded_inputs};
+use crate::decisions::read::{Recorded, Records};
 use crate::router::sticky_point;
 use crate::server::ServeOptions;
 
@@ -38,10 +37,16 @@ struct ModelReport {
     /// Requests per version: as recorded, and as the new policies route.
     recorded_share: BTreeMap<String, u64>,
     new_share: BTreeMap<String, u64>,
+    /// "old -> new" version, for requests the new policies route elsewhere.
+    moved: BTreeMap<String, u64>,
     /// Pinned to a version the new policies do not have.
     unknown_version: u64,
     /// Records that keep their inputs (and were replayed).
     replayed: u64,
+    /// Of those, whose record has an outcome to compare with (not 499,
+    /// 429 or 503).
+    compared: u64,
+    not_comparable: u64,
     /// Replayed requests whose outputs would differ from the recorded ones.
     changed_outputs: u64,
     /// Of those, whose label would change (the version's label output).
@@ -55,10 +60,69 @@ struct ModelReport {
     newly_failed: BTreeMap<String, u64>,
     /// Refused when recorded, answered now.
     newly_answered: u64,
-    /// Replayed latencies, per version.
-    latency: BTreeMap<String, Vec<Duration>>,
+    /// Replayed latencies, per version (ms).
+    latency: BTreeMap<String, Sample>,
     /// Recorded latencies of the served version, per version (ms).
-    recorded_latency: BTreeMap<String, Vec<f64>>,
+    recorded_latency: BTreeMap<String, Sample>,
+}
+
+/// At most this many latencies are kept per version: quantiles over a
+/// uniform sample of them (a log can hold millions of requests).
+const SAMPLE: usize = 100_000;
+
+/// A uniform sample of at most [`SAMPLE`] values (reservoir sampling).
+#[derive(Default)]
+struct Sample {
+    values: Vec<f64>,
+    seen: u64,
+}
+
+impl Sample {
+    fn push(&mut self, value: f64) {
+        self.seen += 1;
+        if self.values.len() < SAMPLE {
+            self.values.push(value);
+        } else {
+            let slot = (crate::router::random_point() / 100.0 * self.seen as f64) as usize;
+            if let Some(v) = self.values.get_mut(slot) {
+                *v = value;
+            }
+        }
+    }
+
+    /// The 50th and 99th percentiles.
+    fn p50_p99(&self) -> (f64, f64) {
+        let mut sorted = self.values.clone();
+        sorted.sort_by(f64::total_cmp);
+        (
+            quantile(&sorted, 0.5).unwrap_or(0.0),
+            quantile(&sorted, 0.99).unwrap_or(0.0),
+        )
+    }
+}
+
+/// Distinct keys a count map keeps (labels come from plugins: as many as
+/// they like); the rest count under one key.
+const MAX_KEYS: usize = 1000;
+
+/// The longest key kept, in characters.
+const MAX_KEY_CHARS: usize = 80;
+
+/// Counts one more of `key` in `map`, within [`MAX_KEYS`] keys of at most
+/// [`MAX_KEY_CHARS`].
+fn count(map: &mut BTreeMap<String, u64>, key: String) {
+    let key = if key.chars().count() > MAX_KEY_CHARS {
+        let mut cut: String = key.chars().take(MAX_KEY_CHARS).collect();
+        cut.push('…');
+        cut
+    } else {
+        key
+    };
+    if map.len() >= MAX_KEYS && !map.contains_key(&key) {
+        *map.entry("(others)".into()).or_default() += 1;
+    } else {
+        *map.entry(key).or_default() += 1;
+    }
 }
 
 /// Runs the served requests of `log` against the policies of `options`
@@ -70,16 +134,14 @@ pub(crate) async fn what_if(
     out: &mut String,
 ) -> Result<bool, String> {
     let offline = Offline::load(options).await?;
-    let mut records: Vec<Recorded> = Vec::new();
-    let skipped = scan(log, |record| {
-        if record.is_served() {
-            records.push(record);
-        }
-        std::ops::ControlFlow::Continue(())
-    })?;
+    let mut records = Records::open(log)?;
     let mut reports: BTreeMap<String, ModelReport> = BTreeMap::new();
     let mut other_models: BTreeMap<String, u64> = BTreeMap::new();
-    for record in records {
+    while let Some(record) = records.next_record() {
+        let record = record?;
+        if !record.is_served() {
+            continue;
+        }
         let Ok(model) = offline.snapshot.model(&record.model) else {
             *other_models.entry(record.model.clone()).or_default() += 1;
             continue;
@@ -120,6 +182,12 @@ pub(crate) async fn what_if(
             model.choose_at(point).0
         };
         *report.new_share.entry(version.name.clone()).or_default() += 1;
+        if version.name != recorded_version {
+            count(
+                &mut report.moved,
+                format!("{recorded_version} -> {}", version.name),
+            );
+        }
         let Ok(inputs) = recorded_inputs(&record) else {
             continue;
         };
@@ -139,27 +207,37 @@ pub(crate) async fn what_if(
             .latency
             .entry(version.name.clone())
             .or_default()
-            .push(replayed.latency);
+            .push(replayed.latency.as_secs_f64() * 1e3);
+        if not_comparable(&record).is_some() {
+            report.not_comparable += 1;
+            continue;
+        }
+        report.compared += 1;
         match &replayed.outputs {
-            Err(e) if record.status == 200 => {
-                *report.newly_failed.entry(e.kind().to_string()).or_default() += 1;
-            }
+            Err(e) if record.status == 200 => count(&mut report.newly_failed, e.kind().into()),
             Ok(_) if record.status != 200 => report.newly_answered += 1,
             _ => {}
         }
+        report.labelled |= version.label_output.is_some();
         if let Ok(outputs) = &replayed.outputs
             && record.status == 200
             && !compare(&record, &replayed).is_empty()
         {
             report.changed_outputs += 1;
-            match transition(&record, outputs, version.label_output.as_deref()) {
-                Some(Some(change)) => {
-                    report.labelled = true;
-                    report.changed_labels += 1;
-                    *report.transitions.entry(change).or_default() += 1;
+            if let Some(label) = version.label_output.as_deref() {
+                match transition(&record, outputs, label) {
+                    Some(None) => {}
+                    Some(Some(change)) => {
+                        report.changed_labels += 1;
+                        count(&mut report.transitions, change);
+                    }
+                    // The record keeps no label to compare: counted as
+                    // changed, to err on the side of the gate.
+                    None => {
+                        report.changed_labels += 1;
+                        count(&mut report.transitions, "(label not recorded)".into());
+                    }
                 }
-                Some(None) => report.labelled = true,
-                None => {}
             }
         }
     }
@@ -180,7 +258,15 @@ pub(crate) async fn what_if(
             out,
             "model `{name}`: {n} recorded request(s), but the new policies have no such model (they would be 404)"
         );
+        if let Some(max) = thresholds.max_failed_percent {
+            let _ = writeln!(
+                out,
+                "  THRESHOLD: 100.0 % would be refused or fail, over --max-failed-percent {max}"
+            );
+            crossed = true;
+        }
     }
+    let skipped = records.skipped;
     if skipped.count > 0 {
         let _ = writeln!(
             out,
@@ -198,9 +284,8 @@ pub(crate) async fn what_if(
 fn transition(
     record: &Recorded,
     outputs: &[crate::tensor::Tensor],
-    label: Option<&str>,
+    label: &str,
 ) -> Option<Option<String>> {
-    let label = label?;
     let recorded = record
         .outputs
         .as_ref()?
@@ -216,6 +301,25 @@ fn transition(
             .find(|(x, y)| x != y)
             .map(|(x, y)| format!("{x} -> {y}")),
     )
+}
+
+/// The most shown of a list of counts.
+const SHOWN: usize = 6;
+
+/// `key: n` pairs, the largest counts first, at most [`SHOWN`] of them.
+fn most_first(counts: &BTreeMap<String, u64>) -> String {
+    let mut sorted: Vec<(&String, &u64)> = counts.iter().collect();
+    sorted.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let mut list: Vec<String> = sorted
+        .iter()
+        .take(SHOWN)
+        .map(|(k, n)| format!("{k}: {n}"))
+        .collect();
+    if sorted.len() > SHOWN {
+        let rest: u64 = sorted[SHOWN..].iter().map(|(_, n)| **n).sum();
+        list.push(format!("{rest} more in {} other(s)", sorted.len() - SHOWN));
+    }
+    list.join(", ")
 }
 
 fn percent(part: u64, whole: u64) -> f64 {
@@ -263,6 +367,9 @@ fn write_report(out: &mut String, name: &str, r: &ModelReport, t: Thresholds) ->
         );
     }
     let _ = writeln!(out, "{line}");
+    if !r.moved.is_empty() {
+        let _ = writeln!(out, "  moved:         {}", most_first(&r.moved));
+    }
     if r.unknown_version > 0 {
         let _ = writeln!(
             out,
@@ -277,20 +384,15 @@ fn write_report(out: &mut String, name: &str, r: &ModelReport, t: Thresholds) ->
     } else {
         r.changed_outputs
     };
-    let changed = percent(changed_answers, r.replayed);
+    let changed = percent(changed_answers, r.compared);
     let what = if r.labelled { "labels" } else { "answers" };
     let mut line = format!(
         "  {:<15}{changed_answers} of {} would change ({changed:.1} %)",
         format!("{what}:"),
-        r.replayed
+        r.compared
     );
     if !r.transitions.is_empty() {
-        let list: Vec<String> = r
-            .transitions
-            .iter()
-            .map(|(k, n)| format!("{k}: {n}"))
-            .collect();
-        let _ = write!(line, "; {}", list.join(", "));
+        let _ = write!(line, "; {}", most_first(&r.transitions));
     }
     let _ = writeln!(out, "{line}");
     if r.labelled {
@@ -298,24 +400,21 @@ fn write_report(out: &mut String, name: &str, r: &ModelReport, t: Thresholds) ->
             out,
             "  outputs:       {} of {} would differ in some value ({:.1} %)",
             r.changed_outputs,
-            r.replayed,
-            percent(r.changed_outputs, r.replayed)
+            r.compared,
+            percent(r.changed_outputs, r.compared)
         );
     }
-    let failed: u64 = r.newly_failed.values().sum();
-    let failed_percent = percent(failed, r.replayed);
-    let kinds: Vec<String> = r
-        .newly_failed
-        .iter()
-        .map(|(k, n)| format!("{k}: {n}"))
-        .collect();
+    // Pinned to a version that is gone: a 404, a failure like any other.
+    let failed: u64 = r.newly_failed.values().sum::<u64>() + r.unknown_version;
+    let failed_percent = percent(failed, r.compared + r.unknown_version);
+    let kinds = most_first(&r.newly_failed);
     let _ = writeln!(
         out,
         "  refused/failed: {failed} answered before would be refused or fail now ({failed_percent:.1} %){}{}",
         if kinds.is_empty() {
             String::new()
         } else {
-            format!("; {}", kinds.join(", "))
+            format!("; {kinds}")
         },
         if r.newly_answered > 0 {
             format!("; {} refused before would be answered", r.newly_answered)
@@ -324,29 +423,36 @@ fn write_report(out: &mut String, name: &str, r: &ModelReport, t: Thresholds) ->
         }
     );
     for (version, times) in &r.latency {
-        let mut sorted = times.clone();
-        sorted.sort();
-        let ms = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        let (p50, p99) = times.p50_p99();
         let mut line = format!(
-            "  latency {version}: replayed p50 {:.3} ms, p99 {:.3} ms ({} calls)",
-            ms(quantile(&sorted, 0.5)),
-            ms(quantile(&sorted, 0.99)),
-            sorted.len()
+            "  latency {version}: replayed p50 {p50:.3} ms, p99 {p99:.3} ms ({} calls)",
+            times.seen
         );
         if let Some(recorded) = r.recorded_latency.get(version) {
-            let mut recorded = recorded.clone();
-            recorded.sort_by(f64::total_cmp);
+            let (p50, p99) = recorded.p50_p99();
             let _ = write!(
                 line,
-                "; served p50 {:.3} ms, p99 {:.3} ms ({} requests)",
-                quantile(&recorded, 0.5).unwrap_or(0.0),
-                quantile(&recorded, 0.99).unwrap_or(0.0),
-                recorded.len()
+                "; served p50 {p50:.3} ms, p99 {p99:.3} ms ({} requests)",
+                recorded.seen
             );
         }
         let _ = writeln!(out, "{line}");
     }
+    if r.not_comparable > 0 {
+        let _ = writeln!(
+            out,
+            "  not compared:  {} replayed request(s) had no answer when recorded (499, 429, 503)",
+            r.not_comparable
+        );
+    }
     let mut crossed = false;
+    if (t.max_changed_percent.is_some() || t.max_failed_percent.is_some()) && r.compared == 0 {
+        let _ = writeln!(
+            out,
+            "  THRESHOLD: no recorded request of this model can be compared (none keeps its inputs: see `[record] sample_percent`); nothing to judge the change by"
+        );
+        crossed = true;
+    }
     if let Some(max) = t.max_changed_percent
         && changed > max
     {
