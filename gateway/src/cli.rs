@@ -367,6 +367,11 @@ struct ServeArgs {
     /// Large requests waiting for that pool; more get 503 [default: 256].
     #[arg(long, value_name = "N", value_parser = bounded!(usize, config::QUEUE))]
     bulk_queue: Option<usize>,
+    /// Requests whose answers (every version's label) each model keeps for
+    /// the ground truth clients send later to
+    /// `POST /v2/models/{model}/feedback` [default: 100000].
+    #[arg(long, value_name = "N", value_parser = bounded!(usize, config::QUEUE))]
+    ground_truth_keep: Option<usize>,
     /// Seconds after SIGTERM during which readiness answers 503 while
     /// connections are still accepted, before the listeners close
     /// [default: 5].
@@ -530,6 +535,7 @@ impl ServeArgs {
         flag!(pipeline.bulk_bytes, self.bulk_kib, |k: usize| k
             .saturating_mul(1 << 10));
         flag!(pipeline.bulk_queue, self.bulk_queue);
+        flag!(pipeline.ground_truth_keep, self.ground_truth_keep);
         flag!(s.tls.cert, self.tls_cert, Some);
         flag!(s.tls.key, self.tls_key, Some);
         flag!(s.tls.client_ca, self.tls_client_ca, Some);

@@ -275,6 +275,7 @@ struct RequestsTable {
     max_inflight_mebibytes: Int,
     bulk_kib: Int,
     bulk_queue: Int,
+    ground_truth_keep: Int,
 }
 
 #[derive(Default, Deserialize)]
@@ -661,6 +662,10 @@ impl Reader<'_> {
         set!(
             pipeline.bulk_queue,
             self.int(&r.bulk_queue, "requests.bulk_queue", QUEUE)
+        );
+        set!(
+            pipeline.ground_truth_keep,
+            self.int(&r.ground_truth_keep, "requests.ground_truth_keep", QUEUE)
         );
 
         let b = &raw.sandboxes;

@@ -16,6 +16,7 @@ pub(crate) mod config;
 pub mod contract;
 pub(crate) mod cpu;
 pub mod decisions;
+pub(crate) mod feedback;
 pub(crate) mod monitor;
 pub mod onnx;
 pub(crate) mod pipeline;

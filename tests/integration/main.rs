@@ -10,6 +10,7 @@ mod bounds;
 mod compat;
 mod config;
 mod decisions;
+mod feedback;
 mod front;
 mod grants;
 mod hostile;

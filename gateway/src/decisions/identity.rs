@@ -52,15 +52,8 @@ impl Identity {
         let request_id = match headers.get(REQUEST_ID_HEADER) {
             Some(value) => {
                 let bytes = value.as_bytes();
-                if bytes.is_empty()
-                    || bytes.len() > MAX_REQUEST_ID_BYTES
-                    || !bytes.iter().all(|b| (0x21..=0x7e).contains(b))
-                {
-                    return Err(BadRequestId(format!(
-                        "header `{REQUEST_ID_HEADER}` must be 1 to {MAX_REQUEST_ID_BYTES} visible ASCII characters (no spaces); it has {} bytes",
-                        bytes.len()
-                    )));
-                }
+                check_id_bytes(bytes)
+                    .map_err(|e| BadRequestId(format!("header `{REQUEST_ID_HEADER}` {e}")))?;
                 // Checked: ASCII.
                 Arc::from(String::from_utf8_lossy(bytes).as_ref())
             }
@@ -71,6 +64,24 @@ impl Identity {
             .and_then(|v| parse_traceparent(v.as_bytes()));
         Ok(Identity { request_id, trace })
     }
+}
+
+/// Whether `id` may be a request id (1 to 128 visible ASCII characters).
+pub(crate) fn check_request_id(id: &str) -> Result<(), String> {
+    check_id_bytes(id.as_bytes())
+}
+
+fn check_id_bytes(bytes: &[u8]) -> Result<(), String> {
+    if bytes.is_empty()
+        || bytes.len() > MAX_REQUEST_ID_BYTES
+        || !bytes.iter().all(|b| (0x21..=0x7e).contains(b))
+    {
+        return Err(format!(
+            "must be 1 to {MAX_REQUEST_ID_BYTES} visible ASCII characters (no spaces); it has {} bytes",
+            bytes.len()
+        ));
+    }
+    Ok(())
 }
 
 /// A new request id: 32 hexadecimal digits, a random prefix chosen once

@@ -71,6 +71,8 @@ pub(crate) enum Error {
         generation: u64,
         problems: Vec<String>,
     },
+    /// A ground-truth body that is not one (what is wrong, and where).
+    Feedback(String),
     /// The gateway itself failed.
     Internal(String),
 }
@@ -134,7 +136,7 @@ impl Error {
             Error::Decode(
                 DecodeError::TooManyElements { .. } | DecodeError::TooManyInputs { .. },
             ) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::Decode(_) | Error::Validation(_) => StatusCode::BAD_REQUEST,
+            Error::Decode(_) | Error::Validation(_) | Error::Feedback(_) => StatusCode::BAD_REQUEST,
             Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Plugin { error, .. } => match error {
                 PluginError::Rejected(_) => StatusCode::BAD_REQUEST,
@@ -186,6 +188,7 @@ impl Error {
                 OutputProblem::Encode(_) => "encode",
             },
             Error::ReloadRefused { .. } => "reload_refused",
+            Error::Feedback(_) => "feedback",
             Error::Internal(_) => "internal",
         }
     }
@@ -285,7 +288,12 @@ impl fmt::Display for Error {
                 version,
                 why,
             } => {
-                write!(f, "model `{model}` version `{version}` ")?;
+                if version.is_empty() {
+                    // Not a version's call: a body read for the model.
+                    write!(f, "model `{model}`: ")?;
+                } else {
+                    write!(f, "model `{model}` version `{version}` ")?;
+                }
                 match why {
                     Unavailable::Admission(e) => e.fmt(f),
                     Unavailable::CircuitOpen {
@@ -348,6 +356,7 @@ impl fmt::Display for Error {
                 problems.len(),
                 problems.join("; ")
             ),
+            Error::Feedback(e) => write!(f, "invalid feedback: {e}"),
             Error::Internal(e) => write!(f, "internal error: {e}"),
         }
     }

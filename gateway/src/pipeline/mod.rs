@@ -50,6 +50,8 @@ pub struct PipelineConfig {
     pub bulk_queue: usize,
     /// Access log lines a second (one per request and shadow call); 0: off.
     pub access_log_per_second: u32,
+    /// Requests whose answers each model keeps for ground truth.
+    pub ground_truth_keep: usize,
 }
 
 impl Default for PipelineConfig {
@@ -61,6 +63,7 @@ impl Default for PipelineConfig {
             bulk_bytes: 64 << 10,
             bulk_queue: 256,
             access_log_per_second: 0,
+            ground_truth_keep: crate::feedback::KEEP_REQUESTS,
         }
     }
 }
@@ -92,6 +95,8 @@ pub(crate) struct Pipeline {
     decisions: Option<DecisionLog>,
     /// Lets access log lines through, when the access log is on.
     access: Option<telemetry::RateLimiter>,
+    /// What each version answered, for the ground truth clients send later.
+    predictions: crate::feedback::Predictions,
     /// Whether circuit breakers judge the calls: not when replaying
     /// recorded requests offline, where a breaker opened by a few
     /// failures would turn every later replay into a refusal.
@@ -130,6 +135,7 @@ impl Pipeline {
             access: (config.access_log_per_second > 0)
                 .then(|| telemetry::RateLimiter::new(config.access_log_per_second)),
             breakers,
+            predictions: crate::feedback::Predictions::new(config.ground_truth_keep),
         });
         Load::spawn_probe(&pipeline.load);
         Ok(pipeline)
@@ -152,6 +158,17 @@ impl Pipeline {
     /// The decision log, when the server keeps one.
     pub(crate) fn decisions(&self) -> Option<&DecisionLog> {
         self.decisions.as_ref()
+    }
+
+    /// What each version answered lately, for ground truth.
+    pub(crate) fn predictions(&self) -> &crate::feedback::Predictions {
+        &self.predictions
+    }
+
+    /// An empty holding of the byte budget of requests in flight, for a
+    /// body read outside an inference call (feedback).
+    pub(crate) fn body_bytes(&self, model: &str) -> BodyBytes {
+        BodyBytes(budget::Held::none(&self.bytes), model.to_string())
     }
 
     /// The version that serves a request (pinned, canary or champion) and
@@ -218,6 +235,24 @@ impl Pipeline {
                 Err(error)
             }
         }
+    }
+}
+
+/// Bytes of a body held in the budget of requests in flight (see
+/// [`Pipeline::body_bytes`]), given back when dropped.
+pub(crate) struct BodyBytes(budget::Held, String);
+
+impl BodyBytes {
+    /// Holds `bytes` more: a 503 when the budget has no room.
+    pub(crate) fn hold(&mut self, bytes: usize) -> Result<(), Error> {
+        self.0.grow(bytes).map_err(|budget| Error::Unavailable {
+            model: self.1.clone(),
+            version: String::new(),
+            why: Unavailable::Bytes {
+                needed: bytes,
+                budget,
+            },
+        })
     }
 }
 
@@ -594,6 +629,13 @@ impl<'a> Call<'a> {
             version
                 .metrics
                 .predictions(&version.model, &version.name, labels);
+            self.pipeline.predictions.keep(
+                &version.model,
+                &self.origin.identity.request_id,
+                &version.name,
+                self.route,
+                labels,
+            );
         }
         Ok(outputs)
     }

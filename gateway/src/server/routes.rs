@@ -63,6 +63,9 @@ pub(super) async fn handle(
         ["v2", "models", model, "versions", version, "infer"] if post && inference => {
             return infer(state, model, Some(version), request).await;
         }
+        ["v2", "models", model, "feedback"] if post && inference => {
+            feedback(state, model, request).await
+        }
         ["v2"] if get && inference => server_metadata(),
         ["v2", "health", "live"] if get => Ok(json_ok(br#"{"live":true}"#.to_vec())),
         ["v2", "health", "ready"] if get => Ok(server_ready(state)),
@@ -120,6 +123,7 @@ fn allowed_method(segments: &[&str]) -> Option<&'static str> {
     match segments {
         ["v2", "models", _, "infer"]
         | ["v2", "models", _, "versions", _, "infer"]
+        | ["v2", "models", _, "feedback"]
         | ["admin", "reload"] => Some("POST"),
         ["v2"]
         | ["v2", "health", "live" | "ready"]
@@ -310,6 +314,60 @@ fn metrics(state: &State) -> HttpResponse {
     response
 }
 
+/// `POST /v2/models/{model}/feedback`: the true labels of answered
+/// requests, joined to what every version answered (see `feedback`).
+/// Late, unknown and duplicate feedback is counted and answered 200; a
+/// body that is not feedback is a 400 naming the item and the problem,
+/// and nothing of it is applied.
+async fn feedback(
+    state: &State,
+    model: &str,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, Error> {
+    let snapshot = state.reloader.snapshot();
+    let found = snapshot.model(model).map_err(Error::Route)?;
+    if !found.versions.values().any(|v| v.label_output.is_some()) {
+        return Err(Error::Feedback(format!(
+            "model `{model}` answers no label (a BYTES output) to judge against the truth"
+        )));
+    }
+    let mut held = state.pipeline.body_bytes(model);
+    let limit = crate::feedback::MAX_BODY_BYTES.min(state.config.max_body_bytes);
+    let body = read_body(
+        &mut |n| held.hold(n),
+        request,
+        limit,
+        state.config.body_read_timeout,
+    )
+    .await?;
+    let items = crate::feedback::parse(&body).map_err(Error::Feedback)?;
+    drop(body);
+    let telemetry = state.pipeline.telemetry();
+    let mut counts = [0u64; crate::feedback::Outcome::ALL.len()];
+    for (id, truth) in &items {
+        let outcome = state
+            .pipeline
+            .predictions()
+            .judge(telemetry, model, id, truth);
+        if let Some(at) = crate::feedback::Outcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+        {
+            counts[at] += 1;
+        }
+    }
+    let mut answer = serde_json::Map::new();
+    for (outcome, n) in crate::feedback::Outcome::ALL.iter().zip(counts) {
+        if n > 0 {
+            telemetry.record_feedback(model, outcome.as_str(), n);
+        }
+        answer.insert(outcome.as_str().into(), n.into());
+    }
+    Ok(json_ok(
+        serde_json::Value::Object(answer).to_string().into_bytes(),
+    ))
+}
+
 /// `POST .../infer`: the REST front end of the pipeline.
 async fn infer(
     state: &State,
@@ -436,7 +494,13 @@ async fn serve(
             return Err(Unread(e).into());
         }
     };
-    let body = read_body(call, request, limit, state.config.body_read_timeout).await?;
+    let body = read_body(
+        &mut |n| call.hold(n),
+        request,
+        limit,
+        state.config.body_read_timeout,
+    )
+    .await?;
     let received = body.len();
     let request =
         decode_request(call, body, coding, json_length, limit, state.config.decode).await?;
@@ -680,7 +744,7 @@ const DRAIN_TIME: Duration = Duration::from_millis(250);
 /// after `timeout`; every byte held in the process's budget. A body that
 /// declares more than the limit is refused at once, unread.
 async fn read_body(
-    call: &mut Call<'_>,
+    hold: &mut (dyn FnMut(usize) -> Result<(), Error> + Send),
     request: Request<Incoming>,
     limit: usize,
     timeout: Duration,
@@ -696,7 +760,7 @@ async fn read_body(
         return Err(Error::Body(BodyError::TooLarge { limit }));
     }
     if let Some(n) = declared {
-        call.hold(n as usize)?;
+        hold(n as usize)?;
     }
     let deadline = tokio::time::Instant::now() + timeout;
     let mut chunks: Vec<Bytes> = Vec::new();
@@ -721,7 +785,7 @@ async fn read_body(
             return Err(Error::Body(BodyError::TooLarge { limit }));
         }
         if declared.is_none() {
-            call.hold(data.len())?;
+            hold(data.len())?;
         }
         chunks.push(data);
     }

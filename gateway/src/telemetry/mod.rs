@@ -115,6 +115,51 @@ impl Telemetry {
         })
     }
 
+    /// `n` pieces of ground truth for `model` that came to `outcome`
+    /// (`joined`, `late`, `unknown`, `duplicate`, `rows_mismatch`).
+    pub(crate) fn record_feedback(&self, model: &str, outcome: &'static str, n: u64) {
+        self.with(|| {
+            metrics::counter!(
+                "gateway_feedback_total",
+                "model" => model.to_string(),
+                "outcome" => outcome
+            )
+            .increment(n);
+        })
+    }
+
+    /// One row a version answered, judged against its true label: right
+    /// or wrong, and its cell of the confusion matrix (labels already
+    /// within the model's cap).
+    pub(crate) fn record_truth(
+        &self,
+        model: &str,
+        version: &str,
+        route: &'static str,
+        correct: bool,
+        predicted: &str,
+        actual: &str,
+    ) {
+        self.with(|| {
+            metrics::counter!(
+                "gateway_ground_truth_total",
+                "model" => model.to_string(),
+                "version" => version.to_string(),
+                "route" => route,
+                "outcome" => if correct { "correct" } else { "wrong" }
+            )
+            .increment(1);
+            metrics::counter!(
+                "gateway_confusion_total",
+                "model" => model.to_string(),
+                "version" => version.to_string(),
+                "predicted" => predicted.to_string(),
+                "actual" => actual.to_string()
+            )
+            .increment(1);
+        })
+    }
+
     /// One broken rule of a request's inputs, `n` times.
     pub fn record_validation_failure(
         &self,
