@@ -232,6 +232,7 @@ fn routing(c: &mut Criterion) {
     let options = LoadOptions {
         plugin_dirs: vec![gateway::artifacts::BUILT_PLUGIN_DIR.into()],
         max_memory_bytes: 1 << 30,
+        overlay: None,
     };
     let (snapshot, _) = rt
         .block_on(router::load(dir.path(), &options, &runtime, None))

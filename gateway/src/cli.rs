@@ -386,6 +386,11 @@ struct ServeArgs {
     /// admin API is off. Never a flag value: the process list shows those.
     #[arg(long, value_name = "FILE", env = "GATEWAY_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
+    /// File holding the bearer token that POST /v2/models/{model}/feedback
+    /// needs (or set GATEWAY_FEEDBACK_TOKEN); without a token any client of
+    /// the inference listener may send ground truth.
+    #[arg(long, value_name = "FILE", env = "GATEWAY_FEEDBACK_TOKEN_FILE")]
+    feedback_token_file: Option<PathBuf>,
     /// Do not watch the policy folder (reload with SIGHUP or POST /admin/reload).
     #[arg(long)]
     no_watch: bool,
@@ -401,6 +406,11 @@ struct ServeArgs {
     /// 64 MiB, 16 files kept. One gateway per folder. Off without it.
     #[arg(long, value_name = "DIR", env = "GATEWAY_DECISION_LOG")]
     decision_log: Option<PathBuf>,
+    /// Folder where rollouts keep their state (step, decisions), so a
+    /// restart resumes them; without it a restart starts every rollout
+    /// again at its first step.
+    #[arg(long, value_name = "DIR", env = "GATEWAY_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Also send every record the decision log writes to this http:// URL,
     /// as CloudEvents in batches (`application/cloudevents-batch+json`);
     /// never slows a request: what cannot be sent is counted and stays in
@@ -544,6 +554,8 @@ impl ServeArgs {
         flag!(s.admin_tls.key, self.admin_tls_key, Some);
         flag!(s.admin_tls.client_ca, self.admin_tls_client_ca, Some);
         flag!(s.admin_token_file, self.admin_token_file, Some);
+        flag!(s.feedback_token_file, self.feedback_token_file, Some);
+        flag!(s.options.state_dir, self.state_dir, Some);
         flag!(s.reload_debounce, self.reload_debounce_ms, millis);
         if self.no_watch {
             s.watch = false;

@@ -73,6 +73,7 @@ pub(crate) struct Settings {
     pub(crate) admin_listen: Option<SocketAddr>,
     pub(crate) admin_tls: TlsFiles,
     pub(crate) admin_token_file: Option<PathBuf>,
+    pub(crate) feedback_token_file: Option<PathBuf>,
     pub(crate) watch: bool,
     pub(crate) reload_debounce: Duration,
 }
@@ -95,6 +96,7 @@ impl Default for Settings {
             admin_listen: None,
             admin_tls: TlsFiles::default(),
             admin_token_file: None,
+            feedback_token_file: None,
             watch: true,
         }
     }
@@ -144,29 +146,31 @@ impl Settings {
             }
             (None, None) => None,
         };
-        options.server.admin_token = admin_token(self.admin_token_file.as_deref())?;
+        options.server.admin_token = token(self.admin_token_file.as_deref(), "admin")?;
+        options.server.feedback_token = token(self.feedback_token_file.as_deref(), "feedback")?;
         options.watch_debounce = self.watch.then_some(self.reload_debounce);
         Ok(options)
     }
 }
 
-/// The admin token: the file's first line, or `GATEWAY_ADMIN_TOKEN`.
-fn admin_token(file: Option<&Path>) -> Result<Option<String>, String> {
+/// The `what` (admin, feedback) token: the file's first line, or
+/// `GATEWAY_{WHAT}_TOKEN`.
+fn token(file: Option<&Path>, what: &str) -> Result<Option<String>, String> {
     let token = match file {
         Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?
+            .map_err(|e| format!("cannot read the {what} token file {}: {e}", path.display()))?
             .lines()
             .next()
             .unwrap_or("")
             .trim()
             .to_string(),
-        None => std::env::var("GATEWAY_ADMIN_TOKEN").unwrap_or_default(),
+        None => std::env::var(format!("GATEWAY_{}_TOKEN", what.to_uppercase())).unwrap_or_default(),
     };
     if file.is_some() && token.is_empty() {
-        return Err("the admin token file is empty".into());
+        return Err(format!("the {what} token file is empty"));
     }
     if !token.is_empty() && token.len() < 16 {
-        return Err("the admin token is shorter than 16 characters".into());
+        return Err(format!("the {what} token is shorter than 16 characters"));
     }
     Ok((!token.is_empty()).then_some(token))
 }
@@ -198,6 +202,15 @@ struct ConfigFile {
     shutdown: ShutdownTable,
     #[serde(default)]
     decisions: DecisionsTable,
+    #[serde(default)]
+    rollouts: RolloutsTable,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutsTable {
+    state_dir: Text,
+    tick_ms: Int,
 }
 
 #[derive(Default, Deserialize)]
@@ -276,6 +289,7 @@ struct RequestsTable {
     bulk_kib: Int,
     bulk_queue: Int,
     ground_truth_keep: Int,
+    feedback_token_file: Text,
 }
 
 #[derive(Default, Deserialize)]
@@ -667,6 +681,11 @@ impl Reader<'_> {
             pipeline.ground_truth_keep,
             self.int(&r.ground_truth_keep, "requests.ground_truth_keep", QUEUE)
         );
+        set!(
+            s.feedback_token_file,
+            self.path(&r.feedback_token_file, "requests.feedback_token_file")
+                .map(Some)
+        );
 
         let b = &raw.sandboxes;
         set!(
@@ -691,6 +710,16 @@ impl Reader<'_> {
                 Err(e) => self.error(p.span(), "shadows.cpu_percent", e),
             }
         }
+
+        let r = &raw.rollouts;
+        if let Some(dir) = self.path(&r.state_dir, "rollouts.state_dir") {
+            s.options.state_dir = Some(dir);
+        }
+        set!(
+            s.options.rollout_tick,
+            self.int::<u64>(&r.tick_ms, "rollouts.tick_ms", 10..=60_000)
+                .map(Duration::from_millis)
+        );
 
         let l = &raw.decisions;
         if let Some(dir) = self.path(&l.dir, "decisions.dir") {

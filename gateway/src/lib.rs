@@ -24,6 +24,7 @@ pub mod policy;
 pub mod process;
 pub mod protocol;
 pub(crate) mod replay;
+pub(crate) mod rollout;
 pub mod router;
 pub mod runtime;
 pub mod server;

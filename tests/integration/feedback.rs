@@ -9,7 +9,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 use crate::decisions::records;
-use crate::support::{TestGateway, fp32_request};
+use crate::support::{TestGateway, fp32_request, pr_features as features};
 
 const POLICY: &str = r#"
 model = "ttm"
@@ -42,18 +42,6 @@ const BUCKETS: [&str; 5] = [
     "within_month",
     "longer",
 ];
-
-fn features(i: usize) -> [f32; 6] {
-    let i = i as f32;
-    [
-        i % 17.0 + 1.0,
-        i * 53.0 % 1500.0,
-        i * 13.0 % 400.0,
-        2.0,
-        i % 23.0,
-        i % 4.0,
-    ]
-}
 
 /// The true bucket of request `i` (made up, the same in the test and the
 /// offline computation).
@@ -171,8 +159,22 @@ async fn ground_truth_joins_every_version_and_matches_an_offline_computation() {
     );
 
     // The offline computation, from the decision log: every version that
-    // answered each request, its label against the truth.
+    // answered each request, its label against the truth. The confusion
+    // matrix names the labels some version predicted (all of them were,
+    // before the first feedback); any other truth is `_other`.
     let all = crate::decisions::read_records(log.path());
+    let predicted_labels: std::collections::BTreeSet<String> = all
+        .iter()
+        .filter(|r| r["status"] == 200)
+        .map(|r| recorded_labels(r)[0].clone())
+        .collect();
+    let named = |truth: &str| {
+        if predicted_labels.contains(truth) {
+            truth.to_string()
+        } else {
+            "_other".to_string()
+        }
+    };
     let mut expected: BTreeMap<(String, String, String), u64> = BTreeMap::new();
     let mut confusion: BTreeMap<(String, String, String), u64> = BTreeMap::new();
     let mut versions_seen = std::collections::BTreeSet::new();
@@ -197,7 +199,7 @@ async fn ground_truth_joins_every_version_and_matches_an_offline_computation() {
             .entry((version.clone(), route, outcome.to_string()))
             .or_default() += 1;
         *confusion
-            .entry((version, predicted.clone(), truth(i).to_string()))
+            .entry((version, predicted.clone(), named(truth(i))))
             .or_default() += 1;
     }
     assert_eq!(
@@ -321,7 +323,18 @@ async fn feedback_that_is_not_feedback_is_refused_whole() {
             json!({"feedback": [{"request_id": "one", "label": "x"}, {"request_id": "two"}]}),
             "feedback[1]: give `label`",
         ),
-        (json!({"feedback": 3}), "`feedback` must be an array"),
+        (
+            json!({"feedback": 3}),
+            "the body is not feedback: invalid type: integer `3`, expected an array of at most 10000 elements",
+        ),
+        (
+            json!({"feedback": vec![json!({}); 10_001]}),
+            "more than 10000 elements; at most 10000 in one request",
+        ),
+        (
+            json!({"feedback": [], "request_id": "one"}),
+            "a batch has one field, `feedback`",
+        ),
         (json!([1, 2]), "expected {\"request_id\""),
     ];
     for (body, expected) in cases {
@@ -348,5 +361,94 @@ async fn feedback_that_is_not_feedback_is_refused_whole() {
     let get = gw.get("/v2/models/ttm/feedback").await;
     assert_eq!(get.status, 405);
     assert_eq!(get.header("allow"), Some("POST"));
+    gw.shutdown().await;
+}
+
+const ONE_VERSION: &str = r#"
+model = "ttm"
+champion = "v1"
+
+[versions.v1]
+plugin = "ttm-rules-v1"
+"#;
+
+/// With a feedback token, truth without it is refused (401, counted) and
+/// nothing is judged; a truth no version predicted is `_other` in the
+/// confusion matrix; an id answered again is kept as the newest answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_token_guards_truth_and_the_matrix_names_only_predictions() {
+    const TOKEN: &str = "feedback-token-0123456789";
+    let gw = TestGateway::start_configured(&[("ttm.toml", ONE_VERSION)], |o| {
+        o.server.feedback_token = Some(TOKEN.into());
+        o.pipeline.ground_truth_keep = 2;
+    })
+    .await;
+    let mut client = gw.client().await;
+    let infer = async |client: &mut crate::support::Client, id: &str| {
+        let reply = client
+            .post(
+                "/v2/models/ttm/infer",
+                &fp32_request("pr_features", &[1, 6], &features(1)),
+                &[("x-request-id", id)],
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        crate::support::label_of(&reply.json())
+    };
+    // x, y, x again, z: with two requests kept, y goes first (x's earlier
+    // answer does not count), so x is still joined and y is late.
+    let predicted = infer(&mut client, "x").await;
+    for id in ["y", "x", "z"] {
+        infer(&mut client, id).await;
+    }
+    let truth = json!({"feedback": [
+        {"request_id": "x", "label": "no-version-predicts-this"},
+        {"request_id": "y", "label": "longer"},
+    ]});
+    let bearer = format!("Bearer {TOKEN}");
+    let refused = [
+        client.post("/v2/models/ttm/feedback", &truth, &[]).await,
+        client
+            .post(
+                "/v2/models/ttm/feedback",
+                &truth,
+                &[("authorization", "Bearer not-the-feedback-token")],
+            )
+            .await,
+    ];
+    for reply in refused {
+        reply.assert_error(
+            401,
+            &["the feedback endpoint needs `Authorization: Bearer <feedback token>`"],
+        );
+        assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+    }
+    let reply = client
+        .post(
+            "/v2/models/ttm/feedback",
+            &truth,
+            &[("authorization", &bearer)],
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let counts = reply.json();
+    assert_eq!(
+        (counts["joined"].clone(), counts["late"].clone()),
+        (json!(1), json!(1)),
+        "{counts}"
+    );
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metrics.value(
+            "gateway_feedback_total",
+            &[("model", "ttm"), ("outcome", "wrong_token")]
+        ),
+        2.0
+    );
+    let cells = metrics.samples_of("gateway_confusion_total");
+    assert_eq!(cells.len(), 1, "{cells:?}");
+    assert_eq!(cells[0].0["predicted"], predicted);
+    assert_eq!(cells[0].0["actual"], "_other");
+    assert_eq!(cells[0].1, 1.0);
     gw.shutdown().await;
 }

@@ -22,6 +22,7 @@ mod policy_check;
 mod reload;
 mod replay;
 mod reuse;
+mod rollout;
 mod shadow;
 mod support;
 mod traffic;

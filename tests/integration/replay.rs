@@ -76,13 +76,7 @@ fn features(i: usize) -> [f32; 6] {
 }
 
 fn label(reply: &Value) -> String {
-    reply["outputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["name"] == "label")
-        .map(|o| o["data"][0].as_str().unwrap().to_string())
-        .unwrap()
+    crate::support::label_of(reply)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

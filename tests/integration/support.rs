@@ -94,6 +94,30 @@ impl TestGateway {
         Self::start_in(self._policies).await
     }
 
+    /// Restarts on the same policy folder with options changed by
+    /// `configure`.
+    pub async fn restart_configured(
+        mut self,
+        configure: impl FnOnce(&mut ServeOptions),
+    ) -> TestGateway {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+        Self::start_full(self._policies, false, configure).await
+    }
+
+    /// A request to the admin listener with the admin token.
+    pub async fn admin(&self, method: Method, path: &str) -> Reply {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.admin.to_string())
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        send(self.admin, request).await
+    }
+
     /// The policy folder.
     pub fn policy_dir(&self) -> &std::path::Path {
         self._policies.path()
@@ -635,4 +659,29 @@ impl Drop for Binary {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The label (the first row of the `label` output) of a V2 answer.
+pub fn label_of(answer: &Value) -> String {
+    answer["outputs"]
+        .as_array()
+        .expect("outputs")
+        .iter()
+        .find(|o| o["name"] == "label")
+        .map(|o| o["data"][0].as_str().expect("a label").to_string())
+        .expect("a label output")
+}
+
+/// The features of made-up pull request `i` (varied sizes, discussions
+/// and reviews, so that the rule versions disagree on some).
+pub fn pr_features(i: usize) -> [f32; 6] {
+    let i = i as f32;
+    [
+        i % 17.0 + 1.0,
+        i * 53.0 % 1500.0,
+        i * 13.0 % 400.0,
+        2.0,
+        i % 23.0,
+        i % 4.0,
+    ]
 }

@@ -166,6 +166,36 @@ impl Reloader {
         }
     }
 
+    /// Routes the served policies again, without reading the folder, so
+    /// that a change of the routing overlay (a rollout's step) serves: the
+    /// same versions, nothing read or compiled. A reload and this take
+    /// turns.
+    pub(crate) async fn reapply(&self, trigger: &'static str) -> Result<u64, Vec<PolicyError>> {
+        let _one_at_a_time = self.lock.lock().await;
+        let previous = self.current.load_full();
+        let policies = previous
+            .models()
+            .map(|m| {
+                let mut policy = m.policy.clone();
+                if let Some(overlay) = &self.options.overlay {
+                    overlay.0.apply(&mut policy);
+                }
+                policy
+            })
+            .collect();
+        let next = router::reroute(&previous, policies)?;
+        let changes = diff(&previous, &next);
+        if changes.is_empty() {
+            return Ok(previous.generation);
+        }
+        publish(self.runtime.telemetry(), Some(&previous), &next);
+        let generation = next.generation;
+        self.current.store(Arc::new(next));
+        self.runtime.telemetry().record_reload("success", trigger);
+        tracing::info!(trigger, generation, changes = ?changes, "routing changed");
+        Ok(generation)
+    }
+
     /// The effective routing of every model.
     pub fn view(&self) -> PoliciesView {
         let snapshot = self.snapshot();
@@ -235,6 +265,9 @@ fn diff(old: &Snapshot, new: &Snapshot) -> Vec<String> {
         }
         if o.policy.monitoring != m.policy.monitoring {
             changes.push(format!("model `{}`: monitoring settings changed", m.name));
+        }
+        if o.policy.rollout != m.policy.rollout {
+            changes.push(format!("model `{}`: rollout changed", m.name));
         }
     }
     for o in old.models() {

@@ -26,11 +26,13 @@ pub(crate) const KEEP_REQUESTS: usize = 100_000;
 /// Bytes of predictions a model keeps.
 pub(crate) const KEEP_BYTES: usize = 32 << 20;
 
-/// A label longer than this is kept cut (and so never matches a truth).
+/// A label longer than this is kept cut; labels are compared by their
+/// first [`MAX_LABEL_BYTES`] bytes.
 pub(crate) const MAX_LABEL_BYTES: usize = 128;
 
-/// Distinct labels (predicted or true) a model's confusion matrix tells
-/// apart; the rest count as [`OTHER`].
+/// Distinct labels a model's confusion matrix tells apart: the first the
+/// versions predict. The rest, and a truth none has predicted yet, count
+/// as [`OTHER`].
 pub(crate) const MAX_LABELS: usize = 32;
 
 /// The label standing for labels past [`MAX_LABELS`].
@@ -45,24 +47,44 @@ struct Prediction {
     labels: Box<[Box<str>]>,
 }
 
-#[derive(Default)]
 struct Entry {
     predictions: Vec<Prediction>,
     judged: bool,
     bytes: usize,
+    /// The entry's place in [`Kept::order`].
+    seq: u64,
 }
 
 /// One model's predictions, oldest first.
 #[derive(Default)]
 struct Kept {
-    order: VecDeque<Arc<str>>,
+    /// Ids in the order their served answers came, with their place: an
+    /// id answered again moves to the back (its earlier place is skipped).
+    order: VecDeque<(Arc<str>, u64)>,
+    next_seq: u64,
     entries: HashMap<Arc<str>, Entry>,
     bytes: usize,
     /// Hashes of the ids let go, to tell late feedback from unknown.
     gone: VecDeque<u64>,
     gone_set: HashSet<u64>,
-    /// The labels the confusion matrix tells apart.
+    /// The labels the confusion matrix tells apart: labels the versions
+    /// predicted, the first [`MAX_LABELS`] of them. A client's truth never
+    /// takes one: a truth no version has predicted is [`OTHER`].
     labels: HashSet<Box<str>>,
+}
+
+impl Kept {
+    /// Remembers `hash`'s id as let go, for the next `keep` ids let go.
+    fn forget(&mut self, hash: u64, keep: usize) {
+        if self.gone_set.insert(hash) {
+            self.gone.push_back(hash);
+        }
+        while self.gone.len() > keep {
+            if let Some(h) = self.gone.pop_front() {
+                self.gone_set.remove(&h);
+            }
+        }
+    }
 }
 
 /// What became of one piece of feedback.
@@ -142,8 +164,9 @@ impl Predictions {
 
     /// Keeps what `version` answered to request `id` (`labels`, the
     /// version's label output). A served answer starts the request's
-    /// entry (replacing one of an earlier request with the same id);
-    /// a shadow copy's joins it.
+    /// entry (replacing one of an earlier request with the same id, which
+    /// moves to the back); a shadow copy's joins it, and is let go if the
+    /// served answer was not kept.
     pub(crate) fn keep(
         &self,
         model: &str,
@@ -158,18 +181,35 @@ impl Predictions {
             .collect();
         let bytes =
             id.len() + version.len() + labels.iter().map(|l| l.len() + 16).sum::<usize>() + 96;
+        let kept = self.model(model);
+        let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = &mut *kept;
         if bytes > KEEP_BYTES / 64 {
-            // One request may not take a sixty-fourth of the model's room.
+            // One request may not take a sixty-fourth of the model's room:
+            // its feedback will be late.
+            if route != Route::Shadow {
+                if let Some(entry) = kept.entries.remove(id) {
+                    kept.bytes -= entry.bytes;
+                }
+                kept.forget(self.hash(id), self.keep);
+            }
             return;
+        }
+        // Predicted labels take the series' label values, within the
+        // model's cap.
+        for label in labels.iter() {
+            if kept.labels.len() >= MAX_LABELS {
+                break;
+            }
+            if !kept.labels.contains(label) {
+                kept.labels.insert(label.clone());
+            }
         }
         let prediction = Prediction {
             version: version.into(),
             route,
             labels,
         };
-        let kept = self.model(model);
-        let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
-        let kept = &mut *kept;
         match (kept.entries.get_mut(id), route) {
             (Some(entry), Route::Shadow) => {
                 if entry.predictions.len() < 64 {
@@ -178,50 +218,46 @@ impl Predictions {
                     kept.bytes += bytes;
                 }
             }
-            (Some(entry), _) => {
-                kept.bytes -= entry.bytes;
-                *entry = Entry {
-                    predictions: vec![prediction],
-                    judged: false,
-                    bytes,
-                };
-                kept.bytes += bytes;
-            }
-            (None, _) => {
+            (None, Route::Shadow) => {}
+            (entry, _) => {
+                let seq = kept.next_seq;
+                kept.next_seq += 1;
+                if let Some(old) = entry {
+                    kept.bytes -= old.bytes;
+                }
                 kept.entries.insert(
                     id.clone(),
                     Entry {
                         predictions: vec![prediction],
                         judged: false,
                         bytes,
+                        seq,
                     },
                 );
-                kept.order.push_back(id.clone());
+                kept.order.push_back((id.clone(), seq));
                 kept.bytes += bytes;
             }
         }
         while kept.order.len() > self.keep || kept.bytes > KEEP_BYTES {
-            let Some(old) = kept.order.pop_front() else {
+            let Some((old, seq)) = kept.order.pop_front() else {
                 break;
             };
+            if kept.entries.get(&old).is_none_or(|e| e.seq != seq) {
+                // Answered again since: its entry is further back.
+                continue;
+            }
             if let Some(entry) = kept.entries.remove(&old) {
                 kept.bytes -= entry.bytes;
             }
-            let hash = self.hash(&old);
-            if kept.gone_set.insert(hash) {
-                kept.gone.push_back(hash);
-            }
-            while kept.gone.len() > self.keep {
-                if let Some(h) = kept.gone.pop_front() {
-                    kept.gone_set.remove(&h);
-                }
-            }
+            kept.forget(self.hash(&old), self.keep);
         }
     }
 
     /// Joins the true labels of request `id` (one per row) to what every
     /// version answered, counting each row right or wrong per version and
-    /// in the confusion matrix.
+    /// in the confusion matrix. The truth must have as many rows as the
+    /// served answer; a challenger that answered another number of rows
+    /// is left out.
     pub(crate) fn judge(
         &self,
         telemetry: &Telemetry,
@@ -230,7 +266,7 @@ impl Predictions {
         truth: &[String],
     ) -> Outcome {
         let kept = self.model(model);
-        let (predictions, names) = {
+        let judged: Vec<Judged> = {
             let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
             let kept = &mut *kept;
             let Some(entry) = kept.entries.get_mut(id) else {
@@ -245,54 +281,62 @@ impl Predictions {
             }
             if entry
                 .predictions
-                .iter()
-                .any(|p| p.labels.len() != truth.len())
+                .first()
+                .is_none_or(|served| served.labels.len() != truth.len())
             {
                 return Outcome::RowsMismatch;
             }
             entry.judged = true;
-            let predictions = entry.predictions.clone();
-            // The series' label values, within the model's cap.
-            let mut name = |label: &str| -> String {
-                if kept.labels.contains(label) {
-                    label.to_string()
-                } else if kept.labels.len() < MAX_LABELS {
-                    kept.labels.insert(label.into());
-                    label.to_string()
-                } else {
-                    OTHER.to_string()
-                }
-            };
-            let names: Vec<(Vec<String>, Vec<String>)> = predictions
+            let predictions: Vec<&Prediction> = entry
+                .predictions
+                .iter()
+                .filter(|p| p.labels.len() == truth.len())
+                .collect();
+            let names = &kept.labels;
+            let name = |label: &str| -> &str { names.get(label).map_or(OTHER, |l| &**l) };
+            let truth: Vec<std::borrow::Cow<'_, str>> = truth.iter().map(|t| cut(t)).collect();
+            let actual: Vec<&str> = truth.iter().map(|t| name(t)).collect();
+            predictions
                 .iter()
                 .map(|p| {
-                    let predicted = p.labels.iter().map(|l| name(l)).collect();
-                    let actual = truth.iter().map(|t| name(&cut(t))).collect();
-                    (predicted, actual)
+                    let mut correct = 0u64;
+                    let mut cells: HashMap<(&str, &str), u64> = HashMap::new();
+                    for ((label, truth), actual) in p.labels.iter().zip(&truth).zip(&actual) {
+                        correct += u64::from(**label == **truth);
+                        *cells.entry((name(label), actual)).or_default() += 1;
+                    }
+                    Judged {
+                        version: p.version.clone(),
+                        route: p.route,
+                        correct,
+                        wrong: truth.len() as u64 - correct,
+                        cells: cells
+                            .into_iter()
+                            .map(|((p, a), n)| (p.into(), a.into(), n))
+                            .collect(),
+                    }
                 })
-                .collect();
-            (predictions, names)
+                .collect()
         };
-        for (p, (predicted, actual)) in predictions.iter().zip(names) {
-            for ((label, truth), (predicted, actual)) in p
-                .labels
-                .iter()
-                .zip(truth)
-                .zip(predicted.iter().zip(&actual))
-            {
-                let correct = **label == *cut(truth);
-                telemetry.record_truth(
-                    model,
-                    &p.version,
-                    p.route.as_str(),
-                    correct,
-                    predicted,
-                    actual,
-                );
+        for j in judged {
+            telemetry.record_truth(model, &j.version, j.route.as_str(), j.correct, j.wrong);
+            for (predicted, actual, n) in &j.cells {
+                telemetry.record_confusion(model, &j.version, predicted, actual, *n);
             }
         }
         Outcome::Joined
     }
+}
+
+/// One version's answer to a request, judged: what goes to the metrics
+/// once the lock is let go.
+struct Judged {
+    version: Arc<str>,
+    route: Route,
+    correct: u64,
+    wrong: u64,
+    /// (predicted, actual, rows) of the confusion matrix.
+    cells: Vec<(Box<str>, Box<str>, u64)>,
 }
 
 /// `label` cut to [`MAX_LABEL_BYTES`] at a character boundary.
@@ -313,45 +357,101 @@ pub(crate) const MAX_ITEMS: usize = 10_000;
 /// The largest feedback body.
 pub(crate) const MAX_BODY_BYTES: usize = 4 << 20;
 
-/// One request's truth, as a client sends it.
+/// What parsing a feedback body may take, at most, per byte of it: each
+/// label of three bytes of JSON (`"",`) becomes a `String` (24 bytes) and
+/// its element of the batch, and every item is capped.
+pub(crate) const PARSED_BYTES_PER_BYTE: usize = 10;
+
+/// A feedback body as a client sends it: one item's fields, or a batch.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Item {
-    request_id: String,
+struct Body {
+    #[serde(default)]
+    feedback: Option<Capped<Item, MAX_ITEMS>>,
+    #[serde(default)]
+    request_id: Option<String>,
     #[serde(default)]
     label: Option<String>,
     #[serde(default)]
-    labels: Option<Vec<String>>,
+    labels: Option<Capped<String, MAX_ROWS>>,
 }
+
+/// An array of at most `N` elements: the parser stops at the one past it,
+/// so a body of many tiny items never becomes a vector of them.
+struct Capped<T, const N: usize>(Vec<T>);
+
+impl<'de, T: serde::Deserialize<'de>, const N: usize> serde::Deserialize<'de> for Capped<T, N> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Elements<T, const N: usize>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>, const N: usize> serde::de::Visitor<'de> for Elements<T, N> {
+            type Value = Capped<T, N>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "an array of at most {N} elements")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut elements = Vec::new();
+                while let Some(element) = seq.next_element()? {
+                    if elements.len() == N {
+                        return Err(serde::de::Error::custom(format!(
+                            "more than {N} elements; at most {N} in one request"
+                        )));
+                    }
+                    elements.push(element);
+                }
+                Ok(Capped(elements))
+            }
+        }
+        deserializer.deserialize_seq(Elements(std::marker::PhantomData))
+    }
+}
+
+/// One request's truth.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Item {
+    #[serde(default)]
+    request_id: Option<String>,
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    labels: Option<Capped<String, MAX_ROWS>>,
+}
+
+/// The most labels (rows) one feedback request may carry in all.
+pub(crate) const MAX_ROWS: usize = 100_000;
 
 /// Parses a feedback body: one item (`{"request_id": ..., "label": ...}`,
 /// or `"labels": [...]`, one per row) or a batch (`{"feedback": [...]}`).
 /// Every item is checked before any is applied.
 pub(crate) fn parse(body: &[u8]) -> Result<Vec<(String, Vec<String>)>, String> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
-    let (items, batch) = match value {
-        serde_json::Value::Object(mut object) if object.contains_key("feedback") => {
-            if object.len() > 1 {
-                return Err("a batch has one field, `feedback`".into());
-            }
-            match object.remove("feedback") {
-                Some(serde_json::Value::Array(items)) => (items, true),
-                _ => return Err("`feedback` must be an array of items".into()),
-            }
-        }
-        object @ serde_json::Value::Object(_) => (vec![object], false),
-        _ => {
-            return Err(
-                "expected {\"request_id\": ..., \"label\": ...} or {\"feedback\": [...]}".into(),
-            );
-        }
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(
+            "expected {\"request_id\": ..., \"label\": ...} or {\"feedback\": [...]}".into(),
+        );
+    }
+    let body: Body =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not feedback: {e}"))?;
+    let one = Item {
+        request_id: body.request_id,
+        label: body.label,
+        labels: body.labels,
     };
-    if items.len() > MAX_ITEMS {
-        return Err(format!(
-            "{} items; at most {MAX_ITEMS} in one request",
-            items.len()
-        ));
+    let (items, batch) = match body.feedback {
+        Some(_) if one.request_id.is_some() || one.label.is_some() || one.labels.is_some() => {
+            return Err("a batch has one field, `feedback`".into());
+        }
+        Some(items) => (items.0, true),
+        None => (vec![one], false),
+    };
+    let rows: usize = items
+        .iter()
+        .map(|i| i.labels.as_ref().map_or(1, |l| l.0.len()))
+        .sum();
+    if rows > MAX_ROWS {
+        return Err(format!("{rows} labels; at most {MAX_ROWS} in one request"));
     }
     items
         .into_iter()
@@ -364,16 +464,18 @@ pub(crate) fn parse(body: &[u8]) -> Result<Vec<(String, Vec<String>)>, String> {
                     e
                 }
             };
-            let item: Item = serde_json::from_value(item).map_err(|e| at(e.to_string()))?;
-            crate::decisions::identity::check_request_id(&item.request_id)
+            let Some(request_id) = item.request_id else {
+                return Err(at("missing field `request_id`".into()));
+            };
+            crate::decisions::identity::check_request_id(&request_id)
                 .map_err(|e| at(format!("`request_id`: {e}")))?;
-            let labels = match (item.label, item.labels) {
+            let labels = match (item.label, item.labels.map(|l| l.0)) {
                 (Some(label), None) => vec![label],
                 (None, Some(labels)) if !labels.is_empty() => labels,
                 (None, Some(_)) => return Err(at("`labels` is empty".into())),
                 _ => return Err(at("give `label` (one row) or `labels` (one per row)".into())),
             };
-            Ok((item.request_id, labels))
+            Ok((request_id, labels))
         })
         .collect()
 }

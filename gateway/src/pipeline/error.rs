@@ -26,10 +26,13 @@ pub(crate) enum Error {
     },
     /// The admin API is off (no token configured).
     AdminDisabled,
-    /// The admin API needs the bearer token.
-    Unauthorized,
+    /// An endpoint behind a bearer token was asked without it.
+    Unauthorized { guarded: Guarded },
     /// Too many wrong tokens from this peer lately.
-    TooManyAttempts { retry_in_secs: u32 },
+    TooManyAttempts {
+        guarded: Guarded,
+        retry_in_secs: u32,
+    },
     /// An admin path asked on the inference listener while the admin
     /// API has a listener of its own (or none).
     AdminNotHere { path: String },
@@ -73,6 +76,8 @@ pub(crate) enum Error {
     },
     /// A ground-truth body that is not one (what is wrong, and where).
     Feedback(String),
+    /// An operator's action that the rollout's state does not allow.
+    RolloutConflict(String),
     /// The gateway itself failed.
     Internal(String),
 }
@@ -113,6 +118,31 @@ pub(crate) enum BodyError {
     Read(String),
 }
 
+/// What a bearer token guards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Guarded {
+    /// `/admin/*`.
+    Admin,
+    /// `POST /v2/models/{model}/feedback`.
+    Feedback,
+}
+
+impl Guarded {
+    fn what(self) -> &'static str {
+        match self {
+            Guarded::Admin => "admin API",
+            Guarded::Feedback => "feedback endpoint",
+        }
+    }
+
+    fn token(self) -> &'static str {
+        match self {
+            Guarded::Admin => "admin",
+            Guarded::Feedback => "feedback",
+        }
+    }
+}
+
 impl Error {
     /// The HTTP status. 4xx: the client's request; 5xx: the gateway or the
     /// plugin failed, or is overloaded.
@@ -124,7 +154,7 @@ impl Error {
             Error::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Error::AdminDisabled => StatusCode::FORBIDDEN,
-            Error::Unauthorized => StatusCode::UNAUTHORIZED,
+            Error::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Error::Header {
                 too_large: true, ..
             } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -154,6 +184,7 @@ impl Error {
                 | PluginError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
             Error::ReloadRefused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::RolloutConflict(_) => StatusCode::CONFLICT,
             Error::Output { .. } | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -164,7 +195,7 @@ impl Error {
             Error::NoEndpoint { .. } | Error::AdminNotHere { .. } => "no_endpoint",
             Error::TooManyAttempts { .. } => "unauthorized",
             Error::MethodNotAllowed { .. } => "method",
-            Error::AdminDisabled | Error::Unauthorized => "unauthorized",
+            Error::AdminDisabled | Error::Unauthorized { .. } => "unauthorized",
             Error::Header { .. } => "header",
             Error::Body(BodyError::TooLarge { .. }) => "body_too_large",
             Error::Body(BodyError::Timeout { .. }) => "body_timeout",
@@ -188,6 +219,7 @@ impl Error {
                 OutputProblem::Encode(_) => "encode",
             },
             Error::ReloadRefused { .. } => "reload_refused",
+            Error::RolloutConflict(_) => "rollout_conflict",
             Error::Feedback(_) => "feedback",
             Error::Internal(_) => "internal",
         }
@@ -196,7 +228,7 @@ impl Error {
     /// Seconds after which a retry may succeed (503s only).
     pub(crate) fn retry_after(&self) -> Option<u32> {
         match self {
-            Error::TooManyAttempts { retry_in_secs } => Some((*retry_in_secs).max(1)),
+            Error::TooManyAttempts { retry_in_secs, .. } => Some((*retry_in_secs).max(1)),
             Error::Unavailable {
                 why: Unavailable::CircuitOpen { retry_in_secs, .. },
                 ..
@@ -264,13 +296,20 @@ impl fmt::Display for Error {
                 f,
                 "no endpoint at {path} on this listener: the admin API is served on the admin listener (--admin-listen)"
             ),
-            Error::TooManyAttempts { retry_in_secs } => write!(
+            Error::TooManyAttempts {
+                guarded,
+                retry_in_secs,
+            } => write!(
                 f,
-                "too many wrong admin tokens from this address; try again in {retry_in_secs} s"
+                "too many wrong {} tokens from this address; try again in {retry_in_secs} s",
+                guarded.token()
             ),
-            Error::Unauthorized => {
-                f.write_str("the admin API needs `Authorization: Bearer <admin token>`")
-            }
+            Error::Unauthorized { guarded } => write!(
+                f,
+                "the {} needs `Authorization: Bearer <{} token>`",
+                guarded.what(),
+                guarded.token()
+            ),
             Error::Header { detail, .. } => f.write_str(detail),
             Error::Body(BodyError::TooLarge { limit }) => {
                 write!(f, "request body exceeds the limit of {limit} bytes")
@@ -347,6 +386,7 @@ impl fmt::Display for Error {
                     OutputProblem::Encode(e) => write!(f, "gave outputs that cannot be encoded: {e}"),
                 }
             }
+            Error::RolloutConflict(why) => f.write_str(why),
             Error::ReloadRefused {
                 generation,
                 problems,

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use http::HeaderMap;
 
-pub(crate) use error::{BodyError, Error, OutputProblem, Unavailable};
+pub(crate) use error::{BodyError, Error, Guarded, OutputProblem, Unavailable};
 
 use crate::contract::{CallLimits, PluginError, Sha256};
 use crate::decisions::{Decision, DecisionLog, Identity, Payload, Target, Validation};
@@ -757,9 +757,18 @@ impl<'a> Call<'a> {
             self.record_error(e);
         }
         let latency = self.start.elapsed();
-        version
-            .metrics
-            .request(&version.model, &version.name, self.route, status, latency);
+        // The version's own failures: a 5xx, or a 4xx its plugin gave
+        // (it refused inputs the policy let through).
+        let fault =
+            result.is_err_and(|e| e.status().is_server_error() || e.plugin_failure().is_some());
+        version.metrics.request(
+            &version.model,
+            &version.name,
+            self.route,
+            status,
+            fault,
+            latency,
+        );
         if let Some(suppressed) = self.pipeline.access.as_ref().and_then(|a| a.check()) {
             tracing::info!(
                 target: "gateway::access",

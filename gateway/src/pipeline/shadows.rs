@@ -169,6 +169,11 @@ impl Job {
             &self.challenger.name,
             compared,
         );
+        // A copy that failed did not agree either.
+        self.challenger
+            .metrics
+            .tally()
+            .compared(compared == "agree");
         call.record(result.as_ref().map(|_| ()));
     }
 }

@@ -80,6 +80,83 @@ pub struct ModelPolicy {
     pub monitoring: Monitoring,
     /// What the decision log keeps of the requests' data (`[record]`).
     pub record: Record,
+    /// A progressive rollout of a candidate version (`[rollout]`).
+    pub rollout: Option<Rollout>,
+}
+
+/// A progressive rollout (`[rollout]`): the candidate serves a growing
+/// share of the unpinned traffic, step by step, as long as its gates pass
+/// against the champion over the step; after the last step it becomes the
+/// champion, and a failed gate takes its share back to 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rollout {
+    pub candidate: String,
+    /// The champion the file names (a rollout is judged against it, and a
+    /// promotion serves the candidate in its place).
+    pub champion: String,
+    /// The candidate's percent at each step, increasing.
+    pub steps: Vec<f64>,
+    /// The least time a step lasts.
+    pub step_time: Duration,
+    /// The least requests the candidate answers in a step.
+    pub step_requests: u64,
+    /// The request header that keeps a caller on one side (lower-case).
+    pub sticky_header: String,
+    pub gates: Gates,
+}
+
+/// What a rollout's candidate must show against the champion over a step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gates {
+    /// The candidate's share of 5xx answers may exceed the champion's by
+    /// at most this (0.01: one percentage point).
+    pub max_error_rate_increase: f64,
+    /// The candidate's p99 latency may be at most this times the
+    /// champion's (latencies under 1 ms count as 1 ms): more than 1 % of
+    /// its requests, and at least two, slower than that fail the gate.
+    pub max_p99_ratio: f64,
+    /// When set, the candidate's accuracy on ground truth minus the
+    /// champion's must be at least this (-0.02: two points worse at most);
+    /// a step then lasts until each side has `min_feedback` judged rows.
+    pub min_accuracy_change: Option<f64>,
+    pub min_feedback: u64,
+    /// When set, the share of the candidate's shadow copies (of requests
+    /// the champion served) that agree with the champion must be at
+    /// least this; a step then lasts until `step_requests` were compared.
+    pub min_shadow_agreement: Option<f64>,
+}
+
+impl Rollout {
+    /// The whole rollout as the policy states it: a change of any of it
+    /// restarts a rollout that is running, paused or failed. Written out
+    /// field by field (never `Debug`), so it stays the same across
+    /// versions of the gateway; a field added later must leave the text
+    /// of its default unchanged.
+    pub fn fingerprint(&self) -> String {
+        let g = &self.gates;
+        let text = format!(
+            "rollout/1 {} {} {:?} {} {} {} {} {} {:?} {} {:?}",
+            self.identity(),
+            self.sticky_header,
+            self.steps,
+            self.step_time.as_nanos(),
+            self.step_requests,
+            g.max_error_rate_increase,
+            g.max_p99_ratio,
+            g.min_feedback,
+            g.min_accuracy_change,
+            "shadow",
+            g.min_shadow_agreement,
+        );
+        crate::contract::Sha256::of(text.as_bytes()).to_string()
+    }
+
+    /// What a promotion is of: the candidate and the champion. Only a
+    /// change of these restarts a promoted rollout (a gate tuned after
+    /// the promotion does not demote the candidate).
+    pub fn identity(&self) -> String {
+        format!("{} over {}", self.candidate, self.champion)
+    }
 }
 
 /// What the decision log keeps of a model's requests (`[record]`):
@@ -246,6 +323,25 @@ pub struct LoadOptions {
     pub plugin_dirs: Vec<PathBuf>,
     /// The largest `memory_mebibytes` a policy may ask for.
     pub max_memory_bytes: usize,
+    /// What changes the routing of checked policies before they serve
+    /// (the rollouts' state); none for `gateway check`.
+    pub overlay: Option<Overlay>,
+}
+
+/// Changes the routing (champion, canary) of a checked policy before it
+/// is built: a rollout's step or promotion.
+pub trait Route: Send + Sync {
+    fn apply(&self, policy: &mut ModelPolicy);
+}
+
+/// A shared [`Route`].
+#[derive(Clone)]
+pub struct Overlay(pub std::sync::Arc<dyn Route>);
+
+impl std::fmt::Debug for Overlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Overlay")
+    }
 }
 
 // ---- The file format. Every table refuses unknown keys. ----
@@ -274,6 +370,32 @@ struct PolicyFile {
     monitoring: Option<schema::MonitoringTable>,
     #[serde(default)]
     record: Option<RecordTable>,
+    #[serde(default)]
+    rollout: Option<RolloutTable>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutTable {
+    candidate: Spanned<String>,
+    #[serde(default)]
+    steps: Option<Spanned<Vec<f64>>>,
+    #[serde(default)]
+    step_seconds: Option<Spanned<f64>>,
+    #[serde(default)]
+    step_requests: Option<Spanned<i64>>,
+    #[serde(default)]
+    sticky_header: Option<Spanned<String>>,
+    #[serde(default)]
+    max_error_rate_increase: Option<Spanned<f64>>,
+    #[serde(default)]
+    max_p99_ratio: Option<Spanned<f64>>,
+    #[serde(default)]
+    min_accuracy_change: Option<Spanned<f64>>,
+    #[serde(default)]
+    min_feedback: Option<Spanned<i64>>,
+    #[serde(default)]
+    min_shadow_agreement: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -562,19 +684,8 @@ pub fn parse(
                 format!("{percent} is out of range; allowed: 0 to 100"),
             ));
         }
-        let sticky_header = match &c.sticky_header {
-            None => DEFAULT_STICKY_HEADER.to_string(),
-            Some(h) => {
-                let name = h.get_ref().to_ascii_lowercase();
-                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                    errors.push(PolicyError::at(
-                        &at(h.span(), "canary.sticky_header"),
-                        format!("`{}` is not a valid HTTP header name", h.get_ref()),
-                    ));
-                }
-                name
-            }
-        };
+        let sticky_header =
+            sticky_header(&c.sticky_header, "canary.sticky_header", &at, &mut errors);
         (errors.len() == before).then(|| Canary {
             version: version.clone(),
             percent,
@@ -648,6 +759,109 @@ pub fn parse(
     let schema = schema::parse(raw.validation.as_ref(), &raw.inputs, &at, &mut errors);
     let monitoring = schema::parse_monitoring(raw.monitoring.as_ref(), &at, &mut errors);
     let record = parse_record(raw.record.as_ref(), &at, &mut errors);
+    let rollout = raw.rollout.as_ref().and_then(|r| {
+        let before = errors.len();
+        let candidate = r.candidate.get_ref();
+        let key = |k: &str| format!("rollout.{k}");
+        if !is_version(candidate) {
+            errors.push(PolicyError::at(
+                &at(r.candidate.span(), "rollout.candidate"),
+                format!("`{candidate}` is not a version of this model"),
+            ));
+        } else if *candidate == champion {
+            errors.push(PolicyError::at(
+                &at(r.candidate.span(), "rollout.candidate"),
+                format!("`{candidate}` is the champion; a rollout takes another version to champion"),
+            ));
+        }
+        if let Some(c) = &raw.canary {
+            errors.push(PolicyError::at(
+                &at(c.version.span(), "canary.version"),
+                "a rollout sets the canary share of its candidate step by step; remove [canary]",
+            ));
+        }
+        let mut number = |value: &Option<Spanned<f64>>, k: &str, range: std::ops::RangeInclusive<f64>, default: f64| {
+            let Some(value) = value else { return default };
+            let v = *value.get_ref();
+            if !range.contains(&v) {
+                errors.push(PolicyError::at(
+                    &at(value.span(), &key(k)),
+                    format!("{v} is out of range; allowed: {} to {}", range.start(), range.end()),
+                ));
+            }
+            v
+        };
+        let step_seconds = number(&r.step_seconds, "step_seconds", 0.1..=30.0 * 86_400.0, 600.0);
+        let max_error_rate_increase =
+            number(&r.max_error_rate_increase, "max_error_rate_increase", 0.0..=1.0, 0.01);
+        let max_p99_ratio = number(&r.max_p99_ratio, "max_p99_ratio", 1.0..=1000.0, 2.0);
+        let min_accuracy_change = r
+            .min_accuracy_change
+            .is_some()
+            .then(|| number(&r.min_accuracy_change, "min_accuracy_change", -1.0..=1.0, 0.0));
+        let min_shadow_agreement = r
+            .min_shadow_agreement
+            .is_some()
+            .then(|| number(&r.min_shadow_agreement, "min_shadow_agreement", 0.0..=1.0, 0.0));
+        if let Some(gate) = &r.min_shadow_agreement
+            && !shadow.as_ref().is_some_and(|s| s.versions.contains(candidate))
+        {
+            errors.push(PolicyError::at(
+                &at(gate.span(), "rollout.min_shadow_agreement"),
+                format!("judges the candidate's shadow copies, but `{candidate}` is not in [shadow] versions"),
+            ));
+        }
+        let mut count = |value: &Option<Spanned<i64>>, k: &str, default: u64| {
+            let Some(value) = value else { return default };
+            let v = *value.get_ref();
+            if !(1..=1_000_000_000).contains(&v) {
+                errors.push(PolicyError::at(
+                    &at(value.span(), &key(k)),
+                    format!("{v} is out of range; allowed: 1 to 1000000000"),
+                ));
+            }
+            v.max(1) as u64
+        };
+        let step_requests = count(&r.step_requests, "step_requests", 100);
+        let min_feedback = count(&r.min_feedback, "min_feedback", 100);
+        let steps = match &r.steps {
+            None => vec![2.0, 5.0, 10.0, 25.0, 75.0, 100.0],
+            Some(steps) => {
+                let list = steps.get_ref();
+                let problem = if list.is_empty() || list.len() > 32 {
+                    Some("give 1 to 32 steps".to_string())
+                } else if let Some(p) = list.iter().find(|p| !(**p > 0.0 && **p <= 100.0)) {
+                    Some(format!("{p} is out of range; a step's percent is above 0 and at most 100"))
+                } else if list.windows(2).any(|w| w[0] >= w[1]) {
+                    Some("the steps must increase".to_string())
+                } else if list[0] >= 100.0 {
+                    Some("the first step must be below 100: the candidate is judged against the champion, which then serves the rest".to_string())
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    errors.push(PolicyError::at(&at(steps.span(), "rollout.steps"), problem));
+                }
+                list.clone()
+            }
+        };
+        let sticky_header = sticky_header(&r.sticky_header, "rollout.sticky_header", &at, &mut errors);
+        (errors.len() == before).then(|| Rollout {
+            candidate: candidate.clone(),
+            champion: champion.clone(),
+            steps,
+            step_time: Duration::from_secs_f64(step_seconds),
+            step_requests,
+            sticky_header,
+            gates: Gates {
+                max_error_rate_increase,
+                max_p99_ratio,
+                min_accuracy_change,
+                min_feedback,
+                min_shadow_agreement,
+            },
+        })
+    });
 
     if !errors.is_empty() {
         return Err(errors);
@@ -664,7 +878,28 @@ pub fn parse(
         schema,
         monitoring,
         record,
+        rollout,
     })
+}
+
+/// A sticky header's name, lower-case (the default when not given).
+fn sticky_header(
+    header: &Option<Spanned<String>>,
+    key: &str,
+    at: &impl Fn(std::ops::Range<usize>, &str) -> Location,
+    errors: &mut Vec<PolicyError>,
+) -> String {
+    let Some(h) = header else {
+        return DEFAULT_STICKY_HEADER.to_string();
+    };
+    let name = h.get_ref().to_ascii_lowercase();
+    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+        errors.push(PolicyError::at(
+            &at(h.span(), key),
+            format!("`{}` is not a valid HTTP header name", h.get_ref()),
+        ));
+    }
+    name
 }
 
 fn parse_record(
@@ -955,6 +1190,7 @@ mod tests {
         LoadOptions {
             plugin_dirs: vec![dir.to_path_buf()],
             max_memory_bytes: 1 << 30,
+            overlay: None,
         }
     }
 

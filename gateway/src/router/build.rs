@@ -37,7 +37,12 @@ pub async fn load(
 ) -> Result<(Snapshot, BuildReport), Vec<PolicyError>> {
     // Every problem of every file: the files that parse are built (their
     // plugins compiled) even when others do not, so one run lists all.
-    let (policies, mut errors) = policy::load_dir(dir, options);
+    let (mut policies, mut errors) = policy::load_dir(dir, options);
+    if let Some(overlay) = &options.overlay {
+        for policy in &mut policies {
+            overlay.0.apply(policy);
+        }
+    }
     match build(policies, runtime, previous).await {
         Ok(built) if errors.is_empty() => Ok(built),
         Ok(_) => Err(errors),
@@ -177,6 +182,35 @@ pub(super) async fn build(
     Ok((Snapshot { models, generation }, report))
 }
 
+/// A snapshot like `previous` with each model's routing (champion,
+/// canary, shadows) from `policies`, over the same versions: nothing is
+/// read from disk or compiled. How a rollout's step is served.
+pub(crate) fn reroute(
+    previous: &Snapshot,
+    policies: Vec<ModelPolicy>,
+) -> Result<Snapshot, Vec<PolicyError>> {
+    let mut models = BTreeMap::new();
+    let mut errors = Vec::new();
+    for policy in policies {
+        let Ok(old) = previous.model(&policy.model) else {
+            continue;
+        };
+        match assemble(policy, old.versions.clone(), Some(old)) {
+            Ok(model) => {
+                models.insert(model.name.clone(), Arc::new(model));
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Snapshot {
+        models,
+        generation: previous.generation + 1,
+    })
+}
+
 fn new_version(model: &str, v: &VersionPolicy, backend: Backend, runtime: &Runtime) -> Version {
     let label_output = backend
         .info()
@@ -192,7 +226,10 @@ fn new_version(model: &str, v: &VersionPolicy, backend: Backend, runtime: &Runti
         limits: v.limits,
         grants: v.grants,
         label_output,
-        metrics: super::VersionMetrics::new(runtime.telemetry().clone()),
+        metrics: super::VersionMetrics::new(
+            runtime.telemetry().clone(),
+            runtime.telemetry().tally(model, &v.name),
+        ),
         error_log: Default::default(),
         admission: Admission::new(v.limits.max_concurrency, v.limits.max_queue),
         breaker: super::breaker::Breaker::new(v.limits.breaker_failures, v.limits.breaker_cooldown),
@@ -288,7 +325,17 @@ fn assemble(
             })?,
         }),
     };
-    if let Some(canary) = &canary {
+    if let Some(r) = &policy.rollout {
+        // Checked here too, so `gateway check` (no rollout state: no
+        // canary) refuses what a rollout's step would.
+        same_outputs(
+            &policy,
+            "rollout.candidate",
+            &*version(&r.champion)?,
+            &*version(&r.candidate)?,
+            true,
+        )?;
+    } else if let Some(canary) = &canary {
         same_outputs(&policy, "canary.version", &champion, &canary.version, true)?;
     }
     let shadow = match &policy.shadow {

@@ -30,12 +30,15 @@ pub struct VersionMetrics {
     /// distinct labels, lock-free to read; later ones count as [`OTHER`].
     labels: arc_swap::ArcSwap<Vec<(Box<str>, Counter)>>,
     other: OnceLock<Counter>,
+    /// What a rollout judges the version on.
+    tally: Arc<crate::telemetry::Tally>,
 }
 
 impl VersionMetrics {
-    pub fn new(telemetry: Arc<Telemetry>) -> Self {
+    pub(crate) fn new(telemetry: Arc<Telemetry>, tally: Arc<crate::telemetry::Tally>) -> Self {
         VersionMetrics {
             telemetry,
+            tally,
             answered: Default::default(),
             plugin_duration: OnceLock::new(),
             labels: Default::default(),
@@ -48,6 +51,11 @@ impl VersionMetrics {
         &self.telemetry
     }
 
+    /// What a rollout judges the version on.
+    pub(crate) fn tally(&self) -> &crate::telemetry::Tally {
+        &self.tally
+    }
+
     /// One request this version answered with `status`: a 200 through the
     /// version's own handles, anything else through [`record_request`].
     pub fn request(
@@ -56,8 +64,12 @@ impl VersionMetrics {
         version: &str,
         route: Route,
         status: u16,
+        fault: bool,
         elapsed: Duration,
     ) {
+        if matches!(route, Route::Champion | Route::Canary) {
+            self.tally.request(status, fault, elapsed);
+        }
         if status != 200 {
             return self
                 .telemetry
@@ -184,7 +196,7 @@ mod tests {
 
     #[test]
     fn prediction_labels_are_bounded() {
-        let m = VersionMetrics::new(Telemetry::new());
+        let m = VersionMetrics::new(Telemetry::new(), Default::default());
         for i in 0..MAX_LABELS {
             let _ = m.label_counter("m", "v", &format!("l{i}"));
         }
@@ -199,7 +211,7 @@ mod tests {
 
     #[test]
     fn many_distinct_labels_are_counted_in_linear_time() {
-        let m = VersionMetrics::new(Telemetry::new());
+        let m = VersionMetrics::new(Telemetry::new(), Default::default());
         let mut data = Vec::new();
         for i in 0..200_000u32 {
             let label = i.to_string();

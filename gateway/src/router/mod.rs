@@ -23,6 +23,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use admission::Admission;
 pub use admission::AdmissionError;
 pub use build::load;
+pub(crate) use build::reroute;
 pub use metrics::VersionMetrics;
 
 use crate::contract::{CallLimits, PluginError, fnv1a64, mix64};

@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 
 use super::State;
 use super::routes::{HttpResponse, to_json};
-use crate::pipeline::Error;
+use crate::pipeline::{Error, Guarded};
 
 /// Wrong tokens a peer may send per window.
 const MAX_FAILURES: u32 = 10;
@@ -85,7 +85,7 @@ fn same_token(given: &str, token: &str) -> bool {
     bool::from(digest(given).as_ref().ct_eq(digest(token).as_ref()))
 }
 
-/// Checks the bearer token of `request` from `peer`.
+/// Checks the bearer token of an admin `request` from `peer`.
 pub(super) fn authorize<B>(
     state: &State,
     peer: SocketAddr,
@@ -94,14 +94,37 @@ pub(super) fn authorize<B>(
     let Some(token) = &state.config.admin_token else {
         return Err(Error::AdminDisabled);
     };
+    let telemetry = state.pipeline.telemetry();
+    check_bearer(
+        Some(&state.admin_failures),
+        Guarded::Admin,
+        token,
+        peer,
+        request,
+        |reason| telemetry.record_admin_auth_failure(reason),
+    )
+}
+
+/// Checks that `request` from `peer` carries `token` as its bearer token;
+/// a failure (`wrong_token`, or `rate_limited` for a peer over its
+/// failures) is counted by `failed` and, when given, in `failures`, which
+/// then refuses a peer (and every peer) past their limits.
+pub(super) fn check_bearer<B>(
+    failures: Option<&Failures>,
+    guarded: Guarded,
+    token: &str,
+    peer: SocketAddr,
+    request: &Request<B>,
+    failed: impl Fn(&'static str),
+) -> Result<(), Error> {
     let now = Instant::now();
     let peer = super::listener::peer_key(peer.ip());
-    if let Some(retry_in_secs) = state.admin_failures.blocked(peer, now) {
-        state
-            .pipeline
-            .telemetry()
-            .record_admin_auth_failure("rate_limited");
-        return Err(Error::TooManyAttempts { retry_in_secs });
+    if let Some(retry_in_secs) = failures.and_then(|f| f.blocked(peer, now)) {
+        failed("rate_limited");
+        return Err(Error::TooManyAttempts {
+            guarded,
+            retry_in_secs,
+        });
     }
     let given = request
         .headers()
@@ -113,12 +136,11 @@ pub(super) fn authorize<B>(
     match given {
         Some(given) if same_token(given, token) => Ok(()),
         _ => {
-            state.admin_failures.failed(peer, now);
-            state
-                .pipeline
-                .telemetry()
-                .record_admin_auth_failure("wrong_token");
-            Err(Error::Unauthorized)
+            if let Some(failures) = failures {
+                failures.failed(peer, now);
+            }
+            failed("wrong_token");
+            Err(Error::Unauthorized { guarded })
         }
     }
 }
@@ -132,6 +154,46 @@ pub(super) async fn reload(state: &State) -> Result<HttpResponse, Error> {
             problems: problems.iter().map(ToString::to_string).collect(),
         }),
     }
+}
+
+/// `GET /admin/rollouts`: every rollout's state, decisions and the
+/// current step's window.
+pub(super) fn rollouts(state: &State) -> Result<HttpResponse, Error> {
+    to_json(&serde_json::json!({ "rollouts": state.rollouts.view() }))
+}
+
+/// `POST /admin/rollouts/{model}/{pause|resume|promote|rollback}`: the
+/// rollout's state after the action; the split serves within a tick.
+pub(super) async fn rollout_action(
+    state: &State,
+    model: &str,
+    action: &str,
+) -> Result<HttpResponse, Error> {
+    use crate::rollout::{Action, ActionError};
+    let Some(action) = Action::parse(action) else {
+        return Err(Error::NoEndpoint {
+            path: format!(
+                "/admin/rollouts/{model}/{action}: the actions are pause, resume, promote and rollback"
+            ),
+        });
+    };
+    let snapshot = state.reloader.snapshot();
+    let found = snapshot.model(model).map_err(Error::Route)?;
+    let after = state
+        .rollouts
+        .act(&found.policy, action, std::time::SystemTime::now())
+        .map_err(|e| match e {
+            ActionError::NoRollout => Error::NoEndpoint {
+                path: format!("/admin/rollouts/{model}: model `{model}` has no [rollout]"),
+            },
+            ActionError::Conflict(why) => Error::RolloutConflict(why),
+        })?;
+    drop(snapshot);
+    // Served now, not at the next tick (which tries again if this fails).
+    if let Err(problems) = state.reloader.reapply("rollout").await {
+        tracing::error!(problems = ?problems.iter().map(|e| e.to_string()).collect::<Vec<_>>(), "a rollout action cannot be served yet; retried at the next tick");
+    }
+    to_json(&after)
 }
 
 /// `GET /admin/policies`: the effective routing of every model.

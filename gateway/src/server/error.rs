@@ -34,7 +34,7 @@ pub(super) fn respond(error: &Error) -> Response<Full<Bytes>> {
         headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     }
     match error {
-        Error::Unauthorized => {
+        Error::Unauthorized { .. } => {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         Error::MethodNotAllowed { allow, .. } => {

@@ -56,6 +56,9 @@ pub struct ServerConfig {
     pub admin: Option<AdminConfig>,
     /// Bearer token for `/admin/*`; `None` disables the admin API.
     pub admin_token: Option<String>,
+    /// Bearer token for `POST /v2/models/{model}/feedback`; `None` leaves
+    /// it open to every client of the inference listener.
+    pub feedback_token: Option<String>,
 }
 
 /// The admin listener.
@@ -78,6 +81,7 @@ impl Default for ServerConfig {
             max_header_value_bytes: 8 << 10,
             admin: None,
             admin_token: None,
+            feedback_token: None,
         }
     }
 }
@@ -98,6 +102,11 @@ pub struct ServeOptions {
     pub allow_empty_policies: bool,
     /// The decision log, if one is kept.
     pub decisions: Option<crate::decisions::DecisionLogConfig>,
+    /// Where rollouts keep their state; `None` keeps it in memory only
+    /// (a restart starts every rollout again).
+    pub state_dir: Option<PathBuf>,
+    /// How often rollouts are judged.
+    pub rollout_tick: Duration,
 }
 
 impl ServeOptions {
@@ -114,6 +123,8 @@ impl ServeOptions {
             watch_debounce: Some(Duration::from_millis(500)),
             allow_empty_policies: false,
             decisions: None,
+            state_dir: None,
+            rollout_tick: Duration::from_secs(1),
         }
     }
 
@@ -121,6 +132,7 @@ impl ServeOptions {
         LoadOptions {
             plugin_dirs: self.plugin_dirs.clone(),
             max_memory_bytes: self.runtime.max_memory_bytes,
+            overlay: None,
         }
     }
 }
@@ -172,6 +184,8 @@ pub(crate) struct State {
     pub pipeline: Arc<Pipeline>,
     /// Failed admin logins per peer.
     pub admin_failures: admin_routes::Failures,
+    /// Every model's rollout.
+    pub rollouts: Arc<crate::rollout::Rollouts>,
 }
 
 /// Where shutdown stands; only moves forward.
@@ -235,6 +249,43 @@ pub struct RunningServer {
     state: Arc<State>,
     /// Reloads on policy, plugin and model file changes while it lives.
     _watcher: Option<admin::PolicyWatch>,
+    /// Moves the rollouts on while it lives.
+    _rollouts: AbortOnDrop,
+}
+
+/// A task that ends with its owner.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Judges the rollouts every `every` and, when one moves, routes the
+/// served snapshot again with its new split. One that fails is retried at
+/// the next tick: the state has moved, and every build applies it.
+async fn drive_rollouts(
+    reloader: Arc<Reloader>,
+    rollouts: Arc<crate::rollout::Rollouts>,
+    every: Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        let snapshot = reloader.snapshot();
+        let moved = rollouts.tick(
+            snapshot.models().map(|m| &m.policy),
+            std::time::SystemTime::now(),
+        );
+        drop(snapshot);
+        if moved && let Err(errors) = reloader.reapply("rollout").await {
+            tracing::error!(
+                problems = ?errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                "a rollout moved, but the policies cannot be routed again; retrying"
+            );
+            rollouts.mark_dirty();
+        }
+    }
 }
 
 impl RunningServer {
@@ -302,7 +353,13 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
         Some(config) => Some(tls::load(config, &telemetry)?),
         None => None,
     };
-    let mut reloader = Reloader::start(&options.policies, options.load_options(), runtime.clone())
+    let rollouts = Arc::new(
+        crate::rollout::Rollouts::open(options.state_dir.clone(), telemetry.clone())
+            .map_err(StartError::Runtime)?,
+    );
+    let mut load_options = options.load_options();
+    load_options.overlay = Some(crate::policy::Overlay(rollouts.clone()));
+    let mut reloader = Reloader::start(&options.policies, load_options, runtime.clone())
         .await
         .map_err(StartError::Policies)?;
     reloader.allow_empty = options.allow_empty_policies;
@@ -318,6 +375,18 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
             versions = ?model.versions.keys().collect::<Vec<_>>(),
             "model loaded"
         );
+        if model
+            .policy
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.gates.min_accuracy_change.is_some())
+            && options.server.feedback_token.is_none()
+        {
+            tracing::warn!(
+                model = %model.name,
+                "this rollout is judged on ground truth that any client may send: give the feedback endpoint a token (--feedback-token-file)"
+            );
+        }
     }
     let decisions = match &options.decisions {
         Some(config) => {
@@ -335,6 +404,11 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
     let watcher = options
         .watch_debounce
         .map(|debounce| admin::PolicyWatch::start(reloader.clone(), debounce));
+    let rollout_task = AbortOnDrop(tokio::spawn(drive_rollouts(
+        reloader.clone(),
+        rollouts.clone(),
+        options.rollout_tick,
+    )));
     let state = Arc::new(State {
         reloader,
         config: options.server.clone(),
@@ -342,6 +416,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
         pipeline: Pipeline::new(options.pipeline, telemetry, decisions)
             .map_err(|e| StartError::Runtime(format!("cannot start the shadow executor: {e}")))?,
         admin_failures: admin_routes::Failures::default(),
+        rollouts,
     });
     let phase = ShutdownHandle(watch::channel(Phase::Serving).0);
     let mut listeners = vec![Listener {
@@ -372,6 +447,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
         task,
         state,
         _watcher: watcher,
+        _rollouts: rollout_task,
     })
 }
 

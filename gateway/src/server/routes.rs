@@ -64,7 +64,7 @@ pub(super) async fn handle(
             return infer(state, model, Some(version), request).await;
         }
         ["v2", "models", model, "feedback"] if post && inference => {
-            feedback(state, model, request).await
+            feedback(state, peer, model, request).await
         }
         ["v2"] if get && inference => server_metadata(),
         ["v2", "health", "live"] if get => Ok(json_ok(br#"{"live":true}"#.to_vec())),
@@ -89,6 +89,14 @@ pub(super) async fn handle(
             .and_then(|()| admin_routes::monitoring(state)),
         ["admin", "decisions", id] if get => admin_routes::authorize(state, peer, &request)
             .and_then(|()| admin_routes::decisions(state, id)),
+        ["admin", "rollouts"] if get => admin_routes::authorize(state, peer, &request)
+            .and_then(|()| admin_routes::rollouts(state)),
+        ["admin", "rollouts", model, action] if post => {
+            match admin_routes::authorize(state, peer, &request) {
+                Ok(()) => admin_routes::rollout_action(state, model, action).await,
+                Err(e) => Err(e),
+            }
+        }
         other => Err(match allowed_method(other) {
             Some(allow) if on_this_listener(other, role) => Error::MethodNotAllowed {
                 method: request.method().to_string(),
@@ -124,7 +132,8 @@ fn allowed_method(segments: &[&str]) -> Option<&'static str> {
         ["v2", "models", _, "infer"]
         | ["v2", "models", _, "versions", _, "infer"]
         | ["v2", "models", _, "feedback"]
-        | ["admin", "reload"] => Some("POST"),
+        | ["admin", "reload"]
+        | ["admin", "rollouts", _, _] => Some("POST"),
         ["v2"]
         | ["v2", "health", "live" | "ready"]
         | ["v2", "models", _]
@@ -134,6 +143,7 @@ fn allowed_method(segments: &[&str]) -> Option<&'static str> {
         | ["metrics"]
         | ["admin", "policies"]
         | ["admin", "monitoring"]
+        | ["admin", "rollouts"]
         | ["admin", "decisions", _] => Some("GET, HEAD"),
         _ => None,
     }
@@ -318,13 +328,36 @@ fn metrics(state: &State) -> HttpResponse {
 /// requests, joined to what every version answered (see `feedback`).
 /// Late, unknown and duplicate feedback is counted and answered 200; a
 /// body that is not feedback is a 400 naming the item and the problem,
-/// and nothing of it is applied.
+/// and nothing of it is applied. With a feedback token set, only a
+/// client that has it may send truth.
 async fn feedback(
     state: &State,
+    peer: SocketAddr,
     model: &str,
     request: Request<Incoming>,
 ) -> Result<HttpResponse, Error> {
     let snapshot = state.reloader.snapshot();
+    if let Some(token) = &state.config.feedback_token {
+        let telemetry = state.pipeline.telemetry();
+        // Before the model is looked up, so a caller without the token
+        // learns nothing; counted under the model only if it exists (a
+        // caller cannot grow the series). No lockout: a peer address may
+        // be a load balancer's, shared with the ground-truth job, and a
+        // token of 16 characters or more is not guessed.
+        let counted = if snapshot.model(model).is_ok() {
+            model
+        } else {
+            crate::telemetry::UNKNOWN
+        };
+        admin_routes::check_bearer(
+            None,
+            crate::pipeline::Guarded::Feedback,
+            token,
+            peer,
+            &request,
+            |reason| telemetry.record_feedback(counted, reason, 1),
+        )?;
+    }
     let found = snapshot.model(model).map_err(Error::Route)?;
     if !found.versions.values().any(|v| v.label_output.is_some()) {
         return Err(Error::Feedback(format!(
@@ -340,6 +373,11 @@ async fn feedback(
         state.config.body_read_timeout,
     )
     .await?;
+    // What the parsed items take is held too, before they exist.
+    held.hold(
+        body.len()
+            .saturating_mul(crate::feedback::PARSED_BYTES_PER_BYTE),
+    )?;
     let items = crate::feedback::parse(&body).map_err(Error::Feedback)?;
     drop(body);
     let telemetry = state.pipeline.telemetry();

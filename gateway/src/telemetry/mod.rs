@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+mod tally;
+pub(crate) use tally::{Counts, Tally};
+
 /// Label value for requests that never reached a known model.
 pub(crate) const UNKNOWN: &str = "_unknown";
 
@@ -27,6 +30,9 @@ const DURATION_BUCKETS: &[f64] = &[
 pub struct Telemetry {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// Each version's counts for rollouts, by (model, version): as many
+    /// as the policies name.
+    tallies: std::sync::Mutex<std::collections::HashMap<(String, String), Arc<Tally>>>,
 }
 
 impl Telemetry {
@@ -38,7 +44,11 @@ impl Telemetry {
             .map(PrometheusBuilder::build_recorder)
             .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
         let handle = recorder.handle();
-        let telemetry = Arc::new(Telemetry { recorder, handle });
+        let telemetry = Arc::new(Telemetry {
+            recorder,
+            handle,
+            tallies: Default::default(),
+        });
         telemetry.with(describe);
         telemetry.record_build_info();
         let weak = Arc::downgrade(&telemetry);
@@ -54,6 +64,18 @@ impl Telemetry {
                 }
             });
         telemetry
+    }
+
+    /// The counts rollouts judge `version` of `model` on (see [`Tally`]).
+    pub(crate) fn tally(&self, model: &str, version: &str) -> Arc<Tally> {
+        let mut tallies = self.tallies.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tally) = tallies.get(&(model.to_string(), version.to_string())) {
+            return tally.clone();
+        }
+        tallies
+            .entry((model.to_string(), version.to_string()))
+            .or_default()
+            .clone()
     }
 
     /// Runs `f` with this server's recorder as the one `metrics` macros use.
@@ -115,6 +137,55 @@ impl Telemetry {
         })
     }
 
+    /// A rollout's decision (`outcome`, and the `gate` that failed or
+    /// empty), and where it now stands.
+    pub(crate) fn record_rollout(
+        &self,
+        model: &str,
+        outcome: &'static str,
+        gate: &str,
+        step: usize,
+        percent: f64,
+        status: &'static str,
+    ) {
+        self.with(|| {
+            metrics::counter!(
+                "gateway_rollout_decisions_total",
+                "model" => model.to_string(),
+                "outcome" => outcome,
+                "gate" => gate.to_string()
+            )
+            .increment(1);
+            metrics::gauge!("gateway_rollout_step", "model" => model.to_string())
+                .set(step as f64 + 1.0);
+            metrics::gauge!("gateway_rollout_percent", "model" => model.to_string()).set(percent);
+            for s in ["running", "paused", "failed", "promoted"] {
+                metrics::gauge!(
+                    "gateway_rollout_status",
+                    "model" => model.to_string(),
+                    "status" => s
+                )
+                .set(if s == status { 1.0 } else { 0.0 });
+            }
+        })
+    }
+
+    /// A rollout ended: its gauges go to zero.
+    pub(crate) fn end_rollout(&self, model: &str) {
+        self.with(|| {
+            metrics::gauge!("gateway_rollout_step", "model" => model.to_string()).set(0.0);
+            metrics::gauge!("gateway_rollout_percent", "model" => model.to_string()).set(0.0);
+            for s in ["running", "paused", "failed", "promoted"] {
+                metrics::gauge!(
+                    "gateway_rollout_status",
+                    "model" => model.to_string(),
+                    "status" => s
+                )
+                .set(0.0);
+            }
+        })
+    }
+
     /// `n` pieces of ground truth for `model` that came to `outcome`
     /// (`joined`, `late`, `unknown`, `duplicate`, `rows_mismatch`).
     pub(crate) fn record_feedback(&self, model: &str, outcome: &'static str, n: u64) {
@@ -128,27 +199,45 @@ impl Telemetry {
         })
     }
 
-    /// One row a version answered, judged against its true label: right
-    /// or wrong, and its cell of the confusion matrix (labels already
-    /// within the model's cap).
+    /// Rows a version answered, judged against their true labels: how
+    /// many were right and how many wrong.
     pub(crate) fn record_truth(
         &self,
         model: &str,
         version: &str,
         route: &'static str,
-        correct: bool,
+        correct: u64,
+        wrong: u64,
+    ) {
+        if matches!(route, "champion" | "canary") {
+            self.tally(model, version).judged(correct, wrong);
+        }
+        self.with(|| {
+            for (outcome, n) in [("correct", correct), ("wrong", wrong)] {
+                if n > 0 {
+                    metrics::counter!(
+                        "gateway_ground_truth_total",
+                        "model" => model.to_string(),
+                        "version" => version.to_string(),
+                        "route" => route,
+                        "outcome" => outcome
+                    )
+                    .increment(n);
+                }
+            }
+        })
+    }
+
+    /// `n` rows `version` predicted `predicted` whose truth was `actual`.
+    pub(crate) fn record_confusion(
+        &self,
+        model: &str,
+        version: &str,
         predicted: &str,
         actual: &str,
+        n: u64,
     ) {
         self.with(|| {
-            metrics::counter!(
-                "gateway_ground_truth_total",
-                "model" => model.to_string(),
-                "version" => version.to_string(),
-                "route" => route,
-                "outcome" => if correct { "correct" } else { "wrong" }
-            )
-            .increment(1);
             metrics::counter!(
                 "gateway_confusion_total",
                 "model" => model.to_string(),
@@ -156,7 +245,7 @@ impl Telemetry {
                 "predicted" => predicted.to_string(),
                 "actual" => actual.to_string()
             )
-            .increment(1);
+            .increment(n);
         })
     }
 
@@ -320,6 +409,34 @@ impl Telemetry {
 }
 
 fn describe() {
+    metrics::describe_counter!(
+        "gateway_feedback_total",
+        "Ground truth received, by what became of it"
+    );
+    metrics::describe_counter!(
+        "gateway_ground_truth_total",
+        "Rows a version answered, judged against their true label"
+    );
+    metrics::describe_counter!(
+        "gateway_confusion_total",
+        "Rows a version answered, by predicted and true label"
+    );
+    metrics::describe_counter!(
+        "gateway_rollout_decisions_total",
+        "Rollout decisions, by outcome and the gate that failed"
+    );
+    metrics::describe_gauge!(
+        "gateway_rollout_step",
+        "The step a model's rollout is at (1 is the first)"
+    );
+    metrics::describe_gauge!(
+        "gateway_rollout_percent",
+        "The share of unpinned traffic a model's rollout candidate serves"
+    );
+    metrics::describe_gauge!(
+        "gateway_rollout_status",
+        "1 for the status a model's rollout is in (running, paused, failed, promoted)"
+    );
     metrics::describe_gauge!(
         "gateway_policy_watch_up",
         "1 while the policy folder is watched for changes, 0 while it cannot be"

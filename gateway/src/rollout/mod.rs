@@ -1,0 +1,911 @@
+//! Progressive delivery: a policy's `[rollout]` takes its candidate
+//! through a list of percents, judging each step against the champion on
+//! the same window (error rate, p99 latency, shadow agreement, accuracy on
+//! ground truth), and promotes it after the last step or takes its share
+//! back to 0 at the first failed gate.
+//!
+//! The state of every rollout (step, when it started, every decision with
+//! its figures) lives here, is written atomically to the state folder at
+//! each change, and is read back at start: a restart resumes the same
+//! step. The policy file stays the operator's: the state applies to a
+//! model while the file's `[rollout]` (and champion) are the ones it
+//! started from ([`policy::Rollout::fingerprint`]); an edit of either
+//! restarts the rollout at its first step, and a file without `[rollout]`
+//! ends it. A promotion serves the candidate as champion while the file
+//! still names the old one; the operator makes it permanent by naming the
+//! candidate as `champion` and removing `[rollout]`.
+//!
+//! [`Rollouts`] is the snapshot builder's [`policy::Route`]: every build
+//! (start, reload, a step's change) sets the champion and canary of a
+//! model with a rollout from its state, so every way a snapshot is made
+//! serves the same split. The loop that ticks rollouts and rebuilds the
+//! snapshot when one moves is the server's.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{self, Canary, ModelPolicy, Rollout};
+use crate::telemetry::{Counts, Telemetry};
+
+/// Decisions a rollout keeps (the oldest go first).
+const MAX_DECISIONS: usize = 256;
+
+/// The state file's format.
+const SCHEMA: u32 = 1;
+
+/// Where a rollout stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Status {
+    /// The candidate serves its step's percent; gates are judged.
+    Running,
+    /// Held at its step's percent by the operator; nothing is judged.
+    Paused,
+    /// Rolled back: the candidate serves nothing.
+    Failed,
+    /// The candidate serves as champion.
+    Promoted,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Paused => "paused",
+            Status::Failed => "failed",
+            Status::Promoted => "promoted",
+        }
+    }
+}
+
+/// What a decision did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Outcome {
+    /// The rollout began (or began again) at its first step.
+    Started,
+    /// The step's gates passed: on to the next step.
+    Advanced,
+    /// The last step's gates passed, or the operator promoted.
+    Promoted,
+    /// A gate failed, or the operator rolled back.
+    RolledBack,
+    Paused,
+    Resumed,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Started => "started",
+            Outcome::Advanced => "advanced",
+            Outcome::Promoted => "promoted",
+            Outcome::RolledBack => "rolled_back",
+            Outcome::Paused => "paused",
+            Outcome::Resumed => "resumed",
+        }
+    }
+}
+
+/// One decision of a rollout, with why and on what figures.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Decision {
+    /// RFC 3339, UTC.
+    pub(crate) at: String,
+    pub(crate) outcome: Outcome,
+    /// `rollout` (its gates), `operator` (the admin API) or `policy` (the
+    /// file changed, or the state could not be read).
+    pub(crate) by: String,
+    /// The step and percent the decision led to.
+    pub(crate) step: usize,
+    pub(crate) percent: f64,
+    /// The gate that failed, for a rollback by the gates.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub(crate) gate: Option<String>,
+    pub(crate) reason: String,
+    /// The step's window, for a decision of the gates.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub(crate) figures: Option<Figures>,
+}
+
+/// The champion and the candidate over one window.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Figures {
+    pub(crate) seconds: f64,
+    pub(crate) champion: Side,
+    pub(crate) candidate: Side,
+}
+
+/// One version over a window.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Side {
+    /// Requests it served (2xx and 5xx).
+    pub(crate) requests: u64,
+    pub(crate) errors: u64,
+    pub(crate) error_rate: Option<f64>,
+    pub(crate) p99_ms: Option<f64>,
+    /// Shadow copies compared with the champion's answer.
+    pub(crate) compared: u64,
+    pub(crate) agreement: Option<f64>,
+    /// Rows judged on ground truth.
+    pub(crate) judged: u64,
+    pub(crate) accuracy: Option<f64>,
+}
+
+impl Side {
+    fn of(c: &Counts) -> Side {
+        Side {
+            requests: c.requests,
+            errors: c.errors,
+            error_rate: c.error_rate(),
+            p99_ms: c.p99().map(|d| d.as_secs_f64() * 1e3),
+            compared: c.compared(),
+            agreement: c.agreement(),
+            judged: c.judged(),
+            accuracy: c.accuracy(),
+        }
+    }
+}
+
+/// One model's rollout, as the state file holds it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct State {
+    pub(crate) schema: u32,
+    pub(crate) model: String,
+    /// The policy's rollout it belongs to ([`Rollout::fingerprint`], and
+    /// for a promoted one [`Rollout::identity`]).
+    pub(crate) fingerprint: String,
+    pub(crate) identity: String,
+    pub(crate) candidate: String,
+    pub(crate) champion: String,
+    pub(crate) steps: Vec<f64>,
+    pub(crate) status: Status,
+    pub(crate) step: usize,
+    pub(crate) percent: f64,
+    /// When the current step started (RFC 3339), and as seconds since
+    /// the Unix epoch.
+    pub(crate) step_started: String,
+    pub(crate) step_started_unix: f64,
+    pub(crate) decisions: VecDeque<Decision>,
+    /// Both versions' counts when the window began (at the step's start,
+    /// or at the first tick after a restart: the counts start again).
+    #[serde(skip)]
+    baseline: Option<(Counts, Counts)>,
+}
+
+impl State {
+    fn start(model: &str, r: &Rollout, now: SystemTime, by: &str, reason: String) -> State {
+        let mut state = State {
+            schema: SCHEMA,
+            model: model.to_string(),
+            fingerprint: r.fingerprint(),
+            identity: r.identity(),
+            candidate: r.candidate.clone(),
+            champion: r.champion.clone(),
+            steps: r.steps.clone(),
+            status: Status::Running,
+            step: 0,
+            percent: r.steps[0],
+            step_started: String::new(),
+            step_started_unix: 0.0,
+            decisions: VecDeque::new(),
+            baseline: None,
+        };
+        state.begin_step(0, now);
+        state.decide(now, Outcome::Started, by, None, reason, None);
+        state
+    }
+
+    fn begin_step(&mut self, step: usize, now: SystemTime) {
+        self.step = step;
+        self.percent = self.steps.get(step).copied().unwrap_or(0.0);
+        self.step_started = crate::decisions::rfc3339(now);
+        self.step_started_unix = unix(now);
+        self.baseline = None;
+    }
+
+    fn decide(
+        &mut self,
+        now: SystemTime,
+        outcome: Outcome,
+        by: &str,
+        gate: Option<&str>,
+        reason: String,
+        figures: Option<Figures>,
+    ) {
+        while self.decisions.len() >= MAX_DECISIONS {
+            self.decisions.pop_front();
+        }
+        self.decisions.push_back(Decision {
+            at: crate::decisions::rfc3339(now),
+            outcome,
+            by: by.to_string(),
+            step: self.step,
+            percent: self.percent,
+            gate: gate.map(str::to_string),
+            reason,
+            figures,
+        });
+    }
+
+    /// The last decision.
+    fn last(&self) -> Option<&Decision> {
+        self.decisions.back()
+    }
+
+    /// Whether this is the state of the policy's rollout `r`: the same
+    /// rollout, or for a promoted one the same candidate and champion.
+    fn belongs_to(&self, r: &Rollout) -> bool {
+        match self.status {
+            Status::Promoted => self.identity == r.identity(),
+            _ => self.fingerprint == r.fingerprint(),
+        }
+    }
+}
+
+fn unix(time: SystemTime) -> f64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// What an operator asks of a rollout (`POST /admin/rollouts/{model}/...`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Action {
+    Pause,
+    Resume,
+    Promote,
+    Rollback,
+}
+
+impl Action {
+    pub(crate) fn parse(name: &str) -> Option<Action> {
+        Some(match name {
+            "pause" => Action::Pause,
+            "resume" => Action::Resume,
+            "promote" => Action::Promote,
+            "rollback" => Action::Rollback,
+            _ => return None,
+        })
+    }
+}
+
+/// Why an operator's action was refused.
+#[derive(Debug)]
+pub(crate) enum ActionError {
+    /// The model has no `[rollout]`.
+    NoRollout,
+    /// Not possible from where the rollout stands.
+    Conflict(String),
+}
+
+/// Every model's rollout (see the module docs).
+pub(crate) struct Rollouts {
+    /// The state folder; `None` keeps the state in memory only.
+    dir: Option<PathBuf>,
+    states: Mutex<BTreeMap<String, State>>,
+    telemetry: Arc<Telemetry>,
+    /// Set when a split changed that the served snapshot may not show
+    /// yet (an operator's action, or a rebuild that failed); the next
+    /// tick builds again.
+    dirty: std::sync::atomic::AtomicBool,
+}
+
+impl Rollouts {
+    /// Reads the rollouts' state from `dir` (created if missing). A state
+    /// file that cannot be read is logged and left alone: its rollout
+    /// starts again at its first step (the lowest share, the safe side).
+    pub(crate) fn open(dir: Option<PathBuf>, telemetry: Arc<Telemetry>) -> Result<Self, String> {
+        let mut states = BTreeMap::new();
+        if let Some(dir) = &dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create the state folder {}: {e}", dir.display()))?;
+            let entries = std::fs::read_dir(dir)
+                .map_err(|e| format!("cannot read the state folder {}: {e}", dir.display()))?;
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let Some(model) = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix("rollout-"))
+                    .and_then(|n| n.strip_suffix(".json"))
+                else {
+                    continue;
+                };
+                match read_state(&path) {
+                    Ok(state) if state.model == model => {
+                        states.insert(model.to_string(), state);
+                    }
+                    Ok(_) => {
+                        tracing::error!(file = %path.display(), "rollout state names another model; ignored")
+                    }
+                    Err(e) => {
+                        tracing::error!(file = %path.display(), error = %e, "rollout state cannot be read; its rollout starts again")
+                    }
+                }
+            }
+        }
+        Ok(Rollouts {
+            dir,
+            states: Mutex::new(states),
+            telemetry,
+            dirty: Default::default(),
+        })
+    }
+
+    fn states(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, State>> {
+        self.states.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the next tick to build the snapshot again (a rebuild failed).
+    pub(crate) fn mark_dirty(&self) {
+        self.dirty.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Moves every rollout of `policies` (the snapshot being served) on:
+    /// starts new ones, restarts edited ones, judges the running ones whose
+    /// step is over, and forgets those whose model is served without a
+    /// `[rollout]` (a model that is not served at all, say while its file
+    /// is being replaced, keeps its state). True when a model's split may
+    /// have changed (the snapshot must be built again).
+    pub(crate) fn tick<'a>(
+        &self,
+        policies: impl Iterator<Item = &'a ModelPolicy>,
+        now: SystemTime,
+    ) -> bool {
+        let mut states = self.states();
+        let mut changed = self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel);
+        let mut ended = Vec::new();
+        for policy in policies {
+            let Some(r) = &policy.rollout else {
+                if states.contains_key(&policy.model) {
+                    ended.push(policy.model.clone());
+                }
+                continue;
+            };
+            let counts = (
+                self.telemetry.tally(&policy.model, &r.champion).read(),
+                self.telemetry.tally(&policy.model, &r.candidate).read(),
+            );
+            if states.get(&policy.model).is_none_or(|s| !s.belongs_to(r)) {
+                let reason = if states.contains_key(&policy.model) {
+                    "the policy's [rollout] or champion changed: the rollout starts again"
+                        .to_string()
+                } else {
+                    format!(
+                        "`{}` against champion `{}`, steps {:?}",
+                        r.candidate, r.champion, r.steps
+                    )
+                };
+                let state = State::start(&policy.model, r, now, "policy", reason);
+                self.announce(&state);
+                self.save(&state);
+                states.insert(policy.model.clone(), state);
+                changed = true;
+                continue;
+            }
+            let Some(state) = states.get_mut(&policy.model) else {
+                continue;
+            };
+            let baseline = *state.baseline.get_or_insert(counts);
+            if state.status != Status::Running {
+                continue;
+            }
+            let window = (counts.0.since(&baseline.0), counts.1.since(&baseline.1));
+            if let Some(verdict) = judge(r, state, &window, now) {
+                apply(state, r, verdict, now);
+                self.announce(state);
+                self.save(state);
+                changed = true;
+            }
+        }
+        for model in ended {
+            states.remove(&model);
+            self.forget(&model);
+        }
+        changed
+    }
+
+    /// Carries out an operator's action on `policy`'s rollout. The state
+    /// it leads to, or why not.
+    pub(crate) fn act(
+        &self,
+        policy: &ModelPolicy,
+        action: Action,
+        now: SystemTime,
+    ) -> Result<State, ActionError> {
+        let r = policy.rollout.as_ref().ok_or(ActionError::NoRollout)?;
+        let mut states = self.states();
+        let state = states
+            .get_mut(&policy.model)
+            .filter(|s| s.belongs_to(r))
+            .ok_or_else(|| {
+                ActionError::Conflict(
+                    "the rollout has not started yet (it starts at the gateway's next tick)".into(),
+                )
+            })?;
+        let from = state.status;
+        let conflict = |what: &str| {
+            Err(ActionError::Conflict(format!(
+                "the rollout is {}; {what}",
+                from.as_str()
+            )))
+        };
+        match (action, from) {
+            (Action::Pause, Status::Running) => {
+                state.status = Status::Paused;
+                state.decide(
+                    now,
+                    Outcome::Paused,
+                    "operator",
+                    None,
+                    "paused by the operator".into(),
+                    None,
+                );
+            }
+            (Action::Pause, _) => return conflict("only a running rollout pauses"),
+            (Action::Resume, Status::Paused) => {
+                state.status = Status::Running;
+                // The step starts over: its window must not mix what was
+                // served while nothing was judged.
+                let step = state.step;
+                state.begin_step(step, now);
+                state.decide(
+                    now,
+                    Outcome::Resumed,
+                    "operator",
+                    None,
+                    "resumed by the operator; the step starts over".into(),
+                    None,
+                );
+            }
+            (Action::Resume, _) => return conflict("only a paused rollout resumes"),
+            (Action::Promote, Status::Running | Status::Paused) => {
+                state.status = Status::Promoted;
+                state.percent = 100.0;
+                state.decide(
+                    now,
+                    Outcome::Promoted,
+                    "operator",
+                    None,
+                    format!("`{}` promoted to champion by the operator", r.candidate),
+                    None,
+                );
+            }
+            (Action::Promote, _) => {
+                return conflict("only a running or paused rollout is promoted");
+            }
+            (Action::Rollback, Status::Running | Status::Paused) => {
+                state.status = Status::Failed;
+                state.percent = 0.0;
+                state.decide(
+                    now,
+                    Outcome::RolledBack,
+                    "operator",
+                    None,
+                    "rolled back by the operator".into(),
+                    None,
+                );
+            }
+            (Action::Rollback, _) => {
+                return conflict("only a running or paused rollout is rolled back");
+            }
+        }
+        self.announce(state);
+        self.save(state);
+        self.mark_dirty();
+        Ok(state.clone())
+    }
+
+    /// Every rollout's state, with the current step's window so far.
+    pub(crate) fn view(&self) -> Vec<serde_json::Value> {
+        let states = self.states();
+        states
+            .values()
+            .map(|s| {
+                let window = s.baseline.map(|(champion, candidate)| {
+                    let now = (
+                        self.telemetry.tally(&s.model, &s.champion).read(),
+                        self.telemetry.tally(&s.model, &s.candidate).read(),
+                    );
+                    Figures {
+                        seconds: (unix(SystemTime::now()) - s.step_started_unix).max(0.0),
+                        champion: Side::of(&now.0.since(&champion)),
+                        candidate: Side::of(&now.1.since(&candidate)),
+                    }
+                });
+                let mut value = serde_json::to_value(s).unwrap_or_default();
+                if let Some(object) = value.as_object_mut() {
+                    object.insert(
+                        "window".into(),
+                        serde_json::to_value(window).unwrap_or_default(),
+                    );
+                }
+                value
+            })
+            .collect()
+    }
+
+    /// Logs and counts a state's last decision, and sets its gauges.
+    fn announce(&self, state: &State) {
+        let Some(d) = state.last() else { return };
+        tracing::info!(
+            model = %state.model,
+            candidate = %state.candidate,
+            outcome = d.outcome.as_str(),
+            by = %d.by,
+            step = d.step,
+            percent = d.percent,
+            gate = d.gate.as_deref().unwrap_or(""),
+            figures = %d.figures.map(|f| serde_json::to_string(&f).unwrap_or_default()).unwrap_or_default(),
+            "rollout: {}",
+            d.reason
+        );
+        self.telemetry.record_rollout(
+            &state.model,
+            d.outcome.as_str(),
+            d.gate.as_deref().unwrap_or(""),
+            state.step,
+            state.percent,
+            state.status.as_str(),
+        );
+    }
+
+    fn file(&self, model: &str) -> Option<PathBuf> {
+        self.dir
+            .as_ref()
+            .map(|d| d.join(format!("rollout-{model}.json")))
+    }
+
+    /// Writes a state atomically (a new file renamed over the old); a
+    /// failure is logged, and the rollout goes on in memory.
+    fn save(&self, state: &State) {
+        let Some(path) = self.file(&state.model) else {
+            return;
+        };
+        if let Err(e) = write_atomically(&path, state) {
+            tracing::error!(file = %path.display(), error = %e, "cannot write the rollout state; a restart would not resume this step");
+        }
+    }
+
+    fn forget(&self, model: &str) {
+        if let Some(path) = self.file(model)
+            && let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %path.display(), error = %e, "cannot remove an ended rollout's state");
+        }
+        self.telemetry.end_rollout(model);
+        tracing::info!(model, "rollout ended: the policy has no [rollout]");
+    }
+}
+
+impl policy::Route for Rollouts {
+    /// Serves a model with a rollout as its state says: the file's
+    /// champion, and the candidate at the step's percent; the candidate as
+    /// champion once promoted; no canary once rolled back. A rollout not
+    /// started yet (or edited) serves its first step.
+    fn apply(&self, policy: &mut ModelPolicy) {
+        let Some(r) = &policy.rollout else { return };
+        let states = self.states();
+        let state = states.get(&policy.model).filter(|s| s.belongs_to(r));
+        let (status, percent) =
+            state.map_or((Status::Running, r.steps[0]), |s| (s.status, s.percent));
+        policy.champion = r.champion.clone();
+        policy.canary = None;
+        match status {
+            Status::Promoted => policy.champion = r.candidate.clone(),
+            Status::Failed => {}
+            Status::Running | Status::Paused => {
+                policy.canary = Some(Canary {
+                    version: r.candidate.clone(),
+                    percent,
+                    sticky_header: r.sticky_header.clone(),
+                });
+            }
+        }
+    }
+}
+
+/// What the gates decided about a step.
+enum Verdict {
+    Pass(Figures),
+    Fail {
+        gate: &'static str,
+        reason: String,
+        figures: Figures,
+    },
+}
+
+/// Judges a running step: `None` while it must go on (too short, too few
+/// requests, comparisons or judged rows). At a step where the champion
+/// serves nothing (100 %), it is compared with the champion's figures of
+/// the step before, and there are no shadow copies to judge.
+fn judge(
+    r: &Rollout,
+    state: &State,
+    window: &(Counts, Counts),
+    now: SystemTime,
+) -> Option<Verdict> {
+    let seconds = (unix(now) - state.step_started_unix).max(0.0);
+    let g = &r.gates;
+    let candidate = Side::of(&window.1);
+    let champion_serves = state.percent < 100.0;
+    let champion = if champion_serves {
+        Side::of(&window.0)
+    } else {
+        state
+            .decisions
+            .iter()
+            .rev()
+            .find_map(|d| d.figures.map(|f| f.champion))
+            .unwrap_or_else(|| Side::of(&window.0))
+    };
+    if seconds < r.step_time.as_secs_f64() || candidate.requests < r.step_requests {
+        return None;
+    }
+    let shadow_gate = g.min_shadow_agreement.filter(|_| champion_serves);
+    if shadow_gate.is_some() && candidate.compared < r.step_requests {
+        return None;
+    }
+    if g.min_accuracy_change.is_some()
+        && (candidate.judged < g.min_feedback || champion.judged < g.min_feedback)
+    {
+        return None;
+    }
+    let figures = Figures {
+        seconds,
+        champion,
+        candidate,
+    };
+    let fail = |gate, reason| {
+        Some(Verdict::Fail {
+            gate,
+            reason,
+            figures,
+        })
+    };
+    let rate = |s: &Side| s.error_rate.unwrap_or(0.0);
+    if rate(&candidate) - rate(&champion) > g.max_error_rate_increase {
+        return fail(
+            "error_rate",
+            format!(
+                "the candidate failed {:.2} % of its requests, the champion {:.2} %: more than {:.2} points worse",
+                rate(&candidate) * 100.0,
+                rate(&champion) * 100.0,
+                g.max_error_rate_increase * 100.0
+            ),
+        );
+    }
+    // The candidate's p99 over the limit means more than 1 % of its
+    // requests took longer: counted, so that one slow request among a
+    // few dozen (whose p99 is their slowest) never fails the gate.
+    if let Some(theirs) = champion.p99_ms {
+        let limit_ms = g.max_p99_ratio * theirs.max(1.0);
+        let slow = window
+            .1
+            .slower_than(std::time::Duration::from_secs_f64(limit_ms / 1e3));
+        if slow >= 2 && slow as f64 > 0.01 * candidate.requests as f64 {
+            return fail(
+                "p99_latency",
+                format!(
+                    "{slow} of the candidate's {} requests took longer than {limit_ms:.1} ms ({}x the champion's p99 of {theirs:.1} ms): its p99 is {:.1} ms",
+                    candidate.requests,
+                    g.max_p99_ratio,
+                    candidate.p99_ms.unwrap_or(0.0)
+                ),
+            );
+        }
+    }
+    if let (Some(min), Some(agreement)) = (shadow_gate, candidate.agreement)
+        && agreement < min
+    {
+        return fail(
+            "shadow_agreement",
+            format!(
+                "the candidate agreed with the champion on {:.1} % of the shadow copies, below {:.1} %",
+                agreement * 100.0,
+                min * 100.0
+            ),
+        );
+    }
+    if let (Some(min), Some(ours), Some(theirs)) =
+        (g.min_accuracy_change, candidate.accuracy, champion.accuracy)
+        && ours - theirs < min
+    {
+        return fail(
+            "accuracy",
+            format!(
+                "the candidate's accuracy on ground truth is {:.1} %, the champion's {:.1} %: a change of {:+.1} points, below {:+.1}",
+                ours * 100.0,
+                theirs * 100.0,
+                (ours - theirs) * 100.0,
+                min * 100.0
+            ),
+        );
+    }
+    Some(Verdict::Pass(figures))
+}
+
+/// Carries out the gates' verdict on a running rollout.
+fn apply(state: &mut State, r: &Rollout, verdict: Verdict, now: SystemTime) {
+    match verdict {
+        Verdict::Fail {
+            gate,
+            reason,
+            figures,
+        } => {
+            state.status = Status::Failed;
+            state.percent = 0.0;
+            state.decide(
+                now,
+                Outcome::RolledBack,
+                "rollout",
+                Some(gate),
+                reason,
+                Some(figures),
+            );
+        }
+        Verdict::Pass(figures) if state.step + 1 < r.steps.len() => {
+            let from = state.percent;
+            let next = state.step + 1;
+            state.begin_step(next, now);
+            let reason = format!("every gate passed at {from} %: on to {} %", state.percent);
+            state.decide(
+                now,
+                Outcome::Advanced,
+                "rollout",
+                None,
+                reason,
+                Some(figures),
+            );
+        }
+        Verdict::Pass(figures) => {
+            state.status = Status::Promoted;
+            state.percent = 100.0;
+            let reason = format!(
+                "every gate passed at the last step: `{}` is the champion",
+                r.candidate
+            );
+            state.decide(
+                now,
+                Outcome::Promoted,
+                "rollout",
+                None,
+                reason,
+                Some(figures),
+            );
+        }
+    }
+}
+
+fn read_state(path: &Path) -> Result<State, String> {
+    let text = std::fs::read(path).map_err(|e| e.to_string())?;
+    let state: State = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
+    if state.schema != SCHEMA {
+        return Err(format!(
+            "schema {} (this gateway reads {SCHEMA})",
+            state.schema
+        ));
+    }
+    if state.steps.is_empty() {
+        return Err("no steps".into());
+    }
+    Ok(state)
+}
+
+fn write_atomically(path: &Path, state: &State) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let temp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(&serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
+    file.sync_all()?;
+    std::fs::rename(&temp, path)?;
+    if let Some(dir) = path.parent()
+        && let Ok(dir) = std::fs::File::open(dir)
+    {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Gates;
+
+    fn rollout() -> Rollout {
+        Rollout {
+            candidate: "v2".into(),
+            champion: "v1".into(),
+            steps: vec![50.0, 100.0],
+            step_time: std::time::Duration::from_secs(1),
+            step_requests: 10,
+            sticky_header: "x-routing-key".into(),
+            gates: Gates {
+                max_error_rate_increase: 0.01,
+                max_p99_ratio: 2.0,
+                min_accuracy_change: Some(-0.02),
+                min_feedback: 5,
+                min_shadow_agreement: None,
+            },
+        }
+    }
+
+    fn counts(requests: u64, errors: u64, correct: u64, wrong: u64) -> Counts {
+        let mut c = Counts {
+            requests,
+            errors,
+            correct,
+            wrong,
+            ..Counts::default()
+        };
+        c.latency[0] = requests;
+        c
+    }
+
+    #[test]
+    fn steps_wait_for_their_time_requests_and_truth_then_judge_against_the_champion() {
+        let r = rollout();
+        let start = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let mut state = State::start("m", &r, start, "policy", "test".into());
+        let later = start + std::time::Duration::from_secs(2);
+        let healthy = (counts(100, 0, 90, 10), counts(20, 0, 18, 2));
+        // Too early, too few requests, too little truth: the step goes on.
+        assert!(judge(&r, &state, &healthy, start).is_none());
+        assert!(
+            judge(
+                &r,
+                &state,
+                &(counts(100, 0, 9, 1), counts(9, 0, 9, 0)),
+                later
+            )
+            .is_none()
+        );
+        assert!(
+            judge(
+                &r,
+                &state,
+                &(counts(100, 0, 90, 10), counts(20, 0, 3, 1)),
+                later
+            )
+            .is_none()
+        );
+        let Some(Verdict::Pass(figures)) = judge(&r, &state, &healthy, later) else {
+            panic!("a healthy step passes");
+        };
+        apply(&mut state, &r, Verdict::Pass(figures), later);
+        assert_eq!(
+            (state.step, state.percent, state.status),
+            (1, 100.0, Status::Running)
+        );
+        // At 100 % the champion serves nothing: the candidate is judged
+        // against the champion's figures of the step before.
+        let end = later + std::time::Duration::from_secs(2);
+        let worse = (Counts::default(), counts(20, 0, 16, 4));
+        match judge(&r, &state, &worse, end) {
+            Some(Verdict::Fail { gate, figures, .. }) => {
+                assert_eq!(gate, "accuracy");
+                assert_eq!(figures.champion.accuracy, Some(0.9));
+            }
+            _ => panic!("80 % against the champion's 90 % fails"),
+        }
+        let failing = (counts(100, 0, 90, 10), counts(20, 1, 18, 2));
+        match judge(&r, &state, &failing, end) {
+            Some(Verdict::Fail { gate, .. }) => assert_eq!(gate, "error_rate"),
+            _ => panic!("5 % errors against none fails"),
+        }
+        let verdict = judge(&r, &state, &healthy, end).unwrap();
+        apply(&mut state, &r, verdict, end);
+        assert_eq!((state.status, state.percent), (Status::Promoted, 100.0));
+        let outcomes: Vec<_> = state.decisions.iter().map(|d| d.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [Outcome::Started, Outcome::Advanced, Outcome::Promoted]
+        );
+    }
+}
