@@ -293,6 +293,15 @@ fn describe(m: &Model) -> Vec<(String, String)> {
             ),
         ));
     }
+    if let Some(c) = &m.control {
+        aspects.push((
+            "control".into(),
+            format!(
+                "{} at {}% (sticky header {})",
+                c.version.name, c.percent, c.sticky_header
+            ),
+        ));
+    }
     if let Some(s) = &m.policy.shadow {
         aspects.push((
             "shadow".into(),
@@ -345,6 +354,8 @@ pub struct ModelView {
     pub file: String,
     pub champion: String,
     pub canary: Option<CanaryView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control: Option<CanaryView>,
     pub shadow: Option<ShadowView>,
     pub versions: Vec<VersionView>,
 }
@@ -421,6 +432,11 @@ impl ModelView {
             file: m.policy.file.display().to_string(),
             champion: m.champion.name.clone(),
             canary: m.canary.as_ref().map(|c| CanaryView {
+                version: c.version.name.clone(),
+                percent: c.percent,
+                sticky_header: c.sticky_header.to_string(),
+            }),
+            control: m.control.as_ref().map(|c| CanaryView {
                 version: c.version.name.clone(),
                 percent: c.percent,
                 sticky_header: c.sticky_header.to_string(),

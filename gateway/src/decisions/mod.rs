@@ -14,6 +14,7 @@ mod forward;
 pub(crate) mod identity;
 pub(crate) mod read;
 mod sink;
+pub(crate) use sink::lock as lock_folder;
 pub mod verify;
 
 use std::collections::VecDeque;

@@ -51,7 +51,10 @@ impl Recorded {
     /// Whether this is the record of a request as served (not a shadow
     /// copy, not a request for something the policies did not have).
     pub(crate) fn is_served(&self) -> bool {
-        matches!(self.route.as_str(), "champion" | "canary" | "pinned")
+        matches!(
+            self.route.as_str(),
+            "champion" | "canary" | "pinned" | "control"
+        )
     }
 }
 

@@ -75,7 +75,11 @@ impl Sink {
         let dir = &config.dir;
         let problem = |e: std::io::Error| format!("decision log {}: {e}", dir.display());
         std::fs::create_dir_all(dir).map_err(problem)?;
-        let lock = lock(dir)?;
+        let lock = lock(
+            dir,
+            "decision log",
+            "another gateway writes to this folder; give each gateway its own --decision-log",
+        )?;
         let current = dir.join(CURRENT);
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -477,10 +481,12 @@ struct PolicyRef {
     sha256: String,
 }
 
-/// Takes the folder's lock (`.lock`, an exclusive `flock`): two gateways
-/// appending to one chain would break it. A server just stopped in this
-/// process may still be writing its last records, so this waits up to 2 s.
-fn lock(dir: &Path) -> Result<File, String> {
+/// Takes a folder's lock (`.lock`, an exclusive `flock`), held while the
+/// file lives: two gateways appending to one chain would break it, two
+/// writing one rollout's state would undo each other's decisions. A
+/// server just stopped in this process may still be finishing, so this
+/// waits up to 2 s; then the error is `what` (the folder), `taken`.
+pub(crate) fn lock(dir: &Path, what: &str, taken: &str) -> Result<File, String> {
     use std::os::fd::AsRawFd as _;
     let path = dir.join(".lock");
     let file = std::fs::OpenOptions::new()
@@ -488,7 +494,7 @@ fn lock(dir: &Path) -> Result<File, String> {
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|e| format!("decision log {}: {e}", path.display()))?;
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
     let until = Instant::now() + std::time::Duration::from_secs(2);
     loop {
         // SAFETY: flock on a descriptor this function owns.
@@ -496,10 +502,7 @@ fn lock(dir: &Path) -> Result<File, String> {
             return Ok(file);
         }
         if Instant::now() >= until {
-            return Err(format!(
-                "decision log {}: another gateway writes to this folder; give each gateway its own --decision-log",
-                dir.display()
-            ));
+            return Err(format!("{what} {}: {taken}", dir.display()));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }

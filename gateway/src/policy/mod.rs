@@ -73,6 +73,8 @@ pub struct ModelPolicy {
     pub champion: String,
     pub versions: Vec<VersionPolicy>,
     pub canary: Option<Canary>,
+    /// A share held on a baseline version (`[control]`).
+    pub control: Option<Control>,
     pub shadow: Option<Shadow>,
     /// Declared inputs and value rules (`[validation]`, `[[inputs]]`).
     pub schema: Option<Schema>,
@@ -193,6 +195,21 @@ pub struct Canary {
     pub percent: f64,
     /// The request header whose value keeps a caller on one version
     /// (lower-case).
+    pub sticky_header: String,
+}
+
+/// A control group (`[control]`): a sticky share of the unpinned traffic
+/// held on a baseline version whatever the champion and the canary, so
+/// every version's ground truth can be compared with it. Its share is the
+/// top of the sticky points (`[100 - percent, 100)`); the canary's is the
+/// bottom.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Control {
+    pub version: String,
+    /// 0 to 100 (below 100).
+    pub percent: f64,
+    /// The header that keeps a caller in or out of the group (the canary's
+    /// or rollout's, when there is one: one point per caller).
     pub sticky_header: String,
 }
 
@@ -361,6 +378,8 @@ struct PolicyFile {
     #[serde(default)]
     canary: Option<CanaryTable>,
     #[serde(default)]
+    control: Option<ControlTable>,
+    #[serde(default)]
     shadow: Option<ShadowTable>,
     #[serde(default)]
     validation: Option<schema::ValidationTable>,
@@ -410,6 +429,15 @@ struct RecordTable {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CanaryTable {
+    version: Spanned<String>,
+    percent: Spanned<f64>,
+    #[serde(default)]
+    sticky_header: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlTable {
     version: Spanned<String>,
     percent: Spanned<f64>,
     #[serde(default)]
@@ -759,6 +787,65 @@ pub fn parse(
     let schema = schema::parse(raw.validation.as_ref(), &raw.inputs, &at, &mut errors);
     let monitoring = schema::parse_monitoring(raw.monitoring.as_ref(), &at, &mut errors);
     let record = parse_record(raw.record.as_ref(), &at, &mut errors);
+    let control = raw.control.as_ref().and_then(|c| {
+        let before = errors.len();
+        let version = c.version.get_ref();
+        let split_by = canary
+            .as_ref()
+            .map(|k| (k.version.as_str(), k.sticky_header.as_str(), "canary"))
+            .or_else(|| {
+                raw.rollout.as_ref().map(|r| {
+                    (
+                        r.candidate.get_ref().as_str(),
+                        r.sticky_header.as_ref().map_or(DEFAULT_STICKY_HEADER, |h| h.get_ref().as_str()),
+                        "rollout",
+                    )
+                })
+            });
+        if !is_version(version) {
+            errors.push(PolicyError::at(
+                &at(c.version.span(), "control.version"),
+                format!("`{version}` is not a version of this model"),
+            ));
+        } else if let Some((other, _, what)) = split_by
+            && other == version
+        {
+            errors.push(PolicyError::at(
+                &at(c.version.span(), "control.version"),
+                format!("`{version}` is the {what}'s; the control group is held on a baseline"),
+            ));
+        }
+        let percent = *c.percent.get_ref();
+        let room = match &canary {
+            Some(k) => 100.0 - k.percent,
+            None => 100.0,
+        };
+        if !(0.0..100.0).contains(&percent) {
+            errors.push(PolicyError::at(
+                &at(c.percent.span(), "control.percent"),
+                format!("{percent} is out of range; allowed: 0 to below 100"),
+            ));
+        } else if percent > room {
+            errors.push(PolicyError::at(
+                &at(c.percent.span(), "control.percent"),
+                format!("{percent} and the canary's {} are more than 100 together", 100.0 - room),
+            ));
+        }
+        let sticky_header = sticky_header(&c.sticky_header, "control.sticky_header", &at, &mut errors);
+        if let Some((_, theirs, what)) = split_by
+            && !theirs.eq_ignore_ascii_case(&sticky_header)
+        {
+            errors.push(PolicyError::at(
+                &at(c.version.span(), "control.sticky_header"),
+                format!("`{sticky_header}`, but the {what} splits by `{theirs}`: one header places a caller in both"),
+            ));
+        }
+        (errors.len() == before).then(|| Control {
+            version: version.clone(),
+            percent,
+            sticky_header,
+        })
+    });
     let rollout = raw.rollout.as_ref().and_then(|r| {
         let before = errors.len();
         let candidate = r.candidate.get_ref();
@@ -874,6 +961,7 @@ pub fn parse(
         champion,
         versions,
         canary,
+        control,
         shadow,
         schema,
         monitoring,

@@ -29,7 +29,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{self, Canary, ModelPolicy, Rollout};
-use crate::telemetry::{Counts, Telemetry};
+use crate::telemetry::{CONTROL_TALLY, Counts, Telemetry};
 
 /// Decisions a rollout keeps (the oldest go first).
 const MAX_DECISIONS: usize = 256;
@@ -112,12 +112,37 @@ pub(crate) struct Decision {
     pub(crate) figures: Option<Figures>,
 }
 
-/// The champion and the candidate over one window.
+/// The champion, the candidate and the control group over one window.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Figures {
     pub(crate) seconds: f64,
     pub(crate) champion: Side,
     pub(crate) candidate: Side,
+    /// The model's control group, when it has one: the accuracy gate's
+    /// reference then.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub(crate) control: Option<Side>,
+}
+
+/// The counts a rollout is judged on, read at one moment (or the
+/// difference of two reads: a window).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Reads {
+    champion: Counts,
+    candidate: Counts,
+    control: Option<Counts>,
+}
+
+impl Reads {
+    fn since(&self, earlier: &Reads) -> Reads {
+        Reads {
+            champion: self.champion.since(&earlier.champion),
+            candidate: self.candidate.since(&earlier.candidate),
+            control: self
+                .control
+                .map(|c| c.since(&earlier.control.unwrap_or_default())),
+        }
+    }
 }
 
 /// One version over a window.
@@ -174,7 +199,7 @@ pub(crate) struct State {
     /// Both versions' counts when the window began (at the step's start,
     /// or at the first tick after a restart: the counts start again).
     #[serde(skip)]
-    baseline: Option<(Counts, Counts)>,
+    baseline: Option<Reads>,
 }
 
 impl State {
@@ -293,6 +318,8 @@ pub(crate) struct Rollouts {
     /// yet (an operator's action, or a rebuild that failed); the next
     /// tick builds again.
     dirty: std::sync::atomic::AtomicBool,
+    /// The state folder's lock, held while the server lives.
+    _lock: Option<std::fs::File>,
 }
 
 impl Rollouts {
@@ -301,9 +328,15 @@ impl Rollouts {
     /// starts again at its first step (the lowest share, the safe side).
     pub(crate) fn open(dir: Option<PathBuf>, telemetry: Arc<Telemetry>) -> Result<Self, String> {
         let mut states = BTreeMap::new();
+        let mut lock = None;
         if let Some(dir) = &dir {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create the state folder {}: {e}", dir.display()))?;
+            lock = Some(crate::decisions::lock_folder(
+                dir,
+                "state folder",
+                "another gateway keeps its rollouts here; give each gateway its own --state-dir",
+            )?);
             let entries = std::fs::read_dir(dir)
                 .map_err(|e| format!("cannot read the state folder {}: {e}", dir.display()))?;
             for entry in entries.flatten() {
@@ -334,6 +367,7 @@ impl Rollouts {
             states: Mutex::new(states),
             telemetry,
             dirty: Default::default(),
+            _lock: lock,
         })
     }
 
@@ -367,10 +401,7 @@ impl Rollouts {
                 }
                 continue;
             };
-            let counts = (
-                self.telemetry.tally(&policy.model, &r.champion).read(),
-                self.telemetry.tally(&policy.model, &r.candidate).read(),
-            );
+            let counts = self.read(&policy.model, r, policy.control.is_some());
             if states.get(&policy.model).is_none_or(|s| !s.belongs_to(r)) {
                 let reason = if states.contains_key(&policy.model) {
                     "the policy's [rollout] or champion changed: the rollout starts again"
@@ -395,7 +426,7 @@ impl Rollouts {
             if state.status != Status::Running {
                 continue;
             }
-            let window = (counts.0.since(&baseline.0), counts.1.since(&baseline.1));
+            let window = counts.since(&baseline);
             if let Some(verdict) = judge(r, state, &window, now) {
                 apply(state, r, verdict, now);
                 self.announce(state);
@@ -507,15 +538,20 @@ impl Rollouts {
         states
             .values()
             .map(|s| {
-                let window = s.baseline.map(|(champion, candidate)| {
-                    let now = (
-                        self.telemetry.tally(&s.model, &s.champion).read(),
-                        self.telemetry.tally(&s.model, &s.candidate).read(),
-                    );
+                let window = s.baseline.map(|baseline| {
+                    let now = Reads {
+                        champion: self.telemetry.tally(&s.model, &s.champion).read(),
+                        candidate: self.telemetry.tally(&s.model, &s.candidate).read(),
+                        control: baseline
+                            .control
+                            .map(|_| self.telemetry.tally(&s.model, CONTROL_TALLY).read()),
+                    }
+                    .since(&baseline);
                     Figures {
                         seconds: (unix(SystemTime::now()) - s.step_started_unix).max(0.0),
-                        champion: Side::of(&now.0.since(&champion)),
-                        candidate: Side::of(&now.1.since(&candidate)),
+                        champion: Side::of(&now.champion),
+                        candidate: Side::of(&now.candidate),
+                        control: now.control.as_ref().map(Side::of),
                     }
                 });
                 let mut value = serde_json::to_value(s).unwrap_or_default();
@@ -528,6 +564,16 @@ impl Rollouts {
                 value
             })
             .collect()
+    }
+
+    /// The counts of `r`'s champion and candidate, and of the model's
+    /// control group if it has one, now.
+    fn read(&self, model: &str, r: &Rollout, control: bool) -> Reads {
+        Reads {
+            champion: self.telemetry.tally(model, &r.champion).read(),
+            candidate: self.telemetry.tally(model, &r.candidate).read(),
+            control: control.then(|| self.telemetry.tally(model, CONTROL_TALLY).read()),
+        }
     }
 
     /// Logs and counts a state's last decision, and sets its gauges.
@@ -625,26 +671,24 @@ enum Verdict {
 /// requests, comparisons or judged rows). At a step where the champion
 /// serves nothing (100 %), it is compared with the champion's figures of
 /// the step before, and there are no shadow copies to judge.
-fn judge(
-    r: &Rollout,
-    state: &State,
-    window: &(Counts, Counts),
-    now: SystemTime,
-) -> Option<Verdict> {
+fn judge(r: &Rollout, state: &State, window: &Reads, now: SystemTime) -> Option<Verdict> {
     let seconds = (unix(now) - state.step_started_unix).max(0.0);
     let g = &r.gates;
-    let candidate = Side::of(&window.1);
+    let candidate = Side::of(&window.candidate);
+    let control = window.control.as_ref().map(Side::of);
     let champion_serves = state.percent < 100.0;
     let champion = if champion_serves {
-        Side::of(&window.0)
+        Side::of(&window.champion)
     } else {
         state
             .decisions
             .iter()
             .rev()
             .find_map(|d| d.figures.map(|f| f.champion))
-            .unwrap_or_else(|| Side::of(&window.0))
+            .unwrap_or_else(|| Side::of(&window.champion))
     };
+    // Accuracy is compared with the control group when there is one.
+    let reference = control.unwrap_or(champion);
     if seconds < r.step_time.as_secs_f64() || candidate.requests < r.step_requests {
         return None;
     }
@@ -653,7 +697,7 @@ fn judge(
         return None;
     }
     if g.min_accuracy_change.is_some()
-        && (candidate.judged < g.min_feedback || champion.judged < g.min_feedback)
+        && (candidate.judged < g.min_feedback || reference.judged < g.min_feedback)
     {
         return None;
     }
@@ -661,6 +705,7 @@ fn judge(
         seconds,
         champion,
         candidate,
+        control,
     };
     let fail = |gate, reason| {
         Some(Verdict::Fail {
@@ -687,7 +732,7 @@ fn judge(
     if let Some(theirs) = champion.p99_ms {
         let limit_ms = g.max_p99_ratio * theirs.max(1.0);
         let slow = window
-            .1
+            .candidate
             .slower_than(std::time::Duration::from_secs_f64(limit_ms / 1e3));
         if slow >= 2 && slow as f64 > 0.01 * candidate.requests as f64 {
             return fail(
@@ -713,15 +758,22 @@ fn judge(
             ),
         );
     }
-    if let (Some(min), Some(ours), Some(theirs)) =
-        (g.min_accuracy_change, candidate.accuracy, champion.accuracy)
-        && ours - theirs < min
+    if let (Some(min), Some(ours), Some(theirs)) = (
+        g.min_accuracy_change,
+        candidate.accuracy,
+        reference.accuracy,
+    ) && ours - theirs < min
     {
         return fail(
             "accuracy",
             format!(
-                "the candidate's accuracy on ground truth is {:.1} %, the champion's {:.1} %: a change of {:+.1} points, below {:+.1}",
+                "the candidate's accuracy on ground truth is {:.1} %, the {}'s {:.1} %: a change of {:+.1} points, below {:+.1}",
                 ours * 100.0,
+                if control.is_some() {
+                    "control group"
+                } else {
+                    "champion"
+                },
                 theirs * 100.0,
                 (ours - theirs) * 100.0,
                 min * 100.0
@@ -836,6 +888,14 @@ mod tests {
         }
     }
 
+    fn reads(champion: Counts, candidate: Counts) -> Reads {
+        Reads {
+            champion,
+            candidate,
+            control: None,
+        }
+    }
+
     fn counts(requests: u64, errors: u64, correct: u64, wrong: u64) -> Counts {
         let mut c = Counts {
             requests,
@@ -854,14 +914,14 @@ mod tests {
         let start = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
         let mut state = State::start("m", &r, start, "policy", "test".into());
         let later = start + std::time::Duration::from_secs(2);
-        let healthy = (counts(100, 0, 90, 10), counts(20, 0, 18, 2));
+        let healthy = reads(counts(100, 0, 90, 10), counts(20, 0, 18, 2));
         // Too early, too few requests, too little truth: the step goes on.
         assert!(judge(&r, &state, &healthy, start).is_none());
         assert!(
             judge(
                 &r,
                 &state,
-                &(counts(100, 0, 9, 1), counts(9, 0, 9, 0)),
+                &reads(counts(100, 0, 9, 1), counts(9, 0, 9, 0)),
                 later
             )
             .is_none()
@@ -870,7 +930,7 @@ mod tests {
             judge(
                 &r,
                 &state,
-                &(counts(100, 0, 90, 10), counts(20, 0, 3, 1)),
+                &reads(counts(100, 0, 90, 10), counts(20, 0, 3, 1)),
                 later
             )
             .is_none()
@@ -886,7 +946,7 @@ mod tests {
         // At 100 % the champion serves nothing: the candidate is judged
         // against the champion's figures of the step before.
         let end = later + std::time::Duration::from_secs(2);
-        let worse = (Counts::default(), counts(20, 0, 16, 4));
+        let worse = reads(Counts::default(), counts(20, 0, 16, 4));
         match judge(&r, &state, &worse, end) {
             Some(Verdict::Fail { gate, figures, .. }) => {
                 assert_eq!(gate, "accuracy");
@@ -894,10 +954,22 @@ mod tests {
             }
             _ => panic!("80 % against the champion's 90 % fails"),
         }
-        let failing = (counts(100, 0, 90, 10), counts(20, 1, 18, 2));
+        let failing = reads(counts(100, 0, 90, 10), counts(20, 1, 18, 2));
         match judge(&r, &state, &failing, end) {
             Some(Verdict::Fail { gate, .. }) => assert_eq!(gate, "error_rate"),
             _ => panic!("5 % errors against none fails"),
+        }
+        // With a control group, accuracy is compared with it instead.
+        let with_control = Reads {
+            control: Some(counts(50, 0, 50, 0)),
+            ..healthy
+        };
+        match judge(&r, &state, &with_control, end) {
+            Some(Verdict::Fail { gate, reason, .. }) => {
+                assert_eq!(gate, "accuracy");
+                assert!(reason.contains("the control group's 100.0 %"), "{reason}");
+            }
+            _ => panic!("90 % against the control group's 100 % fails"),
         }
         let verdict = judge(&r, &state, &healthy, end).unwrap();
         apply(&mut state, &r, verdict, end);

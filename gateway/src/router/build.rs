@@ -11,7 +11,7 @@ use std::sync::Arc;
 use http::HeaderName;
 use tokio::sync::Semaphore;
 
-use super::{Admission, CanaryRoute, Model, ShadowRoute, Snapshot, Version};
+use super::{Admission, CanaryRoute, ControlRoute, Model, ShadowRoute, Snapshot, Version};
 use crate::onnx::{ModelSet, OnnxModel};
 use crate::policy::{self, LoadOptions, ModelPolicy, PolicyError, Serving, VersionPolicy};
 use crate::runtime::{Backend, Plugin, Runtime};
@@ -229,6 +229,9 @@ fn new_version(model: &str, v: &VersionPolicy, backend: Backend, runtime: &Runti
         metrics: super::VersionMetrics::new(
             runtime.telemetry().clone(),
             runtime.telemetry().tally(model, &v.name),
+            runtime
+                .telemetry()
+                .tally(model, crate::telemetry::CONTROL_TALLY),
         ),
         error_log: Default::default(),
         admission: Admission::new(v.limits.max_concurrency, v.limits.max_queue),
@@ -325,6 +328,25 @@ fn assemble(
             })?,
         }),
     };
+    let control = match &policy.control {
+        None => None,
+        Some(c) => Some(ControlRoute {
+            version: version(&c.version)?,
+            percent: c.percent,
+            sticky_header: HeaderName::from_bytes(c.sticky_header.as_bytes()).map_err(|e| {
+                PolicyError::key(&policy.file, "control.sticky_header", e.to_string())
+            })?,
+        }),
+    };
+    if let Some(control) = &control {
+        same_outputs(
+            &policy,
+            "control.version",
+            &champion,
+            &control.version,
+            true,
+        )?;
+    }
     if let Some(r) = &policy.rollout {
         // Checked here too, so `gateway check` (no rollout state: no
         // canary) refuses what a rollout's step would.
@@ -407,6 +429,7 @@ fn assemble(
         champion,
         versions,
         canary,
+        control,
         shadow,
         schema,
         monitors,

@@ -24,7 +24,7 @@ pub struct VersionMetrics {
     telemetry: Arc<Telemetry>,
     /// `gateway_requests_total{status="200"}` and the request histogram,
     /// by route (in [`Route`] order).
-    answered: [OnceLock<(Counter, Histogram)>; 4],
+    answered: [OnceLock<(Counter, Histogram)>; 5],
     plugin_duration: OnceLock<Histogram>,
     /// `gateway_predictions_total`, by label: the first [`MAX_LABELS`]
     /// distinct labels, lock-free to read; later ones count as [`OTHER`].
@@ -32,13 +32,20 @@ pub struct VersionMetrics {
     other: OnceLock<Counter>,
     /// What a rollout judges the version on.
     tally: Arc<crate::telemetry::Tally>,
+    /// The model's control group's (whichever version holds it).
+    control_tally: Arc<crate::telemetry::Tally>,
 }
 
 impl VersionMetrics {
-    pub(crate) fn new(telemetry: Arc<Telemetry>, tally: Arc<crate::telemetry::Tally>) -> Self {
+    pub(crate) fn new(
+        telemetry: Arc<Telemetry>,
+        tally: Arc<crate::telemetry::Tally>,
+        control_tally: Arc<crate::telemetry::Tally>,
+    ) -> Self {
         VersionMetrics {
             telemetry,
             tally,
+            control_tally,
             answered: Default::default(),
             plugin_duration: OnceLock::new(),
             labels: Default::default(),
@@ -67,8 +74,10 @@ impl VersionMetrics {
         fault: bool,
         elapsed: Duration,
     ) {
-        if matches!(route, Route::Champion | Route::Canary) {
-            self.tally.request(status, fault, elapsed);
+        match route {
+            Route::Champion | Route::Canary => self.tally.request(status, fault, elapsed),
+            Route::Control => self.control_tally.request(status, fault, elapsed),
+            Route::Pinned | Route::Shadow => {}
         }
         if status != 200 {
             return self
@@ -80,6 +89,7 @@ impl VersionMetrics {
             Route::Canary => 1,
             Route::Pinned => 2,
             Route::Shadow => 3,
+            Route::Control => 4,
         };
         let (count, duration) = self.answered[at].get_or_init(|| {
             self.telemetry.with(|| {
@@ -196,7 +206,7 @@ mod tests {
 
     #[test]
     fn prediction_labels_are_bounded() {
-        let m = VersionMetrics::new(Telemetry::new(), Default::default());
+        let m = VersionMetrics::new(Telemetry::new(), Default::default(), Default::default());
         for i in 0..MAX_LABELS {
             let _ = m.label_counter("m", "v", &format!("l{i}"));
         }
@@ -211,7 +221,7 @@ mod tests {
 
     #[test]
     fn many_distinct_labels_are_counted_in_linear_time() {
-        let m = VersionMetrics::new(Telemetry::new(), Default::default());
+        let m = VersionMetrics::new(Telemetry::new(), Default::default(), Default::default());
         let mut data = Vec::new();
         for i in 0..200_000u32 {
             let label = i.to_string();

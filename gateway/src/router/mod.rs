@@ -47,6 +47,8 @@ pub struct Model {
     pub champion: Arc<Version>,
     pub versions: BTreeMap<String, Arc<Version>>,
     pub canary: Option<CanaryRoute>,
+    /// The control group's share, held on its baseline version.
+    pub control: Option<ControlRoute>,
     pub shadow: Option<ShadowRoute>,
     /// The declared inputs, with datatypes and shapes filled in from the
     /// plugins when the policy says `from_plugin`.
@@ -57,6 +59,14 @@ pub struct Model {
 
 /// A share of unpinned traffic that goes to another version.
 pub struct CanaryRoute {
+    pub version: Arc<Version>,
+    pub percent: f64,
+    pub sticky_header: HeaderName,
+}
+
+/// The top `percent` of the sticky points, held on a baseline version
+/// (see [`crate::policy::Control`]).
+pub struct ControlRoute {
     pub version: Arc<Version>,
     pub percent: f64,
     pub sticky_header: HeaderName,
@@ -118,13 +128,18 @@ pub struct Routed<'a> {
     pub draw: Option<Draw>,
 }
 
-/// Why an unpinned request of a model with a canary went where it went:
-/// its point in `[0, 100)` (the sticky key's, see [`sticky_point`], or a
-/// random one) against the canary's percent.
+/// Why an unpinned request of a model with a canary or a control group
+/// went where it went: its point in `[0, 100)` (the sticky key's, see
+/// [`sticky_point`], or a random one) against the canary's percent (0
+/// without a canary) and the control group's.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Draw {
     pub point: f64,
     pub percent: f64,
+    /// The control group's percent: points at or above `100 - it` are
+    /// held on its version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_percent: Option<f64>,
     /// Whether the point came from the sticky header.
     pub sticky: bool,
 }
@@ -140,6 +155,8 @@ pub enum Route {
     Pinned,
     /// A copy of an answered request, sent to a challenger.
     Shadow,
+    /// The control group's share, held on its baseline version.
+    Control,
 }
 
 impl Route {
@@ -149,6 +166,7 @@ impl Route {
             Route::Canary => "canary",
             Route::Pinned => "pinned",
             Route::Shadow => "shadow",
+            Route::Control => "control",
         }
     }
 }
@@ -230,30 +248,40 @@ impl Model {
             })
     }
 
-    /// Canary or champion for an unpinned request. With the sticky header,
-    /// the choice is a pure function of model and key (the same on every
-    /// replica and after restarts); without it, a fresh random draw.
+    /// Control group, canary or champion for an unpinned request. With
+    /// the sticky header, the choice is a pure function of model and key
+    /// (the same on every replica and after restarts); without it, a
+    /// fresh random draw.
     pub fn choose(&self, headers: &HeaderMap) -> (&Arc<Version>, Route, Option<Draw>) {
-        let Some(canary) = &self.canary else {
-            return (&self.champion, Route::Champion, None);
+        let header = match (&self.canary, &self.control) {
+            (Some(canary), _) => &canary.sticky_header,
+            (None, Some(control)) => &control.sticky_header,
+            (None, None) => return (&self.champion, Route::Champion, None),
         };
-        let key = headers.get(&canary.sticky_header);
+        let key = headers.get(header);
         let point = match key {
             Some(key) => sticky_point(&self.name, key.as_bytes()),
             None => random_point(),
         };
         let draw = Some(Draw {
             point,
-            percent: canary.percent,
+            percent: self.canary.as_ref().map_or(0.0, |c| c.percent),
+            control_percent: self.control.as_ref().map(|c| c.percent),
             sticky: key.is_some(),
         });
         let (version, route) = self.choose_at(point);
         (version, route, draw)
     }
 
-    /// Canary or champion for an unpinned request whose point (see
-    /// [`sticky_point`]) is `point`.
+    /// Control group, canary or champion for an unpinned request whose
+    /// point (see [`sticky_point`]) is `point`: the control group holds
+    /// the top of the points, the canary the bottom.
     pub fn choose_at(&self, point: f64) -> (&Arc<Version>, Route) {
+        if let Some(control) = &self.control
+            && point >= 100.0 - control.percent
+        {
+            return (&control.version, Route::Control);
+        }
         match &self.canary {
             Some(canary) if point < canary.percent => (&canary.version, Route::Canary),
             _ => (&self.champion, Route::Champion),
@@ -346,6 +374,15 @@ mod tests {
         );
         let golden = sticky_point("time-to-merge", b"user-1");
         assert!((0.0..100.0).contains(&golden));
+        // Golden values: the points of these keys, pinned.
+        let points: Vec<f64> = [&b"user-1"[..], b"user-2", b"author-4711"]
+            .iter()
+            .map(|k| sticky_point("time-to-merge", k))
+            .collect();
+        assert_eq!(
+            points,
+            [94.85020457652436, 15.569226027794391, 49.921901689425006]
+        );
         assert_ne!(
             sticky_point("time-to-merge", b"user-1"),
             sticky_point("other-model", b"user-1")

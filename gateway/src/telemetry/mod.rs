@@ -18,6 +18,10 @@ pub(crate) use tally::{Counts, Tally};
 /// Label value for requests that never reached a known model.
 pub(crate) const UNKNOWN: &str = "_unknown";
 
+/// The [`Tally`] of a model's control group, whichever version holds it
+/// (no version is named so: names start with a letter or digit).
+pub(crate) const CONTROL_TALLY: &str = "@control";
+
 const DURATION_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
@@ -209,8 +213,10 @@ impl Telemetry {
         correct: u64,
         wrong: u64,
     ) {
-        if matches!(route, "champion" | "canary") {
-            self.tally(model, version).judged(correct, wrong);
+        match route {
+            "champion" | "canary" => self.tally(model, version).judged(correct, wrong),
+            "control" => self.tally(model, CONTROL_TALLY).judged(correct, wrong),
+            _ => {}
         }
         self.with(|| {
             for (outcome, n) in [("correct", correct), ("wrong", wrong)] {
