@@ -650,6 +650,14 @@ async fn a_control_group_holds_its_sticky_share_on_the_baseline() {
             text.replace("version = \"v3\"", "version = \"v2\""),
             "`control.version`: `v2` is the canary's; the control group is held on a baseline",
         ),
+        (
+            text.replace(
+                "[canary]\nversion = \"v2\"\npercent = 30\n",
+                "[rollout]\ncandidate = \"v2\"\n",
+            )
+            .replace("percent = 20", "percent = 30"),
+            "`rollout.steps`: the step at 75 % leaves the champion nothing beside the control group's 30 %: below 100, a step is at most 70 %",
+        ),
     ] {
         gw.write_policy("ttm.toml", &bad);
         let reply = gw.reload().await;

@@ -77,6 +77,7 @@ impl Sink {
         std::fs::create_dir_all(dir).map_err(problem)?;
         let lock = lock(
             dir,
+            ".lock",
             "decision log",
             "another gateway writes to this folder; give each gateway its own --decision-log",
         )?;
@@ -481,14 +482,14 @@ struct PolicyRef {
     sha256: String,
 }
 
-/// Takes a folder's lock (`.lock`, an exclusive `flock`), held while the
-/// file lives: two gateways appending to one chain would break it, two
+/// Takes a folder's lock (the file `name` in it, an exclusive `flock`),
+/// held while the file lives: two gateways appending to one chain would break it, two
 /// writing one rollout's state would undo each other's decisions. A
 /// server just stopped in this process may still be finishing, so this
 /// waits up to 2 s; then the error is `what` (the folder), `taken`.
-pub(crate) fn lock(dir: &Path, what: &str, taken: &str) -> Result<File, String> {
+pub(crate) fn lock(dir: &Path, name: &str, what: &str, taken: &str) -> Result<File, String> {
     use std::os::fd::AsRawFd as _;
-    let path = dir.join(".lock");
+    let path = dir.join(name);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -712,7 +712,8 @@ impl<'a> Call<'a> {
     pub(crate) fn finish(mut self, result: Result<Answer, &Error>) {
         self.record(result.as_ref().map(|_| ()).map_err(|e| *e));
         if let Ok(answer) = result
-            && !matches!(self.route, Route::Pinned | Route::Shadow)
+            // The control group is a measurement of its baseline alone.
+            && !matches!(self.route, Route::Pinned | Route::Shadow | Route::Control)
         {
             shadows::dispatch(
                 self.pipeline,

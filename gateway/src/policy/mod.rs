@@ -816,27 +816,28 @@ pub fn parse(
             ));
         }
         let percent = *c.percent.get_ref();
-        let room = match &canary {
-            Some(k) => 100.0 - k.percent,
-            None => 100.0,
-        };
+        let canary_percent = canary.as_ref().map_or(0.0, |k| k.percent);
         if !(0.0..100.0).contains(&percent) {
             errors.push(PolicyError::at(
                 &at(c.percent.span(), "control.percent"),
                 format!("{percent} is out of range; allowed: 0 to below 100"),
             ));
-        } else if percent > room {
+        } else if percent + canary_percent > 100.0 + 1e-9 {
             errors.push(PolicyError::at(
                 &at(c.percent.span(), "control.percent"),
-                format!("{percent} and the canary's {} are more than 100 together", 100.0 - room),
+                format!("{percent} and the canary's {canary_percent} are more than 100 together"),
             ));
         }
         let sticky_header = sticky_header(&c.sticky_header, "control.sticky_header", &at, &mut errors);
         if let Some((_, theirs, what)) = split_by
             && !theirs.eq_ignore_ascii_case(&sticky_header)
         {
+            let span = c
+                .sticky_header
+                .as_ref()
+                .map_or_else(|| c.version.span(), |h| h.span());
             errors.push(PolicyError::at(
-                &at(c.version.span(), "control.sticky_header"),
+                &at(span, "control.sticky_header"),
                 format!("`{sticky_header}`, but the {what} splits by `{theirs}`: one header places a caller in both"),
             ));
         }
@@ -932,6 +933,23 @@ pub fn parse(
                 list.clone()
             }
         };
+        // Below 100, the champion must keep a share beside the control
+        // group: it is what the candidate is judged against.
+        if let Some(c) = &control
+            && let Some(p) = steps
+                .iter()
+                .find(|p| **p < 100.0 && **p + c.percent > 100.0 - 1e-9)
+        {
+            let span = r.steps.as_ref().map_or_else(|| r.candidate.span(), |s| s.span());
+            errors.push(PolicyError::at(
+                &at(span, "rollout.steps"),
+                format!(
+                    "the step at {p} % leaves the champion nothing beside the control group's {} %: below 100, a step is at most {} %",
+                    c.percent,
+                    100.0 - c.percent
+                ),
+            ));
+        }
         let sticky_header = sticky_header(&r.sticky_header, "rollout.sticky_header", &at, &mut errors);
         (errors.len() == before).then(|| Rollout {
             candidate: candidate.clone(),

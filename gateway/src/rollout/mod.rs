@@ -200,6 +200,9 @@ pub(crate) struct State {
     /// or at the first tick after a restart: the counts start again).
     #[serde(skip)]
     baseline: Option<Reads>,
+    /// The control group's version when the window began.
+    #[serde(skip)]
+    control_of: Option<String>,
 }
 
 impl State {
@@ -219,6 +222,7 @@ impl State {
             step_started_unix: 0.0,
             decisions: VecDeque::new(),
             baseline: None,
+            control_of: None,
         };
         state.begin_step(0, now);
         state.decide(now, Outcome::Started, by, None, reason, None);
@@ -334,6 +338,7 @@ impl Rollouts {
                 .map_err(|e| format!("cannot create the state folder {}: {e}", dir.display()))?;
             lock = Some(crate::decisions::lock_folder(
                 dir,
+                ".rollouts.lock",
                 "state folder",
                 "another gateway keeps its rollouts here; give each gateway its own --state-dir",
             )?);
@@ -422,6 +427,13 @@ impl Rollouts {
             let Some(state) = states.get_mut(&policy.model) else {
                 continue;
             };
+            // A control group added, removed or moved to another version
+            // starts the window again: its counts would mix.
+            let control = policy.control.as_ref().map(|c| c.version.clone());
+            if state.control_of != control {
+                state.control_of = control;
+                state.baseline = None;
+            }
             let baseline = *state.baseline.get_or_insert(counts);
             if state.status != Status::Running {
                 continue;
