@@ -81,16 +81,9 @@ async fn drive(
     let mut client = gw.client().await;
     let until = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some(state) = rollout(gw, model).await
-            && done(&state)
-        {
+        if let Some(state) = reached(gw, model, &done, until).await {
             return state;
         }
-        assert!(
-            Instant::now() < until,
-            "rollout of {model} never got there: {:?}",
-            rollout(gw, model).await
-        );
         let mut feedback = Vec::new();
         for _ in 0..20 {
             let i = *next;
@@ -120,18 +113,30 @@ async fn drive(
 async fn settle(gw: &TestGateway, model: &str, done: impl Fn(&Value) -> bool) -> Value {
     let until = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(state) = rollout(gw, model).await
-            && done(&state)
-        {
+        if let Some(state) = reached(gw, model, &done, until).await {
             return state;
         }
-        assert!(
-            Instant::now() < until,
-            "rollout of {model} never got there: {:?}",
-            rollout(gw, model).await
-        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `model`'s rollout if it satisfies `done`; fails the test past `until`.
+async fn reached(
+    gw: &TestGateway,
+    model: &str,
+    done: &impl Fn(&Value) -> bool,
+    until: Instant,
+) -> Option<Value> {
+    let state = rollout(gw, model).await;
+    if let Some(state) = state.filter(|s| done(s)) {
+        return Some(state);
+    }
+    assert!(
+        Instant::now() < until,
+        "rollout of {model} never got there: {:?}",
+        rollout(gw, model).await
+    );
+    None
 }
 
 fn outcomes(state: &Value) -> Vec<String> {

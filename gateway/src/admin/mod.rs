@@ -284,23 +284,16 @@ fn describe(m: &Model) -> Vec<(String, String)> {
     if let Some(d) = &m.policy.description {
         aspects.push(("description".into(), format!("{d:?}")));
     }
-    if let Some(c) = &m.canary {
-        aspects.push((
-            "canary".into(),
-            format!(
-                "{} at {}% (sticky header {})",
-                c.version.name, c.percent, c.sticky_header
-            ),
-        ));
-    }
-    if let Some(c) = &m.control {
-        aspects.push((
-            "control".into(),
-            format!(
-                "{} at {}% (sticky header {})",
-                c.version.name, c.percent, c.sticky_header
-            ),
-        ));
+    for (what, share) in [("canary", &m.canary), ("control", &m.control)] {
+        if let Some(c) = share {
+            aspects.push((
+                what.into(),
+                format!(
+                    "{} at {}% (sticky header {})",
+                    c.version.name, c.percent, c.sticky_header
+                ),
+            ));
+        }
     }
     if let Some(s) = &m.policy.shadow {
         aspects.push((
@@ -353,18 +346,29 @@ pub struct ModelView {
     pub model: String,
     pub file: String,
     pub champion: String,
-    pub canary: Option<CanaryView>,
+    pub canary: Option<ShareView>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub control: Option<CanaryView>,
+    pub control: Option<ShareView>,
     pub shadow: Option<ShadowView>,
     pub versions: Vec<VersionView>,
 }
 
+/// A canary's or a control group's share.
 #[derive(Serialize)]
-pub struct CanaryView {
+pub struct ShareView {
     pub version: String,
     pub percent: f64,
     pub sticky_header: String,
+}
+
+impl ShareView {
+    fn of(share: &router::ShareRoute) -> Self {
+        ShareView {
+            version: share.version.name.clone(),
+            percent: share.percent,
+            sticky_header: share.sticky_header.to_string(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -431,16 +435,8 @@ impl ModelView {
             model: m.name.clone(),
             file: m.policy.file.display().to_string(),
             champion: m.champion.name.clone(),
-            canary: m.canary.as_ref().map(|c| CanaryView {
-                version: c.version.name.clone(),
-                percent: c.percent,
-                sticky_header: c.sticky_header.to_string(),
-            }),
-            control: m.control.as_ref().map(|c| CanaryView {
-                version: c.version.name.clone(),
-                percent: c.percent,
-                sticky_header: c.sticky_header.to_string(),
-            }),
+            canary: m.canary.as_ref().map(ShareView::of),
+            control: m.control.as_ref().map(ShareView::of),
             shadow: m.policy.shadow.as_ref().map(|s| ShadowView {
                 versions: s.versions.clone(),
                 sample_percent: s.sample_percent,

@@ -110,8 +110,9 @@ pub struct Rollout {
 /// What a rollout's candidate must show against the champion over a step.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Gates {
-    /// The candidate's share of 5xx answers may exceed the champion's by
-    /// at most this (0.01: one percentage point).
+    /// The candidate's share of failed answers (a 5xx, or its plugin
+    /// refusing the inputs) may exceed the champion's by at most this
+    /// (0.01: one percentage point).
     pub max_error_rate_increase: f64,
     /// The candidate's p99 latency may be at most this times the
     /// champion's (latencies under 1 ms count as 1 ms): more than 1 % of

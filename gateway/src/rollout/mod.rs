@@ -406,7 +406,12 @@ impl Rollouts {
                 }
                 continue;
             };
-            let counts = self.read(&policy.model, r, policy.control.is_some());
+            let counts = self.read(
+                &policy.model,
+                &r.champion,
+                &r.candidate,
+                policy.control.is_some(),
+            );
             if states.get(&policy.model).is_none_or(|s| !s.belongs_to(r)) {
                 let reason = if states.contains_key(&policy.model) {
                     "the policy's [rollout] or champion changed: the rollout starts again"
@@ -551,14 +556,14 @@ impl Rollouts {
             .values()
             .map(|s| {
                 let window = s.baseline.map(|baseline| {
-                    let now = Reads {
-                        champion: self.telemetry.tally(&s.model, &s.champion).read(),
-                        candidate: self.telemetry.tally(&s.model, &s.candidate).read(),
-                        control: baseline
-                            .control
-                            .map(|_| self.telemetry.tally(&s.model, CONTROL_TALLY).read()),
-                    }
-                    .since(&baseline);
+                    let now = self
+                        .read(
+                            &s.model,
+                            &s.champion,
+                            &s.candidate,
+                            baseline.control.is_some(),
+                        )
+                        .since(&baseline);
                     Figures {
                         seconds: (unix(SystemTime::now()) - s.step_started_unix).max(0.0),
                         champion: Side::of(&now.champion),
@@ -578,12 +583,12 @@ impl Rollouts {
             .collect()
     }
 
-    /// The counts of `r`'s champion and candidate, and of the model's
-    /// control group if it has one, now.
-    fn read(&self, model: &str, r: &Rollout, control: bool) -> Reads {
+    /// The counts of a rollout's champion and candidate, and of the
+    /// model's control group if it has one, now.
+    fn read(&self, model: &str, champion: &str, candidate: &str, control: bool) -> Reads {
         Reads {
-            champion: self.telemetry.tally(model, &r.champion).read(),
-            candidate: self.telemetry.tally(model, &r.candidate).read(),
+            champion: self.telemetry.tally(model, champion).read(),
+            candidate: self.telemetry.tally(model, candidate).read(),
             control: control.then(|| self.telemetry.tally(model, CONTROL_TALLY).read()),
         }
     }

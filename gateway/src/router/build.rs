@@ -11,7 +11,7 @@ use std::sync::Arc;
 use http::HeaderName;
 use tokio::sync::Semaphore;
 
-use super::{Admission, CanaryRoute, ControlRoute, Model, ShadowRoute, Snapshot, Version};
+use super::{Admission, Model, ShadowRoute, ShareRoute, Snapshot, Version};
 use crate::onnx::{ModelSet, OnnxModel};
 use crate::policy::{self, LoadOptions, ModelPolicy, PolicyError, Serving, VersionPolicy};
 use crate::runtime::{Backend, Plugin, Runtime};
@@ -318,25 +318,26 @@ fn assemble(
         })
     };
     let champion = version(&policy.champion)?;
+    let share = |table: &str, name: &str, percent: f64, header: &str| {
+        Ok::<_, PolicyError>(ShareRoute {
+            version: version(name)?,
+            percent,
+            sticky_header: HeaderName::from_bytes(header.as_bytes()).map_err(|e| {
+                PolicyError::key(
+                    &policy.file,
+                    &format!("{table}.sticky_header"),
+                    e.to_string(),
+                )
+            })?,
+        })
+    };
     let canary = match &policy.canary {
         None => None,
-        Some(c) => Some(CanaryRoute {
-            version: version(&c.version)?,
-            percent: c.percent,
-            sticky_header: HeaderName::from_bytes(c.sticky_header.as_bytes()).map_err(|e| {
-                PolicyError::key(&policy.file, "canary.sticky_header", e.to_string())
-            })?,
-        }),
+        Some(c) => Some(share("canary", &c.version, c.percent, &c.sticky_header)?),
     };
     let control = match &policy.control {
         None => None,
-        Some(c) => Some(ControlRoute {
-            version: version(&c.version)?,
-            percent: c.percent,
-            sticky_header: HeaderName::from_bytes(c.sticky_header.as_bytes()).map_err(|e| {
-                PolicyError::key(&policy.file, "control.sticky_header", e.to_string())
-            })?,
-        }),
+        Some(c) => Some(share("control", &c.version, c.percent, &c.sticky_header)?),
     };
     if let Some(control) = &control {
         same_outputs(

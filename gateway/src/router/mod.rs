@@ -46,9 +46,11 @@ pub struct Model {
     pub policy: ModelPolicy,
     pub champion: Arc<Version>,
     pub versions: BTreeMap<String, Arc<Version>>,
-    pub canary: Option<CanaryRoute>,
-    /// The control group's share, held on its baseline version.
-    pub control: Option<ControlRoute>,
+    /// The bottom `percent` of the sticky points, sent to the canary.
+    pub canary: Option<ShareRoute>,
+    /// The top `percent` of the sticky points, held on a baseline version
+    /// (see [`crate::policy::Control`]).
+    pub control: Option<ShareRoute>,
     pub shadow: Option<ShadowRoute>,
     /// The declared inputs, with datatypes and shapes filled in from the
     /// plugins when the policy says `from_plugin`.
@@ -57,16 +59,9 @@ pub struct Model {
     pub monitors: BTreeMap<String, Arc<crate::monitor::Monitor>>,
 }
 
-/// A share of unpinned traffic that goes to another version.
-pub struct CanaryRoute {
-    pub version: Arc<Version>,
-    pub percent: f64,
-    pub sticky_header: HeaderName,
-}
-
-/// The top `percent` of the sticky points, held on a baseline version
-/// (see [`crate::policy::Control`]).
-pub struct ControlRoute {
+/// A sticky share of unpinned traffic that goes to another version than
+/// the champion (the canary's, or the control group's).
+pub struct ShareRoute {
     pub version: Arc<Version>,
     pub percent: f64,
     pub sticky_header: HeaderName,

@@ -72,11 +72,9 @@ impl Telemetry {
 
     /// The counts rollouts judge `version` of `model` on (see [`Tally`]).
     pub(crate) fn tally(&self, model: &str, version: &str) -> Arc<Tally> {
-        let mut tallies = self.tallies.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tally) = tallies.get(&(model.to_string(), version.to_string())) {
-            return tally.clone();
-        }
-        tallies
+        self.tallies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .entry((model.to_string(), version.to_string()))
             .or_default()
             .clone()
@@ -160,8 +158,19 @@ impl Telemetry {
                 "gate" => gate.to_string()
             )
             .increment(1);
-            metrics::gauge!("gateway_rollout_step", "model" => model.to_string())
-                .set(step as f64 + 1.0);
+        });
+        self.set_rollout(model, step as f64 + 1.0, percent, Some(status));
+    }
+
+    /// A rollout ended: its gauges go to zero.
+    pub(crate) fn end_rollout(&self, model: &str) {
+        self.set_rollout(model, 0.0, 0.0, None);
+    }
+
+    /// A rollout's gauges: its step, percent, and 1 for its status.
+    fn set_rollout(&self, model: &str, step: f64, percent: f64, status: Option<&str>) {
+        self.with(|| {
+            metrics::gauge!("gateway_rollout_step", "model" => model.to_string()).set(step);
             metrics::gauge!("gateway_rollout_percent", "model" => model.to_string()).set(percent);
             for s in ["running", "paused", "failed", "promoted"] {
                 metrics::gauge!(
@@ -169,23 +178,7 @@ impl Telemetry {
                     "model" => model.to_string(),
                     "status" => s
                 )
-                .set(if s == status { 1.0 } else { 0.0 });
-            }
-        })
-    }
-
-    /// A rollout ended: its gauges go to zero.
-    pub(crate) fn end_rollout(&self, model: &str) {
-        self.with(|| {
-            metrics::gauge!("gateway_rollout_step", "model" => model.to_string()).set(0.0);
-            metrics::gauge!("gateway_rollout_percent", "model" => model.to_string()).set(0.0);
-            for s in ["running", "paused", "failed", "promoted"] {
-                metrics::gauge!(
-                    "gateway_rollout_status",
-                    "model" => model.to_string(),
-                    "status" => s
-                )
-                .set(0.0);
+                .set(if Some(s) == status { 1.0 } else { 0.0 });
             }
         })
     }
