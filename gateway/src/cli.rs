@@ -411,6 +411,20 @@ struct ServeArgs {
     /// again at its first step.
     #[arg(long, value_name = "DIR", env = "GATEWAY_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// Judge rollouts with a fleet: from the gateway_gate_* series every
+    /// replica exports, read from this Prometheus (http:// URL), at
+    /// boundaries aligned in time, so every replica makes the same
+    /// decisions. Without it each gateway judges its own traffic.
+    #[arg(long, value_name = "URL", env = "GATEWAY_ROLLOUT_PROMETHEUS", value_parser = crate::http_url::HttpUrl::parse)]
+    rollout_prometheus: Option<crate::http_url::HttpUrl>,
+    /// A fleet's evaluation interval: boundaries are its multiples since
+    /// the Unix epoch; the same on every replica (15 unless set).
+    #[arg(long, value_name = "SECS", value_parser = bounded!(u64, config::FLEET_INTERVAL_SECS))]
+    rollout_interval_secs: Option<u64>,
+    /// How long after a boundary a fleet reads it: at least Prometheus's
+    /// scrape interval and a scrape's time (30 unless set).
+    #[arg(long, value_name = "SECS", value_parser = bounded!(u64, config::FLEET_DELAY_SECS))]
+    rollout_delay_secs: Option<u64>,
     /// Also send every record the decision log writes to this http:// URL,
     /// as CloudEvents in batches (`application/cloudevents-batch+json`);
     /// never slows a request: what cannot be sent is counted and stays in
@@ -579,6 +593,37 @@ impl ServeArgs {
                         "--decision-sink sends what the decision log writes: give --decision-log too"
                             .into(),
                     ]);
+                }
+            }
+        }
+        if let Some(prometheus) = self.rollout_prometheus {
+            let fleet = s
+                .options
+                .fleet
+                .get_or_insert(crate::rollout::fleet::Settings {
+                    prometheus: prometheus.clone(),
+                    every: config::FLEET_INTERVAL,
+                    delay: config::FLEET_DELAY,
+                });
+            fleet.prometheus = prometheus;
+        }
+        for (flag, value, set) in [
+            (
+                "--rollout-interval-secs",
+                self.rollout_interval_secs,
+                (|f, v| f.every = v) as fn(&mut crate::rollout::fleet::Settings, Duration),
+            ),
+            ("--rollout-delay-secs", self.rollout_delay_secs, |f, v| {
+                f.delay = v
+            }),
+        ] {
+            let Some(secs) = value else { continue };
+            match s.options.fleet.as_mut() {
+                Some(fleet) => set(fleet, Duration::from_secs(secs)),
+                None => {
+                    return Err(vec![format!(
+                        "{flag} is for a fleet's rollouts: give --rollout-prometheus too"
+                    )]);
                 }
             }
         }

@@ -21,6 +21,12 @@ pub(crate) const CONNECTIONS_PER_PEER: RangeInclusive<i64> = 0..=1_000_000;
 pub(crate) const TIMEOUT_MS: RangeInclusive<i64> = 1..=3_600_000;
 pub(crate) const TIMEOUT_SECS: RangeInclusive<i64> = 1..=86_400;
 pub(crate) const DRAIN_SECS: RangeInclusive<i64> = 0..=3_600;
+/// A fleet's evaluation interval, and the delay after each boundary.
+pub(crate) const FLEET_INTERVAL_SECS: RangeInclusive<i64> = 1..=86_400;
+pub(crate) const FLEET_DELAY_SECS: RangeInclusive<i64> = 0..=3_600;
+/// Their defaults: Prometheus's usual scrape interval, and two of them.
+pub(crate) const FLEET_INTERVAL: Duration = Duration::from_secs(15);
+pub(crate) const FLEET_DELAY: Duration = Duration::from_secs(30);
 pub(crate) const HEADER_BYTES: RangeInclusive<i64> = 1_024..=(1 << 20);
 pub(crate) const HEADERS: RangeInclusive<i64> = 1..=10_000;
 pub(crate) const H2_STREAMS: RangeInclusive<i64> = 1..=10_000;
@@ -211,6 +217,9 @@ struct ConfigFile {
 struct RolloutsTable {
     state_dir: Text,
     tick_ms: Int,
+    prometheus_url: Text,
+    interval_secs: Int,
+    delay_secs: Int,
 }
 
 #[derive(Default, Deserialize)]
@@ -720,6 +729,32 @@ impl Reader<'_> {
             self.int::<u64>(&r.tick_ms, "rollouts.tick_ms", 10..=60_000)
                 .map(Duration::from_millis)
         );
+        let prometheus = r.prometheus_url.as_ref().and_then(|url| {
+            crate::http_url::HttpUrl::parse(url.get_ref())
+                .map_err(|e| self.error(url.span(), "rollouts.prometheus_url", e))
+                .ok()
+        });
+        let every = self.secs(
+            &r.interval_secs,
+            "rollouts.interval_secs",
+            FLEET_INTERVAL_SECS,
+        );
+        let delay = self.secs(&r.delay_secs, "rollouts.delay_secs", FLEET_DELAY_SECS);
+        match prometheus {
+            Some(prometheus) => {
+                s.options.fleet = Some(crate::rollout::fleet::Settings {
+                    prometheus,
+                    every: every.unwrap_or(FLEET_INTERVAL),
+                    delay: delay.unwrap_or(FLEET_DELAY),
+                })
+            }
+            None if every.is_some() || delay.is_some() => self.errors.push(PolicyError::key(
+                self.file,
+                "rollouts",
+                "sets a fleet's interval or delay but no `prometheus_url`: rollouts are judged by this gateway alone without one",
+            )),
+            None => {}
+        }
 
         let l = &raw.decisions;
         if let Some(dir) = self.path(&l.dir, "decisions.dir") {
@@ -832,7 +867,9 @@ mod tests {
         assert!(e[0].contains("no `dir`"), "{e:?}");
         let e = read("[decisions]\ndir = \"log\"\nsink_url = \"https://c/e\"\n").unwrap_err();
         assert!(
-            e[0].contains(":3:12: `decisions.sink_url`: `https://c/e`: the decision sink speaks http, not https"),
+            e[0].contains(
+                ":3:12: `decisions.sink_url`: `https://c/e`: only http:// is spoken, not https"
+            ),
             "{e:?}"
         );
         assert_eq!(s.options.listen, "0.0.0.0:9000".parse().unwrap());

@@ -597,12 +597,15 @@ async fn a_flood_of_looping_calls_does_not_slow_another_model() {
         ),
     ])
     .await;
-    // Three rounds of a quiet window then an attacked one; the medians are
-    // compared, so a moment when other tests load the same two cores does
-    // not decide alone.
+    // Five rounds of a quiet window and an attacked one, in alternating
+    // order so that load from other tests on the same two cores, which
+    // comes and goes, falls on both kinds alike; the medians are compared,
+    // so no one moment decides.
     let (mut quiet, mut attacked) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        quiet.push(healthy_p99(&gw, 200).await);
+    for round in 0..5 {
+        if round % 2 == 0 {
+            quiet.push(healthy_p99(&gw, 200).await);
+        }
         // 300 looping calls at once: 64 admitted, 64 queued, the rest
         // refused; the admitted ones take turns on the version's share of
         // the cores.
@@ -615,13 +618,16 @@ async fn a_flood_of_looping_calls_does_not_slow_another_model() {
             let status = call.await.unwrap().status;
             assert!(status == 504 || status == 503, "{status}");
         }
+        if round % 2 == 1 {
+            quiet.push(healthy_p99(&gw, 200).await);
+        }
     }
     quiet.sort();
     attacked.sort();
     eprintln!("healthy p99: quiet {quiet:?}, during the flood {attacked:?}");
     // Without the version's share of the cores this was 117 ms against 0.3.
     assert!(
-        attacked[1] <= quiet[1] * 2 + Duration::from_millis(5),
+        attacked[2] <= quiet[2] * 2 + Duration::from_millis(5),
         "healthy p99 {attacked:?} during the flood, {quiet:?} without"
     );
     gw.shutdown().await;

@@ -11,6 +11,7 @@ mod compat;
 mod config;
 mod decisions;
 mod feedback;
+mod fleet;
 mod front;
 mod grants;
 mod hostile;

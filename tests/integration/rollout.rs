@@ -17,7 +17,7 @@ use crate::support::{Client, TestGateway, fp32_request, label_of, pr_features as
 /// gate is loose (a loaded test machine stalls either version now and
 /// then, and a step's p99 here is the slowest of a few requests); the
 /// latency test tightens it.
-fn policy(model: &str, candidate: &str, limits: &str, extra: &str) -> String {
+pub(crate) fn policy(model: &str, candidate: &str, limits: &str, extra: &str) -> String {
     format!(
         "model = \"{model}\"\nchampion = \"v1\"\n\
          [versions.v1]\nplugin = \"ttm-rules-v1\"\n\
@@ -33,7 +33,7 @@ fn configure(o: &mut gateway::server::ServeOptions) {
 }
 
 /// The model's rollout as `GET /admin/rollouts` shows it.
-async fn rollout(gw: &TestGateway, model: &str) -> Option<Value> {
+pub(crate) async fn rollout(gw: &TestGateway, model: &str) -> Option<Value> {
     let reply = gw.admin(Method::GET, "/admin/rollouts").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     reply.json()["rollouts"]
@@ -46,7 +46,7 @@ async fn rollout(gw: &TestGateway, model: &str) -> Option<Value> {
 
 /// Sends request `i` (sticky key and id of its own); the version that
 /// answered and its label.
-async fn infer(client: &mut Client, model: &str, i: usize) -> (u16, String, String) {
+pub(crate) async fn infer(client: &mut Client, model: &str, i: usize) -> (u16, String, String) {
     let reply = client
         .post(
             &format!("/v2/models/{model}/infer"),
@@ -139,7 +139,7 @@ async fn reached(
     None
 }
 
-fn outcomes(state: &Value) -> Vec<String> {
+pub(crate) fn outcomes(state: &Value) -> Vec<String> {
     state["decisions"]
         .as_array()
         .unwrap()
@@ -164,7 +164,14 @@ async fn a_healthy_candidate_goes_through_every_step_and_is_promoted() {
     // The candidate runs the same rules as the champion: it is as right,
     // as fast and as reliable.
     let text = policy("ttm", "ttm-rules-v1", "timeout_ms = 5000", "");
-    let gw = TestGateway::start_configured(&[("ttm.toml", &text)], configure).await;
+    let log = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start_configured(&[("ttm.toml", &text)], |o| {
+        configure(o);
+        o.decisions = Some(gateway::decisions::DecisionLogConfig::new(
+            log.path().to_path_buf(),
+        ));
+    })
+    .await;
     let mut next = 0;
     let state = drive(&gw, "ttm", &mut next, None, |s| s["status"] == "promoted").await;
     assert_eq!(
@@ -209,7 +216,30 @@ async fn a_healthy_candidate_goes_through_every_step_and_is_promoted() {
         ),
         1.0
     );
+    // Every decision is also a record of the decision log's chain, with
+    // the files of both versions, as a request's record names them.
+    let reply = gw.admin(Method::GET, "/admin/decisions/rollout:ttm").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let records = reply.json()["decisions"].as_array().unwrap().clone();
+    assert_eq!(records.len(), decisions.len(), "{records:#?}");
+    let served = gw.admin(Method::GET, "/admin/decisions/ttm-0").await.json();
+    let plugin = &served["decisions"][0]["artifacts"]["plugin"];
+    assert!(plugin["sha256"].as_str().is_some(), "{served:#}");
+    for (record, decision) in records.iter().zip(decisions) {
+        assert_eq!(record["kind"], "rollout", "{record:#}");
+        assert_eq!(record["model"], "ttm");
+        assert_eq!(record["rollout"]["decision"], *decision, "{record:#}");
+        assert_eq!(record["rollout"]["candidate"], "v2");
+        for version in ["v1", "v2"] {
+            assert_eq!(
+                record["rollout"]["artifacts"][version]["plugin"], *plugin,
+                "{record:#}"
+            );
+        }
+    }
     gw.shutdown().await;
+    let report = gateway::decisions::verify::verify(log.path()).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,11 +265,21 @@ async fn a_failing_candidate_is_rolled_back_at_its_first_failed_gate() {
             "min_shadow_agreement = 0.9"
         )
     );
+    // The v3 rules again, served this time: the labels it predicts are
+    // not distributed as the champion's.
+    let drifting = policy(
+        "drifting",
+        "ttm-rules-v3",
+        "timeout_ms = 5000",
+        "max_prediction_psi = 0.1",
+    )
+    .replace("step_requests = 5", "step_requests = 50");
     let gw = TestGateway::start_configured(
         &[
             ("errors.toml", &errors),
             ("slow.toml", &slow),
             ("contrary.toml", &contrary),
+            ("drifting.toml", &drifting),
         ],
         configure,
     )
@@ -248,6 +288,7 @@ async fn a_failing_candidate_is_rolled_back_at_its_first_failed_gate() {
         ("errors", "error_rate"),
         ("slow", "p99_latency"),
         ("contrary", "shadow_agreement"),
+        ("drifting", "prediction_drift"),
     ] {
         let mut next = 0;
         let state = drive(&gw, model, &mut next, None, |s| s["status"] != "running").await;
@@ -271,6 +312,15 @@ async fn a_failing_candidate_is_rolled_back_at_its_first_failed_gate() {
                     > 5.0 * figures["champion"]["p99_ms"].as_f64().unwrap().max(1.0),
                 "{figures:#}"
             ),
+            "prediction_drift" => {
+                // Both distributions are in the figures; v3 moves pull
+                // requests one bucket earlier.
+                let predicted =
+                    |side: &str| figures[side]["predicted"].as_object().unwrap().clone();
+                assert_ne!(predicted("candidate"), predicted("champion"), "{figures:#}");
+                let reason = decision["reason"].as_str().unwrap();
+                assert!(reason.contains("population stability index"), "{reason}");
+            }
             _ => assert!(
                 figures["candidate"]["agreement"].as_f64().unwrap() < 0.9,
                 "{figures:#}"
@@ -294,6 +344,67 @@ async fn a_failing_candidate_is_rolled_back_at_its_first_failed_gate() {
             1.0
         );
     }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_fed_other_inputs_is_rolled_back_on_input_drift() {
+    // The example's declared inputs, with their reference distributions.
+    let example =
+        std::fs::read_to_string(crate::support::repo_root().join("policies/time-to-merge.toml"))
+            .unwrap();
+    let start = example.find("[validation]").unwrap();
+    let end = example.find("# Drift is scored").unwrap();
+    let text = policy(
+        "skewed",
+        "ttm-rules-v1",
+        "timeout_ms = 5000",
+        "max_input_psi = 0.25",
+    )
+    .replace("step_requests = 5", "step_requests = 20")
+        + &example[start..end];
+    let gw = TestGateway::start_configured(&[("skewed.toml", &text)], configure).await;
+    // Unpinned traffic on both sides, and a client that pins the
+    // candidate and sends it only huge pull requests: what the candidate
+    // sees is not what the champion sees.
+    let mut client = gw.client().await;
+    let huge = fp32_request(
+        "pr_features",
+        &[1, 6],
+        &[400.0, 90_000.0, 50_000.0, 300.0, 400.0, 40.0],
+    );
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut i = 0;
+    let state = loop {
+        let state = rollout(&gw, "skewed").await;
+        if let Some(state) = state.as_ref().filter(|s| s["status"] != "running") {
+            break state.clone();
+        }
+        assert!(Instant::now() < until, "{state:#?}");
+        for _ in 0..20 {
+            infer(&mut client, "skewed", i).await;
+            let reply = client
+                .post("/v2/models/skewed/versions/v2/infer", &huge, &[])
+                .await;
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            i += 1;
+        }
+    };
+    assert_eq!(state["status"], "failed", "{state:#}");
+    let decision = &state["decisions"][1];
+    assert_eq!(decision["gate"], "input_drift", "{decision:#}");
+    let reason = decision["reason"].as_str().unwrap();
+    assert!(reason.contains("pr_features/"), "{reason}");
+    // Both sides' bins are in the figures.
+    let figures = &decision["figures"];
+    assert!(
+        figures["candidate"]["inputs"]["pr_features/additions"].is_array(),
+        "{figures:#}"
+    );
+    assert!(
+        figures["champion"]["inputs"]["pr_features/additions"].is_array(),
+        "{figures:#}"
+    );
     gw.shutdown().await;
 }
 

@@ -25,6 +25,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 
 use super::Counters;
+use crate::http_url::HttpUrl;
 
 /// The bytes of records waiting to be sent; more are dropped.
 const QUEUE_BYTES: usize = 16 << 20;
@@ -51,55 +52,6 @@ const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 /// The events' `type`; the schema of their `data` is the record's.
 pub(crate) const EVENT_TYPE: &str = "wasm-model-gateway.decision.v1";
-
-/// Where the sink sends: an `http://` URL.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SinkUrl {
-    /// `host:port`, as connected to and sent in `Host`.
-    authority: String,
-    /// The path and query.
-    path: String,
-}
-
-impl SinkUrl {
-    /// Parses an `http://host[:port]/path` URL (port 80 by default).
-    pub fn parse(text: &str) -> Result<SinkUrl, String> {
-        let uri: http::Uri = text
-            .parse()
-            .map_err(|e| format!("`{text}` is not a URL: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some(other) => {
-                return Err(format!(
-                    "`{text}`: the decision sink speaks http, not {other} (send to a local collector or proxy that forwards over TLS)"
-                ));
-            }
-            None => return Err(format!("`{text}`: give the scheme, http://")),
-        }
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("`{text}` names no host"))?;
-        if authority.as_str().contains('@') {
-            return Err(format!(
-                "`{text}`: credentials in the URL are not supported"
-            ));
-        }
-        let authority = match authority.port_u16() {
-            Some(_) => authority.as_str().to_string(),
-            None => format!("{}:80", authority.host()),
-        };
-        let path = uri
-            .path_and_query()
-            .map_or("/".to_string(), |p| p.as_str().to_string());
-        Ok(SinkUrl { authority, path })
-    }
-}
-
-impl std::fmt::Display for SinkUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}{}", self.authority, self.path)
-    }
-}
 
 /// One record as the sink sends it.
 pub(super) struct Event {
@@ -131,7 +83,7 @@ impl Drop for Forwarder {
 
 impl Forwarder {
     /// Starts the sender thread for `url`.
-    pub(super) fn start(url: SinkUrl, counters: Arc<Counters>) -> Result<Self, String> {
+    pub(super) fn start(url: HttpUrl, counters: Arc<Counters>) -> Result<Self, String> {
         // Batches are at most a megabyte: the byte bound is what limits.
         let (queue, receiver) = tokio::sync::mpsc::channel(QUEUE_BYTES / 4096);
         let (done, stopped) = std::sync::mpsc::channel();
@@ -200,7 +152,7 @@ fn source() -> String {
 }
 
 struct Sender {
-    url: SinkUrl,
+    url: HttpUrl,
     source: String,
     queued_bytes: Arc<AtomicUsize>,
     counters: Arc<Counters>,
@@ -426,34 +378,4 @@ impl Sender {
 
 fn json_string(text: &str) -> String {
     serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sink_urls() {
-        let url = SinkUrl::parse("http://127.0.0.1:9000/events?x=1").unwrap();
-        assert_eq!(url.authority, "127.0.0.1:9000");
-        assert_eq!(url.path, "/events?x=1");
-        assert_eq!(url.to_string(), "http://127.0.0.1:9000/events?x=1");
-        let url = SinkUrl::parse("http://collector").unwrap();
-        assert_eq!(
-            (url.authority.as_str(), url.path.as_str()),
-            ("collector:80", "/")
-        );
-        assert!(
-            SinkUrl::parse("https://collector/")
-                .unwrap_err()
-                .contains("not https")
-        );
-        assert!(SinkUrl::parse("collector:9000").is_err());
-        assert!(
-            SinkUrl::parse("http://user:pw@collector/")
-                .unwrap_err()
-                .contains("credentials")
-        );
-        assert!(SinkUrl::parse("not a url").is_err());
-    }
 }

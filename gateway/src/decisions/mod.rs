@@ -24,7 +24,7 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-pub use forward::SinkUrl;
+pub use crate::http_url::HttpUrl as SinkUrl;
 pub(crate) use identity::Identity;
 
 use crate::contract::Sha256;
@@ -83,6 +83,50 @@ pub(crate) struct Decision {
     /// The error's kind and message, for a failed request.
     pub error: Option<(&'static str, String)>,
     pub latency: Duration,
+}
+
+/// What the log writes: a request's (or shadow call's) decision, or a
+/// note of another kind (a rollout's decision), each a record of the one
+/// chain.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a request's decision travels by value, as it did alone: boxing it would allocate once per request"
+)]
+pub(crate) enum Entry {
+    Request(Decision),
+    Note(Note),
+}
+
+/// A record of something other than a request: `{"kind": KIND, KIND:
+/// body}` beside the chain's fields, found by `request_id` like a
+/// request's (`rollout:<model>` for a rollout's decisions).
+pub(crate) struct Note {
+    pub time: SystemTime,
+    pub kind: &'static str,
+    pub id: Arc<str>,
+    pub model: String,
+    pub body: serde_json::Value,
+}
+
+impl Entry {
+    fn id(&self) -> &Arc<str> {
+        match self {
+            Entry::Request(d) => &d.identity.request_id,
+            Entry::Note(n) => &n.id,
+        }
+    }
+
+    fn time(&self) -> SystemTime {
+        match self {
+            Entry::Request(d) => d.time,
+            Entry::Note(n) => n.time,
+        }
+    }
+}
+
+/// The files a version is made of, by SHA-256, as records name them.
+pub(crate) fn artifacts_of(version: &Version) -> serde_json::Value {
+    serde_json::to_value(sink::Artifacts::of(&version.backend)).unwrap_or_default()
 }
 
 /// The tensors a sampled request's record keeps (the policy's
@@ -345,7 +389,7 @@ impl Recent {
 /// The handle the pipeline records through; cheap to share.
 pub(crate) struct DecisionLog {
     /// `None` once dropped (closing the queue ends the writer).
-    queue: Option<SyncSender<Decision>>,
+    queue: Option<SyncSender<Entry>>,
     counters: Arc<Counters>,
     recent: Arc<Recent>,
     /// Bytes of tensors in records waiting to be written.
@@ -408,9 +452,18 @@ impl DecisionLog {
     /// Hands a record to the writer; never waits. A full queue drops it
     /// (counted, and said in the next record written).
     pub(crate) fn record(&self, decision: Decision) {
+        self.send(Entry::Request(decision));
+    }
+
+    /// Hands a note to the writer, as [`DecisionLog::record`] does.
+    pub(crate) fn note(&self, note: Note) {
+        self.send(Entry::Note(note));
+    }
+
+    fn send(&self, entry: Entry) {
         let sent = match &self.queue {
-            Some(queue) => queue.try_send(decision),
-            None => Err(TrySendError::Disconnected(decision)),
+            Some(queue) => queue.try_send(entry),
+            None => Err(TrySendError::Disconnected(entry)),
         };
         match sent {
             Ok(()) => {}

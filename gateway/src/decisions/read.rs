@@ -115,6 +115,9 @@ impl Records {
                 Ok(line) => line,
                 Err(e) => return Some(Err(format!("{}: {e}", file.display()))),
             };
+            if is_note(&line) {
+                continue;
+            }
             match serde_json::from_slice::<Recorded>(&line) {
                 Ok(record) if record.schema == SCHEMA => return Some(Ok(record)),
                 other => {
@@ -136,10 +139,37 @@ impl Records {
     }
 }
 
+/// Whether a line is a note (a rollout's decision, say) rather than a
+/// request's record: its `kind` comes right after `time`.
+fn is_note(line: &[u8]) -> bool {
+    let head = &line[..line.len().min(128)];
+    head.windows(8).any(|w| w == b"\"kind\":\"")
+}
+
 /// Lines [`Records`] could not read as records.
 #[derive(Debug, Default)]
 pub(crate) struct Skipped {
     pub count: u64,
     /// Where the first one is, and why.
     pub first: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notes_are_skipped_and_requests_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("decisions.jsonl");
+        let request = r#"{"schema":1,"seq":1,"time":"t","request_id":"a \"kind\":\"x","model":"m","version":"v1","route":"champion","validation":"passed","status":200,"latency_ms":1.0,"prev":"0"}"#;
+        let note = r#"{"schema":1,"seq":2,"time":"t","kind":"rollout","request_id":"rollout:m","model":"m","rollout":{},"prev":"1"}"#;
+        std::fs::write(&file, format!("{request}\n{note}\nnot json\n")).unwrap();
+        let mut records = Records::open(&file).unwrap();
+        let first = records.next_record().unwrap().unwrap();
+        assert_eq!(first.request_id, "a \"kind\":\"x");
+        assert!(records.next_record().is_none());
+        // The note is not a problem; the broken line is.
+        assert_eq!(records.skipped.count, 1);
+    }
 }

@@ -20,7 +20,8 @@ use std::time::Instant;
 
 use super::forward::{Event, Forwarder};
 use super::{
-    Counters, Decision, DecisionLogConfig, Recent, RecordedTensor, SCHEMA, Target, rfc3339,
+    Counters, Decision, DecisionLogConfig, Entry, Note, Recent, RecordedTensor, SCHEMA, Target,
+    rfc3339,
 };
 use crate::contract::Sha256;
 
@@ -130,7 +131,7 @@ impl Sink {
     /// costs the request path no wake-up of this thread, and the disk one
     /// write per batch (at 11,000 requests/s, a write and a futex call per
     /// request had cost 20 % more CPU per request).
-    pub(super) fn run(mut self, queue: Receiver<Decision>) {
+    pub(super) fn run(mut self, queue: Receiver<Entry>) {
         let mut batch = Batch::default();
         while let Ok(first) = queue.recv() {
             std::thread::sleep(BATCH_WAIT);
@@ -147,7 +148,7 @@ impl Sink {
 
     /// Serializes `decision` as the next record of the chain, into the
     /// batch (rotating first when the file would pass its size).
-    fn add(&mut self, batch: &mut Batch, decision: &Decision) {
+    fn add(&mut self, batch: &mut Batch, decision: &Entry) {
         let dropped = self.dropped_total();
         let mut line = self.next_line(batch, decision, dropped);
         let pending = self.size + batch.bytes.len() as u64;
@@ -164,20 +165,24 @@ impl Sink {
         batch.bytes.push(b'\n');
         let seq = batch.last().map_or(self.seq, |(s, _)| s) + 1;
         batch.records.push(Pending {
-            request_id: decision.identity.request_id.clone(),
+            request_id: decision.id().clone(),
             line,
             seq,
             hash,
-            time: self.forward.is_some().then(|| rfc3339(decision.time)),
+            time: self.forward.is_some().then(|| rfc3339(decision.time())),
         });
     }
 
     /// The record that would follow what is written and batched, with
     /// `dropped` records dropped in all so far.
-    fn next_line(&self, batch: &Batch, decision: &Decision, dropped: u64) -> String {
+    fn next_line(&self, batch: &Batch, entry: &Entry, dropped: u64) -> String {
         let (seq, prev) = batch.last().unwrap_or((self.seq, self.prev.clone()));
         let reported = batch.reported.unwrap_or(self.dropped_reported);
         let dropped = dropped.saturating_sub(reported);
+        let decision = match entry {
+            Entry::Request(decision) => decision,
+            Entry::Note(note) => return render_note(note, seq + 1, &prev, dropped),
+        };
         let line = render(decision, seq + 1, &prev, dropped, true);
         if line.len() as u64 > MAX_LINE_BYTES {
             // Bounded by `record.max_kib` already; kept whatever happens,
@@ -402,6 +407,27 @@ fn render(
     })
 }
 
+/// A note as a record: the chain's fields around its kind and body, in a
+/// fixed order.
+fn render_note(note: &Note, seq: u64, prev: &str, dropped_before: u64) -> String {
+    let text = |t: &str| serde_json::to_string(t).unwrap_or_else(|_| "\"\"".into());
+    let dropped = if dropped_before > 0 {
+        format!(",\"dropped_before\":{dropped_before}")
+    } else {
+        String::new()
+    };
+    format!(
+        "{{\"schema\":{SCHEMA},\"seq\":{seq},\"time\":{},\"kind\":{},\"request_id\":{},\"model\":{},{}:{}{dropped},\"prev\":{}}}",
+        text(&rfc3339(note.time)),
+        text(note.kind),
+        text(&note.id),
+        text(&note.model),
+        text(note.kind),
+        note.body,
+        text(prev),
+    )
+}
+
 #[derive(serde::Serialize)]
 struct Record<'a> {
     schema: u32,
@@ -443,7 +469,7 @@ struct Record<'a> {
 
 /// The files that made the answer, by SHA-256.
 #[derive(serde::Serialize)]
-struct Artifacts {
+pub(super) struct Artifacts {
     #[serde(skip_serializing_if = "Option::is_none")]
     plugin: Option<PluginRef>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -460,7 +486,7 @@ struct PluginRef {
 }
 
 impl Artifacts {
-    fn of(backend: &crate::runtime::Backend) -> Self {
+    pub(super) fn of(backend: &crate::runtime::Backend) -> Self {
         let provenance = backend.provenance();
         Artifacts {
             plugin: provenance.plugin.map(|p| PluginRef {

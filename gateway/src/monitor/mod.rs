@@ -167,6 +167,19 @@ impl Monitor {
             .collect()
     }
 
+    /// Every feature with a reference: `input/feature` and the values
+    /// seen in each of the reference's bins, all time.
+    pub(crate) fn bins(&self) -> Vec<(String, Vec<u64>)> {
+        self.features
+            .iter()
+            .filter(|f| f.reference.is_some())
+            .map(|f| {
+                let stats = f.stats.lock().unwrap_or_else(|e| e.into_inner());
+                (format!("{}/{}", f.input, f.feature), stats.bins.clone())
+            })
+            .collect()
+    }
+
     pub fn config(&self) -> &Monitoring {
         &self.config
     }
@@ -392,12 +405,7 @@ pub(crate) fn render(out: &mut String, versions: &[VersionSummaries<'_>]) {
     }
 }
 
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+use crate::telemetry::label as escape;
 
 #[cfg(test)]
 mod tests {

@@ -628,7 +628,7 @@ impl<'a> Call<'a> {
         {
             version
                 .metrics
-                .predictions(&version.model, &version.name, labels);
+                .predictions(&version.model, &version.name, self.route, labels);
             self.pipeline.predictions.keep(
                 &version.model,
                 &self.origin.identity.request_id,

@@ -127,6 +127,15 @@ pub struct Gates {
     /// the champion served) that agree with the champion must be at
     /// least this; a step then lasts until `step_requests` were compared.
     pub min_shadow_agreement: Option<f64>,
+    /// When set, the population stability index of the labels the
+    /// candidate predicted against the champion's over the step must be
+    /// at most this (0.1: the usual "no significant shift").
+    pub max_prediction_psi: Option<f64>,
+    /// When set, for every declared feature with a reference, the
+    /// population stability index of the values the candidate saw against
+    /// those the champion saw over the step (on the reference's bins)
+    /// must be at most this.
+    pub max_input_psi: Option<f64>,
 }
 
 impl Rollout {
@@ -151,6 +160,15 @@ impl Rollout {
             "shadow",
             g.min_shadow_agreement,
         );
+        // Added later: keeps every older rollout's fingerprint.
+        let text = match g.max_prediction_psi {
+            Some(psi) => format!("{text} prediction_psi {psi:?}"),
+            None => text,
+        };
+        let text = match g.max_input_psi {
+            Some(psi) => format!("{text} input_psi {psi:?}"),
+            None => text,
+        };
         crate::contract::Sha256::of(text.as_bytes()).to_string()
     }
 
@@ -416,6 +434,10 @@ struct RolloutTable {
     min_feedback: Option<Spanned<i64>>,
     #[serde(default)]
     min_shadow_agreement: Option<Spanned<f64>>,
+    #[serde(default)]
+    max_prediction_psi: Option<Spanned<f64>>,
+    #[serde(default)]
+    max_input_psi: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -892,6 +914,26 @@ pub fn parse(
             .min_shadow_agreement
             .is_some()
             .then(|| number(&r.min_shadow_agreement, "min_shadow_agreement", 0.0..=1.0, 0.0));
+        let max_prediction_psi = r
+            .max_prediction_psi
+            .is_some()
+            .then(|| number(&r.max_prediction_psi, "max_prediction_psi", 0.0..=100.0, 0.0));
+        let max_input_psi = r
+            .max_input_psi
+            .is_some()
+            .then(|| number(&r.max_input_psi, "max_input_psi", 0.0..=100.0, 0.0));
+        if let Some(gate) = &r.max_input_psi
+            && !schema.as_ref().is_some_and(|s| {
+                s.inputs
+                    .iter()
+                    .any(|i| i.features.iter().any(|f| f.reference.is_some()))
+            })
+        {
+            errors.push(PolicyError::at(
+                &at(gate.span(), "rollout.max_input_psi"),
+                "judges the candidate's inputs on the features' reference bins, but no feature of [[inputs]] has a `reference`",
+            ));
+        }
         if let Some(gate) = &r.min_shadow_agreement
             && !shadow.as_ref().is_some_and(|s| s.versions.contains(candidate))
         {
@@ -965,6 +1007,8 @@ pub fn parse(
                 min_accuracy_change,
                 min_feedback,
                 min_shadow_agreement,
+                max_prediction_psi,
+                max_input_psi,
             },
         })
     });

@@ -31,6 +31,9 @@ use serde::{Deserialize, Serialize};
 use crate::policy::{self, Canary, ModelPolicy, Rollout};
 use crate::telemetry::{CONTROL_TALLY, Counts, Telemetry};
 
+pub mod fleet;
+mod prometheus;
+
 /// Decisions a rollout keeps (the oldest go first).
 const MAX_DECISIONS: usize = 256;
 
@@ -113,7 +116,7 @@ pub(crate) struct Decision {
 }
 
 /// The champion, the candidate and the control group over one window.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Figures {
     pub(crate) seconds: f64,
     pub(crate) champion: Side,
@@ -126,7 +129,7 @@ pub(crate) struct Figures {
 
 /// The counts a rollout is judged on, read at one moment (or the
 /// difference of two reads: a window).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 struct Reads {
     champion: Counts,
     candidate: Counts,
@@ -140,13 +143,14 @@ impl Reads {
             candidate: self.candidate.since(&earlier.candidate),
             control: self
                 .control
-                .map(|c| c.since(&earlier.control.unwrap_or_default())),
+                .as_ref()
+                .map(|c| c.since(earlier.control.as_ref().unwrap_or(&Counts::default()))),
         }
     }
 }
 
 /// One version over a window.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Side {
     /// Requests it served (2xx and 5xx).
     pub(crate) requests: u64,
@@ -159,6 +163,12 @@ pub(crate) struct Side {
     /// Rows judged on ground truth.
     pub(crate) judged: u64,
     pub(crate) accuracy: Option<f64>,
+    /// Rows of its answers, by the label predicted.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub(crate) predicted: BTreeMap<String, u64>,
+    /// Values of each monitored feature it saw, by the reference's bins.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub(crate) inputs: BTreeMap<String, Vec<u64>>,
 }
 
 impl Side {
@@ -172,6 +182,8 @@ impl Side {
             agreement: c.agreement(),
             judged: c.judged(),
             accuracy: c.accuracy(),
+            predicted: c.predicted.clone(),
+            inputs: c.inputs.clone(),
         }
     }
 }
@@ -203,6 +215,22 @@ pub(crate) struct State {
     /// The control group's version when the window began.
     #[serde(skip)]
     control_of: Option<String>,
+    /// In a fleet: the boundary the rollout started at, as every replica
+    /// agrees on it (see [`fleet`]).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub(crate) anchor_unix: Option<f64>,
+    /// In a fleet: the operator's actions this gateway was asked for, by
+    /// name, with when (seconds since the Unix epoch); the fleet carries
+    /// each out at the first boundary after Prometheus has it.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub(crate) requested: BTreeMap<String, f64>,
+    /// In a fleet: the step's window so far, every replica's counts, as
+    /// of the last boundary judged.
+    #[serde(skip)]
+    fleet_window: Option<Figures>,
+    /// In a fleet: the last boundary judged.
+    #[serde(skip)]
+    fleet_at: Option<f64>,
 }
 
 impl State {
@@ -223,6 +251,10 @@ impl State {
             decisions: VecDeque::new(),
             baseline: None,
             control_of: None,
+            anchor_unix: None,
+            requested: BTreeMap::new(),
+            fleet_window: None,
+            fleet_at: None,
         };
         state.begin_step(0, now);
         state.decide(now, Outcome::Started, by, None, reason, None);
@@ -261,9 +293,72 @@ impl State {
         });
     }
 
-    /// The last decision.
-    fn last(&self) -> Option<&Decision> {
-        self.decisions.back()
+    /// Carries out an operator's action at `now`, or says why it cannot
+    /// be from where the rollout stands.
+    fn act(&mut self, action: Action, now: SystemTime, by: &str) -> Result<(), String> {
+        let from = self.status;
+        let conflict = |what: &str| Err(format!("the rollout is {}; {what}", from.as_str()));
+        match (action, from) {
+            (Action::Pause, Status::Running) => {
+                self.status = Status::Paused;
+                self.decide(
+                    now,
+                    Outcome::Paused,
+                    by,
+                    None,
+                    "paused by the operator".into(),
+                    None,
+                );
+            }
+            (Action::Pause, _) => return conflict("only a running rollout pauses"),
+            (Action::Resume, Status::Paused) => {
+                self.status = Status::Running;
+                // The step starts over: its window must not mix what was
+                // served while nothing was judged.
+                let step = self.step;
+                self.begin_step(step, now);
+                self.decide(
+                    now,
+                    Outcome::Resumed,
+                    by,
+                    None,
+                    "resumed by the operator; the step starts over".into(),
+                    None,
+                );
+            }
+            (Action::Resume, _) => return conflict("only a paused rollout resumes"),
+            (Action::Promote, Status::Running | Status::Paused) => {
+                self.status = Status::Promoted;
+                self.percent = 100.0;
+                self.decide(
+                    now,
+                    Outcome::Promoted,
+                    by,
+                    None,
+                    format!("`{}` promoted to champion by the operator", self.candidate),
+                    None,
+                );
+            }
+            (Action::Promote, _) => {
+                return conflict("only a running or paused rollout is promoted");
+            }
+            (Action::Rollback, Status::Running | Status::Paused) => {
+                self.status = Status::Failed;
+                self.percent = 0.0;
+                self.decide(
+                    now,
+                    Outcome::RolledBack,
+                    by,
+                    None,
+                    "rolled back by the operator".into(),
+                    None,
+                );
+            }
+            (Action::Rollback, _) => {
+                return conflict("only a running or paused rollout is rolled back");
+            }
+        }
+        Ok(())
     }
 
     /// Whether this is the state of the policy's rollout `r`: the same
@@ -274,6 +369,18 @@ impl State {
             _ => self.fingerprint == r.fingerprint(),
         }
     }
+}
+
+fn start_reason(r: &Rollout) -> String {
+    format!(
+        "`{}` against champion `{}`, steps {:?}",
+        r.candidate, r.champion, r.steps
+    )
+}
+
+/// The time `seconds` after the Unix epoch.
+fn at(seconds: f64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs_f64(seconds.max(0.0))
 }
 
 fn unix(time: SystemTime) -> f64 {
@@ -292,6 +399,15 @@ pub(crate) enum Action {
 }
 
 impl Action {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Promote => "promote",
+            Action::Rollback => "rollback",
+        }
+    }
+
     pub(crate) fn parse(name: &str) -> Option<Action> {
         Some(match name {
             "pause" => Action::Pause,
@@ -324,13 +440,34 @@ pub(crate) struct Rollouts {
     dirty: std::sync::atomic::AtomicBool,
     /// The state folder's lock, held while the server lives.
     _lock: Option<std::fs::File>,
+    /// Set when rollouts are judged by a fleet, from Prometheus.
+    fleet: Option<fleet::Settings>,
+    /// Decisions made and not yet recorded in the decision log (at most
+    /// [`MAX_UNRECORDED`]: the oldest go first).
+    unrecorded: Mutex<VecDeque<Unrecorded>>,
+}
+
+/// Decisions waiting for the decision log at most.
+const MAX_UNRECORDED: usize = 1024;
+
+/// A decision for the decision log, with the rollout it belongs to.
+pub(crate) struct Unrecorded {
+    time: SystemTime,
+    model: String,
+    candidate: String,
+    champion: String,
+    body: serde_json::Value,
 }
 
 impl Rollouts {
     /// Reads the rollouts' state from `dir` (created if missing). A state
     /// file that cannot be read is logged and left alone: its rollout
     /// starts again at its first step (the lowest share, the safe side).
-    pub(crate) fn open(dir: Option<PathBuf>, telemetry: Arc<Telemetry>) -> Result<Self, String> {
+    pub(crate) fn open(
+        dir: Option<PathBuf>,
+        telemetry: Arc<Telemetry>,
+        fleet: Option<fleet::Settings>,
+    ) -> Result<Self, String> {
         let mut states = BTreeMap::new();
         let mut lock = None;
         if let Some(dir) = &dir {
@@ -373,6 +510,8 @@ impl Rollouts {
             telemetry,
             dirty: Default::default(),
             _lock: lock,
+            fleet,
+            unrecorded: Mutex::default(),
         })
     }
 
@@ -385,45 +524,205 @@ impl Rollouts {
         self.dirty.store(true, std::sync::atomic::Ordering::Release);
     }
 
+    fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// The fleet's settings, when rollouts are judged by a fleet.
+    pub(crate) fn fleet(&self) -> Option<&fleet::Settings> {
+        self.fleet.as_ref()
+    }
+
+    /// In a fleet: the state this gateway serves `r` of `model` from, made
+    /// (started at the next boundary, its anchor) if it has none yet. The
+    /// second is true when it was made.
+    fn claim(&self, model: &str, r: &Rollout, now: SystemTime, every: f64) -> (State, bool) {
+        let mut states = self.states();
+        if let Some(state) = states.get(model)
+            && state.belongs_to(r)
+            && state.anchor_unix.is_some()
+        {
+            return (state.clone(), false);
+        }
+        let anchor = (unix(now) / every).ceil() * every;
+        let reason = if states.contains_key(model) {
+            "the policy's [rollout] or champion changed: the rollout starts again".to_string()
+        } else {
+            start_reason(r)
+        };
+        let mut state = State::start(model, r, at(anchor), "policy", reason);
+        state.anchor_unix = Some(anchor);
+        self.announce(&state, 0);
+        self.save(&state);
+        states.insert(model.to_string(), state.clone());
+        (state, true)
+    }
+
+    /// In a fleet: serves `state`, as the fleet judged it, for its model.
+    /// Decisions this gateway had not made yet are logged and counted;
+    /// the operator's requests it published are kept. True when the split
+    /// changed.
+    fn adopt(&self, mut state: State) -> bool {
+        let mut states = self.states();
+        let old = states.get(&state.model);
+        let same_rollout = old.is_some_and(|o| {
+            o.fingerprint == state.fingerprint && o.anchor_unix == state.anchor_unix
+        });
+        let known = match old {
+            Some(o) if same_rollout => o.decisions.len().min(state.decisions.len()),
+            _ => 0,
+        };
+        let changed = old.is_none_or(|o| (o.status, o.percent) != (state.status, state.percent));
+        if let Some(o) = old.filter(|_| same_rollout) {
+            state.requested = o.requested.clone();
+        }
+        let saved = old.is_some_and(|o| {
+            same_rollout && o.decisions == state.decisions && o.step == state.step
+        });
+        self.announce(&state, known);
+        if !saved {
+            self.save(&state);
+        }
+        states.insert(state.model.clone(), state);
+        changed
+    }
+
+    /// Forgets the rollouts of models served without a `[rollout]`. True
+    /// when one was forgotten.
+    fn retire<'a>(&self, policies: impl Iterator<Item = &'a ModelPolicy>) -> bool {
+        let mut states = self.states();
+        let ended: Vec<String> = policies
+            .filter(|p| p.rollout.is_none() && states.contains_key(&p.model))
+            .map(|p| p.model.clone())
+            .collect();
+        for model in &ended {
+            states.remove(model);
+            self.forget(model);
+        }
+        !ended.is_empty()
+    }
+
+    /// Writes the decisions made since the last call to the decision log
+    /// (`kind: "rollout"`, found as request `rollout:<model>`), each with
+    /// the files both versions are made of as `snapshot` serves them.
+    /// Without a log they are let go.
+    pub(crate) fn record(
+        &self,
+        log: Option<&crate::decisions::DecisionLog>,
+        snapshot: &crate::router::Snapshot,
+    ) {
+        let taken: Vec<Unrecorded> = self
+            .unrecorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        let Some(log) = log else { return };
+        for u in taken {
+            let mut body = u.body;
+            if let Ok(model) = snapshot.model(&u.model)
+                && let Some(object) = body.as_object_mut()
+            {
+                let artifacts: serde_json::Map<String, serde_json::Value> =
+                    [&u.champion, &u.candidate]
+                        .into_iter()
+                        .filter_map(|v| {
+                            let version = model.versions.get(v)?;
+                            Some((v.clone(), crate::decisions::artifacts_of(version)))
+                        })
+                        .collect();
+                object.insert("artifacts".into(), artifacts.into());
+                object.insert(
+                    "policy_sha256".into(),
+                    model.policy.sha256.to_string().into(),
+                );
+            }
+            log.note(crate::decisions::Note {
+                time: u.time,
+                kind: "rollout",
+                id: format!("rollout:{}", u.model).into(),
+                model: u.model,
+                body,
+            });
+        }
+    }
+
+    /// In a fleet: the series every replica reads to agree on a rollout
+    /// (its anchor, and the operator's requests this gateway published).
+    pub(crate) fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        if self.fleet.is_none() {
+            return;
+        }
+        let states = self.states();
+        let _ = writeln!(
+            out,
+            "# HELP gateway_rollout_anchor_seconds When a rollout started, as the fleet agrees on it\n# TYPE gateway_rollout_anchor_seconds gauge"
+        );
+        for s in states.values() {
+            if let Some(anchor) = s.anchor_unix {
+                let _ = writeln!(
+                    out,
+                    "gateway_rollout_anchor_seconds{{model=\"{}\",rollout=\"{}\"}} {anchor}",
+                    crate::telemetry::label(&s.model),
+                    fleet::rollout_label(&s.fingerprint)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP gateway_rollout_action_seconds When the operator last asked this gateway for an action on a rollout\n# TYPE gateway_rollout_action_seconds gauge"
+        );
+        for s in states.values() {
+            for (action, time) in &s.requested {
+                let _ = writeln!(
+                    out,
+                    "gateway_rollout_action_seconds{{model=\"{}\",rollout=\"{}\",action=\"{action}\"}} {time}",
+                    crate::telemetry::label(&s.model),
+                    fleet::rollout_label(&s.fingerprint)
+                );
+            }
+        }
+    }
+
     /// Moves every rollout of `policies` (the snapshot being served) on:
     /// starts new ones, restarts edited ones, judges the running ones whose
     /// step is over, and forgets those whose model is served without a
     /// `[rollout]` (a model that is not served at all, say while its file
     /// is being replaced, keeps its state). True when a model's split may
     /// have changed (the snapshot must be built again).
-    pub(crate) fn tick<'a>(
-        &self,
-        policies: impl Iterator<Item = &'a ModelPolicy>,
-        now: SystemTime,
-    ) -> bool {
+    pub(crate) fn tick(&self, models: &[&crate::router::Model], now: SystemTime) -> bool {
+        let mut changed = self.take_dirty() | self.retire(models.iter().map(|m| &m.policy));
         let mut states = self.states();
-        let mut changed = self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel);
-        let mut ended = Vec::new();
-        for policy in policies {
+        for model in models {
+            let policy = &model.policy;
             let Some(r) = &policy.rollout else {
-                if states.contains_key(&policy.model) {
-                    ended.push(policy.model.clone());
-                }
                 continue;
             };
-            let counts = self.read(
+            let mut counts = self.read(
                 &policy.model,
                 &r.champion,
                 &r.candidate,
                 policy.control.is_some(),
             );
+            // The inputs each version saw, as its monitor binned them.
+            for (version, side) in [
+                (&r.champion, &mut counts.champion),
+                (&r.candidate, &mut counts.candidate),
+            ] {
+                if let Some(monitor) = model.monitors.get(version) {
+                    side.inputs = monitor.bins().into_iter().collect();
+                }
+            }
             if states.get(&policy.model).is_none_or(|s| !s.belongs_to(r)) {
                 let reason = if states.contains_key(&policy.model) {
                     "the policy's [rollout] or champion changed: the rollout starts again"
                         .to_string()
                 } else {
-                    format!(
-                        "`{}` against champion `{}`, steps {:?}",
-                        r.candidate, r.champion, r.steps
-                    )
+                    start_reason(r)
                 };
                 let state = State::start(&policy.model, r, now, "policy", reason);
-                self.announce(&state);
+                self.announce(&state, 0);
                 self.save(&state);
                 states.insert(policy.model.clone(), state);
                 changed = true;
@@ -439,21 +738,17 @@ impl Rollouts {
                 state.control_of = control;
                 state.baseline = None;
             }
-            let baseline = *state.baseline.get_or_insert(counts);
+            let baseline = state.baseline.get_or_insert_with(|| counts.clone());
             if state.status != Status::Running {
                 continue;
             }
-            let window = counts.since(&baseline);
+            let window = counts.since(baseline);
             if let Some(verdict) = judge(r, state, &window, now) {
                 apply(state, r, verdict, now);
-                self.announce(state);
+                self.announce(state, state.decisions.len() - 1);
                 self.save(state);
                 changed = true;
             }
-        }
-        for model in ended {
-            states.remove(&model);
-            self.forget(&model);
         }
         changed
     }
@@ -476,107 +771,73 @@ impl Rollouts {
                     "the rollout has not started yet (it starts at the gateway's next tick)".into(),
                 )
             })?;
-        let from = state.status;
-        let conflict = |what: &str| {
-            Err(ActionError::Conflict(format!(
-                "the rollout is {}; {what}",
-                from.as_str()
-            )))
-        };
-        match (action, from) {
-            (Action::Pause, Status::Running) => {
-                state.status = Status::Paused;
-                state.decide(
-                    now,
-                    Outcome::Paused,
-                    "operator",
-                    None,
-                    "paused by the operator".into(),
-                    None,
-                );
-            }
-            (Action::Pause, _) => return conflict("only a running rollout pauses"),
-            (Action::Resume, Status::Paused) => {
-                state.status = Status::Running;
-                // The step starts over: its window must not mix what was
-                // served while nothing was judged.
-                let step = state.step;
-                state.begin_step(step, now);
-                state.decide(
-                    now,
-                    Outcome::Resumed,
-                    "operator",
-                    None,
-                    "resumed by the operator; the step starts over".into(),
-                    None,
-                );
-            }
-            (Action::Resume, _) => return conflict("only a paused rollout resumes"),
-            (Action::Promote, Status::Running | Status::Paused) => {
-                state.status = Status::Promoted;
-                state.percent = 100.0;
-                state.decide(
-                    now,
-                    Outcome::Promoted,
-                    "operator",
-                    None,
-                    format!("`{}` promoted to champion by the operator", r.candidate),
-                    None,
-                );
-            }
-            (Action::Promote, _) => {
-                return conflict("only a running or paused rollout is promoted");
-            }
-            (Action::Rollback, Status::Running | Status::Paused) => {
-                state.status = Status::Failed;
-                state.percent = 0.0;
-                state.decide(
-                    now,
-                    Outcome::RolledBack,
-                    "operator",
-                    None,
-                    "rolled back by the operator".into(),
-                    None,
-                );
-            }
-            (Action::Rollback, _) => {
-                return conflict("only a running or paused rollout is rolled back");
-            }
+        if self.fleet.is_some() {
+            // A fleet carries it out at its next boundary, every replica
+            // alike; here it is only checked and published.
+            state
+                .clone()
+                .act(action, now, "operator")
+                .map_err(ActionError::Conflict)?;
+            state
+                .requested
+                .insert(action.as_str().to_string(), unix(now));
+            self.save(state);
+            return Ok(state.clone());
         }
-        self.announce(state);
+        state
+            .act(action, now, "operator")
+            .map_err(ActionError::Conflict)?;
+        self.announce(state, state.decisions.len() - 1);
         self.save(state);
         self.mark_dirty();
         Ok(state.clone())
     }
 
-    /// Every rollout's state, with the current step's window so far.
+    /// Every rollout's state, with the current step's window so far (in a
+    /// fleet, every replica's counts up to the last boundary judged, and
+    /// the queries they come from).
     pub(crate) fn view(&self) -> Vec<serde_json::Value> {
         let states = self.states();
         states
             .values()
             .map(|s| {
-                let window = s.baseline.map(|baseline| {
-                    let now = self
-                        .read(
-                            &s.model,
-                            &s.champion,
-                            &s.candidate,
-                            baseline.control.is_some(),
-                        )
-                        .since(&baseline);
-                    Figures {
-                        seconds: (unix(SystemTime::now()) - s.step_started_unix).max(0.0),
-                        champion: Side::of(&now.champion),
-                        candidate: Side::of(&now.candidate),
-                        control: now.control.as_ref().map(Side::of),
-                    }
-                });
+                let window = match &self.fleet {
+                    Some(_) => s.fleet_window.clone(),
+                    None => s.baseline.as_ref().map(|baseline| {
+                        let now = self
+                            .read(
+                                &s.model,
+                                &s.champion,
+                                &s.candidate,
+                                baseline.control.is_some(),
+                            )
+                            .since(baseline);
+                        Figures {
+                            seconds: (unix(SystemTime::now()) - s.step_started_unix).max(0.0),
+                            champion: Side::of(&now.champion),
+                            candidate: Side::of(&now.candidate),
+                            control: now.control.as_ref().map(Side::of),
+                        }
+                    }),
+                };
                 let mut value = serde_json::to_value(s).unwrap_or_default();
                 if let Some(object) = value.as_object_mut() {
                     object.insert(
                         "window".into(),
                         serde_json::to_value(window).unwrap_or_default(),
                     );
+                    if let Some(f) = &self.fleet {
+                        object.insert(
+                            "fleet".into(),
+                            serde_json::json!({
+                                "prometheus": f.prometheus.to_string(),
+                                "interval_seconds": f.every.as_secs_f64(),
+                                "delay_seconds": f.delay.as_secs_f64(),
+                                "judged_until": s.fleet_at.map(|t| crate::decisions::rfc3339(at(t))),
+                                "queries": fleet::queries(&s.model, &s.fingerprint),
+                            }),
+                        );
+                    }
                 }
                 value
             })
@@ -593,28 +854,51 @@ impl Rollouts {
         }
     }
 
-    /// Logs and counts a state's last decision, and sets its gauges.
-    fn announce(&self, state: &State) {
-        let Some(d) = state.last() else { return };
-        tracing::info!(
-            model = %state.model,
-            candidate = %state.candidate,
-            outcome = d.outcome.as_str(),
-            by = %d.by,
-            step = d.step,
-            percent = d.percent,
-            gate = d.gate.as_deref().unwrap_or(""),
-            figures = %d.figures.map(|f| serde_json::to_string(&f).unwrap_or_default()).unwrap_or_default(),
-            "rollout: {}",
-            d.reason
-        );
-        self.telemetry.record_rollout(
+    /// Logs and counts a state's decisions from the `from`th on, and sets
+    /// its gauges.
+    fn announce(&self, state: &State, from: usize) {
+        for d in state.decisions.iter().skip(from) {
+            tracing::info!(
+                model = %state.model,
+                candidate = %state.candidate,
+                outcome = d.outcome.as_str(),
+                by = %d.by,
+                step = d.step,
+                percent = d.percent,
+                gate = d.gate.as_deref().unwrap_or(""),
+                at = %d.at,
+                figures = %d.figures.as_ref().map(|f| serde_json::to_string(f).unwrap_or_default()).unwrap_or_default(),
+                "rollout: {}",
+                d.reason
+            );
+            self.telemetry.count_rollout(
+                &state.model,
+                d.outcome.as_str(),
+                d.gate.as_deref().unwrap_or(""),
+            );
+            let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
+            while unrecorded.len() >= MAX_UNRECORDED {
+                unrecorded.pop_front();
+            }
+            unrecorded.push_back(Unrecorded {
+                time: SystemTime::now(),
+                model: state.model.clone(),
+                candidate: state.candidate.clone(),
+                champion: state.champion.clone(),
+                body: serde_json::json!({
+                    "candidate": state.candidate,
+                    "champion": state.champion,
+                    "fingerprint": state.fingerprint,
+                    "status": state.status,
+                    "decision": d,
+                }),
+            });
+        }
+        self.telemetry.set_rollout(
             &state.model,
-            d.outcome.as_str(),
-            d.gate.as_deref().unwrap_or(""),
-            state.step,
+            state.step as f64 + 1.0,
             state.percent,
-            state.status.as_str(),
+            Some(state.status.as_str()),
         );
     }
 
@@ -701,11 +985,11 @@ fn judge(r: &Rollout, state: &State, window: &Reads, now: SystemTime) -> Option<
             .decisions
             .iter()
             .rev()
-            .find_map(|d| d.figures.map(|f| f.champion))
+            .find_map(|d| d.figures.as_ref().map(|f| f.champion.clone()))
             .unwrap_or_else(|| Side::of(&window.champion))
     };
     // Accuracy is compared with the control group when there is one.
-    let reference = control.unwrap_or(champion);
+    let reference = control.clone().unwrap_or_else(|| champion.clone());
     if seconds < r.step_time.as_secs_f64() || candidate.requests < r.step_requests {
         return None;
     }
@@ -718,17 +1002,16 @@ fn judge(r: &Rollout, state: &State, window: &Reads, now: SystemTime) -> Option<
     {
         return None;
     }
-    let figures = Figures {
-        seconds,
-        champion,
-        candidate,
-        control,
-    };
     let fail = |gate, reason| {
         Some(Verdict::Fail {
             gate,
             reason,
-            figures,
+            figures: Figures {
+                seconds,
+                champion: champion.clone(),
+                candidate: candidate.clone(),
+                control: control.clone(),
+            },
         })
     };
     let rate = |s: &Side| s.error_rate.unwrap_or(0.0);
@@ -797,7 +1080,41 @@ fn judge(r: &Rollout, state: &State, window: &Reads, now: SystemTime) -> Option<
             ),
         );
     }
-    Some(Verdict::Pass(figures))
+    if let Some(max) = g.max_prediction_psi
+        && let Some(psi) = prediction_psi(&candidate.predicted, &champion.predicted)
+        && psi > max
+    {
+        return fail(
+            "prediction_drift",
+            format!(
+                "the labels the candidate predicted are distributed unlike the champion's: a population stability index of {psi:.3}, above {max}"
+            ),
+        );
+    }
+    if let Some(max) = g.max_input_psi
+        && let Some((feature, psi)) = candidate
+            .inputs
+            .iter()
+            .filter_map(|(feature, bins)| {
+                let theirs = champion.inputs.get(feature)?;
+                Some((feature, input_psi(bins, theirs)?))
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+        && psi > max
+    {
+        return fail(
+            "input_drift",
+            format!(
+                "the candidate's inputs are distributed unlike the champion's: `{feature}` has a population stability index of {psi:.3}, above {max}"
+            ),
+        );
+    }
+    Some(Verdict::Pass(Figures {
+        seconds,
+        champion,
+        candidate,
+        control,
+    }))
 }
 
 /// Carries out the gates' verdict on a running rollout.
@@ -852,6 +1169,41 @@ fn apply(state: &mut State, r: &Rollout, verdict: Verdict, now: SystemTime) {
     }
 }
 
+/// The population stability index of this window's predicted labels
+/// against `reference`'s (over the labels either predicted), if both
+/// predicted something.
+/// The population stability index of the labels a candidate predicted
+/// against the reference's, over the labels either predicted; `None`
+/// unless both predicted something.
+fn prediction_psi(ours: &BTreeMap<String, u64>, reference: &BTreeMap<String, u64>) -> Option<f64> {
+    let labels: std::collections::BTreeSet<&String> = ours.keys().chain(reference.keys()).collect();
+    let count = |m: &BTreeMap<String, u64>| -> Vec<u64> {
+        labels
+            .iter()
+            .map(|l| m.get(*l).copied().unwrap_or(0))
+            .collect()
+    };
+    let (ours, theirs) = (count(ours), count(reference));
+    let total: u64 = theirs.iter().sum();
+    if total == 0 || ours.iter().sum::<u64>() == 0 {
+        return None;
+    }
+    let expected: Vec<f64> = theirs.iter().map(|n| *n as f64 / total as f64).collect();
+    Some(crate::monitor::psi(&ours, &expected))
+}
+
+/// The population stability index of a feature's values the candidate
+/// saw against the champion's, on the same bins; `None` unless both saw
+/// some.
+fn input_psi(ours: &[u64], theirs: &[u64]) -> Option<f64> {
+    let total: u64 = theirs.iter().sum();
+    if total == 0 || ours.iter().sum::<u64>() == 0 || ours.len() != theirs.len() {
+        return None;
+    }
+    let expected: Vec<f64> = theirs.iter().map(|n| *n as f64 / total as f64).collect();
+    Some(crate::monitor::psi(ours, &expected))
+}
+
 fn read_state(path: &Path) -> Result<State, String> {
     let text = std::fs::read(path).map_err(|e| e.to_string())?;
     let state: State = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
@@ -901,6 +1253,8 @@ mod tests {
                 min_accuracy_change: Some(-0.02),
                 min_feedback: 5,
                 min_shadow_agreement: None,
+                max_prediction_psi: None,
+                max_input_psi: None,
             },
         }
     }
@@ -979,7 +1333,7 @@ mod tests {
         // With a control group, accuracy is compared with it instead.
         let with_control = Reads {
             control: Some(counts(50, 0, 50, 0)),
-            ..healthy
+            ..healthy.clone()
         };
         match judge(&r, &state, &with_control, end) {
             Some(Verdict::Fail { gate, reason, .. }) => {

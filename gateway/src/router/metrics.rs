@@ -136,7 +136,12 @@ impl VersionMetrics {
     /// rows whatever the plugin returns. At most [`MAX_LABELS`] distinct
     /// values are told apart per call (the series a version may have);
     /// the rest count as [`OTHER`] without a lookup.
-    pub fn predictions(&self, model: &str, version: &str, labels: &Tensor) {
+    pub fn predictions(&self, model: &str, version: &str, route: Route, labels: &Tensor) {
+        let tally = match route {
+            Route::Champion | Route::Canary => Some(&self.tally),
+            Route::Control => Some(&self.control_tally),
+            Route::Pinned | Route::Shadow => None,
+        };
         let mut counts: Vec<(&[u8], u64)> = Vec::new();
         let mut other = 0u64;
         for element in crate::tensor::bytes_elements(&labels.data).map_while(Result::ok) {
@@ -147,11 +152,17 @@ impl VersionMetrics {
             }
         }
         for (label, n) in counts {
-            self.label_counter(model, version, &String::from_utf8_lossy(label))
-                .increment(n);
+            let label = String::from_utf8_lossy(label);
+            self.label_counter(model, version, &label).increment(n);
+            if let Some(tally) = tally {
+                tally.predicted(&label, n);
+            }
         }
         if other > 0 {
             self.other_counter(model, version).increment(other);
+            if let Some(tally) = tally {
+                tally.predicted(OTHER, other);
+            }
         }
     }
 
@@ -234,7 +245,7 @@ mod tests {
             shape: vec![200_000],
             data,
         };
-        m.predictions("m", "v", &labels);
+        m.predictions("m", "v", Route::Champion, &labels);
         assert_eq!(m.labels.load().len(), MAX_LABELS);
     }
 }

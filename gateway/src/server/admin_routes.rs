@@ -193,6 +193,9 @@ pub(super) async fn rollout_action(
     if let Err(problems) = state.reloader.reapply("rollout").await {
         tracing::error!(problems = ?problems.iter().map(|e| e.to_string()).collect::<Vec<_>>(), "a rollout action cannot be served yet; retried at the next tick");
     }
+    state
+        .rollouts
+        .record(state.pipeline.decisions(), &state.reloader.snapshot());
     to_json(&after)
 }
 

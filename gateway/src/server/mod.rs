@@ -107,6 +107,9 @@ pub struct ServeOptions {
     pub state_dir: Option<PathBuf>,
     /// How often rollouts are judged.
     pub rollout_tick: Duration,
+    /// Judge rollouts with a fleet, from Prometheus, instead of from this
+    /// gateway's own counts.
+    pub fleet: Option<crate::rollout::fleet::Settings>,
 }
 
 impl ServeOptions {
@@ -125,6 +128,7 @@ impl ServeOptions {
             decisions: None,
             state_dir: None,
             rollout_tick: Duration::from_secs(1),
+            fleet: None,
         }
     }
 
@@ -262,22 +266,35 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Judges the rollouts every `every` and, when one moves, routes the
-/// served snapshot again with its new split. One that fails is retried at
-/// the next tick: the state has moved, and every build applies it.
+/// Judges the rollouts every `every` (from this gateway's counts, or in
+/// a fleet from Prometheus) and, when one moves, routes the served
+/// snapshot again with its new split. One that fails is retried at the
+/// next tick: the state has moved, and every build applies it.
 async fn drive_rollouts(
     reloader: Arc<Reloader>,
     rollouts: Arc<crate::rollout::Rollouts>,
+    pipeline: Arc<Pipeline>,
     every: Duration,
 ) {
+    let mut fleet = rollouts.fleet().map(crate::rollout::fleet::Fleet::new);
     loop {
         tokio::time::sleep(every).await;
         let snapshot = reloader.snapshot();
-        let moved = rollouts.tick(
-            snapshot.models().map(|m| &m.policy),
-            std::time::SystemTime::now(),
-        );
-        drop(snapshot);
+        let now = std::time::SystemTime::now();
+        let moved = match &mut fleet {
+            None => {
+                let models: Vec<_> = snapshot.models().map(|m| &**m).collect();
+                let moved = rollouts.tick(&models, now);
+                drop(models);
+                drop(snapshot);
+                moved
+            }
+            Some(fleet) => {
+                let policies: Vec<_> = snapshot.models().map(|m| m.policy.clone()).collect();
+                drop(snapshot);
+                fleet.tick(&rollouts, &policies, now).await
+            }
+        };
         if moved && let Err(errors) = reloader.reapply("rollout").await {
             tracing::error!(
                 problems = ?errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
@@ -285,6 +302,7 @@ async fn drive_rollouts(
             );
             rollouts.mark_dirty();
         }
+        rollouts.record(pipeline.decisions(), &reloader.snapshot());
     }
 }
 
@@ -354,8 +372,12 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
         None => None,
     };
     let rollouts = Arc::new(
-        crate::rollout::Rollouts::open(options.state_dir.clone(), telemetry.clone())
-            .map_err(StartError::Runtime)?,
+        crate::rollout::Rollouts::open(
+            options.state_dir.clone(),
+            telemetry.clone(),
+            options.fleet.clone(),
+        )
+        .map_err(StartError::Runtime)?,
     );
     let mut load_options = options.load_options();
     load_options.overlay = Some(crate::policy::Overlay(rollouts.clone()));
@@ -404,17 +426,19 @@ pub async fn start(options: ServeOptions) -> Result<RunningServer, StartError> {
     let watcher = options
         .watch_debounce
         .map(|debounce| admin::PolicyWatch::start(reloader.clone(), debounce));
+    let pipeline = Pipeline::new(options.pipeline, telemetry, decisions)
+        .map_err(|e| StartError::Runtime(format!("cannot start the shadow executor: {e}")))?;
     let rollout_task = AbortOnDrop(tokio::spawn(drive_rollouts(
         reloader.clone(),
         rollouts.clone(),
+        pipeline.clone(),
         options.rollout_tick,
     )));
     let state = Arc::new(State {
         reloader,
         config: options.server.clone(),
         shutting_down: AtomicBool::new(false),
-        pipeline: Pipeline::new(options.pipeline, telemetry, decisions)
-            .map_err(|e| StartError::Runtime(format!("cannot start the shadow executor: {e}")))?,
+        pipeline,
         admin_failures: admin_routes::Failures::default(),
         rollouts,
     });

@@ -311,8 +311,10 @@ fn metrics(state: &State) -> HttpResponse {
         })
         .collect();
     crate::monitor::render(&mut text, &versions);
+    state.pipeline.telemetry().render_tallies(&mut text);
     state.reloader.runtime().render_pool(&mut text);
     crate::process::render(&mut text);
+    state.rollouts.render(&mut text);
     if let Some(log) = state.pipeline.decisions() {
         log.render(&mut text);
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 mod tally;
-pub(crate) use tally::{Counts, Tally};
+pub(crate) use tally::{BUCKETS, Counts, Tally, bucket_of_bound};
 
 /// Label value for requests that never reached a known model.
 pub(crate) const UNKNOWN: &str = "_unknown";
@@ -80,6 +80,20 @@ impl Telemetry {
             .clone()
     }
 
+    /// Appends every version's tally to a text exposition (see
+    /// [`tally::render`]), in a stable order.
+    pub(crate) fn render_tallies(&self, out: &mut String) {
+        let mut tallies: Vec<(String, String, Arc<Tally>)> = self
+            .tallies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|((m, v), t)| (m.clone(), v.clone(), t.clone()))
+            .collect();
+        tallies.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        tally::render(out, &tallies);
+    }
+
     /// Runs `f` with this server's recorder as the one `metrics` macros use.
     pub(crate) fn with<T>(&self, f: impl FnOnce() -> T) -> T {
         metrics::with_local_recorder(&self.recorder, f)
@@ -141,15 +155,8 @@ impl Telemetry {
 
     /// A rollout's decision (`outcome`, and the `gate` that failed or
     /// empty), and where it now stands.
-    pub(crate) fn record_rollout(
-        &self,
-        model: &str,
-        outcome: &'static str,
-        gate: &str,
-        step: usize,
-        percent: f64,
-        status: &'static str,
-    ) {
+    /// One decision of a rollout.
+    pub(crate) fn count_rollout(&self, model: &str, outcome: &'static str, gate: &str) {
         self.with(|| {
             metrics::counter!(
                 "gateway_rollout_decisions_total",
@@ -159,7 +166,6 @@ impl Telemetry {
             )
             .increment(1);
         });
-        self.set_rollout(model, step as f64 + 1.0, percent, Some(status));
     }
 
     /// A rollout ended: its gauges go to zero.
@@ -168,7 +174,7 @@ impl Telemetry {
     }
 
     /// A rollout's gauges: its step, percent, and 1 for its status.
-    fn set_rollout(&self, model: &str, step: f64, percent: f64, status: Option<&str>) {
+    pub(crate) fn set_rollout(&self, model: &str, step: f64, percent: f64, status: Option<&str>) {
         self.with(|| {
             metrics::gauge!("gateway_rollout_step", "model" => model.to_string()).set(step);
             metrics::gauge!("gateway_rollout_percent", "model" => model.to_string()).set(percent);
@@ -555,6 +561,15 @@ impl std::fmt::Display for Escaped<'_> {
         }
         Ok(())
     }
+}
+
+/// A label value as the Prometheus text format writes it (backslash,
+/// quote and line feed escaped).
+pub(crate) fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// [`Escaped`] as an owned string (for errors that outlive the text).

@@ -6,12 +6,13 @@
 //! [`super::Telemetry`] across reloads, so a rebuilt version keeps
 //! counting where it was.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Latency buckets: bucket `i` holds latencies up to `FIRST_US * GROWTH^i`
 /// microseconds, the last one everything longer (about 100 µs to 30 s).
-const BUCKETS: usize = 48;
+pub(crate) const BUCKETS: usize = 48;
 const FIRST_US: f64 = 100.0;
 const GROWTH: f64 = 1.3;
 
@@ -21,11 +22,25 @@ pub(crate) struct Tally {
     requests: AtomicU64,
     errors: AtomicU64,
     latency: [AtomicU64; BUCKETS],
+    /// Every latency counted, added up in microseconds (for the exported
+    /// histogram's `_sum`).
+    latency_us: AtomicU64,
     agree: AtomicU64,
     disagree: AtomicU64,
     correct: AtomicU64,
     wrong: AtomicU64,
+    /// The labels it predicted: the first [`LABELS`] distinct ones by
+    /// name (append-only, so a read's counts line up with an earlier
+    /// read's), the rest together as [`OTHER_LABEL`].
+    label_names: arc_swap::ArcSwap<Vec<Box<str>>>,
+    label_counts: [AtomicU64; LABELS + 1],
 }
+
+/// Distinct predicted labels a tally tells apart.
+pub(crate) const LABELS: usize = 32;
+
+/// The name the labels past [`LABELS`] are counted under.
+pub(crate) const OTHER_LABEL: &str = "_other";
 
 impl Default for Tally {
     fn default() -> Self {
@@ -33,16 +48,19 @@ impl Default for Tally {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency_us: AtomicU64::new(0),
             agree: AtomicU64::new(0),
             disagree: AtomicU64::new(0),
             correct: AtomicU64::new(0),
             wrong: AtomicU64::new(0),
+            label_names: Default::default(),
+            label_counts: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
 
 /// A read of a [`Tally`], or the difference of two.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Counts {
     /// Requests answered, but for 4xx of the client's own.
     pub(crate) requests: u64,
@@ -54,6 +72,11 @@ pub(crate) struct Counts {
     pub(crate) disagree: u64,
     pub(crate) correct: u64,
     pub(crate) wrong: u64,
+    /// Rows predicted, by label.
+    pub(crate) predicted: std::collections::BTreeMap<String, u64>,
+    /// Values of each monitored feature (`input/feature`) in each bin of
+    /// its reference (filled by the reader from the version's monitor).
+    pub(crate) inputs: std::collections::BTreeMap<String, Vec<u64>>,
 }
 
 impl Default for Counts {
@@ -66,6 +89,8 @@ impl Default for Counts {
             disagree: 0,
             correct: 0,
             wrong: 0,
+            predicted: Default::default(),
+            inputs: Default::default(),
         }
     }
 }
@@ -84,6 +109,8 @@ impl Tally {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
         self.latency[bucket(elapsed)].fetch_add(1, Ordering::Relaxed);
+        self.latency_us
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// A shadow copy compared with the served answer (one that failed
@@ -99,8 +126,39 @@ impl Tally {
         self.wrong.fetch_add(wrong, Ordering::Relaxed);
     }
 
+    /// `n` rows predicted `label` by a served answer.
+    pub(crate) fn predicted(&self, label: &str, n: u64) {
+        if label == OTHER_LABEL {
+            self.label_counts[LABELS].fetch_add(n, Ordering::Relaxed);
+            return;
+        }
+        let slot = |names: &[Box<str>]| names.iter().position(|l| &**l == label);
+        let mut at = slot(&self.label_names.load());
+        if at.is_none() && self.label_names.load().len() < LABELS {
+            self.label_names.rcu(|old| {
+                let mut next = Vec::clone(old);
+                if next.len() < LABELS && !next.iter().any(|l| &**l == label) {
+                    next.push(label.into());
+                }
+                next
+            });
+            at = slot(&self.label_names.load());
+        }
+        self.label_counts[at.unwrap_or(LABELS)].fetch_add(n, Ordering::Relaxed);
+    }
+
     pub(crate) fn read(&self) -> Counts {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let names = self.label_names.load();
+        let mut predicted: std::collections::BTreeMap<String, u64> = names
+            .iter()
+            .zip(&self.label_counts)
+            .map(|(name, n)| (name.to_string(), load(n)))
+            .collect();
+        let other = load(&self.label_counts[LABELS]);
+        if other > 0 {
+            predicted.insert(OTHER_LABEL.into(), other);
+        }
         Counts {
             requests: load(&self.requests),
             errors: load(&self.errors),
@@ -109,8 +167,169 @@ impl Tally {
             disagree: load(&self.disagree),
             correct: load(&self.correct),
             wrong: load(&self.wrong),
+            predicted,
+            inputs: Default::default(),
         }
     }
+}
+
+/// Appends every tally to a Prometheus text exposition, one family at a
+/// time, for a fleet's rollouts to judge from Prometheus (see
+/// `rollout::fleet`): `gateway_gate_requests_total`, `_errors_total`,
+/// `gateway_gate_duration_seconds` (a histogram on the tally's own
+/// buckets), `gateway_gate_shadow_total{result}` and
+/// `gateway_gate_truth_total{result}`, by model and version (the control
+/// group as `@control`).
+pub(crate) fn render(out: &mut String, tallies: &[(String, String, Arc<Tally>)]) {
+    use std::fmt::Write as _;
+    if tallies.is_empty() {
+        return;
+    }
+    let reads: Vec<(String, Counts, u64)> = tallies
+        .iter()
+        .map(|(model, version, tally)| {
+            let labels = format!(
+                "model=\"{}\",version=\"{}\"",
+                super::label(model),
+                super::label(version)
+            );
+            (
+                labels,
+                tally.read(),
+                tally.latency_us.load(Ordering::Relaxed),
+            )
+        })
+        .collect();
+    let header = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    header(
+        out,
+        "gateway_gate_requests_total",
+        "counter",
+        "Requests a rollout judges the version on: every answer it served but a client's own 4xx",
+    );
+    for (labels, c, _) in &reads {
+        let _ = writeln!(
+            out,
+            "gateway_gate_requests_total{{{labels}}} {}",
+            c.requests
+        );
+    }
+    header(
+        out,
+        "gateway_gate_errors_total",
+        "counter",
+        "Of those, the ones the version failed (a 5xx, or a plugin that refused its inputs)",
+    );
+    for (labels, c, _) in &reads {
+        let _ = writeln!(out, "gateway_gate_errors_total{{{labels}}} {}", c.errors);
+    }
+    header(
+        out,
+        "gateway_gate_duration_seconds",
+        "histogram",
+        "Latency of the requests a rollout judges the version on",
+    );
+    for (labels, c, sum_us) in &reads {
+        let mut cumulative = 0;
+        for (i, n) in c.latency.iter().enumerate() {
+            cumulative += n;
+            match bound(i) {
+                Some(le) => {
+                    let _ = writeln!(
+                        out,
+                        "gateway_gate_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "gateway_gate_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {cumulative}"
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "gateway_gate_duration_seconds_sum{{{labels}}} {}",
+            *sum_us as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "gateway_gate_duration_seconds_count{{{labels}}} {cumulative}"
+        );
+    }
+    header(
+        out,
+        "gateway_gate_shadow_total",
+        "counter",
+        "Shadow copies of the version compared with the served answer, by whether they agreed",
+    );
+    for (labels, c, _) in &reads {
+        let _ = writeln!(
+            out,
+            "gateway_gate_shadow_total{{{labels},result=\"agree\"}} {}",
+            c.agree
+        );
+        let _ = writeln!(
+            out,
+            "gateway_gate_shadow_total{{{labels},result=\"disagree\"}} {}",
+            c.disagree
+        );
+    }
+    header(
+        out,
+        "gateway_gate_predictions_total",
+        "counter",
+        "Rows the version predicted in the answers it served, by label",
+    );
+    for (labels, c, _) in &reads {
+        for (label, n) in &c.predicted {
+            let _ = writeln!(
+                out,
+                "gateway_gate_predictions_total{{{labels},label=\"{}\"}} {n}",
+                super::label(label)
+            );
+        }
+    }
+    header(
+        out,
+        "gateway_gate_truth_total",
+        "counter",
+        "Rows the version answered, judged on ground truth, by whether they were right",
+    );
+    for (labels, c, _) in &reads {
+        let _ = writeln!(
+            out,
+            "gateway_gate_truth_total{{{labels},result=\"correct\"}} {}",
+            c.correct
+        );
+        let _ = writeln!(
+            out,
+            "gateway_gate_truth_total{{{labels},result=\"wrong\"}} {}",
+            c.wrong
+        );
+    }
+}
+
+/// The upper bound of latency bucket `i`, in seconds; `None` for the
+/// last, which holds everything longer.
+pub(crate) fn bound(i: usize) -> Option<f64> {
+    (i + 1 < BUCKETS).then(|| FIRST_US * GROWTH.powi(i as i32) / 1e6)
+}
+
+/// The bucket whose upper bound is `le` seconds (as [`bound`] gives it,
+/// printed and read back), the last for infinity; `None` for a bound that
+/// is none of them.
+pub(crate) fn bucket_of_bound(le: f64) -> Option<usize> {
+    if le.is_infinite() && le > 0.0 {
+        return Some(BUCKETS - 1);
+    }
+    let i = (le * 1e6 / FIRST_US).ln() / GROWTH.ln();
+    let rounded = i.round();
+    ((i - rounded).abs() < 1e-6 && rounded >= 0.0 && (rounded as usize) + 1 < BUCKETS)
+        .then_some(rounded as usize)
 }
 
 /// The bucket of a latency.
@@ -136,6 +355,29 @@ impl Counts {
             disagree: self.disagree.saturating_sub(earlier.disagree),
             correct: self.correct.saturating_sub(earlier.correct),
             wrong: self.wrong.saturating_sub(earlier.wrong),
+            predicted: self
+                .predicted
+                .iter()
+                .map(|(label, n)| {
+                    let before = earlier.predicted.get(label).copied().unwrap_or(0);
+                    (label.clone(), n.saturating_sub(before))
+                })
+                .collect(),
+            inputs: self
+                .inputs
+                .iter()
+                .map(|(feature, bins)| {
+                    let before = earlier.inputs.get(feature);
+                    let bins = bins
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| {
+                            n.saturating_sub(before.and_then(|b| b.get(i)).copied().unwrap_or(0))
+                        })
+                        .collect();
+                    (feature.clone(), bins)
+                })
+                .collect(),
         }
     }
 
