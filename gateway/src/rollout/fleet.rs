@@ -8,7 +8,7 @@
 //! Time is cut into boundaries, multiples of the evaluation interval since
 //! the Unix epoch (every replica must use the same interval). A rollout
 //! starts at its *anchor*: the first boundary after a replica first served
-//! it, the earliest any replica published
+//! it, the earliest a replica serving it publishes
 //! (`gateway_rollout_anchor_seconds`). From there the rollout's state is a
 //! fold over the boundaries, each read once its data has settled (the
 //! delay after it): at each boundary the operator's actions published
@@ -32,7 +32,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
 
-use super::prometheus::{Prometheus, Series, quoted};
+use super::prometheus::{Prometheus, Series};
 use super::{Action, Figures, Reads, Rollouts, Side, State, Status, apply, at, judge, unix};
 use crate::http_url::HttpUrl;
 use crate::policy::{ModelPolicy, Rollout};
@@ -42,8 +42,9 @@ use crate::telemetry::{BUCKETS, CONTROL_TALLY, Counts, bucket_of_bound};
 /// than 11,000 points per series).
 const MAX_POINTS: usize = 1000;
 
-/// How far back the anchor is looked for.
-const ANCHOR_LOOKBACK: &str = "1d";
+/// The oldest anchor a fold starts from (a rollout older than this, on
+/// a replica with nothing of it, starts again).
+const MAX_FOLD_SECONDS: f64 = 30.0 * 86_400.0;
 
 /// How far back an operator's action is looked for at each boundary.
 const ACTION_LOOKBACK: &str = "10m";
@@ -75,15 +76,29 @@ pub(crate) fn rollout_label(fingerprint: &str) -> &str {
     fingerprint.get(..16).unwrap_or(fingerprint)
 }
 
-pub(crate) fn queries(model: &str, fingerprint: &str) -> Queries {
-    let model = quoted(model);
+pub(crate) fn queries(model: &str, fingerprint: &str, champion: &str, candidate: &str) -> Queries {
+    let model = crate::telemetry::label(model);
     let rollout = rollout_label(fingerprint);
+    // The two versions and the control group, as a regular expression.
+    let literal = |v: &str| -> String {
+        v.chars()
+            .flat_map(|c| {
+                let special = ".+*?()|[]{}^$\\".contains(c);
+                [special.then_some('\\'), Some(c)].into_iter().flatten()
+            })
+            .collect()
+    };
+    let versions = crate::telemetry::label(&format!(
+        "{}|{}|{CONTROL_TALLY}",
+        literal(champion),
+        literal(candidate)
+    ));
     Queries {
         anchor: format!(
-            "min(min_over_time(gateway_rollout_anchor_seconds{{model=\"{model}\",rollout=\"{rollout}\"}}[{ANCHOR_LOOKBACK}]))"
+            "min(gateway_rollout_anchor_seconds{{model=\"{model}\",rollout=\"{rollout}\"}})"
         ),
         tallies: format!(
-            "{{__name__=~\"gateway_gate_(requests_total|errors_total|duration_seconds_bucket|shadow_total|truth_total|predictions_total)|gateway_feature_value_bucket\",model=\"{model}\"}}"
+            "{{__name__=~\"gateway_gate_(requests_total|errors_total|duration_seconds_bucket|shadow_total|truth_total|predictions_total)|gateway_feature_value_bucket\",model=\"{model}\",version=~\"{versions}\"}}"
         ),
         actions: format!(
             "max by (action) (max_over_time(gateway_rollout_action_seconds{{model=\"{model}\",rollout=\"{rollout}\"}}[{ACTION_LOOKBACK}]))"
@@ -114,8 +129,8 @@ struct Fold {
     window: Reads,
     /// Every tally series' value at the last boundary it had one.
     last: HashMap<String, f64>,
-    /// The time of the newest operator's action carried out.
-    applied: f64,
+    /// The time of the newest operator's action of each kind carried out.
+    applied: BTreeMap<&'static str, f64>,
 }
 
 /// What one tally series counts.
@@ -205,22 +220,28 @@ impl Fleet {
         ours: &State,
         now: SystemTime,
     ) -> Result<Option<State>, String> {
-        // A promotion or a rollback is where a fleet's rollout ends; a
-        // promotion outlives gate edits, as on one machine.
-        if matches!(ours.status, Status::Promoted | Status::Failed)
-            && self
-                .folds
-                .get(model)
-                .is_some_and(|f| f.state.status == ours.status)
-        {
-            return Ok(None);
-        }
-        if ours.status == Status::Promoted && ours.fingerprint != r.fingerprint() {
+        // A promotion or a rollback is where a fleet's rollout ends: kept
+        // as it is (a promotion outlives gate edits, as on one machine),
+        // never folded again from data Prometheus may no longer hold.
+        if matches!(ours.status, Status::Promoted | Status::Failed) && ours.belongs_to(r) {
             return Ok(None);
         }
         let fingerprint = r.fingerprint();
-        let q = queries(model, &fingerprint);
         let now_unix = unix(now);
+        let settled = ((now_unix - self.delay) / self.every).floor() * self.every;
+        // Nothing to read before the next boundary settles.
+        if let Some(f) = self.folds.get(model)
+            && f.fingerprint == fingerprint
+            && f.window.control.is_some() == control
+            && f.at.is_some_and(|at| at >= settled - 1e-6)
+        {
+            return Ok(None);
+        }
+        let q = queries(model, &fingerprint, &r.champion, &r.candidate);
+        let claimed = ours.anchor_unix.unwrap_or(now_unix);
+        // The earliest anchor a replica serving the rollout publishes now:
+        // a boundary, not in the future, not before the oldest a fold
+        // goes back to.
         let published = self
             .prometheus
             .instant(&q.anchor, now_unix)
@@ -228,20 +249,31 @@ impl Fleet {
             .first()
             .and_then(|s| s.points.first())
             .map(|p| p.1)
-            .filter(|a| a.is_finite());
-        let claimed = ours.anchor_unix.unwrap_or(now_unix);
-        let anchor = published.map_or(claimed, |a| a.min(claimed));
+            .filter(|a| {
+                a.is_finite()
+                    && *a <= claimed
+                    && *a >= now_unix - MAX_FOLD_SECONDS
+                    && ((a / self.every).round() * self.every - a).abs() < 1e-3
+            });
+        let anchor = published.unwrap_or(claimed);
         let mut moved = false;
-        let fold = match self.folds.remove(model) {
-            Some(f) if f.fingerprint == fingerprint && f.anchor <= anchor + 1e-3 => f,
+        let mut fold = match self.folds.remove(model) {
+            Some(f)
+                if f.fingerprint == fingerprint
+                    && f.window.control.is_some() == control
+                    && f.anchor <= anchor + 1e-3 =>
+            {
+                f
+            }
             _ => {
                 moved = true;
                 Fold::new(model, r, &fingerprint, anchor, control)
             }
         };
-        let mut fold = fold;
-        let settled = ((now_unix - self.delay) / self.every).floor() * self.every;
         let mut first = fold.at.map_or(fold.anchor, |a| a + self.every);
+        // At most this many boundaries a tick: a long fold goes on at the
+        // next tick.
+        let settled = settled.min(first + self.every * (MAX_POINTS * 10 - 1) as f64);
         let result = async {
             while first <= settled + 1e-6 {
                 let last = settled.min(first + self.every * (MAX_POINTS - 1) as f64);
@@ -261,6 +293,9 @@ impl Fleet {
                     (self.every, self.lag()),
                 );
                 moved = true;
+                if last + self.every <= first {
+                    break;
+                }
                 first = last + self.every;
             }
             Ok::<(), String>(())
@@ -283,7 +318,7 @@ impl Fold {
             state,
             window: empty(control),
             last: HashMap::new(),
-            applied: anchor,
+            applied: BTreeMap::new(),
         }
     }
 
@@ -326,6 +361,8 @@ impl Fold {
                 else {
                     continue;
                 };
+                // A count is never negative.
+                let value = value.max(0.0);
                 let before = self.last.insert(keys[s].clone(), value);
                 if self.at.is_none() {
                     continue;
@@ -339,22 +376,23 @@ impl Fold {
                     continue;
                 };
                 let side = *side;
-                if delta == 0 {
-                    continue;
-                }
                 let d = &mut deltas[side];
+                let add = |to: &mut u64| *to = to.saturating_add(delta);
                 match field {
-                    Field::Requests => d.requests += delta,
-                    Field::Errors => d.errors += delta,
-                    Field::Bucket(b) => cumulative[side][*b] += delta,
-                    Field::Agree => d.agree += delta,
-                    Field::Disagree => d.disagree += delta,
-                    Field::Correct => d.correct += delta,
-                    Field::Wrong => d.wrong += delta,
-                    Field::Predicted => {
+                    Field::Requests => add(&mut d.requests),
+                    Field::Errors => add(&mut d.errors),
+                    Field::Bucket(b) => add(&mut cumulative[side][*b]),
+                    Field::Agree => add(&mut d.agree),
+                    Field::Disagree => add(&mut d.disagree),
+                    Field::Correct => add(&mut d.correct),
+                    Field::Wrong => add(&mut d.wrong),
+                    Field::Predicted if delta > 0 => {
                         let label = series.labels.get("label").cloned().unwrap_or_default();
-                        *d.predicted.entry(label).or_default() += delta;
+                        add(d.predicted.entry(label).or_default());
                     }
+                    Field::Predicted => {}
+                    // Every edge, zeros included: the bins are told apart
+                    // by their edges.
                     Field::Feature(key, le) => {
                         features[side]
                             .entry(key.clone())
@@ -369,7 +407,12 @@ impl Fold {
                 .filter_map(|(a, series)| {
                     let time = value_at(series, &mut action_cursors[a])?;
                     let action = Action::parse(series.labels.get("action")?)?;
-                    (time > self.applied && time <= boundary + 1e-3).then_some((time, action))
+                    let done = self
+                        .applied
+                        .get(action.as_str())
+                        .copied()
+                        .unwrap_or(self.anchor);
+                    (time > done && time <= boundary + 1e-3).then_some((time, action))
                 })
                 .collect();
             if self.at.is_none() {
@@ -384,7 +427,15 @@ impl Fold {
                     below = below.max(*n);
                 }
                 for (key, mut edges) in std::mem::take(&mut features[side]) {
+                    // Every replica's series of one edge add up first.
                     edges.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    edges.dedup_by(|later, first| {
+                        let same = later.0 == first.0;
+                        if same {
+                            first.1 = first.1.saturating_add(later.1);
+                        }
+                        same
+                    });
                     let mut below = 0;
                     let bins = edges
                         .iter()
@@ -410,7 +461,7 @@ impl Fold {
             let started = self.state.step_started_unix;
             requested.sort_by(|a, b| a.0.total_cmp(&b.0));
             for (time, action) in requested {
-                self.applied = time;
+                self.applied.insert(action.as_str(), time);
                 if let Err(why) = self.state.act(action, now, "operator") {
                     tracing::debug!(model = %self.state.model, action = action.as_str(), why, "an operator's action does not apply");
                 }
@@ -446,25 +497,27 @@ fn empty(control: bool) -> Reads {
 }
 
 fn add(to: &mut Counts, d: &Counts) {
-    to.requests += d.requests;
-    to.errors += d.errors;
+    let sum = |t: &mut u64, n: u64| *t = t.saturating_add(n);
+    sum(&mut to.requests, d.requests);
+    sum(&mut to.errors, d.errors);
     for (t, n) in to.latency.iter_mut().zip(d.latency) {
-        *t += n;
+        sum(t, n);
     }
-    to.agree += d.agree;
-    to.disagree += d.disagree;
-    to.correct += d.correct;
-    to.wrong += d.wrong;
+    sum(&mut to.agree, d.agree);
+    sum(&mut to.disagree, d.disagree);
+    sum(&mut to.correct, d.correct);
+    sum(&mut to.wrong, d.wrong);
     for (label, n) in &d.predicted {
-        *to.predicted.entry(label.clone()).or_default() += n;
+        sum(to.predicted.entry(label.clone()).or_default(), *n);
     }
     for (feature, bins) in &d.inputs {
         let to = to.inputs.entry(feature.clone()).or_default();
-        if to.len() < bins.len() {
-            to.resize(bins.len(), 0);
+        // A feature whose bins changed (its reference edited) starts again.
+        if to.len() != bins.len() {
+            *to = vec![0; bins.len()];
         }
         for (t, n) in to.iter_mut().zip(bins) {
-            *t += n;
+            sum(t, *n);
         }
     }
 }
@@ -616,6 +669,14 @@ mod tests {
                 feature("+Inf", &[(1000.0, 1.0), (1001.0, 6.0)]),
                 feature("1.5", &[(1000.0, 1.0), (1001.0, 3.0)]),
             ])
+            .chain(
+                // A second replica's.
+                [("+Inf", 4.0), ("1.5", 1.0)].map(|(le, n)| {
+                    let mut s = feature(le, &[(1000.0, 0.0), (1001.0, n)]);
+                    s.labels.insert("instance".into(), "b".into());
+                    s
+                }),
+            )
             .collect();
         fold.advance(&r, &tallies, &[], (1000.0, 1001.0), (1.0, 3.0));
         // 1000 is the anchor: its values are where the counts start.
@@ -623,7 +684,7 @@ mod tests {
         assert_eq!(fold.window.candidate.requests, 4 + 3);
         assert_eq!(fold.window.candidate.latency[BUCKETS - 1], 3);
         // Cumulative bins, in any order, become each bin's values.
-        assert_eq!(fold.window.candidate.inputs["x/f"], [2, 3]);
+        assert_eq!(fold.window.candidate.inputs["x/f"], [2 + 1, 3 + 3]);
         assert_eq!(fold.state.status, Status::Running);
         fold.advance(&r, &tallies, &[], (1002.0, 1002.0), (1.0, 3.0));
         // 1002: 4 after the restart, 10 more on b; the step is 2 s old
@@ -670,12 +731,19 @@ mod tests {
             ]
         );
         assert_eq!(fold.state.status, Status::Running);
-        assert_eq!(fold.applied, 1003.6);
+        assert_eq!(fold.applied["resume"], 1003.6);
     }
 
     #[test]
     fn queries_name_the_model_and_the_rollout() {
-        let q = queries("a\"b", "0123456789abcdef0123");
+        let q = queries("a\"b", "0123456789abcdef0123", "v1", "v2.1");
+        // A regular expression in a PromQL string: the dot escaped, and
+        // the escape escaped.
+        assert!(
+            q.tallies.ends_with(r#",version=~"v1|v2\\.1|@control"}"#),
+            "{}",
+            q.tallies
+        );
         assert!(
             q.anchor
                 .contains("model=\"a\\\"b\",rollout=\"0123456789abcdef\"")

@@ -450,6 +450,10 @@ pub(crate) struct Rollouts {
 /// Decisions waiting for the decision log at most.
 const MAX_UNRECORDED: usize = 1024;
 
+/// The largest rollout record's body (the decision log reads back lines
+/// of at most 1 MiB).
+const MAX_NOTE_BYTES: usize = 256 << 10;
+
 /// A decision for the decision log, with the rollout it belongs to.
 pub(crate) struct Unrecorded {
     time: SystemTime,
@@ -538,9 +542,11 @@ impl Rollouts {
     /// second is true when it was made.
     fn claim(&self, model: &str, r: &Rollout, now: SystemTime, every: f64) -> (State, bool) {
         let mut states = self.states();
+        // A finished rollout (say, from before the fleet) is kept as it is.
         if let Some(state) = states.get(model)
             && state.belongs_to(r)
-            && state.anchor_unix.is_some()
+            && (state.anchor_unix.is_some()
+                || matches!(state.status, Status::Promoted | Status::Failed))
         {
             return (state.clone(), false);
         }
@@ -568,9 +574,18 @@ impl Rollouts {
         let same_rollout = old.is_some_and(|o| {
             o.fingerprint == state.fingerprint && o.anchor_unix == state.anchor_unix
         });
-        let known = match old {
-            Some(o) if same_rollout => o.decisions.len().min(state.decisions.len()),
-            _ => 0,
+        // The decisions after the last one this gateway announced (found
+        // by time and outcome: both lists stop at the newest 256).
+        let known = match old
+            .filter(|_| same_rollout)
+            .and_then(|o| o.decisions.back())
+        {
+            Some(last) => state
+                .decisions
+                .iter()
+                .rposition(|d| d.at == last.at && d.outcome == last.outcome)
+                .map_or(state.decisions.len(), |at| at + 1),
+            None => 0,
         };
         let changed = old.is_none_or(|o| (o.status, o.percent) != (state.status, state.percent));
         if let Some(o) = old.filter(|_| same_rollout) {
@@ -620,6 +635,17 @@ impl Rollouts {
         let Some(log) = log else { return };
         for u in taken {
             let mut body = u.body;
+            // A record stays well below what the log reads back of a
+            // line: figures past that are left out, and it says so.
+            if body.to_string().len() > MAX_NOTE_BYTES
+                && let Some(decision) = body.get_mut("decision").and_then(|d| d.as_object_mut())
+            {
+                decision.remove("figures");
+                decision.insert(
+                    "figures_omitted".into(),
+                    format!("the figures were over {MAX_NOTE_BYTES} bytes").into(),
+                );
+            }
             if let Ok(model) = snapshot.model(&u.model)
                 && let Some(object) = body.as_object_mut()
             {
@@ -834,7 +860,7 @@ impl Rollouts {
                                 "interval_seconds": f.every.as_secs_f64(),
                                 "delay_seconds": f.delay.as_secs_f64(),
                                 "judged_until": s.fleet_at.map(|t| crate::decisions::rfc3339(at(t))),
-                                "queries": fleet::queries(&s.model, &s.fingerprint),
+                                "queries": fleet::queries(&s.model, &s.fingerprint, &s.champion, &s.candidate),
                             }),
                         );
                     }
@@ -1169,9 +1195,6 @@ fn apply(state: &mut State, r: &Rollout, verdict: Verdict, now: SystemTime) {
     }
 }
 
-/// The population stability index of this window's predicted labels
-/// against `reference`'s (over the labels either predicted), if both
-/// predicted something.
 /// The population stability index of the labels a candidate predicted
 /// against the reference's, over the labels either predicted; `None`
 /// unless both predicted something.

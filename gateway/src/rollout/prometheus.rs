@@ -143,11 +143,8 @@ impl Prometheus {
                 .await
                 .map_err(|e| format!("cannot speak HTTP to Prometheus at {url}: {e}"))?;
         let connection = tokio::spawn(connection);
-        let path = format!(
-            "{}{}{api}",
-            url.path,
-            if url.path.ends_with('/') { "" } else { "/" }
-        );
+        let base = url.path.split('?').next().unwrap_or("/");
+        let path = format!("{base}{}{api}", if base.ends_with('/') { "" } else { "/" });
         let body = form
             .iter()
             .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
@@ -208,13 +205,6 @@ fn encode(text: &str) -> String {
     out
 }
 
-/// `text` as a PromQL string literal's contents.
-pub(crate) fn quoted(text: &str) -> String {
-    text.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,7 +212,6 @@ mod tests {
     #[test]
     fn forms_and_literals_are_escaped() {
         assert_eq!(encode("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
-        assert_eq!(quoted("a\"b\\c"), "a\\\"b\\\\c");
         assert!(number("NaN").is_nan());
         assert_eq!(number("+Inf"), f64::INFINITY);
         assert_eq!(number("12"), 12.0);

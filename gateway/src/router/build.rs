@@ -358,17 +358,19 @@ fn assemble(
             &*version(&r.candidate)?,
             true,
         )?;
-        let candidate = version(&r.candidate)?;
-        if r.gates.max_prediction_psi.is_some() && candidate.label_output.is_none() {
-            return Err(PolicyError::key(
-                &policy.file,
-                "rollout.max_prediction_psi",
-                format!(
-                    "judges the labels the candidate predicts, but `{}` ({}) has no BYTES output of labels",
-                    candidate.name,
-                    candidate.backend.describe()
-                ),
-            ));
+        for v in [&r.candidate, &r.champion] {
+            let v = version(v)?;
+            if r.gates.max_prediction_psi.is_some() && v.label_output.is_none() {
+                return Err(PolicyError::key(
+                    &policy.file,
+                    "rollout.max_prediction_psi",
+                    format!(
+                        "compares the labels the candidate and the champion predict, but `{}` ({}) has no BYTES output of labels",
+                        v.name,
+                        v.backend.describe()
+                    ),
+                ));
+            }
         }
     } else if let Some(canary) = &canary {
         same_outputs(&policy, "canary.version", &champion, &canary.version, true)?;

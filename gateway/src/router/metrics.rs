@@ -9,11 +9,12 @@ use super::Route;
 use crate::telemetry::{Telemetry, status_label};
 use crate::tensor::Tensor;
 
-/// The label value standing for labels past [`MAX_LABELS`].
-pub(super) const OTHER: &str = "_other";
+/// The label value standing for labels past [`MAX_LABELS`] (the same
+/// name and number as a rollout's tally counts with).
+pub(super) const OTHER: &str = crate::telemetry::OTHER_LABEL;
 
 /// Distinct label values one version may add to the metrics.
-pub(super) const MAX_LABELS: usize = 32;
+pub(super) const MAX_LABELS: usize = crate::telemetry::LABELS;
 
 /// The series a version updates on every answered request, registered on
 /// first use and then only updated. Registering allocates every label and

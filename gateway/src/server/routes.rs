@@ -311,7 +311,10 @@ fn metrics(state: &State) -> HttpResponse {
         })
         .collect();
     crate::monitor::render(&mut text, &versions);
-    state.pipeline.telemetry().render_tallies(&mut text);
+    // What a fleet's rollouts are judged from; without one, nobody reads them.
+    if state.rollouts.fleet().is_some() {
+        state.pipeline.telemetry().render_tallies(&mut text);
+    }
     state.reloader.runtime().render_pool(&mut text);
     crate::process::render(&mut text);
     state.rollouts.render(&mut text);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 mod tally;
-pub(crate) use tally::{BUCKETS, Counts, Tally, bucket_of_bound};
+pub(crate) use tally::{BUCKETS, Counts, LABELS, OTHER_LABEL, Tally, bucket_of_bound};
 
 /// Label value for requests that never reached a known model.
 pub(crate) const UNKNOWN: &str = "_unknown";

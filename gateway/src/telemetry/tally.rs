@@ -39,6 +39,9 @@ pub(crate) struct Tally {
 /// Distinct predicted labels a tally tells apart.
 pub(crate) const LABELS: usize = 32;
 
+/// The longest label told apart; longer ones count as [`OTHER_LABEL`].
+pub(crate) const MAX_LABEL_BYTES: usize = 128;
+
 /// The name the labels past [`LABELS`] are counted under.
 pub(crate) const OTHER_LABEL: &str = "_other";
 
@@ -128,7 +131,8 @@ impl Tally {
 
     /// `n` rows predicted `label` by a served answer.
     pub(crate) fn predicted(&self, label: &str, n: u64) {
-        if label == OTHER_LABEL {
+        // A label is named by a plugin: a long one counts with the rest.
+        if label == OTHER_LABEL || label.len() > MAX_LABEL_BYTES {
             self.label_counts[LABELS].fetch_add(n, Ordering::Relaxed);
             return;
         }
