@@ -963,4 +963,26 @@ mod tests {
                 .contains("admin listener is not")
         );
     }
+
+    #[test]
+    fn a_fleet_needs_prometheus() {
+        let s = read("[rollouts]\nprometheus_url = \"http://127.0.0.1:9090\"\ninterval_secs = 5\n")
+            .unwrap();
+        let fleet = s.options.fleet.unwrap();
+        assert_eq!(fleet.prometheus.to_string(), "http://127.0.0.1:9090/");
+        assert_eq!(
+            (fleet.every, fleet.delay),
+            (Duration::from_secs(5), FLEET_DELAY)
+        );
+        let e = read("[rollouts]\ndelay_secs = 5\n").unwrap_err();
+        assert!(e[0].contains("no `prometheus_url`"), "{e:?}");
+        let e =
+            read("[rollouts]\nprometheus_url = \"https://p\"\ninterval_secs = 0\n").unwrap_err();
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].contains("rollouts.prometheus_url") && e[0].contains("not https"),
+            "{e:?}"
+        );
+        assert!(e[1].contains("rollouts.interval_secs"), "{e:?}");
+    }
 }

@@ -551,33 +551,27 @@ fn slot(labels: &BTreeMap<String, String>, r: &Rollout) -> Option<(usize, Field)
     let field = match (labels.get("__name__")?.as_str(), result) {
         ("gateway_gate_requests_total", _) => Field::Requests,
         ("gateway_gate_errors_total", _) => Field::Errors,
-        ("gateway_gate_duration_seconds_bucket", _) => {
-            let le = labels.get("le")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Field::Bucket(bucket_of_bound(le)?)
-        }
+        ("gateway_gate_duration_seconds_bucket", _) => Field::Bucket(bucket_of_bound(le(labels)?)?),
         ("gateway_gate_shadow_total", Some("agree")) => Field::Agree,
         ("gateway_gate_shadow_total", Some("disagree")) => Field::Disagree,
         ("gateway_gate_truth_total", Some("correct")) => Field::Correct,
         ("gateway_gate_truth_total", Some("wrong")) => Field::Wrong,
         ("gateway_gate_predictions_total", _) if labels.contains_key("label") => Field::Predicted,
-        ("gateway_feature_value_bucket", _) => {
-            let le = labels.get("le")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            let key = format!("{}/{}", labels.get("input")?, labels.get("feature")?);
-            Field::Feature(key, le)
-        }
+        ("gateway_feature_value_bucket", _) => Field::Feature(
+            format!("{}/{}", labels.get("input")?, labels.get("feature")?),
+            le(labels)?,
+        ),
         _ => return None,
     };
     Some((side, field))
+}
+
+/// A histogram bucket's upper edge (`le`).
+fn le(labels: &BTreeMap<String, String>) -> Option<f64> {
+    match labels.get("le")?.as_str() {
+        "+Inf" => Some(f64::INFINITY),
+        le => le.parse().ok(),
+    }
 }
 
 #[cfg(test)]
@@ -585,23 +579,17 @@ mod tests {
     use super::*;
     use crate::policy::Gates;
 
+    /// The rollout of the module's tests, with 2 s steps and no
+    /// accuracy gate.
     fn rollout() -> Rollout {
+        let r = super::super::tests::rollout();
         Rollout {
-            candidate: "v2".into(),
-            champion: "v1".into(),
-            steps: vec![50.0, 100.0],
             step_time: Duration::from_secs(2),
-            step_requests: 10,
-            sticky_header: "x-routing-key".into(),
             gates: Gates {
-                max_error_rate_increase: 0.01,
-                max_p99_ratio: 2.0,
                 min_accuracy_change: None,
-                min_feedback: 1,
-                min_shadow_agreement: None,
-                max_prediction_psi: None,
-                max_input_psi: None,
+                ..r.gates
             },
+            ..r
         }
     }
 

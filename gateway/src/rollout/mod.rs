@@ -1262,7 +1262,7 @@ mod tests {
     use super::*;
     use crate::policy::Gates;
 
-    fn rollout() -> Rollout {
+    pub(super) fn rollout() -> Rollout {
         Rollout {
             candidate: "v2".into(),
             champion: "v1".into(),
