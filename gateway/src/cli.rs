@@ -425,6 +425,11 @@ struct ServeArgs {
     /// scrape interval and a scrape's time (30 unless set).
     #[arg(long, value_name = "SECS", value_parser = bounded!(u64, config::FLEET_DELAY_SECS))]
     rollout_delay_secs: Option<u64>,
+    /// Label matchers added to a fleet's every query, so that only this
+    /// fleet's series count: `job="gateway-prod"` (also !=, =~, !~;
+    /// comma-separated).
+    #[arg(long, value_name = "MATCHERS", value_parser = crate::rollout::fleet::Matchers::parse)]
+    rollout_match: Option<crate::rollout::fleet::Matchers>,
     /// Also send every record the decision log writes to this http:// URL,
     /// as CloudEvents in batches (`application/cloudevents-batch+json`);
     /// never slows a request: what cannot be sent is counted and stays in
@@ -604,8 +609,20 @@ impl ServeArgs {
                     prometheus: prometheus.clone(),
                     every: config::FLEET_INTERVAL,
                     delay: config::FLEET_DELAY,
+                    matchers: Default::default(),
                 });
             fleet.prometheus = prometheus;
+        }
+        if let Some(matchers) = self.rollout_match {
+            match s.options.fleet.as_mut() {
+                Some(fleet) => fleet.matchers = matchers,
+                None => {
+                    return Err(vec![
+                        "--rollout-match is for a fleet's rollouts: give --rollout-prometheus too"
+                            .into(),
+                    ]);
+                }
+            }
         }
         for (flag, value, set) in [
             (

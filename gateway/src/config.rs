@@ -218,6 +218,7 @@ struct RolloutsTable {
     state_dir: Text,
     tick_ms: Int,
     prometheus_url: Text,
+    prometheus_match: Text,
     interval_secs: Int,
     delay_secs: Int,
 }
@@ -734,6 +735,11 @@ impl Reader<'_> {
                 .map_err(|e| self.error(url.span(), "rollouts.prometheus_url", e))
                 .ok()
         });
+        let matchers = r.prometheus_match.as_ref().and_then(|m| {
+            crate::rollout::fleet::Matchers::parse(m.get_ref())
+                .map_err(|e| self.error(m.span(), "rollouts.prometheus_match", e))
+                .ok()
+        });
         let every = self.secs(
             &r.interval_secs,
             "rollouts.interval_secs",
@@ -746,12 +752,13 @@ impl Reader<'_> {
                     prometheus,
                     every: every.unwrap_or(FLEET_INTERVAL),
                     delay: delay.unwrap_or(FLEET_DELAY),
+                    matchers: matchers.unwrap_or_default(),
                 })
             }
-            None if every.is_some() || delay.is_some() => self.errors.push(PolicyError::key(
+            None if every.is_some() || delay.is_some() || matchers.is_some() => self.errors.push(PolicyError::key(
                 self.file,
                 "rollouts",
-                "sets a fleet's interval or delay but no `prometheus_url`: rollouts are judged by this gateway alone without one",
+                "sets a fleet's interval, delay or matchers but no `prometheus_url`: rollouts are judged by this gateway alone without one",
             )),
             None => {}
         }
@@ -970,6 +977,20 @@ mod tests {
             .unwrap();
         let fleet = s.options.fleet.unwrap();
         assert_eq!(fleet.prometheus.to_string(), "http://127.0.0.1:9090/");
+        assert_eq!(fleet.matchers, Default::default());
+        let s = read(
+            "[rollouts]\nprometheus_url = \"http://p:9090\"\nprometheus_match = 'job=\"prod\"'\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.options.fleet.unwrap().matchers.to_string(),
+            "job=\"prod\""
+        );
+        let e = read(
+            "[rollouts]\nprometheus_url = \"http://p:9090\"\nprometheus_match = 'model=\"m\"'\n",
+        )
+        .unwrap_err();
+        assert!(e[0].contains("rollouts.prometheus_match"), "{e:?}");
         assert_eq!(
             (fleet.every, fleet.delay),
             (Duration::from_secs(5), FLEET_DELAY)

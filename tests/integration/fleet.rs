@@ -170,6 +170,8 @@ async fn three_replicas_with_a_real_prometheus_follow_one_decision() {
                 prometheus: gateway::http_url::HttpUrl::parse(&url).unwrap(),
                 every: Duration::from_secs(1),
                 delay: Duration::from_secs(3),
+                // The job the test's Prometheus scrapes them as.
+                matchers: gateway::rollout::fleet::Matchers::parse("job=\"gateway\"").unwrap(),
             });
         }
     };

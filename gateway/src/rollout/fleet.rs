@@ -60,6 +60,91 @@ pub struct Settings {
     /// How long after a boundary its data is read: at least a scrape
     /// interval and a scrape's time, so every replica's samples are in.
     pub delay: Duration,
+    /// Label matchers added to every query, so that only this fleet's
+    /// series count (`job="gateway-prod"`); empty for none.
+    pub matchers: Matchers,
+}
+
+/// Label matchers as PromQL writes them inside braces, checked:
+/// `name="value"` pairs (also `!=`, `=~`, `!~`), comma-separated. The
+/// labels a rollout selects by itself (`model`, `version`, `rollout`,
+/// `__name__`) are refused.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Matchers(String);
+
+impl Matchers {
+    pub fn parse(text: &str) -> Result<Matchers, String> {
+        let mut out = Vec::new();
+        let mut rest = text.trim();
+        while !rest.is_empty() {
+            let name_len = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            let name = &rest[..name_len];
+            if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
+                return Err(format!("`{text}`: expected a label name at `{rest}`"));
+            }
+            if matches!(name, "__name__" | "model" | "version" | "rollout") {
+                return Err(format!(
+                    "`{text}`: `{name}` is a label the rollout selects by itself"
+                ));
+            }
+            rest = rest[name_len..].trim_start();
+            let Some(op) = ["=~", "!~", "!=", "="]
+                .into_iter()
+                .find(|op| rest.starts_with(op))
+            else {
+                return Err(format!("`{text}`: expected =, !=, =~ or !~ after `{name}`"));
+            };
+            rest = rest[op.len()..].trim_start();
+            let Some(body) = rest.strip_prefix('"') else {
+                return Err(format!(
+                    "`{text}`: the value of `{name}` must be in double quotes"
+                ));
+            };
+            let mut end = None;
+            let mut escaped = false;
+            for (i, c) in body.char_indices() {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' => escaped = true,
+                    '"' => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            let Some(end) = end else {
+                return Err(format!(
+                    "`{text}`: the value of `{name}` has no closing quote"
+                ));
+            };
+            out.push(format!("{name}{op}\"{}\"", &body[..end]));
+            rest = body[end + 1..].trim_start();
+            if let Some(next) = rest.strip_prefix(',') {
+                rest = next.trim_start();
+            } else if !rest.is_empty() {
+                return Err(format!("`{text}`: expected a comma at `{rest}`"));
+            }
+        }
+        Ok(Matchers(out.join(",")))
+    }
+
+    /// The matchers after a selector's own, with their comma.
+    fn suffix(&self) -> String {
+        if self.0.is_empty() {
+            String::new()
+        } else {
+            format!(",{}", self.0)
+        }
+    }
+}
+
+impl std::fmt::Display for Matchers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// The queries a rollout is judged by, generated from the policy (shown
@@ -76,8 +161,15 @@ pub(crate) fn rollout_label(fingerprint: &str) -> &str {
     fingerprint.get(..16).unwrap_or(fingerprint)
 }
 
-pub(crate) fn queries(model: &str, fingerprint: &str, champion: &str, candidate: &str) -> Queries {
+pub(crate) fn queries(
+    model: &str,
+    fingerprint: &str,
+    champion: &str,
+    candidate: &str,
+    matchers: &Matchers,
+) -> Queries {
     let model = crate::telemetry::label(model);
+    let more = matchers.suffix();
     let rollout = rollout_label(fingerprint);
     // The two versions and the control group, as a regular expression.
     let literal = |v: &str| -> String {
@@ -95,13 +187,13 @@ pub(crate) fn queries(model: &str, fingerprint: &str, champion: &str, candidate:
     ));
     Queries {
         anchor: format!(
-            "min(gateway_rollout_anchor_seconds{{model=\"{model}\",rollout=\"{rollout}\"}})"
+            "min(gateway_rollout_anchor_seconds{{model=\"{model}\",rollout=\"{rollout}\"{more}}})"
         ),
         tallies: format!(
-            "{{__name__=~\"gateway_gate_(requests_total|errors_total|duration_seconds_bucket|shadow_total|truth_total|predictions_total)|gateway_feature_value_bucket\",model=\"{model}\",version=~\"{versions}\"}}"
+            "{{__name__=~\"gateway_gate_(requests_total|errors_total|duration_seconds_bucket|shadow_total|truth_total|predictions_total)|gateway_feature_value_bucket\",model=\"{model}\",version=~\"{versions}\"{more}}}"
         ),
         actions: format!(
-            "max by (action) (max_over_time(gateway_rollout_action_seconds{{model=\"{model}\",rollout=\"{rollout}\"}}[{ACTION_LOOKBACK}]))"
+            "max by (action) (max_over_time(gateway_rollout_action_seconds{{model=\"{model}\",rollout=\"{rollout}\"{more}}}[{ACTION_LOOKBACK}]))"
         ),
     }
 }
@@ -112,6 +204,7 @@ pub(crate) struct Fleet {
     prometheus: Prometheus,
     every: f64,
     delay: f64,
+    matchers: Matchers,
     folds: HashMap<String, Fold>,
     /// Models whose last update failed (said once, until one succeeds).
     failing: HashMap<String, String>,
@@ -165,6 +258,7 @@ impl Fleet {
             prometheus: Prometheus::new(settings.prometheus.clone()),
             every: settings.every.as_secs_f64().max(0.001),
             delay: settings.delay.as_secs_f64(),
+            matchers: settings.matchers.clone(),
             folds: HashMap::new(),
             failing: HashMap::new(),
         }
@@ -237,7 +331,13 @@ impl Fleet {
         {
             return Ok(None);
         }
-        let q = queries(model, &fingerprint, &r.champion, &r.candidate);
+        let q = queries(
+            model,
+            &fingerprint,
+            &r.champion,
+            &r.candidate,
+            &self.matchers,
+        );
         let claimed = ours.anchor_unix.unwrap_or(now_unix);
         // The earliest anchor a replica serving the rollout publishes now:
         // a boundary, not in the future, not before the oldest a fold
@@ -724,7 +824,13 @@ mod tests {
 
     #[test]
     fn queries_name_the_model_and_the_rollout() {
-        let q = queries("a\"b", "0123456789abcdef0123", "v1", "v2.1");
+        let q = queries(
+            "a\"b",
+            "0123456789abcdef0123",
+            "v1",
+            "v2.1",
+            &Matchers::default(),
+        );
         // A regular expression in a PromQL string: the dot escaped, and
         // the escape escaped.
         assert!(
@@ -738,5 +844,27 @@ mod tests {
         );
         assert!(q.tallies.contains("gateway_gate_(requests_total|"));
         assert!(q.actions.starts_with("max by (action) (max_over_time("));
+        let only = Matchers::parse(r#" job = "prod" ,env=~"a|b\"c" "#).unwrap();
+        assert_eq!(only.to_string(), r#"job="prod",env=~"a|b\"c""#);
+        let q = queries("m", "f", "v1", "v2", &only);
+        for query in [&q.anchor, &q.tallies] {
+            assert!(query.contains(r#",job="prod",env=~"a|b\"c"}"#), "{query}");
+        }
+        assert!(
+            q.actions.ends_with(r#",job="prod",env=~"a|b\"c"}[10m]))"#),
+            "{}",
+            q.actions
+        );
+        for bad in [
+            "job",
+            "job=prod",
+            "model=\"m\"",
+            "job=\"a",
+            "a=\"b\" c=\"d\"",
+            "1a=\"b\"",
+        ] {
+            assert!(Matchers::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Matchers::parse("").unwrap(), Matchers::default());
     }
 }

@@ -860,7 +860,7 @@ impl Rollouts {
                                 "interval_seconds": f.every.as_secs_f64(),
                                 "delay_seconds": f.delay.as_secs_f64(),
                                 "judged_until": s.fleet_at.map(|t| crate::decisions::rfc3339(at(t))),
-                                "queries": fleet::queries(&s.model, &s.fingerprint, &s.champion, &s.candidate),
+                                "queries": fleet::queries(&s.model, &s.fingerprint, &s.champion, &s.candidate, &f.matchers),
                             }),
                         );
                     }
