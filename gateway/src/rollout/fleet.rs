@@ -269,10 +269,10 @@ impl Fleet {
     pub(crate) async fn tick(
         &mut self,
         rollouts: &Rollouts,
-        policies: &[ModelPolicy],
+        policies: &[&ModelPolicy],
         now: SystemTime,
     ) -> bool {
-        let mut changed = rollouts.take_dirty() | rollouts.retire(policies.iter());
+        let mut changed = rollouts.take_dirty() | rollouts.retire(policies.iter().copied());
         self.folds.retain(|model, _| {
             policies
                 .iter()
@@ -409,8 +409,7 @@ impl Fleet {
 
 impl Fold {
     fn new(model: &str, r: &Rollout, fingerprint: &str, anchor: f64, control: bool) -> Fold {
-        let mut state = State::start(model, r, at(anchor), "policy", super::start_reason(r));
-        state.anchor_unix = Some(anchor);
+        let state = State::anchored(model, r, anchor, super::start_reason(r, false));
         Fold {
             fingerprint: fingerprint.to_string(),
             anchor,
@@ -657,7 +656,8 @@ fn slot(labels: &BTreeMap<String, String>, r: &Rollout) -> Option<(usize, Field)
         ("gateway_gate_truth_total", Some("correct")) => Field::Correct,
         ("gateway_gate_truth_total", Some("wrong")) => Field::Wrong,
         ("gateway_gate_predictions_total", _) if labels.contains_key("label") => Field::Predicted,
-        ("gateway_feature_value_bucket", _) => Field::Feature(
+        // Inputs count for the gate that judges them only.
+        ("gateway_feature_value_bucket", _) if r.gates.max_input_psi.is_some() => Field::Feature(
             format!("{}/{}", labels.get("input")?, labels.get("feature")?),
             le(labels)?,
         ),
@@ -679,14 +679,15 @@ mod tests {
     use super::*;
     use crate::policy::Gates;
 
-    /// The rollout of the module's tests, with 2 s steps and no
-    /// accuracy gate.
+    /// The rollout of the module's tests, with 2 s steps, no accuracy
+    /// gate, and an input gate that never fails (its inputs are counted).
     fn rollout() -> Rollout {
         let r = super::super::tests::rollout();
         Rollout {
             step_time: Duration::from_secs(2),
             gates: Gates {
                 min_accuracy_change: None,
+                max_input_psi: Some(100.0),
                 ..r.gates
             },
             ..r

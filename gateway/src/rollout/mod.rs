@@ -261,6 +261,13 @@ impl State {
         state
     }
 
+    /// A fleet's rollout, started at its anchor (a boundary).
+    fn anchored(model: &str, r: &Rollout, anchor: f64, reason: String) -> State {
+        let mut state = State::start(model, r, at(anchor), "policy", reason);
+        state.anchor_unix = Some(anchor);
+        state
+    }
+
     fn begin_step(&mut self, step: usize, now: SystemTime) {
         self.step = step;
         self.percent = self.steps.get(step).copied().unwrap_or(0.0);
@@ -371,7 +378,12 @@ impl State {
     }
 }
 
-fn start_reason(r: &Rollout) -> String {
+/// Why a rollout starts: it is new, or (`again`) the policy changed the
+/// one that had a state.
+fn start_reason(r: &Rollout, again: bool) -> String {
+    if again {
+        return "the policy's [rollout] or champion changed: the rollout starts again".into();
+    }
     format!(
         "`{}` against champion `{}`, steps {:?}",
         r.candidate, r.champion, r.steps
@@ -551,13 +563,12 @@ impl Rollouts {
             return (state.clone(), false);
         }
         let anchor = (unix(now) / every).ceil() * every;
-        let reason = if states.contains_key(model) {
-            "the policy's [rollout] or champion changed: the rollout starts again".to_string()
-        } else {
-            start_reason(r)
-        };
-        let mut state = State::start(model, r, at(anchor), "policy", reason);
-        state.anchor_unix = Some(anchor);
+        let state = State::anchored(
+            model,
+            r,
+            anchor,
+            start_reason(r, states.contains_key(model)),
+        );
         self.announce(&state, 0);
         self.save(&state);
         states.insert(model.to_string(), state.clone());
@@ -731,22 +742,21 @@ impl Rollouts {
                 &r.candidate,
                 policy.control.is_some(),
             );
-            // The inputs each version saw, as its monitor binned them.
+            // The inputs each version saw, as its monitor binned them, for
+            // the gate that judges them (read only then: the monitor's
+            // locks are the request path's).
             for (version, side) in [
                 (&r.champion, &mut counts.champion),
                 (&r.candidate, &mut counts.candidate),
             ] {
-                if let Some(monitor) = model.monitors.get(version) {
+                if r.gates.max_input_psi.is_some()
+                    && let Some(monitor) = model.monitors.get(version)
+                {
                     side.inputs = monitor.bins().into_iter().collect();
                 }
             }
             if states.get(&policy.model).is_none_or(|s| !s.belongs_to(r)) {
-                let reason = if states.contains_key(&policy.model) {
-                    "the policy's [rollout] or champion changed: the rollout starts again"
-                        .to_string()
-                } else {
-                    start_reason(r)
-                };
+                let reason = start_reason(r, states.contains_key(&policy.model));
                 let state = State::start(&policy.model, r, now, "policy", reason);
                 self.announce(&state, 0);
                 self.save(&state);
@@ -1123,7 +1133,7 @@ fn judge(r: &Rollout, state: &State, window: &Reads, now: SystemTime) -> Option<
             .iter()
             .filter_map(|(feature, bins)| {
                 let theirs = champion.inputs.get(feature)?;
-                Some((feature, input_psi(bins, theirs)?))
+                Some((feature, psi(bins, theirs)?))
             })
             .max_by(|a, b| a.1.total_cmp(&b.1))
         && psi > max
@@ -1206,19 +1216,13 @@ fn prediction_psi(ours: &BTreeMap<String, u64>, reference: &BTreeMap<String, u64
             .map(|l| m.get(*l).copied().unwrap_or(0))
             .collect()
     };
-    let (ours, theirs) = (count(ours), count(reference));
-    let total: u64 = theirs.iter().sum();
-    if total == 0 || ours.iter().sum::<u64>() == 0 {
-        return None;
-    }
-    let expected: Vec<f64> = theirs.iter().map(|n| *n as f64 / total as f64).collect();
-    Some(crate::monitor::psi(&ours, &expected))
+    psi(&count(ours), &count(reference))
 }
 
-/// The population stability index of a feature's values the candidate
-/// saw against the champion's, on the same bins; `None` unless both saw
-/// some.
-fn input_psi(ours: &[u64], theirs: &[u64]) -> Option<f64> {
+/// The population stability index of the candidate's counts against the
+/// reference's, on the same bins (a feature's, or the labels both
+/// predicted); `None` unless both counted something.
+fn psi(ours: &[u64], theirs: &[u64]) -> Option<f64> {
     let total: u64 = theirs.iter().sum();
     if total == 0 || ours.iter().sum::<u64>() == 0 || ours.len() != theirs.len() {
         return None;

@@ -290,9 +290,13 @@ async fn drive_rollouts(
                 moved
             }
             Some(fleet) => {
-                let policies: Vec<_> = snapshot.models().map(|m| m.policy.clone()).collect();
+                // The snapshot is held for the queries (a few seconds at
+                // most), so that no policy is copied.
+                let policies: Vec<_> = snapshot.models().map(|m| &m.policy).collect();
+                let moved = fleet.tick(&rollouts, &policies, now).await;
+                drop(policies);
                 drop(snapshot);
-                fleet.tick(&rollouts, &policies, now).await
+                moved
             }
         };
         if moved && let Err(errors) = reloader.reapply("rollout").await {
