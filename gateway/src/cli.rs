@@ -239,6 +239,11 @@ struct PolicyArgs {
     /// Largest memory cap a policy may set, in MiB [default: 1024].
     #[arg(long, value_name = "MIB", value_parser = bounded!(usize, config::MEBIBYTES))]
     max_memory_mebibytes: Option<usize>,
+    /// KiB of memory a freed sandbox slot keeps resident (reset) for its
+    /// next call instead of returning it to the system; what stays after a
+    /// burst is at most this much per slot [default: 512].
+    #[arg(long, value_name = "KIB", value_parser = bounded!(usize, config::KEEP_RESIDENT_KIB))]
+    sandbox_keep_resident_kib: Option<usize>,
     /// Folder where compiled plugins are kept between runs, keyed by the
     /// component's SHA-256 and the engine's settings; it must be writable
     /// by this user only. By default $XDG_CACHE_HOME/wasm-model-gateway/compiled,
@@ -484,6 +489,11 @@ impl PolicyArgs {
             settings.options.runtime.max_memory_bytes,
             self.max_memory_mebibytes,
             mebibytes
+        );
+        flag!(
+            settings.options.runtime.keep_resident_bytes,
+            self.sandbox_keep_resident_kib,
+            |k: usize| k << 10
         );
         flag!(
             settings.options.runtime.compile_cache,

@@ -36,6 +36,7 @@ pub(crate) const BODY_BYTES: RangeInclusive<i64> = 1..=(4 << 30);
 pub(crate) const COUNT: RangeInclusive<i64> = 1..=(1 << 40);
 pub(crate) const MEBIBYTES: RangeInclusive<i64> = 1..=(1 << 20);
 pub(crate) const INSTANCES: RangeInclusive<i64> = 1..=100_000;
+pub(crate) const KEEP_RESIDENT_KIB: RangeInclusive<i64> = 0..=(64 << 10);
 pub(crate) const QUEUE: RangeInclusive<i64> = 1..=1_000_000;
 pub(crate) const DEBOUNCE_MS: RangeInclusive<i64> = 0..=600_000;
 
@@ -308,6 +309,7 @@ struct SandboxesTable {
     max_instances: Int,
     max_memory_mebibytes: Int,
     max_total_memory_mebibytes: Int,
+    keep_resident_kib: Int,
 }
 
 #[derive(Default, Deserialize)]
@@ -713,6 +715,15 @@ impl Reader<'_> {
                 "sandboxes.max_total_memory_mebibytes"
             )
         );
+        set!(
+            s.options.runtime.keep_resident_bytes,
+            self.int::<usize>(
+                &b.keep_resident_kib,
+                "sandboxes.keep_resident_kib",
+                KEEP_RESIDENT_KIB
+            )
+            .map(|k| k << 10)
+        );
 
         if let Some(p) = &raw.shadows.cpu_percent {
             match percent(*p.get_ref()) {
@@ -858,7 +869,7 @@ mod tests {
              [tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
              [connections]\nmax = 5\nfirst_byte_timeout_ms = 250\n\
              [http2]\nstream_window_bytes = 1048576\n\
-             [sandboxes]\nmax_total_memory_mebibytes = 2\n\
+             [sandboxes]\nmax_total_memory_mebibytes = 2\nkeep_resident_kib = 0\n\
              [shadows]\ncpu_percent = 2.5\n\
              [decisions]\ndir = \"log\"\nmax_files = 3\nsink_url = \"http://127.0.0.1:9000/e\"\n",
         )
@@ -894,6 +905,7 @@ mod tests {
             1 << 20
         );
         assert_eq!(s.options.pipeline.max_sandbox_memory_bytes, 2 << 20);
+        assert_eq!(s.options.runtime.keep_resident_bytes, 0);
         assert_eq!(s.options.pipeline.shadow_cpu_percent, 2.5);
     }
 

@@ -70,6 +70,7 @@ impl Loaded {
             max_instances: 8,
             max_memory_bytes: settings.memory_bytes.max(1 << 20),
             compile_cache: settings.compile_cache.clone(),
+            ..RuntimeConfig::default()
         })
         .map_err(|e| format!("cannot start the WebAssembly runtime: {e:#}"))?;
         let started = Instant::now();

@@ -50,6 +50,9 @@ pub struct RuntimeConfig {
     pub max_instances: u32,
     /// The largest memory cap any policy may set, in bytes.
     pub max_memory_bytes: usize,
+    /// Bytes of linear memory (and of tables) a freed sandbox slot keeps
+    /// resident, reset, for its next call (see [`KEEP_RESIDENT_BYTES`]).
+    pub keep_resident_bytes: usize,
     /// Where compiled plugins are kept between runs (see `cache`); none:
     /// every start compiles every plugin.
     pub compile_cache: Option<PathBuf>,
@@ -60,6 +63,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             max_instances: 256,
             max_memory_bytes: 1 << 30,
+            keep_resident_bytes: KEEP_RESIDENT_BYTES,
             compile_cache: None,
         }
     }
@@ -72,18 +76,26 @@ const MEMORIES_PER_COMPONENT: u32 = 2;
 const TABLES_PER_COMPONENT: u32 = 16;
 
 /// Linear memory and table bytes a freed sandbox slot keeps resident (and
-/// resets) instead of returning to the kernel. Returning them costs an
-/// madvise per sandbox and TLB shootdowns between threads: with it, two
-/// threads doubled throughput (wrk, 64 connections, 13.4k -> 27.2k req/s).
-/// 2 MiB covers the example plugins' memory (1 MiB was too little for a
-/// 46 KB std guest when this was measured).
+/// resets) by default instead of returning them to the kernel. Returning
+/// them costs an madvise per sandbox and TLB shootdowns between threads:
+/// keeping them doubled throughput with two threads (wrk, 64 connections,
+/// 13.4k -> 27.2k req/s).
 ///
-/// With `pagemap_scan` (Linux 6.7+) the reset touches only the pages the
-/// call dirtied; without it wasmtime memsets the whole resident part, which
-/// was 17 % of the gateway's CPU at 64 connections. `cargo bench --bench
-/// load`, same run, gateway / HTTP limit: 1 connection 0.56-0.59 -> 0.61-0.68,
-/// 64 connections 0.36-0.38 -> 0.48-0.53.
-const KEEP_RESIDENT_BYTES: usize = 2 << 20;
+/// With `pagemap_scan` (Linux 6.7+) this is a number of dirty pages, found
+/// anywhere in the memory: the reset touches only the pages the call
+/// dirtied, keeps up to this much of them, and returns the rest. Without
+/// it wasmtime memsets the first this-many bytes and returns the rest; a
+/// memset of 2 MiB was 17 % of the gateway's CPU at 64 connections.
+///
+/// The example Rust plugins dirty 12-64 KiB per call (256-row batches
+/// included), the Python and JavaScript ones about 300 KiB, so 512 KiB
+/// keeps them whole (their latency was the same with 2 MiB). What it
+/// bounds is what stays after a burst: wasmtime 48 never drops a used
+/// slot's resident part, so every slot a call used keeps up to this much,
+/// whatever the call filled. At 2 MiB, the slots of the soak's attacking
+/// plugins kept 13 MiB after it; at 512 KiB, 2.1 MiB
+/// (`--sandbox-keep-resident-kib`).
+const KEEP_RESIDENT_BYTES: usize = 512 << 10;
 
 /// The engine, the linker holding the granted host interfaces, and the epoch
 /// ticker. Cheap to share behind an `Arc`; one per process.
@@ -112,8 +124,8 @@ impl Runtime {
             .max_tables_per_component(TABLES_PER_COMPONENT)
             .total_stacks(n)
             .max_memory_size(config.max_memory_bytes)
-            .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
-            .table_keep_resident(KEEP_RESIDENT_BYTES)
+            .linear_memory_keep_resident(config.keep_resident_bytes)
+            .table_keep_resident(config.keep_resident_bytes)
             .pagemap_scan(Enabled::Auto);
 
         let mut wasm = Config::new();
