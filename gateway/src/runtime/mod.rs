@@ -51,7 +51,8 @@ pub struct RuntimeConfig {
     /// The largest memory cap any policy may set, in bytes.
     pub max_memory_bytes: usize,
     /// Bytes of linear memory (and of tables) a freed sandbox slot keeps
-    /// resident, reset, for its next call (see [`KEEP_RESIDENT_BYTES`]).
+    /// resident, reset, for its next call (see [`KEEP_RESIDENT_BYTES`] and
+    /// [`default_keep_resident_bytes`]).
     pub keep_resident_bytes: usize,
     /// Where compiled plugins are kept between runs (see `cache`); none:
     /// every start compiles every plugin.
@@ -63,7 +64,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             max_instances: 256,
             max_memory_bytes: 1 << 30,
-            keep_resident_bytes: KEEP_RESIDENT_BYTES,
+            keep_resident_bytes: default_keep_resident_bytes(),
             compile_cache: None,
         }
     }
@@ -81,21 +82,90 @@ const TABLES_PER_COMPONENT: u32 = 16;
 /// keeping them doubled throughput with two threads (wrk, 64 connections,
 /// 13.4k -> 27.2k req/s).
 ///
-/// With `pagemap_scan` (Linux 6.7+) this is a number of dirty pages, found
-/// anywhere in the memory: the reset touches only the pages the call
-/// dirtied, keeps up to this much of them, and returns the rest. Without
-/// it wasmtime memsets the first this-many bytes and returns the rest; a
-/// memset of 2 MiB was 17 % of the gateway's CPU at 64 connections.
-///
-/// The example Rust plugins dirty 12-64 KiB per call (256-row batches
+/// With `PAGEMAP_SCAN` (Linux 6.7+) wasmtime finds the pages the call
+/// dirtied, anywhere in the memory, resets them in address order until it
+/// has kept this much (or 32 runs of pages), and returns the rest. The
+/// example Rust plugins dirty 12-64 KiB per call (256-row batches
 /// included), the Python and JavaScript ones about 300 KiB, so 512 KiB
-/// keeps them whole (their latency was the same with 2 MiB). What it
-/// bounds is what stays after a burst: wasmtime 48 never drops a used
-/// slot's resident part, so every slot a call used keeps up to this much,
-/// whatever the call filled. At 2 MiB, the slots of the soak's attacking
-/// plugins kept 13 MiB after it; at 512 KiB, 2.1 MiB
-/// (`--sandbox-keep-resident-kib`).
+/// keeps them whole (their latency was the same with 2 MiB).
+///
+/// Without it wasmtime memsets the first this-many bytes of the memory and
+/// returns the rest, and a Rust guest's stack (its first 1 MiB, used from
+/// the top) lies past 512 KiB: there the default stays 2 MiB, which
+/// covered the example plugins (1 MiB did not), at the price of a 2 MiB
+/// memset per call (17 % of the gateway's CPU at 64 connections).
+///
+/// What it also bounds is what stays after a burst: wasmtime 48 never
+/// drops a used slot's resident part, so every memory and table slot a
+/// call used keeps up to this much, whatever the call filled. At 2 MiB the
+/// soak's attacking plugins left 13.3 MiB in the pool; at 512 KiB, 2.4 MiB
+/// (`--sandbox-keep-resident-kib`; 0 returns everything after every call).
 const KEEP_RESIDENT_BYTES: usize = 512 << 10;
+
+/// [`KEEP_RESIDENT_BYTES`] where the kernel has `PAGEMAP_SCAN`, else 2 MiB.
+pub(crate) fn default_keep_resident_bytes() -> usize {
+    static DEFAULT: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+        if pagemap_scan() {
+            KEEP_RESIDENT_BYTES
+        } else {
+            2 << 20
+        }
+    });
+    *DEFAULT
+}
+
+/// Whether this kernel answers `PAGEMAP_SCAN` on `/proc/self/pagemap`,
+/// asked as wasmtime asks before it uses it: an empty range, one page.
+fn pagemap_scan() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        /// `struct pm_scan_arg` of `linux/fs.h`.
+        #[repr(C)]
+        struct PmScanArg {
+            size: u64,
+            flags: u64,
+            start: u64,
+            end: u64,
+            walk_end: u64,
+            vec: u64,
+            vec_len: u64,
+            max_pages: u64,
+            category_inverted: u64,
+            category_mask: u64,
+            category_anyof_mask: u64,
+            return_mask: u64,
+        }
+        /// `_IOWR('f', 16, struct pm_scan_arg)`.
+        const PAGEMAP_SCAN: libc::c_ulong = 0xC060_6610;
+        let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else {
+            return false;
+        };
+        // One `struct page_region` (start, end, categories).
+        let mut region = [0u64; 3];
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags: 0,
+            start: 0,
+            end: 0,
+            walk_end: 0,
+            vec: region.as_mut_ptr() as u64,
+            vec_len: 1,
+            max_pages: 1,
+            category_inverted: 0,
+            // The eight categories Linux 6.7 defines.
+            category_mask: 0xff,
+            category_anyof_mask: 0,
+            return_mask: 0,
+        };
+        // SAFETY: the kernel reads `arg` and writes at most `vec_len`
+        // regions to `vec`, both valid for the call; an unknown request is
+        // an error (ENOTTY), not undefined behaviour.
+        unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) >= 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
 
 /// The engine, the linker holding the granted host interfaces, and the epoch
 /// ticker. Cheap to share behind an `Arc`; one per process.
@@ -874,6 +944,26 @@ impl fmt::Display for LoadError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The probe agrees with the kernel's version: `PAGEMAP_SCAN` came in
+    /// Linux 6.7, and the default follows the probe.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn pagemap_scan_is_found_where_the_kernel_has_it() {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut numbers = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        let version = (numbers.next().unwrap(), numbers.next().unwrap());
+        assert_eq!(pagemap_scan(), version >= (6, 7), "kernel {release}");
+        let expected = if version >= (6, 7) {
+            512 << 10
+        } else {
+            2 << 20
+        };
+        assert_eq!(default_keep_resident_bytes(), expected);
+        assert_eq!(RuntimeConfig::default().keep_resident_bytes, expected);
+    }
 
     #[test]
     fn info_names_and_versions_have_no_control_characters() {
