@@ -241,8 +241,8 @@ struct PolicyArgs {
     max_memory_mebibytes: Option<usize>,
     /// KiB of memory a freed sandbox slot keeps resident (reset) for its
     /// next call instead of returning it to the system; what stays after a
-    /// burst is at most this much per slot [default: 512; 2048 on kernels
-    /// before Linux 6.7, which lack PAGEMAP_SCAN].
+    /// burst is at most this much per slot. By default 512, or 2048 on
+    /// kernels before Linux 6.7, which lack PAGEMAP_SCAN.
     #[arg(long, value_name = "KIB", value_parser = bounded!(usize, config::KEEP_RESIDENT_KIB))]
     sandbox_keep_resident_kib: Option<usize>,
     /// Folder where compiled plugins are kept between runs, keyed by the
