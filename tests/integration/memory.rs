@@ -9,7 +9,9 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 
-use crate::support::{Binary, Metrics, policy_folder, repo_root, send, single_version_policy};
+use crate::support::{
+    Binary, Metrics, attack_lock, policy_folder, repo_root, send, single_version_policy,
+};
 
 fn post(addr: SocketAddr, body: String) -> Request<Full<Bytes>> {
     Request::post("/v2/models/time-to-merge/infer")
@@ -34,6 +36,8 @@ fn serve<const N: usize>(dir: &std::path::Path, flags: [&str; N]) -> Binary {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resident_memory_returns_near_its_baseline_after_an_attack() {
+    // Its bursts load both cores: never beside a latency comparison.
+    let _serial = attack_lock().await;
     let dir = policy_folder();
     std::fs::copy(
         repo_root().join("policies/time-to-merge.toml"),
@@ -106,6 +110,8 @@ async fn resident_memory_returns_near_its_baseline_after_an_attack() {
 /// used slot's resident part, so that part is what a burst leaves behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandboxes_that_filled_their_memory_keep_only_their_resident_share() {
+    // Its bursts load both cores: never beside a latency comparison.
+    let _serial = attack_lock().await;
     let dir = policy_folder();
     std::fs::write(
         dir.path().join("hog.toml"),
