@@ -13,11 +13,23 @@ use crate::support::{
     Binary, Metrics, attack_lock, policy_folder, repo_root, send, single_version_policy,
 };
 
-fn post(addr: SocketAddr, body: String) -> Request<Full<Bytes>> {
-    Request::post("/v2/models/time-to-merge/infer")
+fn post(addr: SocketAddr, model: &str, body: String) -> Request<Full<Bytes>> {
+    Request::post(format!("/v2/models/{model}/infer"))
         .header("host", addr.to_string())
         .body(Full::new(Bytes::from(body)))
         .expect("request")
+}
+
+/// Waits (60 s at most) until `model` answers `body` with a 200.
+async fn until_served(addr: SocketAddr, model: &str, body: &str) {
+    let start = Instant::now();
+    while send(addr, post(addr, model, body.into())).await.status != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not ready in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The real binary serving the policies in `dir`, with `flags`.
@@ -46,22 +58,15 @@ async fn resident_memory_returns_near_its_baseline_after_an_attack() {
     .unwrap();
     let gateway = serve(dir.path(), ["--max-body-bytes", "16777216"]);
     let addr = gateway.addresses[0];
-    let start = Instant::now();
     let good = r#"{"inputs":[{"name":"pr_features","shape":[1,6],"datatype":"FP32","data":[3,40,12,2,4,1]}]}"#;
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok()
-            && send(addr, post(addr, good.into())).await.status == 200
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "not ready in 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_served(addr, "time-to-merge", good).await;
     for _ in 0..50 {
-        assert_eq!(send(addr, post(addr, good.into())).await.status, 200);
+        assert_eq!(
+            send(addr, post(addr, "time-to-merge", good.into()))
+                .await
+                .status,
+            200
+        );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let baseline = gateway.rss_kib();
@@ -77,7 +82,7 @@ async fn resident_memory_returns_near_its_baseline_after_an_attack() {
     let mut peak = 0;
     for _ in 0..3 {
         let attacks: Vec<_> = (0..4)
-            .map(|_| tokio::spawn(send(addr, post(addr, bad.clone()))))
+            .map(|_| tokio::spawn(send(addr, post(addr, "time-to-merge", bad.clone()))))
             .collect();
         for attack in attacks {
             assert_eq!(attack.await.unwrap().status, 400);
@@ -92,7 +97,12 @@ async fn resident_memory_returns_near_its_baseline_after_an_attack() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut now = gateway.rss_kib();
     while now as f64 > baseline as f64 * 1.2 && Instant::now() < deadline {
-        assert_eq!(send(addr, post(addr, good.into())).await.status, 200);
+        assert_eq!(
+            send(addr, post(addr, "time-to-merge", good.into()))
+                .await
+                .status,
+            200
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
         now = gateway.rss_kib();
     }
@@ -101,7 +111,12 @@ async fn resident_memory_returns_near_its_baseline_after_an_attack() {
         now as f64 <= baseline as f64 * 1.2,
         "RSS {now} KiB a minute after the attack, baseline {baseline} KiB (peak {peak} KiB)"
     );
-    assert_eq!(send(addr, post(addr, good.into())).await.status, 200);
+    assert_eq!(
+        send(addr, post(addr, "time-to-merge", good.into()))
+            .await
+            .status,
+        200
+    );
 }
 
 /// Sandboxes that filled their memory keep at most
@@ -121,12 +136,10 @@ async fn sandboxes_that_filled_their_memory_keep_only_their_resident_share() {
     let gateway = serve(dir.path(), ["--sandbox-keep-resident-kib", "256"]);
     let addr = gateway.addresses[0];
     let hog = |mebibytes: u32| {
-        Request::post("/v2/models/hog/infer")
-            .header("host", addr.to_string())
-            .body(Full::new(Bytes::from(format!(
-                r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"FP32","data":[{mebibytes}]}}]}}"#
-            ))))
-            .expect("request")
+        let body = format!(
+            r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"FP32","data":[{mebibytes}]}}]}}"#
+        );
+        post(addr, "hog", body)
     };
     let pool = || async {
         let page = send(
@@ -144,11 +157,12 @@ async fn sandboxes_that_filled_their_memory_keep_only_their_resident_share() {
             metrics.value("gateway_sandbox_pool_warm_slots", &memory),
         )
     };
-    let start = Instant::now();
-    while send(addr, hog(0)).await.status != 200 {
-        assert!(start.elapsed() < Duration::from_secs(60), "not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_served(
+        addr,
+        "hog",
+        r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[0]}]}"#,
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let baseline = gateway.rss_kib();
 
