@@ -163,6 +163,7 @@ fn plugin_test_runs_an_inputs_file() {
 }
 
 fn cargo(dir: &Path, args: &[&str]) -> Output {
+    let _machine = crate::machine::share();
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
         .current_dir(dir)

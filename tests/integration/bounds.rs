@@ -581,7 +581,7 @@ async fn healthy_p99(gw: &TestGateway, n: usize) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_looping_calls_does_not_slow_another_model() {
-    let _alone = crate::support::attack_lock().await;
+    let _alone = crate::machine::alone().await;
     let gw = TestGateway::start(&[
         (
             "flood.toml",
@@ -635,7 +635,7 @@ async fn a_flood_of_looping_calls_does_not_slow_another_model() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_challenger_gets_fewer_copies_not_more_cpu() {
-    let _alone = crate::support::attack_lock().await;
+    let _alone = crate::machine::alone().await;
     let shadowed = "model = \"healthy\"\nchampion = \"v1\"\n[versions.v1]\nplugin = \"ttm-rules-v1\"\n[versions.v2]\nplugin = \"slow-ttm\"\n[shadow]\nversions = [\"v2\"]\nsample_percent = 100\n";
     let gw = TestGateway::start(&[(
         "healthy.toml",
@@ -703,7 +703,7 @@ async fn a_slow_challenger_gets_fewer_copies_not_more_cpu() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_requests_do_not_slow_small_ones_of_the_same_model() {
-    let _alone = crate::support::attack_lock().await;
+    let _alone = crate::machine::alone().await;
     let policy = example_policy_as("healthy");
     let gw = TestGateway::start_configured(&[("healthy.toml", &policy)], |o| {
         o.server.max_body_bytes = 16 << 20;

@@ -137,7 +137,7 @@ async fn three_replicas_with_a_real_prometheus_follow_one_decision() {
     let Some(binary) = prometheus_binary() else {
         return;
     };
-    let _serial = crate::support::attack_lock().await;
+    let _alone = crate::machine::alone().await;
     // `good`'s candidate is as good as its champion; `bad`'s fails every
     // call (past its 20 ms deadline); `held` never has enough requests
     // to be judged, for the operator.

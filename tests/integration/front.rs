@@ -595,7 +595,7 @@ async fn probe_median(gw: &TestGateway, n: usize) -> Duration {
 /// once their time for a first byte is up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_do_not_delay_other_clients() {
-    let _attack = crate::support::attack_lock().await;
+    let _alone = crate::machine::alone().await;
     let gw = TestGateway::example_configured(|o| {
         o.server.connections.first_byte_timeout = Duration::from_millis(1500);
         o.server.connections.max_connections_per_peer = 0;

@@ -108,6 +108,7 @@ impl Toolchain {
             .join("plugins")
             .join(self.folder)
             .join("build.sh");
+        let _machine = crate::machine::share();
         let built = Command::new("sh")
             .arg(&script)
             .arg(&out)
@@ -334,6 +335,7 @@ fn new_project(lang: &str, name: &str, dir: &Path) -> PathBuf {
 }
 
 fn run(command: &mut Command) -> String {
+    let _machine = crate::machine::share();
     let out = command.output().expect("run a toolchain command");
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);

@@ -16,6 +16,7 @@ mod front;
 mod grants;
 mod hostile;
 mod languages;
+mod machine;
 mod memory;
 mod monitoring;
 mod onnx;

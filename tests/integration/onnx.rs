@@ -532,7 +532,7 @@ async fn trained_p99(gw: &TestGateway, n: usize) -> std::time::Duration {
 /// keeps answering, and abandoned computations stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_big_onnx_batches_does_not_starve_another_model() {
-    let _alone = crate::support::attack_lock().await;
+    let _alone = crate::machine::alone().await;
     let example = std::fs::read_to_string(repo_root().join("policies/time-to-merge.toml")).unwrap();
     let gw = serve(&[
         (

@@ -31,14 +31,6 @@ pub fn single_version_policy(model: &str, plugin: &str, limits: &str) -> String 
     )
 }
 
-/// Held by the tests that compare latencies under an attack they make
-/// themselves, so two such attacks never overlap (the rest of the suite
-/// still runs beside them; their baselines account for that).
-pub async fn attack_lock() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOCK.lock().await
-}
-
 /// The admin token test gateways use.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
@@ -50,6 +42,8 @@ pub struct TestGateway {
     pub admin: SocketAddr,
     /// Holds the policy folder for as long as the gateway runs.
     _policies: tempfile::TempDir,
+    /// Its part of the machine (see `machine`).
+    _machine: crate::machine::Shared,
 }
 
 impl TestGateway {
@@ -217,6 +211,7 @@ impl TestGateway {
         // Tests reload explicitly unless they test the watcher.
         options.watch_debounce = watch.then_some(Duration::from_millis(200));
         configure(&mut options);
+        let machine = crate::machine::share();
         let server = server::start(options)
             .await
             .unwrap_or_else(|e| panic!("gateway did not start: {e}"));
@@ -225,6 +220,7 @@ impl TestGateway {
             admin: server.admin_addr().expect("an admin listener"),
             server: Some(server),
             _policies: dir,
+            _machine: machine,
         }
     }
 
@@ -595,6 +591,8 @@ pub struct Binary {
     /// The addresses it logged, in the order it logged them: the inference
     /// listener, then the admin listener if there is one.
     pub addresses: Vec<SocketAddr>,
+    /// Its part of the machine (see `machine`).
+    _machine: crate::machine::Shared,
 }
 
 impl Binary {
@@ -606,6 +604,7 @@ impl Binary {
         listeners: usize,
     ) -> Binary {
         use std::io::{BufRead, BufReader};
+        let machine = crate::machine::share();
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
             .args(args)
             .envs(env.iter().copied())
@@ -624,6 +623,7 @@ impl Binary {
         let mut binary = Binary {
             child,
             addresses: Vec::new(),
+            _machine: machine,
         };
         while binary.addresses.len() < listeners {
             let line = lines_rx
