@@ -101,7 +101,10 @@ pub(crate) fn new_request_id() -> Arc<str> {
         u64::from_le_bytes(bytes)
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    Arc::from(format!("{prefix:016x}{n:016x}"))
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&prefix.to_be_bytes());
+    id[8..].copy_from_slice(&n.to_be_bytes());
+    Arc::from(hex(&id))
 }
 
 /// `00-<32 hex>-<16 hex>-<2 hex>`, lower-case, with neither id all zeros;
@@ -149,12 +152,16 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// Lower-case hex, two digits a byte. By hand: `write!` with padding costs
+/// a formatter call per byte, and a request id is made on every request.
 fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
 }
 
 #[cfg(test)]
@@ -180,6 +187,15 @@ mod tests {
         let made = Identity::of(&HeaderMap::new()).unwrap();
         let other = Identity::of(&HeaderMap::new()).unwrap();
         assert_eq!(made.request_id.len(), 32);
+        assert!(
+            made.request_id
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        // The second half counts requests.
+        let count = |id: &str| u64::from_str_radix(&id[16..], 16).unwrap();
+        assert!(count(&other.request_id) > count(&made.request_id));
+        assert_eq!(made.request_id[..16], other.request_id[..16]);
         assert_ne!(made.request_id, other.request_id);
         for bad in ["has space", &"x".repeat(129)] {
             let e = Identity::of(&headers(&[("x-request-id", bad)])).unwrap_err();
@@ -194,6 +210,7 @@ mod tests {
         let trace = parse_traceparent(good.as_bytes()).unwrap();
         assert_eq!(trace.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(trace.parent_id_hex(), "00f067aa0ba902b7");
+        assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
         assert!(trace.sampled);
         // A later version may add fields; version 00 may not.
         assert!(

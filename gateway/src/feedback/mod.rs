@@ -13,7 +13,7 @@
 //! the confusion matrix may add capped at [`MAX_LABELS`] labels per model.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasher, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::router::Route;
@@ -44,10 +44,13 @@ struct Prediction {
     version: Arc<str>,
     route: Route,
     /// One label per row.
-    labels: Box<[Box<str>]>,
+    labels: Box<[Arc<str>]>,
 }
 
 struct Entry {
+    /// The request's id. Entries are found by its hash: two ids with one
+    /// hash (keyed, so a 2^-64 chance for any two) count as one request.
+    id: Arc<str>,
     predictions: Vec<Prediction>,
     judged: bool,
     bytes: usize,
@@ -55,25 +58,94 @@ struct Entry {
     seq: u64,
 }
 
-/// One model's predictions, oldest first.
+/// A `HashMap` hasher for keys that are hashes already (the keyed hashes
+/// of request ids): hashing them again would only cost time.
+#[derive(Default)]
+struct Hashed(u64);
+
+impl Hasher for Hashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type ByHash = BuildHasherDefault<Hashed>;
+
+/// One model's predictions, oldest first. Every request id is hashed once,
+/// when its answer is kept; the entry, its place and the memory of it
+/// once let go are all found by that hash.
 #[derive(Default)]
 struct Kept {
-    /// Ids in the order their served answers came, with their place: an
-    /// id answered again moves to the back (its earlier place is skipped).
-    order: VecDeque<(Arc<str>, u64)>,
+    /// Id hashes in the order their served answers came, with their place:
+    /// an id answered again moves to the back (its earlier place is
+    /// skipped).
+    order: VecDeque<(u64, u64)>,
     next_seq: u64,
-    entries: HashMap<Arc<str>, Entry>,
+    entries: HashMap<u64, Entry, ByHash>,
     bytes: usize,
     /// Hashes of the ids let go, to tell late feedback from unknown.
     gone: VecDeque<u64>,
-    gone_set: HashSet<u64>,
+    gone_set: HashSet<u64, ByHash>,
     /// The labels the confusion matrix tells apart: labels the versions
     /// predicted, the first [`MAX_LABELS`] of them. A client's truth never
-    /// takes one: a truth no version has predicted is [`OTHER`].
-    labels: HashSet<Box<str>>,
+    /// takes one: a truth no version has predicted is [`OTHER`]. A kept
+    /// prediction shares these strings.
+    labels: HashSet<Arc<str>>,
+    /// The versions' names, shared by their predictions.
+    versions: Vec<Arc<str>>,
+}
+
+/// Version names a model shares between its predictions; a name past them
+/// is copied into each.
+const MAX_VERSIONS: usize = 64;
+
+/// The entry of request `id`, whose hash is `hash`.
+fn entry<'a>(
+    entries: &'a mut HashMap<u64, Entry, ByHash>,
+    hash: u64,
+    id: &str,
+) -> Option<&'a mut Entry> {
+    entries.get_mut(&hash).filter(|e| &*e.id == id)
 }
 
 impl Kept {
+    /// `label` (cut), shared with the label set when it is in it, or
+    /// added to it while the set has room.
+    fn label(&mut self, label: &[u8]) -> Arc<str> {
+        let label = String::from_utf8_lossy(label);
+        let label = cut(&label);
+        if let Some(known) = self.labels.get(&*label) {
+            return known.clone();
+        }
+        let label: Arc<str> = Arc::from(&*label);
+        if self.labels.len() < MAX_LABELS {
+            self.labels.insert(label.clone());
+        }
+        label
+    }
+
+    /// `version`'s name, shared between its predictions.
+    fn version(&mut self, version: &str) -> Arc<str> {
+        if let Some(known) = self.versions.iter().find(|v| ***v == *version) {
+            return known.clone();
+        }
+        let version: Arc<str> = Arc::from(version);
+        if self.versions.len() < MAX_VERSIONS {
+            self.versions.push(version.clone());
+        }
+        version
+    }
+
     /// Remembers `hash`'s id as let go, for the next `keep` ids let go.
     fn forget(&mut self, hash: u64, keep: usize) {
         if self.gone_set.insert(hash) {
@@ -175,42 +247,33 @@ impl Predictions {
         route: Route,
         labels: &Tensor,
     ) {
-        let labels: Box<[Box<str>]> = crate::tensor::bytes_elements(&labels.data)
-            .map_while(Result::ok)
-            .map(|l| cut(&String::from_utf8_lossy(l)).into())
-            .collect();
-        let bytes =
-            id.len() + version.len() + labels.iter().map(|l| l.len() + 16).sum::<usize>() + 96;
+        let hash = self.hash(id);
         let kept = self.model(model);
         let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
         let kept = &mut *kept;
+        let labels: Box<[Arc<str>]> = crate::tensor::bytes_elements(&labels.data)
+            .map_while(Result::ok)
+            .map(|l| kept.label(l))
+            .collect();
+        let bytes =
+            id.len() + version.len() + labels.iter().map(|l| l.len() + 16).sum::<usize>() + 96;
         if bytes > KEEP_BYTES / 64 {
             // One request may not take a sixty-fourth of the model's room:
             // its feedback will be late.
             if route != Route::Shadow {
-                if let Some(entry) = kept.entries.remove(id) {
+                if let Some(entry) = kept.entries.remove(&hash) {
                     kept.bytes -= entry.bytes;
                 }
-                kept.forget(self.hash(id), self.keep);
+                kept.forget(hash, self.keep);
             }
             return;
         }
-        // Predicted labels take the series' label values, within the
-        // model's cap.
-        for label in labels.iter() {
-            if kept.labels.len() >= MAX_LABELS {
-                break;
-            }
-            if !kept.labels.contains(label) {
-                kept.labels.insert(label.clone());
-            }
-        }
         let prediction = Prediction {
-            version: version.into(),
+            version: kept.version(version),
             route,
             labels,
         };
-        match (kept.entries.get_mut(id), route) {
+        match (entry(&mut kept.entries, hash, id), route) {
             (Some(entry), Route::Shadow) => {
                 if entry.predictions.len() < 64 {
                     entry.predictions.push(prediction);
@@ -219,22 +282,21 @@ impl Predictions {
                 }
             }
             (None, Route::Shadow) => {}
-            (entry, _) => {
+            (_, _) => {
                 let seq = kept.next_seq;
                 kept.next_seq += 1;
-                if let Some(old) = entry {
+                let entry = Entry {
+                    id: id.clone(),
+                    predictions: vec![prediction],
+                    judged: false,
+                    bytes,
+                    seq,
+                };
+                // An earlier request with this id (or its hash) is replaced.
+                if let Some(old) = kept.entries.insert(hash, entry) {
                     kept.bytes -= old.bytes;
                 }
-                kept.entries.insert(
-                    id.clone(),
-                    Entry {
-                        predictions: vec![prediction],
-                        judged: false,
-                        bytes,
-                        seq,
-                    },
-                );
-                kept.order.push_back((id.clone(), seq));
+                kept.order.push_back((hash, seq));
                 kept.bytes += bytes;
             }
         }
@@ -249,7 +311,7 @@ impl Predictions {
             if let Some(entry) = kept.entries.remove(&old) {
                 kept.bytes -= entry.bytes;
             }
-            kept.forget(self.hash(&old), self.keep);
+            kept.forget(old, self.keep);
         }
     }
 
@@ -269,8 +331,9 @@ impl Predictions {
         let judged: Vec<Judged> = {
             let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
             let kept = &mut *kept;
-            let Some(entry) = kept.entries.get_mut(id) else {
-                return if kept.gone_set.contains(&self.hash(id)) {
+            let hash = self.hash(id);
+            let Some(entry) = entry(&mut kept.entries, hash, id) else {
+                return if kept.gone_set.contains(&hash) {
                     Outcome::Late
                 } else {
                     Outcome::Unknown

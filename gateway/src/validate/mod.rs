@@ -212,10 +212,7 @@ pub fn check_outputs(outputs: &[Tensor], info: &ModelInfo, allow_nan: bool) -> R
         }
         if !allow_nan
             && matches!(output.datatype, Datatype::Fp32 | Datatype::Fp64)
-            && let Some((i, v)) = tensor::numbers(output)
-                .into_iter()
-                .enumerate()
-                .find(|(_, v)| !v.is_finite())
+            && let Some((i, v)) = first_non_finite(output)
         {
             return Err(format!(
                 "output `{}` element {i} is {v} (allow it with `allow_nan_outputs` in [validation])",
@@ -224,6 +221,18 @@ pub fn check_outputs(outputs: &[Tensor], info: &ModelInfo, allow_nan: bool) -> R
         }
     }
     Ok(())
+}
+
+/// The first element of a float tensor that is NaN or infinite, read in
+/// place (every answer is checked).
+fn first_non_finite(t: &Tensor) -> Option<(usize, f64)> {
+    let mut first = None;
+    tensor::each_number(t, 0, 1, |i, v| {
+        if first.is_none() && !v.is_finite() {
+            first = Some((i, v));
+        }
+    });
+    first
 }
 
 /// The policy schema's rules for `inputs` (which passed the plugin's
