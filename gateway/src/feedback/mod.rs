@@ -98,8 +98,7 @@ struct Kept {
     gone_set: HashSet<u64, ByHash>,
     /// The labels the confusion matrix tells apart: labels the versions
     /// predicted, the first [`MAX_LABELS`] of them. A client's truth never
-    /// takes one: a truth no version has predicted is [`OTHER`]. A kept
-    /// prediction shares these strings.
+    /// takes one: a truth no version has predicted is [`OTHER`].
     labels: HashSet<Arc<str>>,
     /// The versions' names, shared by their predictions.
     versions: Vec<Arc<str>>,
@@ -108,6 +107,28 @@ struct Kept {
 /// Version names a model shares between its predictions; a name past them
 /// is copied into each.
 const MAX_VERSIONS: usize = 64;
+
+/// The labels of an answer, one per row, cut; rows with the same label
+/// share its string. Also the distinct labels, the first [`MAX_LABELS`].
+fn request_labels(data: &[u8]) -> (Box<[Arc<str>]>, Vec<Arc<str>>) {
+    let mut distinct: Vec<Arc<str>> = Vec::new();
+    let labels = crate::tensor::bytes_elements(data)
+        .map_while(Result::ok)
+        .map(|raw| {
+            let text = String::from_utf8_lossy(raw);
+            let text = cut(&text);
+            if let Some(known) = distinct.iter().find(|d| ***d == *text) {
+                return known.clone();
+            }
+            let label: Arc<str> = Arc::from(&*text);
+            if distinct.len() < MAX_LABELS {
+                distinct.push(label.clone());
+            }
+            label
+        })
+        .collect();
+    (labels, distinct)
+}
 
 /// The entry of request `id`, whose hash is `hash`.
 fn entry<'a>(
@@ -119,21 +140,6 @@ fn entry<'a>(
 }
 
 impl Kept {
-    /// `label` (cut), shared with the label set when it is in it, or
-    /// added to it while the set has room.
-    fn label(&mut self, label: &[u8]) -> Arc<str> {
-        let label = String::from_utf8_lossy(label);
-        let label = cut(&label);
-        if let Some(known) = self.labels.get(&*label) {
-            return known.clone();
-        }
-        let label: Arc<str> = Arc::from(&*label);
-        if self.labels.len() < MAX_LABELS {
-            self.labels.insert(label.clone());
-        }
-        label
-    }
-
     /// `version`'s name, shared between its predictions.
     fn version(&mut self, version: &str) -> Arc<str> {
         if let Some(known) = self.versions.iter().find(|v| ***v == *version) {
@@ -247,26 +253,37 @@ impl Predictions {
         route: Route,
         labels: &Tensor,
     ) {
+        // Read before the model's lock is taken: a big batch costs its own
+        // request, not the model's other requests.
+        let (labels, distinct) = request_labels(&labels.data);
+        let bytes =
+            id.len() + version.len() + labels.iter().map(|l| l.len() + 16).sum::<usize>() + 96;
         let hash = self.hash(id);
         let kept = self.model(model);
         let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
         let kept = &mut *kept;
-        let labels: Box<[Arc<str>]> = crate::tensor::bytes_elements(&labels.data)
-            .map_while(Result::ok)
-            .map(|l| kept.label(l))
-            .collect();
-        let bytes =
-            id.len() + version.len() + labels.iter().map(|l| l.len() + 16).sum::<usize>() + 96;
         if bytes > KEEP_BYTES / 64 {
             // One request may not take a sixty-fourth of the model's room:
             // its feedback will be late.
             if route != Route::Shadow {
-                if let Some(entry) = kept.entries.remove(&hash) {
-                    kept.bytes -= entry.bytes;
+                if let Some(entry) = entry(&mut kept.entries, hash, id) {
+                    let entry_bytes = entry.bytes;
+                    kept.entries.remove(&hash);
+                    kept.bytes -= entry_bytes;
                 }
                 kept.forget(hash, self.keep);
             }
             return;
+        }
+        // Predicted labels take the series' label values, within the
+        // model's cap.
+        for label in distinct {
+            if kept.labels.len() >= MAX_LABELS {
+                break;
+            }
+            if !kept.labels.contains(&label) {
+                kept.labels.insert(label);
+            }
         }
         let prediction = Prediction {
             version: kept.version(version),
@@ -292,9 +309,13 @@ impl Predictions {
                     bytes,
                     seq,
                 };
-                // An earlier request with this id (or its hash) is replaced.
+                // An earlier request with this id is replaced; one with
+                // another id and the same hash is let go.
                 if let Some(old) = kept.entries.insert(hash, entry) {
                     kept.bytes -= old.bytes;
+                    if *old.id != **id {
+                        kept.forget(hash, self.keep);
+                    }
                 }
                 kept.order.push_back((hash, seq));
                 kept.bytes += bytes;
@@ -541,4 +562,52 @@ pub(crate) fn parse(body: &[u8]) -> Result<Vec<(String, Vec<String>)>, String> {
             Ok((request_id, labels))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Datatype;
+
+    fn label_tensor(rows: &[String]) -> Tensor {
+        let mut data = Vec::new();
+        for row in rows {
+            data.extend_from_slice(&(row.len() as u32).to_le_bytes());
+            data.extend_from_slice(row.as_bytes());
+        }
+        Tensor {
+            name: "label".into(),
+            datatype: Datatype::Bytes,
+            shape: vec![rows.len() as i64],
+            data,
+        }
+    }
+
+    #[test]
+    fn rows_share_their_label_and_an_answer_too_big_to_keep_names_none() {
+        let rows: Vec<String> = ["day", "week", "day"].map(String::from).to_vec();
+        let (labels, distinct) = request_labels(&label_tensor(&rows).data);
+        assert_eq!(labels.len(), 3);
+        assert!(Arc::ptr_eq(&labels[0], &labels[2]));
+        assert_eq!(distinct.len(), 2);
+
+        let predictions = Predictions::new(10);
+        let id: Arc<str> = Arc::from("a");
+        // 5,000 labels of 120 bytes: over a sixty-fourth of the model's room.
+        let huge: Vec<String> = (0..5000).map(|i| format!("{i:0>120}")).collect();
+        predictions.keep("m", &id, "v1", Route::Champion, &label_tensor(&huge));
+        {
+            let kept = predictions.model("m");
+            let kept = kept.lock().unwrap();
+            assert!(kept.entries.is_empty());
+            assert!(kept.labels.is_empty(), "a dropped answer named labels");
+            assert!(kept.gone_set.contains(&predictions.hash("a")));
+        }
+        predictions.keep("m", &id, "v1", Route::Champion, &label_tensor(&rows));
+        let kept = predictions.model("m");
+        let kept = kept.lock().unwrap();
+        assert_eq!(kept.entries.len(), 1);
+        assert_eq!(kept.labels.len(), 2);
+        assert_eq!(kept.bytes, 1 + 2 + (3 + 16) * 2 + (4 + 16) + 96);
+    }
 }
