@@ -500,6 +500,7 @@ async fn abandoned_requests_and_long_error_texts_are_recorded_within_bounds() {
 #[test]
 fn json_logs_and_the_access_log_carry_the_request_id() {
     use std::io::{BufRead, BufReader};
+    let _machine = crate::machine::share();
     let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args([
             "--log-format",

@@ -3,10 +3,12 @@
 //! [`alone`]: their attack takes a core by design, so another test loading
 //! the other core would decide their result (the flood test once read
 //! 6.8 ms against 0.32 ms that way, and 0.27 ms against 0.35 ms with
-//! nothing else running). Everything that loads the machine otherwise, a
-//! test gateway, the gateway binary or a plugin build, holds a [`Shared`]
-//! part of it while it lives; it waits while a test has the machine alone,
-//! and such a test waits until the shared parts in use are given back.
+//! nothing else running). Everything that loads the machine for long, a
+//! test gateway, a served gateway process or a plugin build, holds a
+//! [`Shared`] part of it while it lives; it waits while a test has the
+//! machine alone, and such a test waits until the shared parts in use are
+//! given back. (The short runs of the `gateway` command line, `check`,
+//! `replay` or `plugin test`, take none: a second or two each.)
 //!
 //! A thread that already holds a part never waits for another (a test
 //! starting its second gateway while a test waits to be alone would
