@@ -366,6 +366,23 @@ pub(crate) fn values(datatype: Datatype, count: usize, fill: Fill) -> Vec<u8> {
     data
 }
 
+/// A BYTES tensor of `values`, one element each (tests build labels so).
+#[cfg(test)]
+pub(crate) fn bytes_tensor<V: AsRef<[u8]>>(name: &str, values: &[V]) -> Tensor {
+    let mut data = Vec::new();
+    for v in values {
+        let v = v.as_ref();
+        data.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        data.extend_from_slice(v);
+    }
+    Tensor {
+        name: name.into(),
+        datatype: Datatype::Bytes,
+        shape: vec![values.len() as i64],
+        data,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -567,20 +567,9 @@ pub(crate) fn parse(body: &[u8]) -> Result<Vec<(String, Vec<String>)>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::Datatype;
 
     fn label_tensor(rows: &[String]) -> Tensor {
-        let mut data = Vec::new();
-        for row in rows {
-            data.extend_from_slice(&(row.len() as u32).to_le_bytes());
-            data.extend_from_slice(row.as_bytes());
-        }
-        Tensor {
-            name: "label".into(),
-            datatype: Datatype::Bytes,
-            shape: vec![rows.len() as i64],
-            data,
-        }
+        crate::tensor::bytes_tensor("label", rows)
     }
 
     #[test]

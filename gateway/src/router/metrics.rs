@@ -234,18 +234,8 @@ mod tests {
     #[test]
     fn many_distinct_labels_are_counted_in_linear_time() {
         let m = VersionMetrics::new(Telemetry::new(), Default::default(), Default::default());
-        let mut data = Vec::new();
-        for i in 0..200_000u32 {
-            let label = i.to_string();
-            data.extend_from_slice(&(label.len() as u32).to_le_bytes());
-            data.extend_from_slice(label.as_bytes());
-        }
-        let labels = Tensor {
-            name: "label".into(),
-            datatype: crate::tensor::Datatype::Bytes,
-            shape: vec![200_000],
-            data,
-        };
+        let names: Vec<String> = (0..200_000u32).map(|i| i.to_string()).collect();
+        let labels = crate::tensor::bytes_tensor("label", &names);
         m.predictions("m", "v", Route::Champion, &labels);
         assert_eq!(m.labels.load().len(), MAX_LABELS);
     }

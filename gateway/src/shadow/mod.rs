@@ -197,17 +197,7 @@ mod tests {
     }
 
     fn label(values: &[&str]) -> Tensor {
-        let mut data = Vec::new();
-        for v in values {
-            data.extend_from_slice(&(v.len() as u32).to_le_bytes());
-            data.extend_from_slice(v.as_bytes());
-        }
-        Tensor {
-            name: "label".into(),
-            datatype: Datatype::Bytes,
-            shape: vec![values.len() as i64],
-            data,
-        }
+        crate::tensor::bytes_tensor("label", values)
     }
 
     #[test]
