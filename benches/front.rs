@@ -195,11 +195,7 @@ fn main() {
             other => panic!("unknown argument {other}; use --seconds S --rounds R"),
         }
     }
-    let servers = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("server runtime");
+    let servers = common::served_runtime(2);
     let client = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

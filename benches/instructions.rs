@@ -24,11 +24,7 @@ const CHILD: &str = "GATEWAY_INSTRUCTIONS_CHILD";
 
 /// Under callgrind: serve, send `n` requests, stop.
 fn child(n: usize) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("tokio");
+    let rt = common::served_runtime(1);
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(
         dir.path().join("m.toml"),

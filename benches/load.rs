@@ -448,11 +448,7 @@ fn main() {
         connections: connection_counts,
         only,
     } = args();
-    let servers = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(server_threads)
-        .enable_all()
-        .build()
-        .expect("server runtime");
+    let servers = common::served_runtime(server_threads);
     let client = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

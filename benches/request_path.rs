@@ -119,6 +119,7 @@ fn validated_policy() -> String {
 }
 
 fn sandbox_and_codec(c: &mut Criterion) {
+    gateway::process::tune_allocator();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -223,6 +224,7 @@ fn sandbox_and_codec(c: &mut Criterion) {
 }
 
 fn routing(c: &mut Criterion) {
+    gateway::process::tune_allocator();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -277,11 +279,7 @@ fn routing(c: &mut Criterion) {
 }
 
 fn http(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio");
+    let rt = common::served_runtime(2);
     let dir = policy_dir();
     let server = rt
         .block_on(server::start(common::gateway_options(dir.path())))

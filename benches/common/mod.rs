@@ -11,6 +11,19 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
+/// The benchmarks run on the binary's allocator, so what they measure is
+/// what the gateway costs as shipped (glibc's allocator and mimalloc
+/// differ in the cost of a request and in how they fail under load).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A runtime for an in-process gateway, built as the binary builds its
+/// own, with the allocator set up as the binary sets it.
+pub fn served_runtime(threads: usize) -> tokio::runtime::Runtime {
+    gateway::process::tune_allocator();
+    gateway::process::runtime(Some(threads)).expect("server runtime")
+}
+
 /// One keep-alive client connection.
 pub struct Connection {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,

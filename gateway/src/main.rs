@@ -8,6 +8,6 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    gateway::process::return_freed_memory_at_once();
+    gateway::process::tune_allocator();
     gateway::cli::main()
 }

@@ -21,18 +21,40 @@ pub fn resident_kib(pid: u32) -> Option<u64> {
 /// mimalloc 3, which libmimalloc-sys builds; it does not name the option).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Makes mimalloc (the binary's allocator) return freed pages to the
-/// system at once. By default it does so a second after a page is freed,
-/// but only when the thread that owns the page allocates or frees again: a
-/// thread that goes idle after a burst keeps those pages for good (four
-/// 340,000-row requests left the binary 9 MiB, +30 %, above its baseline
-/// a minute later; with this, +10 %). It cost no throughput: wrk at 64
-/// connections on the example policy, interleaved runs on 2 cores,
-/// 13.0-14.1k req/s with the delay, 11.8-14.5k without.
-pub fn return_freed_memory_at_once() {
+/// How long mimalloc keeps a freed page before it returns it to the
+/// system. Its default (1000 ms) kept what a burst freed: four
+/// 340,000-row requests left the binary 9 MiB (+30 %) above its baseline
+/// a minute later. At 0 every freed page went back at once, and a busy
+/// server paid for it in most runs: about 0.5 `madvise` and 1 page fault
+/// per request, and 118-140 µs of CPU per request at 64 connections in 5
+/// runs of 8 (92-98 µs in the others), against 89-99 µs in 7 runs of 8
+/// at 10 ms (`load --connections 64 --scenarios gateway`, runs
+/// interleaved). A page freed and taken again within the delay stays
+/// where it is.
+const PURGE_DELAY_MS: std::ffi::c_long = 10;
+
+/// Sets the binary's allocator (mimalloc) up: freed pages go back to the
+/// system [`PURGE_DELAY_MS`] after they are freed, at the owning thread's
+/// next allocation or collection ([`release_idle_memory`] makes sure an
+/// idle thread collects).
+pub fn tune_allocator() {
     // SAFETY: mi_option_set only stores the value; mimalloc reads it at
     // each purge.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
+}
+
+/// The runtime the binary serves on (the benchmarks too): a thread that
+/// goes idle hands back what was freed for it ([`release_idle_memory`]).
+/// `worker_threads` defaults to one per core.
+pub fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n);
+    }
+    builder
+        .enable_all()
+        .on_thread_park(release_idle_memory)
+        .build()
 }
 
 /// How often, at most, a thread that goes idle hands memory back.
