@@ -189,10 +189,11 @@ impl Gate {
         }
     }
 
-    /// `future`, polled only while it holds one of the slots.
-    pub fn run<F: Future>(&self, future: F) -> Fair<F> {
+    /// `future`, polled only while it holds one of the slots. The caller
+    /// pins it (`std::pin::pin!`), where it lives anyway.
+    pub fn run<F: Future + Unpin>(&self, future: F) -> Fair<F> {
         Fair {
-            inner: Box::pin(future),
+            inner: future,
             slots: self.slots.clone(),
             waiting: self.waiting.clone(),
             acquiring: None,
@@ -214,8 +215,8 @@ impl Gate {
 }
 
 /// See [`Gate::run`].
-pub struct Fair<F: Future> {
-    inner: Pin<Box<F>>,
+pub struct Fair<F: Future + Unpin> {
+    inner: F,
     slots: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
     acquiring: Option<Acquiring>,
@@ -230,7 +231,7 @@ pub struct Fair<F: Future> {
 /// on their version's share).
 const BORROWED_SLICES: u32 = 2;
 
-impl<F: Future> Drop for Fair<F> {
+impl<F: Future + Unpin> Drop for Fair<F> {
     fn drop(&mut self) {
         if self.acquiring.is_some() {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
@@ -238,7 +239,7 @@ impl<F: Future> Drop for Fair<F> {
     }
 }
 
-impl<F: Future> Fair<F> {
+impl<F: Future + Unpin> Fair<F> {
     /// Polls the call, counted as executing (uncounted again even if the
     /// call panics).
     fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<F::Output> {
@@ -251,7 +252,7 @@ impl<F: Future> Fair<F> {
         EXECUTING.fetch_add(1, Ordering::AcqRel);
         let _executing = Executing;
         self.polls = self.polls.saturating_add(1);
-        self.inner.as_mut().poll(cx)
+        Pin::new(&mut self.inner).poll(cx)
     }
 
     /// Whether this call may run a slice beyond its version's share: it
@@ -266,7 +267,7 @@ impl<F: Future> Fair<F> {
     }
 }
 
-impl<F: Future> Future for Fair<F> {
+impl<F: Future + Unpin> Future for Fair<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
@@ -322,7 +323,7 @@ mod tests {
             .map(|_| {
                 let (gate, inside, most) = (gate.clone(), inside.clone(), most.clone());
                 tokio::spawn(async move {
-                    gate.run(async {
+                    gate.run(std::pin::pin!(async {
                         // The first slice, and the borrowed ones after it,
                         // run without a slot.
                         for _ in 0..=BORROWED_SLICES {
@@ -339,7 +340,7 @@ mod tests {
                             inside.fetch_sub(1, Ordering::SeqCst);
                             tokio::task::yield_now().await;
                         }
-                    })
+                    }))
                     .await
                 })
             })

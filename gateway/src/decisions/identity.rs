@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use http::HeaderMap;
 
 /// The header that carries a request's id, both ways.
-pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
+pub(crate) const REQUEST_ID_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-request-id");
 
 /// The longest request id a client may send.
 pub(crate) const MAX_REQUEST_ID_BYTES: usize = 128;

@@ -318,9 +318,9 @@ impl Pipeline {
 
 /// An answer's bytes, still counted in the budget of bytes in flight
 /// while its response is being sent (see [`Call::keep_for_answer`]).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) struct AnswerBytes {
-    _held: Arc<budget::Held>,
+    _held: budget::Held,
 }
 
 /// Where a call comes from: the request's identity, the policies that
@@ -459,7 +459,7 @@ impl<'a> Call<'a> {
     /// answer (an HTTP/2 stream whose window stays shut) keeps it counted.
     pub(crate) fn keep_for_answer(&mut self, bytes: usize) -> AnswerBytes {
         AnswerBytes {
-            _held: Arc::new(self.bytes.split(bytes)),
+            _held: self.bytes.split(bytes),
         }
     }
 

@@ -221,6 +221,7 @@ fn new_version(model: &str, v: &VersionPolicy, backend: Backend, runtime: &Runti
     Version {
         model: model.to_string(),
         name: v.name.clone(),
+        name_header: http::HeaderValue::from_str(&v.name).ok(),
         description: v.description.clone(),
         backend,
         limits: v.limits,

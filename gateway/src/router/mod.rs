@@ -83,6 +83,9 @@ pub struct ShadowRoute {
 pub struct Version {
     pub model: String,
     pub name: String,
+    /// The name as the value of the header that names the version of an
+    /// answer, made once (`None` for a name a header cannot carry).
+    pub name_header: Option<http::HeaderValue>,
     pub description: Option<String>,
     /// What answers: a plugin (with its models) or an ONNX model.
     pub backend: Backend,

@@ -779,7 +779,8 @@ impl Backend {
     ) -> Result<Vec<Tensor>, PluginError> {
         match self {
             Backend::Plugin { plugin, models } => {
-                gate.run(plugin.infer(inputs, limits, models, pool)).await
+                let call = std::pin::pin!(plugin.infer(inputs, limits, models, pool));
+                gate.run(call).await
             }
             Backend::Onnx(model) => model.infer(inputs, limits, gate).await,
         }

@@ -302,7 +302,7 @@ async fn connection(
             let state = state.clone();
             let guard = in_flight.enter();
             async move {
-                let mut response = routes::handle(&state, role, peer, request).await;
+                let (mut response, bytes) = routes::handle(&state, role, peer, request).await;
                 if state
                     .shutting_down
                     .load(std::sync::atomic::Ordering::Acquire)
@@ -315,9 +315,6 @@ async fn connection(
                     );
                 }
                 // Counted until the body is sent or dropped.
-                let bytes = response
-                    .extensions_mut()
-                    .remove::<crate::pipeline::AnswerBytes>();
                 let progress = guard.watch_answer();
                 Ok::<_, Infallible>(
                     response.map(|body| CountedBody::new(body, guard, bytes, progress)),

@@ -9,14 +9,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use super::error::{json_response, respond};
 use super::listener::Role;
 use super::{ServerConfig, State, admin_routes};
-use crate::pipeline::{Answer, BodyError, Call, Error, OutputProblem};
+use crate::pipeline::{Answer, AnswerBytes, BodyError, Call, Error, OutputProblem};
 use crate::protocol::{self, InferRequest, InferResponse, ModelMetadata, ServerMetadata, SpecJson};
 use crate::router::{Model, Version};
 use crate::telemetry;
@@ -25,18 +25,19 @@ use crate::tensor::{self, Datatype, Tensor};
 pub(super) type HttpResponse = Response<Full<Bytes>>;
 
 /// The header naming the version that answered.
-pub(super) const MODEL_VERSION_HEADER: &str = "x-model-version";
+pub(super) const MODEL_VERSION_HEADER: HeaderName = HeaderName::from_static("x-model-version");
 use crate::decisions::Identity;
 use crate::decisions::identity::REQUEST_ID_HEADER;
 
 /// Dispatches one request from `peer` on a listener with `role`. `HEAD`
-/// is answered as `GET` (hyper sends the headers only).
+/// is answered as `GET` (hyper sends the headers only). An inference
+/// answer comes with its bytes, counted until its body is sent.
 pub(super) async fn handle(
     state: &State,
     role: Role,
     peer: SocketAddr,
     request: Request<Incoming>,
-) -> HttpResponse {
+) -> (HttpResponse, Option<AnswerBytes>) {
     // The request line counts towards the head's size too.
     let line = request.method().as_str().len()
         + request
@@ -48,15 +49,27 @@ pub(super) async fn handle(
             .pipeline
             .telemetry()
             .record_http_error(e.status().as_u16());
-        return respond(&e);
+        return (respond(&e), None);
     }
-    let path = request.uri().path().to_owned();
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    // The request moves on to its handler: a clone of its URI shares the
+    // bytes hyper read.
+    let uri = request.uri().clone();
+    let path = uri.path();
+    let mut parts = [""; MAX_SEGMENTS];
+    let mut n = 0;
+    for (part, segment) in parts
+        .iter_mut()
+        .zip(path.trim_end_matches('/').split('/').skip(1))
+    {
+        *part = segment;
+        n += 1;
+    }
+    let segments = &parts[..n];
     let get = matches!(*request.method(), Method::GET | Method::HEAD);
     let post = request.method() == Method::POST;
     let inference = matches!(role, Role::Inference { .. });
     let metrics_here = matches!(role, Role::Admin | Role::Inference { metrics: true });
-    let result = match segments.as_slice() {
+    let result = match segments {
         ["v2", "models", model, "infer"] if post && inference => {
             return infer(state, model, None, request).await;
         }
@@ -78,7 +91,7 @@ pub(super) async fn handle(
             model_ready(state, model, Some(version))
         }
         ["metrics"] if get && metrics_here => Ok(metrics(state)),
-        ["admin", ..] if inference => Err(Error::AdminNotHere { path: path.clone() }),
+        ["admin", ..] if inference => Err(Error::AdminNotHere { path: path.into() }),
         ["admin", "reload"] if post => match admin_routes::authorize(state, peer, &request) {
             Ok(()) => admin_routes::reload(state).await,
             Err(e) => Err(e),
@@ -100,20 +113,25 @@ pub(super) async fn handle(
         other => Err(match allowed_method(other) {
             Some(allow) if on_this_listener(other, role) => Error::MethodNotAllowed {
                 method: request.method().to_string(),
-                path: path.clone(),
+                path: path.into(),
                 allow,
             },
-            _ => Error::NoEndpoint { path: path.clone() },
+            _ => Error::NoEndpoint { path: path.into() },
         }),
     };
-    result.unwrap_or_else(|e| {
+    let response = result.unwrap_or_else(|e| {
         state
             .pipeline
             .telemetry()
             .record_http_error(e.status().as_u16());
         respond(&e)
-    })
+    });
+    (response, None)
 }
+
+/// Segments of a path looked at: one more than the longest route's, so a
+/// longer path matches none.
+const MAX_SEGMENTS: usize = 7;
 
 /// Whether a known path is served on a listener with `role`.
 fn on_this_listener(segments: &[&str], role: Role) -> bool {
@@ -411,13 +429,15 @@ async fn feedback(
     ))
 }
 
-/// `POST .../infer`: the REST front end of the pipeline.
+/// `POST .../infer`: the REST front end of the pipeline. The answer's
+/// bytes stay counted in the budget of bytes in flight until its body is
+/// sent or dropped (`listener` moves them into the body).
 async fn infer(
     state: &State,
     model: &str,
     pinned: Option<&str>,
     request: Request<Incoming>,
-) -> HttpResponse {
+) -> (HttpResponse, Option<AnswerBytes>) {
     let snapshot = state.reloader.snapshot();
     // A request id the client sent that cannot be used is refused (its
     // decision is recorded under a new id, which the answer carries).
@@ -431,9 +451,9 @@ async fn infer(
             Some(bad),
         ),
     };
-    let request_id = identity.request_id.clone();
+    let id_header = HeaderValue::from_str(&identity.request_id).ok();
     let with_id = |mut response: HttpResponse| {
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
+        if let Some(value) = id_header {
             response.headers_mut().insert(REQUEST_ID_HEADER, value);
         }
         response
@@ -443,7 +463,7 @@ async fn infer(
         .route(&snapshot, model, pinned, request.headers(), identity)
     {
         Ok(call) => call,
-        Err(e) => return with_id(respond(&e)),
+        Err(e) => return (with_id(respond(&e)), None),
     };
     if let Some(bad) = bad_id {
         let error = Error::Header {
@@ -456,20 +476,17 @@ async fn infer(
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         call.finish(Err(&error));
-        return with_id(response);
+        return (with_id(response), None);
     }
-    let version = call.version.name.clone();
-    let mut response = match serve(state, &mut call, request).await {
-        Ok((mut response, answer)) => {
-            // The answer stays counted until its body is sent or dropped
-            // (`listener` moves this into the body).
+    let version = call.version.name_header.clone();
+    let (mut response, kept) = match serve(state, &mut call, request).await {
+        Ok((response, answer)) => {
             let length = hyper::body::Body::size_hint(response.body())
                 .exact()
                 .map_or(0, |n| n as usize);
             let kept = call.keep_for_answer(length);
-            response.extensions_mut().insert(kept);
             call.finish(Ok(answer));
-            response
+            (response, Some(kept))
         }
         Err(e) => {
             let mut response = respond(&e.error);
@@ -479,13 +496,13 @@ async fn infer(
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             call.finish(Err(&e.error));
-            response
+            (response, None)
         }
     };
-    if let Ok(name) = HeaderValue::from_str(&version) {
+    if let Some(name) = version {
         response.headers_mut().insert(MODEL_VERSION_HEADER, name);
     }
-    with_id(response)
+    (with_id(response), kept)
 }
 
 /// The steps of one inference request that can fail.
@@ -694,7 +711,8 @@ fn json_can_carry(t: &Tensor) -> bool {
 }
 
 /// The binary tensor extension's header: the length of the JSON part.
-const INFERENCE_HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
+const INFERENCE_HEADER_CONTENT_LENGTH: HeaderName =
+    HeaderName::from_static("inference-header-content-length");
 
 fn json_length(headers: &HeaderMap) -> Result<Option<usize>, Error> {
     let Some(value) = headers.get(INFERENCE_HEADER_CONTENT_LENGTH) else {
