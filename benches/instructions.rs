@@ -24,7 +24,14 @@ const CHILD: &str = "GATEWAY_INSTRUCTIONS_CHILD";
 
 /// Under callgrind: serve, send `n` requests, stop.
 fn child(n: usize) {
-    let rt = common::served_runtime(1);
+    // The binary's allocator, without the purges and collections that
+    // run on wall time (valgrind stretches it, so they would run many
+    // times more often per request than natively).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio");
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(
         dir.path().join("m.toml"),

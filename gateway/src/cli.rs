@@ -834,6 +834,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let stop = server.shutdown_handle();
+    let sweep = tokio::spawn(crate::process::sweep_freed_memory());
     tokio::spawn(async move {
         // The first signal drains; a second one ends the drain at once.
         shutdown_signal().await;
@@ -859,6 +860,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     }
     server.wait().await;
+    sweep.abort();
     ExitCode::SUCCESS
 }
 

@@ -21,26 +21,44 @@ pub fn resident_kib(pid: u32) -> Option<u64> {
 /// mimalloc 3, which libmimalloc-sys builds; it does not name the option).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// How long mimalloc keeps a freed page before it returns it to the
-/// system. Its default (1000 ms) kept what a burst freed: four
-/// 340,000-row requests left the binary 9 MiB (+30 %) above its baseline
-/// a minute later. At 0 every freed page went back at once, and a busy
-/// server paid for it in most runs: about 0.5 `madvise` and 1 page fault
-/// per request, and 118-140 µs of CPU per request at 64 connections in 5
-/// runs of 8 (92-98 µs in the others), against 89-99 µs in 7 runs of 8
-/// at 10 ms (`load --connections 64 --scenarios gateway`, runs
-/// interleaved). A page freed and taken again within the delay stays
-/// where it is.
+/// How long mimalloc waits, after the first page of an arena is freed,
+/// before the arena's freed pages may go back to the system (mimalloc 3:
+/// they go at the first page free or collection, by any thread, once the
+/// delay has passed; an allocation does not purge). Its default, 1000 ms,
+/// kept what a burst freed: four 340,000-row requests left the binary
+/// 9 MiB (+30 %) above its baseline a minute later. At 0 every freed page
+/// went back at once, and a busy server paid for it: in 5 runs of 8, about
+/// 0.5 `madvise` and 1 page fault per request and 118-140 µs of CPU per
+/// request at 64 connections (92-98 µs in the other 3); at 10 ms,
+/// 89-119 µs, 99 or less in 7 runs of 8 (`load --connections 64
+/// --scenarios gateway`, runs interleaved).
 const PURGE_DELAY_MS: std::ffi::c_long = 10;
 
 /// Sets the binary's allocator (mimalloc) up: freed pages go back to the
-/// system [`PURGE_DELAY_MS`] after they are freed, at the owning thread's
-/// next allocation or collection ([`release_idle_memory`] makes sure an
-/// idle thread collects).
+/// system [`PURGE_DELAY_MS`] or more after they are freed.
 pub fn tune_allocator() {
     // SAFETY: mi_option_set only stores the value; mimalloc reads it at
     // each purge.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
+}
+
+/// How often a serving gateway sweeps the pages freed past the purge
+/// delay ([`sweep_freed_memory`]).
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Every [`SWEEP_EVERY`], returns to the system the pages freed at least
+/// [`PURGE_DELAY_MS`] before. mimalloc sweeps only when some thread frees
+/// a page or collects: without this, a gateway that goes idle after a
+/// burst would keep the last pages it freed until its next request.
+pub async fn sweep_freed_memory() {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        every.tick().await;
+        // SAFETY: mi_collect has no preconditions; not forced, so it
+        // frees what is free in this thread's heap and purges what is due.
+        unsafe { libmimalloc_sys::mi_collect(false) };
+    }
 }
 
 /// The runtime the binary serves on (the benchmarks too): a thread that
