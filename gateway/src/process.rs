@@ -50,7 +50,7 @@ const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// [`PURGE_DELAY_MS`] before. mimalloc sweeps only when some thread frees
 /// a page or collects: without this, a gateway that goes idle after a
 /// burst would keep the last pages it freed until its next request.
-pub async fn sweep_freed_memory() {
+pub(crate) async fn sweep_freed_memory() {
     let mut every = tokio::time::interval(SWEEP_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
