@@ -108,6 +108,19 @@ struct Kept {
 /// is copied into each.
 const MAX_VERSIONS: usize = 64;
 
+/// `text` as a shared string: the one in `known` if it is there, else a
+/// new one, which `known` keeps while it has fewer than `cap`.
+fn shared(known: &mut Vec<Arc<str>>, cap: usize, text: &str) -> Arc<str> {
+    if let Some(found) = known.iter().find(|k| ***k == *text) {
+        return found.clone();
+    }
+    let new: Arc<str> = Arc::from(text);
+    if known.len() < cap {
+        known.push(new.clone());
+    }
+    new
+}
+
 /// The labels of an answer, one per row, cut; rows with the same label
 /// share its string. Also the distinct labels, the first [`MAX_LABELS`].
 fn request_labels(data: &[u8]) -> (Box<[Arc<str>]>, Vec<Arc<str>>) {
@@ -115,16 +128,11 @@ fn request_labels(data: &[u8]) -> (Box<[Arc<str>]>, Vec<Arc<str>>) {
     let labels = crate::tensor::bytes_elements(data)
         .map_while(Result::ok)
         .map(|raw| {
-            let text = String::from_utf8_lossy(raw);
-            let text = cut(&text);
-            if let Some(known) = distinct.iter().find(|d| ***d == *text) {
-                return known.clone();
-            }
-            let label: Arc<str> = Arc::from(&*text);
-            if distinct.len() < MAX_LABELS {
-                distinct.push(label.clone());
-            }
-            label
+            shared(
+                &mut distinct,
+                MAX_LABELS,
+                &cut(&String::from_utf8_lossy(raw)),
+            )
         })
         .collect();
     (labels, distinct)
@@ -142,14 +150,7 @@ fn entry<'a>(
 impl Kept {
     /// `version`'s name, shared between its predictions.
     fn version(&mut self, version: &str) -> Arc<str> {
-        if let Some(known) = self.versions.iter().find(|v| ***v == *version) {
-            return known.clone();
-        }
-        let version: Arc<str> = Arc::from(version);
-        if self.versions.len() < MAX_VERSIONS {
-            self.versions.push(version.clone());
-        }
-        version
+        shared(&mut self.versions, MAX_VERSIONS, version)
     }
 
     /// Remembers `hash`'s id as let go, for the next `keep` ids let go.
